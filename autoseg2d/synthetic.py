@@ -1,0 +1,118 @@
+"""Synthetic non-contrast head CT with hemorrhage-like lesions, for tests and the demo.
+
+Anatomy is placed in fractions of the field of view, so a 64 x 64 test volume and a
+512 x 512 benchmark volume look alike; spacing is recorded in the NIfTI affine.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+HOUNSFIELD_AIR = -1000
+HOUNSFIELD_SCALP = 40
+HOUNSFIELD_SKULL = 1200
+HOUNSFIELD_BRAIN = 32
+HOUNSFIELD_CSF = 6
+HOUNSFIELD_BLOOD = 70
+NOISE_SD_HU = 5.0
+
+
+@dataclass(frozen=True)
+class SyntheticCase:
+    image_hu: np.ndarray  # int16, (x, y, z)
+    label: np.ndarray  # uint8, (x, y, z), 1 = hemorrhage
+    affine: np.ndarray  # 4 x 4, voxel -> RAS mm
+
+
+def head_ct_affine(spacing_mm: tuple[float, float, float]) -> np.ndarray:
+    """LPS-like axial CT affine (x flipped, as many scanners write it)."""
+    return np.diag([-spacing_mm[0], spacing_mm[1], spacing_mm[2], 1.0])
+
+
+def make_head_ct(
+    size: int = 64,
+    num_slices: int = 8,
+    spacing_mm: tuple[float, float, float] = (0.45, 0.45, 5.0),
+    num_lesions: int | None = None,
+    seed: int = 0,
+) -> SyntheticCase:
+    """One head CT: air, scalp, skull ring, brain, ventricles, noise and 1-3 lesions."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.meshgrid(
+        np.linspace(-1, 1, size), np.linspace(-1, 1, size), np.linspace(-1, 1, num_slices), indexing="ij"
+    )
+    # head is an ellipsoid that narrows towards the vertex; z in [-1, 1] covers skull base to top
+    head_scale = np.sqrt(np.clip(1.0 - (0.8 * z) ** 2, 0.05, None))
+    r = np.sqrt((x / 0.85) ** 2 + (y / 0.95) ** 2) / head_scale
+
+    image = np.full(x.shape, HOUNSFIELD_AIR, dtype=np.float32)
+    image[r < 1.0] = HOUNSFIELD_SCALP
+    image[r < 0.95] = HOUNSFIELD_SKULL
+    brain = r < 0.85
+    image[brain] = HOUNSFIELD_BRAIN + 4 * np.sin(6 * x[brain]) * np.cos(5 * y[brain])
+    ventricles = (((x - 0.12) / 0.08) ** 2 + (y / 0.25) ** 2 < head_scale**2) | (
+        ((x + 0.12) / 0.08) ** 2 + (y / 0.25) ** 2 < head_scale**2
+    )
+    image[brain & ventricles] = HOUNSFIELD_CSF
+
+    label = np.zeros(x.shape, dtype=np.uint8)
+    for _ in range(num_lesions if num_lesions is not None else int(rng.integers(1, 4))):
+        label |= _lesion_mask(rng, x, y, z, brain & ~ventricles, num_slices)
+    image[label > 0] = HOUNSFIELD_BLOOD + rng.normal(0, 3)
+
+    image += rng.normal(0.0, NOISE_SD_HU, size=image.shape).astype(np.float32)
+    return SyntheticCase(np.round(image).astype(np.int16), label, head_ct_affine(spacing_mm))
+
+
+def _lesion_mask(rng, x, y, z, allowed: np.ndarray, num_slices: int) -> np.ndarray:
+    """An ellipsoid blob inside the brain spanning about 2-3 slices."""
+    inside = np.argwhere(allowed)
+    cx, cy, cz = inside[rng.integers(len(inside))]
+    radius_xy = rng.uniform(0.08, 0.2)
+    radius_z = 1.5 * 2.0 / max(num_slices - 1, 1)  # about 1.5 slices either side
+    blob = ((x - x[cx, cy, cz]) / radius_xy) ** 2 + ((y - y[cx, cy, cz]) / (radius_xy * rng.uniform(0.6, 1.4))) ** 2
+    blob += ((z - z[cx, cy, cz]) / radius_z) ** 2
+    return ((blob < 1.0) & allowed).astype(np.uint8)
+
+
+def write_case(case: SyntheticCase, image_path: Path, label_path: Path | None) -> None:
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(case.image_hu, case.affine), image_path)
+    if label_path is not None:
+        label_path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(case.label, case.affine), label_path)
+
+
+def write_dataset(
+    root: str | Path,
+    num_train: int = 6,
+    num_test: int = 2,
+    num_folds: int = 2,
+    size: int = 64,
+    num_slices: int = 8,
+    spacing_mm: tuple[float, float, float] = (0.45, 0.45, 5.0),
+    seed: int = 0,
+) -> Path:
+    """Write imagesTr/labelsTr/imagesTs NIfTI files and a MONAI datalist; return the datalist path.
+
+    Test cases also get labels (in labelsTs) so held-back scores can be computed.
+    """
+    root = Path(root)
+    training, testing = [], []
+    for i in range(num_train + num_test):
+        case = make_head_ct(size, num_slices, spacing_mm, seed=seed * 10_000 + i)
+        split = "Tr" if i < num_train else "Ts"
+        image, label = f"images{split}/case_{i:03d}.nii.gz", f"labels{split}/case_{i:03d}.nii.gz"
+        write_case(case, root / image, root / label)
+        if split == "Tr":
+            training.append({"image": image, "label": label, "fold": i % num_folds})
+        else:
+            testing.append({"image": image, "label": label})
+    datalist = root / "datalist.json"
+    datalist.write_text(json.dumps({"training": training, "testing": testing}, indent=2))
+    return datalist
