@@ -133,12 +133,12 @@ def case_metrics(
     spacing = validate_spacing(spacing_mm, truth_mask.ndim, case_id)
     rvd = relative_volume_difference(pred_mask, truth_mask)
     return {
-        "dice": dice_score(pred_mask, truth_mask),
-        "rvd": rvd,
+        "dice": float(dice_score(pred_mask, truth_mask)),
+        "rvd": float(rvd),
         "nsd": normalized_surface_dice(pred_mask, truth_mask, spacing, nsd_tolerance_mm),
         "hd_mm": hausdorff_distance_mm(pred_mask, truth_mask, spacing),
-        "pred_volume_ml": volume_ml(pred_mask, spacing),
-        "true_volume_ml": volume_ml(truth_mask, spacing),
+        "pred_volume_ml": float(volume_ml(pred_mask, spacing)),
+        "true_volume_ml": float(volume_ml(truth_mask, spacing)),
         "note": RVD_UNDEFINED_NOTE if math.isnan(rvd) else "",
     }
 

@@ -1,0 +1,114 @@
+"""Score a folder of predicted masks against a folder of labels, the way the INSTANCE 2022 organizers do.
+
+Files are matched by case name (file name without .nii / .nii.gz). Every label is scored:
+a missing prediction is a failed case with Dice 0, never skipped, because skipping failures
+flatters the mean. Spacing is read from the label header; only array shapes are compared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from autoseg2d.evaluation.metrics import NSD_TOLERANCE_MM, case_metrics, summarize_metrics
+from autoseg2d.evaluation.report import (
+    cross_validation_table,
+    per_case_csv,
+    summary_json,
+    summary_markdown,
+    write_atomic,
+)
+
+__all__ = ["evaluate_folders", "evaluate_cases", "find_nifti_cases", "cross_validation_table"]
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+STATUS_SCORED = "scored"
+STATUS_MISSING = "missing_prediction"
+CASES_CSV = "metrics_per_case.csv"
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+
+
+def evaluate_folders(
+    pred: str, gt: str, output: str | None = None, nsd_tolerance_mm: float = NSD_TOLERANCE_MM
+) -> dict:
+    """Score predicted masks against labels with Dice, RVD, NSD, HD (mm) and volumes (mL).
+
+    Writes metrics_per_case.csv, summary.json and summary.md to OUTPUT and returns the summary.
+    Masks must hold only 0 and 1 and have the label's array shape.
+
+    Args:
+        pred: folder of predicted masks, one NIfTI (.nii or .nii.gz) per case, named like the labels.
+        gt: folder of label NIfTI files; every label is a case, and its header gives the spacing.
+        output: folder for the reports; defaults to PRED/evaluation.
+        nsd_tolerance_mm: normalized surface Dice tolerance in mm (INSTANCE 2022 uses 0.42).
+    """
+    pred, gt = str(pred), str(gt)  # fire turns a folder named "2024" into an int
+    rows = evaluate_cases(pred, gt, nsd_tolerance_mm)
+    true_cases, pred_cases = find_nifti_cases(gt), find_nifti_cases(pred)
+    missing = [row["case"] for row in rows if row["status"] == STATUS_MISSING]
+    output_dir = Path(str(output)) if output is not None else Path(pred) / "evaluation"
+    summary = {
+        **summarize_metrics(rows),
+        "num_missing_predictions": len(missing),
+        "missing_predictions": missing,
+        "unmatched_predictions": sorted(set(pred_cases) - set(true_cases)),
+        "nsd_tolerance_mm": float(nsd_tolerance_mm),
+        "pred": str(pred),
+        "gt": str(gt),
+        "output": str(output_dir),
+    }
+    write_atomic(output_dir / CASES_CSV, per_case_csv(rows))
+    write_atomic(output_dir / SUMMARY_MD, summary_markdown(summary, rows))
+    write_atomic(output_dir / SUMMARY_JSON, summary_json(summary))
+    return summary
+
+
+def evaluate_cases(pred: str | Path, gt: str | Path, nsd_tolerance_mm: float = NSD_TOLERANCE_MM) -> list[dict]:
+    """Per-case metric dicts (with ``case`` and ``status``) for every label in `gt`, sorted by case name."""
+    true_cases = find_nifti_cases(gt)
+    if not true_cases:
+        raise ValueError(f"no label files (.nii or .nii.gz) found in gt folder {str(gt)!r}.")
+    pred_cases = find_nifti_cases(pred)
+    return [
+        _score_case(case, true_cases[case], pred_cases.get(case), nsd_tolerance_mm) for case in sorted(true_cases)
+    ]
+
+
+def find_nifti_cases(folder: str | Path) -> dict[str, Path]:
+    """Map case name -> NIfTI path for the files directly in `folder`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"folder {str(folder)!r} does not exist or is not a directory.")
+    cases: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        suffix = next((s for s in NIFTI_SUFFIXES if path.name.endswith(s)), None)
+        if suffix is None or not path.is_file():
+            continue
+        case = path.name[: -len(suffix)]
+        if case in cases:
+            raise ValueError(
+                f"case {case!r} has two files in {str(folder)!r}: {cases[case].name} and {path.name}; keep one."
+            )
+        cases[case] = path
+    return cases
+
+
+def _score_case(case: str, truth_path: Path, pred_path: Path | None, nsd_tolerance_mm: float) -> dict:
+    truth_image = nib.load(truth_path)
+    truth = np.asanyarray(truth_image.dataobj)
+    spacing_mm = tuple(float(z) for z in truth_image.header.get_zooms()[: truth.ndim])
+    if pred_path is None:
+        metrics = case_metrics(np.zeros(truth.shape, np.uint8), truth, spacing_mm, case, nsd_tolerance_mm)
+        metrics["dice"] = 0.0
+        note = "no prediction file for this case in the pred folder; scored as an empty mask with Dice 0"
+        return {"case": case, "status": STATUS_MISSING, **metrics, "note": _join(note, metrics["note"])}
+    pred = np.asanyarray(nib.load(pred_path).dataobj)
+    metrics = case_metrics(pred, truth, spacing_mm, case, nsd_tolerance_mm)
+    return {"case": case, "status": STATUS_SCORED, **metrics}
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(note for note in notes if note)

@@ -1,0 +1,136 @@
+"""Evaluation results as files people read: per-case CSV, summary JSON and Markdown tables.
+
+Files are written to a temporary name and moved into place, so a crash or a reader never
+sees half a report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from autoseg2d.evaluation.metrics import summarize_metrics
+
+CASE_COLUMNS = ("case", "status", "dice", "rvd", "nsd", "hd_mm", "pred_volume_ml", "true_volume_ml", "note")
+SUMMARY_COLUMNS = (
+    ("Dice", "dice_mean"), ("RVD", "rvd_mean"), ("NSD", "nsd_mean"), ("HD mm", "hd_mm_mean"), ("HD inf", "num_hd_inf"),
+)
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write `text` next to `path` under a temporary name, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def json_safe(value):
+    """Strict JSON has no inf/NaN: write them as the strings "inf", "-inf", "nan" (as the organizers' vectors do)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def summary_json(summary: dict) -> str:
+    return json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n"
+
+
+def per_case_csv(rows: Sequence[dict]) -> str:
+    """One row per case with full-precision numbers (inf and nan as Python prints them)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CASE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({key: _csv_cell(value) for key, value in row.items()})
+    return buffer.getvalue()
+
+
+def summary_markdown(summary: dict, rows: Sequence[dict]) -> str:
+    """Summary line plus a per-case table, for a pull request or a lab notebook."""
+    lines = [
+        "# Evaluation",
+        "",
+        _markdown_table(["cases", *(name for name, _ in SUMMARY_COLUMNS), "RVD NaN", "missing"],
+                        [[summary["num_cases"], *(summary[key] for _, key in SUMMARY_COLUMNS),
+                          summary["num_rvd_nan"], summary.get("num_missing_predictions", 0)]]),
+        "",
+        f"NSD tolerance {summary.get('nsd_tolerance_mm', '?')} mm. Mean HD is inf when any case is inf "
+        f"(mean over finite cases: {_cell(summary['hd_mm_mean_finite'])} mm).",
+        "",
+        "## Cases",
+        "",
+        _markdown_table(list(CASE_COLUMNS), [[row.get(key, "") for key in CASE_COLUMNS] for row in rows]),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def cross_validation_table(records: list[dict]) -> str:
+    """Markdown table of cross-validation results, one row per (input variant, fold).
+
+    Each record has keys ``variant``, ``fold`` and ``cases`` (the per-case metric dicts from
+    :func:`autoseg2d.evaluation.metrics.case_metrics`). Rows are sorted by variant then fold;
+    after each variant's folds an "all" row pools its cases, so variants can be compared on
+    the same footing as the challenge (mean over cases).
+    """
+    by_variant: dict[str, list[dict]] = {}
+    for index, record in enumerate(records):
+        missing = {"variant", "fold", "cases"} - record.keys()
+        if missing:
+            raise ValueError(
+                f"cross-validation record {index} lacks keys {sorted(missing)}; "
+                "each record needs 'variant', 'fold' and 'cases' (a list of per-case metric dicts)."
+            )
+        by_variant.setdefault(str(record["variant"]), []).append(record)
+    rows = []
+    for variant in sorted(by_variant):
+        folds = sorted(by_variant[variant], key=lambda record: str(record["fold"]))
+        for record in folds:
+            rows.append(_cv_row(variant, record["fold"], record["cases"]))
+        if len(folds) > 1:
+            rows.append(_cv_row(variant, "all", [case for record in folds for case in record["cases"]]))
+    header = ["variant", "fold", "cases", *(name for name, _ in SUMMARY_COLUMNS)]
+    return _markdown_table(header, rows) + "\n"
+
+
+def _cv_row(variant: str, fold, cases: Sequence[dict]) -> list:
+    summary = summarize_metrics(cases)
+    return [variant, fold, summary["num_cases"], *(summary[key] for _, key in SUMMARY_COLUMNS)]
+
+
+def _csv_cell(value):
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    return value
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(value) for value in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4f}" if math.isfinite(value) else str(value)
+    return str(value).replace("|", "\\|")
