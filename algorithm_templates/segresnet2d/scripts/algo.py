@@ -1,0 +1,126 @@
+"""Segresnet2dAlgo: wires MONAI's BundleGen to the data-derived settings in planning.py."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from monai.apps.auto3dseg import BundleAlgo
+from monai.bundle import ConfigParser
+
+from .bundle_config import ConfigError, coerce_value
+from .planning import derive_settings
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "hyper_parameters.yaml"
+DATA_SOURCE_KEYS = ("modality", "datalist", "dataroot", "name", "task", "class_names", "sigmoid", "multigpu")
+MONAI_EXPORT_KEYS = ("fill_with_datastats", "gpu_customization", "gpu_customization_specs")
+
+
+def _read_yaml(path: str | os.PathLike) -> Any:
+    return ConfigParser.load_config_file(str(path))
+
+
+def _set_nested(config: dict, key: str, value: Any) -> None:
+    node = config
+    *parents, leaf = key.split("#")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+
+
+def _get_nested(config: dict, key: str, source: str) -> Any:
+    node: Any = config
+    for part in key.split("#"):
+        if not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"{source}: '{key}' is not a segresnet2d config key; valid keys: {', '.join(config)}")
+        node = node[part]
+    return node
+
+
+def apply_settings(config: dict, settings: dict, source: str) -> None:
+    """Apply {key or 'a#b': value} with the same type checks as command-line overrides."""
+    for key, value in settings.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            apply_settings(config[key], value, f"{source} [{key}]")
+            continue
+        _set_nested(config, key, coerce_value(key, value, _get_nested(config, key, source)))
+
+
+class Segresnet2dAlgo(BundleAlgo):
+    """2D slice-wise SegResNetDS for thick-slice CT (and any anisotropic 3D data)."""
+
+    def _data_source(self) -> dict:
+        return dict(_read_yaml(self.data_list_file)) if self.data_list_file else {}
+
+    def _template_config(self) -> dict:
+        return _read_yaml(Path(str(self.template_path)) / self.name / "configs" / CONFIG_NAME)
+
+    def pre_check_skip_algo(self, skip_bundlegen: bool = False, skip_info: str = "") -> tuple[bool, str]:
+        """Skip unless slices are much thicker than pixels (2D at native resolution loses little there)."""
+        config = self._template_config()
+        apply_settings(config, {k: v for k, v in self._data_source().items() if k in ("force_2d", "min_anisotropy")},
+                       "data source")
+        if config["force_2d"] or not self.data_stats_files:
+            return skip_bundlegen, skip_info
+        spacing = _read_yaml(self.data_stats_files)["stats_summary"]["image_stats"]["spacing"]["median"]
+        ratio = float(spacing[2]) / max(min(float(spacing[0]), float(spacing[1])), 1e-6)
+        if ratio < config["min_anisotropy"]:
+            reason = (f"median spacing {spacing} mm has slice/in-plane ratio {ratio:.1f} < min_anisotropy "
+                      f"{config['min_anisotropy']}; set force_2d: true in the data-source YAML to train 2D anyway")
+            logger.info(f"segresnet2d skipped: {reason}")
+            return True, reason
+        return skip_bundlegen, skip_info
+
+    def fill_template_config(self, data_stats_filename: str, output_path: str, **kwargs: Any) -> dict:
+        """Fill configs/hyper_parameters.yaml: defaults <- data-derived <- data-source extras <- kwargs."""
+        config_file = Path(output_path) / "configs" / CONFIG_NAME
+        config = _read_yaml(config_file)
+        data_source = self._data_source()
+        modality = str(data_source.get("modality", config["modality"])).lower()
+
+        notes: list[str] = []
+        if data_stats_filename:
+            stats = _read_yaml(data_stats_filename)
+            by_case_file = Path(data_stats_filename).with_name(Path(data_stats_filename).stem + "_by_case.yaml")
+            by_case = _read_yaml(by_case_file).get("stats_by_cases") if by_case_file.exists() else None
+            device, memory = self._device()
+            settings, notes = derive_settings(stats, by_case, config, modality=modality, device=device,
+                                              gpu_memory_gb=memory)
+            apply_settings(config, settings, "planning.derive_settings")
+
+        extras = {k: v for k, v in data_source.items() if k not in DATA_SOURCE_KEYS}
+        unknown = [k for k in extras if k.split("#")[0] not in config]
+        if unknown:
+            logger.warning(f"data-source keys {unknown} are not segresnet2d settings and are ignored")
+        apply_settings(config, {k: v for k, v in extras.items() if k not in unknown}, str(self.data_list_file))
+        overrides = {k: v for k, v in kwargs.items() if k not in MONAI_EXPORT_KEYS}
+        apply_settings(config, overrides, "fill_template_config arguments")
+
+        config["bundle_root"] = str(Path(output_path).resolve())
+        config["modality"] = modality
+        if "datalist" in data_source:
+            config["data_list_file_path"] = str(Path(data_source["datalist"]).resolve())
+        if "dataroot" in data_source:
+            config["data_file_base_dir"] = str(Path(data_source["dataroot"]).resolve())
+        if "class_names" in data_source:
+            config["class_names"] = list(data_source["class_names"])
+
+        for note in notes:
+            logger.info(f"segresnet2d: {note}")
+        header = "".join(f"# {line}\n" for line in ["Filled by Segresnet2dAlgo.fill_template_config.", *notes])
+        tmp = config_file.with_name(config_file.name + ".tmp")
+        tmp.write_text(header + yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
+        os.replace(tmp, config_file)
+        return {CONFIG_NAME: config}
+
+    @staticmethod
+    def _device() -> tuple[str, float | None]:
+        if torch.cuda.is_available():
+            return "cuda", torch.cuda.get_device_properties(0).total_memory / 2**30
+        return "cpu", None

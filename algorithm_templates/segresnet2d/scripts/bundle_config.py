@@ -1,0 +1,109 @@
+"""Load the bundle's config file(s) and apply command-line overrides with type checks.
+
+MONAI hands every file in configs/ to train.py as one comma-separated string and passes
+list overrides as comma strings (``--roi_size='96,96'``); both are undone here, and every
+override must name an existing key and keep that key's type.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import yaml
+from monai.bundle import ConfigParser
+
+# Keys that MONAI's ensemble passes to InferClass but that belong to the ensemble, not the bundle.
+ENSEMBLE_ONLY_KEYS = ("image_save_func", "rank", "mode", "sigmoid", "algo_spec_params", "infer_files", "files_slices")
+
+
+class ConfigError(ValueError):
+    """A config key that does not exist, or a value of the wrong type."""
+
+
+def split_config_files(config_file: str | Sequence[str]) -> list[str]:
+    files = config_file.split(",") if isinstance(config_file, str) else list(config_file)
+    files = [f.strip() for f in files if f and f.strip()]
+    if not files:
+        raise ConfigError("no config file given: pass --config_file=<bundle>/configs/hyper_parameters.yaml")
+    for f in files:
+        if not os.path.isfile(f):
+            raise ConfigError(f"config file not found: {f}")
+    return files
+
+
+def load_config(config_file: str | Sequence[str], **overrides: Any) -> dict:
+    """Return the parsed config with overrides applied (``network#init_filters=16`` reaches nested keys)."""
+    files = split_config_files(config_file)
+    parser = ConfigParser()
+    parser.read_config(files)
+    raw = parser.get()
+    for key, value in overrides.items():
+        current = _lookup(raw, key, files)
+        parser[key] = coerce_value(key, value, current)
+    return parser.get_parsed_content()
+
+
+def _lookup(raw: dict, key: str, files: list[str]) -> Any:
+    node: Any = raw
+    parts = key.split("#")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, dict) or part not in node:
+            known = sorted(node) if isinstance(node, dict) else []
+            prefix = "#".join(parts[:depth])
+            hint = difflib.get_close_matches(part, known, n=1)
+            raise ConfigError(
+                f"unknown config key '{key}' (in {', '.join(files)})"
+                + (f"; did you mean '{(prefix + '#') if prefix else ''}{hint[0]}'?" if hint else "")
+                + f" Valid keys{' under ' + prefix if prefix else ''}: {', '.join(known)}"
+            )
+        node = node[part]
+    return node
+
+
+def coerce_value(key: str, value: Any, current: Any) -> Any:
+    """Convert an override to the type of the key's current value, or raise naming both."""
+    if isinstance(value, str) and not isinstance(current, str) and not value.startswith(("$", "@")):
+        value = _parse_string(value, current)
+    if current is None or (isinstance(value, str) and value.startswith(("$", "@"))):
+        return value
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif isinstance(current, (list, tuple)):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif isinstance(current, dict):
+        if isinstance(value, dict):
+            return value
+    elif isinstance(value, type(current)):
+        return value
+    raise ConfigError(
+        f"config key '{key}' expects {type(current).__name__} like {current!r}, got {type(value).__name__} {value!r}"
+    )
+
+
+def _parse_string(value: str, current: Any) -> Any:
+    """'96,96' -> [96, 96]; 'true' -> True; '1e-4' -> 0.0001 (YAML rules)."""
+    if isinstance(current, (list, tuple)) and not value.strip().startswith("["):
+        return [yaml.safe_load(v) for v in value.split(",") if v.strip()]
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    if isinstance(parsed, str) and isinstance(current, (int, float)) and not isinstance(current, bool):
+        try:
+            return float(parsed)  # YAML reads '1e-4' (no dot) as a string
+        except ValueError:
+            return parsed
+    return parsed

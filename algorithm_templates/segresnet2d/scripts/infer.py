@@ -1,0 +1,92 @@
+"""Inference entry points: ``InferClass`` for MONAI's ensembles and ``infer.py run`` to write masks.
+
+``InferClass(config_file).infer(image)`` returns channel-first class probabilities in the
+image file's own grid (no resampling), as a MetaTensor carrying the file's affine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules; MONAI loads this file by path
+
+import fire  # noqa: E402
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from monai.data import MetaTensor  # noqa: E402
+
+from bundle_config import ENSEMBLE_ONLY_KEYS, load_config  # noqa: E402
+from datalist_split import read_datalist, testing_files  # noqa: E402
+from inputs import channel_plan, windows_for  # noqa: E402
+from network import build_network, shape_divisor  # noqa: E402
+from predictor import SlicePredictor  # noqa: E402
+from volumes import case_name, load_volume, read_image  # noqa: E402
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "hyper_parameters.yaml"
+
+
+class InferClass:
+    def __init__(self, config_file: str | list[str] | None = None, **override):
+        override = {k: v for k, v in override.items() if k not in ENSEMBLE_ONLY_KEYS}
+        config = load_config(config_file or str(DEFAULT_CONFIG), **override)
+        checkpoint_path = Path(config["ckpt_path"]) / "model.pt"
+        if not checkpoint_path.is_file():
+            raise FileNotFoundError(f"no trained model at {checkpoint_path}; train this bundle first (scripts/train.py)")
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        checkpoint = torch.load(checkpoint_path, map_location=self.device, weights_only=False)
+        config.update(checkpoint["inputs"])  # the inputs the model was trained on win over later edits
+        self.config = config
+        windows = windows_for(config)
+        plan = channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"])
+        model = build_network(config, len(plan)).to(self.device)
+        model.load_state_dict(checkpoint["state_dict"])
+        self.predictor = SlicePredictor(model, plan, windows, shape_divisor(config), config["infer_batch_size"],
+                                        self.device, config["amp"])
+
+    def infer(self, image_file: str | dict) -> MetaTensor:
+        """Probabilities (C, X, Y, Z) for one image path (or a datalist entry {'image': path})."""
+        path = image_file["image"] if isinstance(image_file, dict) else image_file
+        volume = load_volume(path, None, self.config["modality"])
+        probabilities = torch.from_numpy(self.predictor.predict(volume))
+        return MetaTensor(probabilities, affine=torch.as_tensor(volume.affine), meta={"filename_or_obj": str(path)})
+
+    def write_mask(self, image_file: str, output_dir: str) -> Path:
+        """Write the argmax mask as uint8 NIfTI with the input's file name, affine and header."""
+        probabilities = self.infer(image_file)
+        _, affine, header = read_image(image_file, case_name(image_file))
+        mask = probabilities.argmax(0).numpy().astype(np.uint8)
+        header = header.copy()
+        header.set_data_dtype(np.uint8)
+        header["scl_slope"], header["scl_inter"] = 1, 0
+        target = Path(output_dir) / Path(image_file).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(".tmp_" + target.name)
+        nib.save(nib.Nifti1Image(mask, affine, header), tmp)
+        os.replace(tmp, target)
+        return target
+
+
+def run(config_file: str | list[str] | None = None, output_dir: str | None = None, files: str | list | None = None,
+        **override) -> list[str]:
+    """Write masks for ``--files`` (comma-separated or list) or, by default, the datalist's testing images."""
+    infer = InferClass(config_file, **override)
+    if files is None:
+        entries = testing_files(read_datalist(infer.config["data_list_file_path"]), infer.config["data_file_base_dir"])
+        files = [e["image"] for e in entries]
+    elif isinstance(files, str):
+        files = [f for f in files.split(",") if f]
+    output_dir = output_dir or os.path.join(infer.config["bundle_root"], "prediction_testing")
+    written = []
+    for file in files:
+        started = time.time()
+        written.append(str(infer.write_mask(file, output_dir)))
+        print(f"{Path(file).name}: {time.time() - started:.1f}s -> {written[-1]}", flush=True)
+    return written
+
+
+if __name__ == "__main__":
+    fire.Fire({"run": run})

@@ -1,0 +1,72 @@
+"""The three input variants: which (CT window, slice offset) pair feeds each input channel.
+
+(a) ``slices``:  3 adjacent slices at the first window       -> 3 channels
+(b) ``windows``: the centre slice at every window            -> 3 channels
+(c) ``both``:    every window at every adjacent slice        -> 9 channels
+Slices beyond the first or last are replicated (edge padding along the axial axis).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+WindowHU = tuple[float, float] | None  # None: intensities are already normalised (non-CT)
+
+
+def _slices_plan(num_windows: int, offsets: list[int]) -> list[tuple[int, int]]:
+    return [(0, offset) for offset in offsets]
+
+
+def _windows_plan(num_windows: int, offsets: list[int]) -> list[tuple[int, int]]:
+    return [(w, 0) for w in range(num_windows)]
+
+
+def _both_plan(num_windows: int, offsets: list[int]) -> list[tuple[int, int]]:
+    return [(w, offset) for w in range(num_windows) for offset in offsets]
+
+
+INPUT_VARIANTS = {"slices": _slices_plan, "windows": _windows_plan, "both": _both_plan}
+
+
+def slice_offsets(num_adjacent_slices: int) -> list[int]:
+    if num_adjacent_slices < 1 or num_adjacent_slices % 2 == 0:
+        raise ValueError(f"num_adjacent_slices must be an odd number >= 1, got {num_adjacent_slices}")
+    half = num_adjacent_slices // 2
+    return list(range(-half, half + 1))
+
+
+def channel_plan(variant: str, num_windows: int, num_adjacent_slices: int) -> list[tuple[int, int]]:
+    """List of (window index, slice offset), one per input channel."""
+    if variant not in INPUT_VARIANTS:
+        raise ValueError(f"input_variant '{variant}' is unknown; choose one of {', '.join(INPUT_VARIANTS)}")
+    return INPUT_VARIANTS[variant](max(num_windows, 1), slice_offsets(num_adjacent_slices))
+
+
+def windows_for(config: dict) -> list[WindowHU]:
+    """CT uses the configured HU windows; other modalities one identity 'window' (already z-scored)."""
+    if str(config["modality"]).lower() != "ct":
+        return [None]
+    windows = [tuple(map(float, w)) for w in config["ct_windows_hu"]]
+    for low, high in windows:
+        if not high > low:
+            raise ValueError(f"ct_windows_hu entry [{low}, {high}] must have high > low (Hounsfield units)")
+    return windows
+
+
+def num_input_channels(config: dict) -> int:
+    return len(channel_plan(config["input_variant"], len(windows_for(config)), config["num_adjacent_slices"]))
+
+
+def apply_window(values: np.ndarray, window: WindowHU) -> np.ndarray:
+    """Map [low, high] HU linearly to [0, 1], clipping outside."""
+    if window is None:
+        return values.astype(np.float32, copy=False)
+    low, high = window
+    return np.clip((values.astype(np.float32) - low) / (high - low), 0.0, 1.0)
+
+
+def make_channels(volume: np.ndarray, z: int, plan: list[tuple[int, int]], windows: list[WindowHU]) -> np.ndarray:
+    """(H, W, D) volume -> (C, H, W) float32 input for axial slice z."""
+    last = volume.shape[-1] - 1
+    channels = [apply_window(volume[..., min(max(z + offset, 0), last)], windows[w]) for w, offset in plan]
+    return np.stack(channels, axis=0)

@@ -1,0 +1,25 @@
+"""Entry point MONAI runs: ``python scripts/train.py run --config_file=configs/hyper_parameters.yaml [--key=value]``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules; MONAI runs this as a plain file
+
+import fire  # noqa: E402
+
+from bundle_config import load_config  # noqa: E402
+from trainer import Trainer  # noqa: E402
+
+
+def run(config_file: str | list[str] | None = None, **override) -> float:
+    """Train one fold; returns the best validation Dice. Any config key can be overridden: --num_epochs=10."""
+    if config_file is None:
+        config_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                                   "hyper_parameters.yaml")
+    return Trainer(load_config(config_file, **override)).fit()
+
+
+if __name__ == "__main__":
+    fire.Fire({"run": run})

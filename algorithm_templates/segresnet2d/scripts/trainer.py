@@ -1,0 +1,211 @@
+"""The training loop: epochs of 2D crops, per-volume validation, best checkpoint and progress.yaml."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from monai.data import DataLoader
+from monai.metrics import compute_dice
+from monai.networks.utils import one_hot
+
+from datalist_split import read_datalist, split_by_fold
+from inputs import channel_plan, num_input_channels, windows_for
+from network import build_loss, build_network, count_parameters, shape_divisor
+from predictor import SlicePredictor
+from slice_dataset import SliceDataset, epoch_slices, training_transforms
+from volumes import Volume, check_label_classes, load_volume
+
+LOG_COLUMNS = ["epoch", "loss", "val_dice", "learning_rate", "epoch_time_s"]
+INPUT_KEYS = ("modality", "input_variant", "num_adjacent_slices", "ct_windows_hu", "output_classes", "network")
+
+
+def atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def atomic_write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = not deterministic
+    torch.backends.cudnn.deterministic = deterministic
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def make_logger(log_file: Path) -> logging.Logger:
+    logger = logging.getLogger(f"segresnet2d.{log_file}")
+    logger.setLevel(logging.INFO)
+    if not logger.handlers:
+        formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+        for handler in (logging.StreamHandler(sys.stdout), logging.FileHandler(log_file)):
+            handler.setFormatter(formatter)
+            logger.addHandler(handler)
+    return logger
+
+
+def volume_dice(probabilities: np.ndarray, label: np.ndarray) -> float:
+    """Mean Dice over foreground classes of one volume; an empty truth predicted empty counts as 1."""
+    num_classes = probabilities.shape[0]
+    pred = one_hot(torch.from_numpy(probabilities.argmax(0))[None, None], num_classes)
+    truth = one_hot(torch.from_numpy(label.astype(np.int64))[None, None], num_classes)
+    return float(compute_dice(pred, truth, include_background=False, ignore_empty=False).nanmean())
+
+
+class Trainer:
+    def __init__(self, config: dict):
+        self.config = config
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.ckpt_dir = Path(config["ckpt_path"])
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        self.log = make_logger(self.ckpt_dir / "training.log")
+        seed_everything(config["seed"], config["deterministic"])
+
+        self.windows = windows_for(config)
+        self.plan = channel_plan(config["input_variant"], len(self.windows), config["num_adjacent_slices"])
+        self.model = build_network(config, len(self.plan)).to(self.device)
+        self.loss_fn = build_loss(config)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=config["learning_rate"], weight_decay=config["weight_decay"]
+        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config["num_epochs"], eta_min=0)
+        self.amp = bool(config["amp"]) and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
+        self.best_dice, self.best_epoch = -1.0, -1
+
+        train_files, val_files = split_by_fold(
+            read_datalist(config["data_list_file_path"]), config["data_file_base_dir"], config["fold"],
+            source=config["data_list_file_path"],
+        )
+        self.train_volumes = self._load(train_files, "training")
+        self.val_volumes = self._load(val_files, "validation")
+        self.transform = training_transforms(config)
+        self.predictor = SlicePredictor(self.model, self.plan, self.windows, shape_divisor(config),
+                                        config["infer_batch_size"], self.device, self.amp)
+
+    def _load(self, files: list[dict], role: str) -> list[Volume]:
+        start = time.time()
+        volumes = [load_volume(f["image"], f["label"], self.config["modality"]) for f in files]
+        for volume in volumes:
+            check_label_classes(volume, self.config["output_classes"])
+        slices = sum(v.num_slices for v in volumes)
+        self.log.info(f"loaded {len(volumes)} {role} volumes ({slices} slices) in {time.time() - start:.1f}s")
+        return volumes
+
+    def fit(self) -> float:
+        """Train for num_epochs (continuing from model_last.pt if present); return the best validation Dice."""
+        num_epochs = self.config["num_epochs"]
+        start_epoch = self._resume()
+        self.log.info(
+            f"fold {self.config['fold']}: {self.config['input_variant']} input, {len(self.plan)} channels, "
+            f"{count_parameters(self.model) / 1e6:.1f}M parameters, {num_epochs} epochs on {self.device}"
+        )
+        for epoch in range(start_epoch, num_epochs):
+            started = time.time()
+            loss = self.train_epoch(epoch)
+            dice = self.validate() if self._validation_due(epoch) else None
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            if dice is not None and dice > self.best_dice:
+                self.best_dice, self.best_epoch = dice, epoch
+                self._save_best(epoch)
+            self._record(epoch, loss, dice, lr, time.time() - started)
+            self._save_resume_state(epoch)
+        self.log.info(f"done: best validation Dice {self.best_dice:.4f} at epoch {self.best_epoch + 1}")
+        return self.best_dice
+
+    def train_epoch(self, epoch: int) -> float:
+        seed = self.config["seed"] * 100_003 + epoch  # per-epoch seeds make a resumed run repeat the same samples
+        torch.manual_seed(seed)
+        self.transform.set_random_state(seed=seed % 2**32)
+        items = epoch_slices(self.train_volumes, self.config["background_slice_ratio"], np.random.default_rng(seed))
+        dataset = SliceDataset(self.train_volumes, items, self.plan, self.windows, self.transform)
+        loader = DataLoader(dataset, batch_size=self.config["batch_size"], shuffle=False,
+                            num_workers=self.config["num_workers"], pin_memory=self.device.type == "cuda")
+        self.model.train()
+        total, count = 0.0, 0
+        for batch in loader:
+            image = batch["image"].to(self.device, non_blocking=True)
+            label = batch["label"].to(self.device, non_blocking=True)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(self.device.type, enabled=self.amp):
+                loss = self.loss_fn(self.model(image), label)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            total, count = total + loss.item() * len(image), count + len(image)
+        return total / max(count, 1)
+
+    def validate(self) -> float:
+        scores = [volume_dice(self.predictor.predict_slices_last(v), v.label) for v in self.val_volumes]
+        return float(np.mean(scores))
+
+    def _validation_due(self, epoch: int) -> bool:
+        return (epoch + 1) % self.config["val_every"] == 0 or epoch + 1 == self.config["num_epochs"]
+
+    def _record(self, epoch: int, loss: float, dice: float | None, lr: float, seconds: float) -> None:
+        log_csv = self.ckpt_dir / "training_log.csv"
+        new = not log_csv.exists()
+        with open(log_csv, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(LOG_COLUMNS)
+            writer.writerow([epoch + 1, f"{loss:.5f}", "" if dice is None else f"{dice:.5f}", f"{lr:.3e}", f"{seconds:.2f}"])
+        remaining = (self.config["num_epochs"] - epoch - 1) * seconds
+        dice_text = f" val_dice {dice:.4f} (best {self.best_dice:.4f})" if dice is not None else ""
+        self.log.info(f"epoch {epoch + 1}/{self.config['num_epochs']} loss {loss:.4f}{dice_text} "
+                      f"lr {lr:.2e} {seconds:.1f}s eta {remaining / 60:.1f}min")
+
+    def _save_best(self, epoch: int) -> None:
+        atomic_save({"state_dict": self.model.state_dict(), "epoch": epoch + 1, "best_avg_dice_score": self.best_dice,
+                     "inputs": {k: self.config[k] for k in INPUT_KEYS}}, self.ckpt_dir / "model.pt")
+        progress_file = self.ckpt_dir / "progress.yaml"
+        progress = yaml.safe_load(progress_file.read_text()) if progress_file.exists() else []
+        progress.append({"best_avg_dice_score": self.best_dice, "best_epoch": epoch + 1,
+                         "input_variant": self.config["input_variant"], "fold": self.config["fold"]})
+        atomic_write_text(yaml.safe_dump(progress, sort_keys=False), progress_file)
+
+    def _save_resume_state(self, epoch: int) -> None:
+        atomic_save({"epoch": epoch + 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                     "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                     "best_dice": self.best_dice, "best_epoch": self.best_epoch}, self.ckpt_dir / "model_last.pt")
+
+    def _resume(self) -> int:
+        path = self.ckpt_dir / "model_last.pt"
+        if not self.config["resume"] or not path.exists():
+            for stale in ("training_log.csv", "progress.yaml"):
+                (self.ckpt_dir / stale).unlink(missing_ok=True)
+            return 0
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.best_dice, self.best_epoch = state["best_dice"], state["best_epoch"]
+        self._truncate_log(state["epoch"])
+        self.log.info(f"resumed from {path} after epoch {state['epoch']} (best Dice {self.best_dice:.4f})")
+        return state["epoch"]
+
+    def _truncate_log(self, epochs_done: int) -> None:
+        """Drop log rows of epochs after the checkpoint: a killed run may have logged one more."""
+        log_csv = self.ckpt_dir / "training_log.csv"
+        if log_csv.exists():
+            rows = list(csv.reader(log_csv.open()))
+            kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= epochs_done]
+            atomic_write_text("".join(",".join(r) + "\n" for r in kept), log_csv)

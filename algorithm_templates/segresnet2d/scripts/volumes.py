@@ -1,0 +1,130 @@
+"""Read a CT/MR volume (and its label) once, check it, and put the axial axis last.
+
+No resampling: the 2D network sees each axial slice at its native resolution, and
+predictions are moved back to the file's own array order, so they share its grid and header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+class VolumeError(ValueError):
+    """A case that cannot be used as it is; the message names the case and the fix."""
+
+
+@dataclass
+class Volume:
+    name: str
+    image: np.ndarray  # (H, W, D): axial slices along the last axis; int16 HU for CT, float32 otherwise
+    label: np.ndarray | None  # (H, W, D) uint8 class indices
+    affine: np.ndarray  # the image file's affine (file array order)
+    slice_axis: int  # the file array axis that is axial
+
+    @property
+    def num_slices(self) -> int:
+        return self.image.shape[-1]
+
+
+def slice_axis_from_affine(affine: np.ndarray) -> int:
+    """The array axis whose direction is closest to the patient's head-foot (world z) axis."""
+    directions = np.asarray(affine, dtype=float)[:3, :3]
+    alignment = np.abs(directions[2]) / np.linalg.norm(directions, axis=0)
+    return int(np.argmax(alignment))
+
+
+def to_slices_last(array: np.ndarray, slice_axis: int) -> np.ndarray:
+    """(X, Y, Z) in file order -> (H, W, D) with the axial axis last; other axes keep their order."""
+    return np.moveaxis(array, slice_axis, -1)
+
+
+def from_slices_last(array: np.ndarray, slice_axis: int) -> np.ndarray:
+    """Inverse of to_slices_last for (..., H, W, D) arrays: the last axis returns to slice_axis."""
+    return np.moveaxis(array, -1, array.ndim - 3 + slice_axis)
+
+
+def case_name(path: str | Path) -> str:
+    name = Path(path).name
+    for suffix in (".nii.gz", ".nii", ".gz"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_image(path: str | Path, case: str) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    path = Path(path)
+    if not path.is_file():
+        raise VolumeError(f"case {case}: file not found: {path}. Check the datalist entry and --dataroot.")
+    try:
+        img = nib.load(str(path))
+        data = np.asanyarray(img.dataobj)
+    except Exception as err:  # nibabel raises many types for truncated or foreign files
+        raise VolumeError(f"case {case}: cannot read {path} ({type(err).__name__}: {err}); is it a NIfTI file?") from err
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise VolumeError(
+            f"case {case}: {path} has shape {data.shape}; a single-channel 3D volume (X, Y, Z) is expected"
+        )
+    return data, img.affine, img.header
+
+
+def load_volume(image_path: str | Path, label_path: str | Path | None = None, modality: str = "ct") -> Volume:
+    """Read, check and reorient one case; the image becomes int16 HU for CT, z-scored float32 otherwise."""
+    case = case_name(image_path)
+    data, affine, _ = read_image(image_path, case)
+    if not np.all(np.isfinite(data)):
+        raise VolumeError(f"case {case}: {image_path} contains NaN or inf voxels; fix or exclude the scan")
+    axis = slice_axis_from_affine(affine)
+    if data.shape[axis] < 1:
+        raise VolumeError(f"case {case}: {image_path} has no slices")
+    image = normalise_modality(data, modality)
+    label = None
+    if label_path is not None:
+        label = _load_label(label_path, case, data.shape, affine)
+        label = to_slices_last(label, axis)
+    return Volume(case, to_slices_last(image, axis), label, affine, axis)
+
+
+def normalise_modality(data: np.ndarray, modality: str) -> np.ndarray:
+    """CT keeps Hounsfield units (windowed later, per channel); other modalities are z-scored on nonzero voxels."""
+    if modality.lower() == "ct":
+        return np.clip(data, -32768, 32767).astype(np.int16)
+    data = data.astype(np.float32)
+    body = data[data != 0]
+    if body.size == 0:
+        return data
+    return ((data - body.mean()) / max(float(body.std()), 1e-6)).astype(np.float32)
+
+
+def _load_label(path: str | Path, case: str, shape: tuple, affine: np.ndarray) -> np.ndarray:
+    label, label_affine, _ = read_image(path, case)
+    if label.shape != shape:
+        raise VolumeError(f"case {case}: label shape {label.shape} differs from image shape {shape} ({path})")
+    if not np.allclose(label_affine, affine, atol=AFFINE_TOLERANCE_MM):
+        raise VolumeError(
+            f"case {case}: label affine differs from the image affine by more than {AFFINE_TOLERANCE_MM} mm ({path});"
+            " the label must be drawn on the image's own grid"
+        )
+    values = np.unique(label)
+    if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)) or values.min() < 0 or values.max() > 255:
+        raise VolumeError(
+            f"case {case}: label values {values[:10].tolist()} are not class indices 0..N ({path});"
+            " labels must be integers (e.g. 0/1, not 0/255 or probabilities)"
+        )
+    return label.astype(np.uint8)
+
+
+def check_label_classes(volume: Volume, num_classes: int) -> None:
+    if volume.label is not None and int(volume.label.max()) >= num_classes:
+        found = np.unique(volume.label).tolist()
+        raise VolumeError(
+            f"case {volume.name}: label values {found} exceed the {num_classes - 1} foreground classes of this bundle"
+            " (output_classes); 0/255 masks must be converted to 0/1"
+        )
