@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from inputs import WindowHU, make_channels
-from volumes import Volume, from_slices_last
+from volumes import Volume, from_ras
 
 
 class SlicePredictor:
@@ -37,7 +37,7 @@ class SlicePredictor:
 
     def predict(self, volume: Volume) -> np.ndarray:
         """Probabilities (C, X, Y, Z) in the image file's array order and grid."""
-        return from_slices_last(self.predict_slices_last(volume), volume.slice_axis)
+        return from_ras(self.predict_slices_last(volume), volume.affine)
 
     def _pad(self, x: torch.Tensor) -> torch.Tensor:
         """Pad height and width at the far end up to multiples of the network's divisor."""

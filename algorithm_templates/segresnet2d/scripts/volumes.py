@@ -1,7 +1,9 @@
-"""Read a CT/MR volume (and its label) once, check it, and put the axial axis last.
+"""Read a CT/MR volume (and its label) once, check it, and turn it to RAS axis order.
 
-No resampling: the 2D network sees each axial slice at its native resolution, and
-predictions are moved back to the file's own array order, so they share its grid and header.
+RAS order puts the axial axis last with slices running foot to head, so adjacent-slice
+channels mean the same thing for every file. Only axes are permuted and flipped, never
+resampled: the network sees each axial slice at its native resolution, and predictions are
+turned back to the file's own array order, so they share its grid and header.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel import orientations
 
 AFFINE_TOLERANCE_MM = 1e-3
 
@@ -22,10 +25,14 @@ class VolumeError(ValueError):
 @dataclass
 class Volume:
     name: str
-    image: np.ndarray  # (H, W, D): axial slices along the last axis; int16 HU for CT, float32 otherwise
-    label: np.ndarray | None  # (H, W, D) uint8 class indices
+    image: np.ndarray  # (R, A, S): axial slices along the last axis; int16 HU for CT, float32 otherwise
+    label: np.ndarray | None  # (R, A, S) uint8 class indices
     affine: np.ndarray  # the image file's affine (file array order)
-    slice_axis: int  # the file array axis that is axial
+
+    @property
+    def slice_axis(self) -> int:
+        """The file array axis that is axial (closest to the head-foot direction)."""
+        return slice_axis_from_affine(self.affine)
 
     @property
     def num_slices(self) -> int:
@@ -39,14 +46,17 @@ def slice_axis_from_affine(affine: np.ndarray) -> int:
     return int(np.argmax(alignment))
 
 
-def to_slices_last(array: np.ndarray, slice_axis: int) -> np.ndarray:
-    """(X, Y, Z) in file order -> (H, W, D) with the axial axis last; other axes keep their order."""
-    return np.moveaxis(array, slice_axis, -1)
+def to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """(X, Y, Z) in file order -> RAS order by axis permutation and flips only."""
+    return orientations.apply_orientation(array, orientations.io_orientation(affine))
 
 
-def from_slices_last(array: np.ndarray, slice_axis: int) -> np.ndarray:
-    """Inverse of to_slices_last for (..., H, W, D) arrays: the last axis returns to slice_axis."""
-    return np.moveaxis(array, -1, array.ndim - 3 + slice_axis)
+def from_ras(channels: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Inverse of to_ras for channel-first (C, R, A, S) arrays: back to (C, X, Y, Z) file order."""
+    ras = orientations.axcodes2ornt(("R", "A", "S"))
+    back = orientations.ornt_transform(ras, orientations.io_orientation(affine))
+    moved = orientations.apply_orientation(np.moveaxis(channels, 0, -1), back)
+    return np.ascontiguousarray(np.moveaxis(moved, -1, 0))
 
 
 def case_name(path: str | Path) -> str:
@@ -81,15 +91,11 @@ def load_volume(image_path: str | Path, label_path: str | Path | None = None, mo
     data, affine, _ = read_image(image_path, case)
     if not np.all(np.isfinite(data)):
         raise VolumeError(f"case {case}: {image_path} contains NaN or inf voxels; fix or exclude the scan")
-    axis = slice_axis_from_affine(affine)
-    if data.shape[axis] < 1:
-        raise VolumeError(f"case {case}: {image_path} has no slices")
     image = normalise_modality(data, modality)
     label = None
     if label_path is not None:
-        label = _load_label(label_path, case, data.shape, affine)
-        label = to_slices_last(label, axis)
-    return Volume(case, to_slices_last(image, axis), label, affine, axis)
+        label = to_ras(_load_label(label_path, case, data.shape, affine), affine)
+    return Volume(case, np.ascontiguousarray(to_ras(image, affine)), label, affine)
 
 
 def normalise_modality(data: np.ndarray, modality: str) -> np.ndarray:

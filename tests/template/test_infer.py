@@ -1,0 +1,76 @@
+"""InferClass and infer.py run: probabilities and masks in the input file's own grid and header."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from bundle_config import load_config
+from infer import InferClass, run
+from trainer import Trainer
+
+from tests.conftest import FAST_TRAINING
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ct_dataset):
+    import shutil
+
+    import yaml
+
+    from tests.conftest import TEMPLATE
+
+    target = tmp_path_factory.mktemp("infer") / "segresnet2d_0"
+    shutil.copytree(TEMPLATE, target)
+    config_file = target / "configs" / "hyper_parameters.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config.update({k: v for k, v in FAST_TRAINING.items() if "#" not in k}, bundle_root=str(target),
+                  data_list_file_path=str(ct_dataset), data_file_base_dir=str(ct_dataset.parent), num_epochs=2,
+                  val_every=1)
+    config["network"].update(init_filters=8, blocks_down=[1, 1, 1, 1], dsdepth=3)
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    Trainer(load_config(str(config_file))).fit()
+    return config_file
+
+
+def slices_first_copy(source, target):
+    """Rewrite a case with the axial axis stored first (and flipped), as some scanners do."""
+    img = nib.load(str(source))
+    data = np.moveaxis(np.asanyarray(img.dataobj), 2, 0)[::-1]
+    affine = img.affine @ np.array([[0, 1, 0, 0], [0, 0, 1, 0], [-1, 0, 0, data.shape[0] - 1], [0, 0, 0, 1.0]])
+    nib.save(nib.Nifti1Image(data, affine), target)
+    return target
+
+
+def test_probabilities_in_the_original_grid(trained, ct_dataset, tmp_path):
+    image = ct_dataset.parent / json.loads(ct_dataset.read_text())["testing"][0]["image"]
+    reoriented = slices_first_copy(image, tmp_path / "case.nii.gz")
+    infer = InferClass(str(trained))
+    for path in (image, reoriented):
+        probabilities = infer.infer(str(path))
+        assert probabilities.shape == (2, *nib.load(str(path)).shape)
+        np.testing.assert_allclose(probabilities.affine.numpy(), nib.load(str(path)).affine, atol=1e-6)
+        torch.testing.assert_close(probabilities.sum(0), torch.ones(probabilities.shape[1:]), atol=1e-5, rtol=0)
+    # the same scan stored differently gets the same prediction, moved with it
+    original = infer.infer(str(image)).numpy()
+    moved = infer.infer(str(reoriented)).numpy()
+    np.testing.assert_allclose(np.moveaxis(original, 3, 1)[:, ::-1], moved, atol=1e-5)
+
+
+def test_ensemble_keys_are_accepted(trained, ct_dataset):
+    image = ct_dataset.parent / json.loads(ct_dataset.read_text())["testing"][0]["image"]
+    infer = InferClass(str(trained), rank=0, image_save_func={"_target_": "SaveImage"})
+    assert infer.infer({"image": str(image)}).shape[0] == 2
+
+
+def test_run_writes_uint8_masks_with_the_input_header(trained, ct_dataset, tmp_path):
+    written = run(str(trained), output_dir=str(tmp_path / "out"))
+    sources = [ct_dataset.parent / e["image"] for e in json.loads(ct_dataset.read_text())["testing"]]
+    assert [p.split("/")[-1] for p in written] == [s.name for s in sources]
+    for path, source_path in zip(written, sources):
+        mask, source = nib.load(path), nib.load(str(source_path))
+        assert mask.get_data_dtype() == np.uint8
+        assert set(np.unique(np.asanyarray(mask.dataobj))) <= {0, 1}
+        assert mask.shape == source.shape
+        np.testing.assert_allclose(mask.affine, source.affine)
