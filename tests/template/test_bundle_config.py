@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 from bundle_config import ConfigError, load_config
 
@@ -10,6 +12,16 @@ def test_defaults_load_and_ckpt_path_follows_bundle_root():
     config = load_config(CONFIG, bundle_root="/work/b")
     assert config["ckpt_path"] == "/work/b/model"
     assert config["network"]["blocks_down"] == [2, 4, 4, 4, 4]
+
+
+def test_a_moved_bundle_uses_its_own_folder(tmp_path):
+    moved = tmp_path / "trial_3" / "segresnet2d_0"
+    shutil.copytree(TEMPLATE / "configs", moved / "configs")
+    text = (moved / "configs" / "hyper_parameters.yaml").read_text()
+    (moved / "configs" / "hyper_parameters.yaml").write_text(text.replace('bundle_root: ""', "bundle_root: /old/place"))
+    config = load_config(str(moved / "configs" / "hyper_parameters.yaml"))
+    assert config["bundle_root"] == str(moved)
+    assert config["ckpt_path"] == str(moved / "model")
 
 
 def test_comma_strings_from_monai_become_lists():

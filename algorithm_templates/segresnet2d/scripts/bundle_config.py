@@ -34,9 +34,21 @@ def split_config_files(config_file: str | Sequence[str]) -> list[str]:
     return files
 
 
+def bundle_of(config_file: str) -> str | None:
+    """The bundle folder a config file belongs to (<bundle>/configs/<file>), if it is laid out that way."""
+    configs_dir = os.path.dirname(os.path.abspath(config_file))
+    return os.path.dirname(configs_dir) if os.path.basename(configs_dir) == "configs" else None
+
+
 def load_config(config_file: str | Sequence[str], **overrides: Any) -> dict:
-    """Return the parsed config with overrides applied (``network#init_filters=16`` reaches nested keys)."""
+    """Return the parsed config with overrides applied (``network#init_filters=16`` reaches nested keys).
+
+    bundle_root defaults to the bundle the config file lives in, so a moved or copied bundle
+    (or an HPO trial copy) reads and writes itself, never the folder it was copied from.
+    """
     files = split_config_files(config_file)
+    if "bundle_root" not in overrides and bundle_of(files[0]):
+        overrides = {"bundle_root": bundle_of(files[0]), **overrides}
     parser = ConfigParser()
     parser.read_config(files)
     raw = parser.get()

@@ -26,7 +26,8 @@ from network import build_network, shape_divisor  # noqa: E402
 from predictor import SlicePredictor  # noqa: E402
 from volumes import case_name, load_volume, read_image  # noqa: E402
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "hyper_parameters.yaml"
+BUNDLE_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = BUNDLE_ROOT / "configs" / "hyper_parameters.yaml"
 
 
 class InferClass:

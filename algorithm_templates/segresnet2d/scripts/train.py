@@ -12,12 +12,12 @@ import fire  # noqa: E402
 from bundle_config import load_config  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
+BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def run(config_file: str | list[str] | None = None, **override) -> float:
     """Train one fold; returns the best validation Dice. Any config key can be overridden: --num_epochs=10."""
-    if config_file is None:
-        config_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                                   "hyper_parameters.yaml")
+    config_file = config_file or os.path.join(BUNDLE_ROOT, "configs", "hyper_parameters.yaml")
     return Trainer(load_config(config_file, **override)).fit()
 
 
