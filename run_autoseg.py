@@ -1,20 +1,62 @@
 """Command line for the segresnet2d Auto3DSeg pipeline; each subcommand calls one library function.
 
+    python run_autoseg.py --demo                                   # the built-in synthetic demo
+    python run_autoseg.py --datalist datalists/instance22.json --dataroot /data   # every stage
+    python run_autoseg.py predict --input scans/ --output masks/ --work_dir work
+    python run_autoseg.py evaluate --pred masks/ --gt labels/
     python run_autoseg.py datalist --root /data/instance22 --output datalist.json
-    python run_autoseg.py evaluate --pred preds/ --gt labels/
+    python run_autoseg.py COMMAND --help                           # the options of one command
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+import sys
+
 import fire
 
+from autoseg2d.check import check_inputs
 from autoseg2d.datalist import build_datalist
 from autoseg2d.evaluation.evaluate import evaluate_folders
+from autoseg2d.pipeline.demo import run_demo
+from autoseg2d.pipeline.runner import predict, run_pipeline
+
+
+def run(demo: bool = False, **options):
+    """Run every stage (check, analyze, sweep, crossval, ensemble, predict); --demo uses generated CT.
+
+    Options: --datalist, --dataroot, --work_dir (default work), --profile (gpu | cpu | demo),
+    --modality (ct), --num_folds, --storage (an Optuna RDB URL shared by several machines),
+    --skip_bad (skip bad cases instead of stopping), --until (the last stage to run).
+    """
+    return run_demo(**options) if demo else run_pipeline(**options)
+
+
+def _stage(name: str):
+    @functools.wraps(run_pipeline)
+    def command(**options):
+        return run_pipeline(**{**options, "until": name})
+
+    command.__doc__ = f"Run the stages up to and including {name}; options as for run."
+    return command
+
 
 COMMANDS = {
-    "datalist": build_datalist,
+    "run": run,
+    "demo": run_demo,
+    "check": check_inputs,
+    "analyze": _stage("analyze"),
+    "sweep": _stage("sweep"),
+    "crossval": _stage("crossval"),
+    "ensemble": _stage("ensemble"),
+    "predict": predict,
     "evaluate": evaluate_folders,
+    "datalist": build_datalist,
 }
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if len(sys.argv) > 1 and sys.argv[1].startswith("--") and sys.argv[1] not in ("--help", "-h"):
+        sys.argv.insert(1, "run")  # `run_autoseg.py --datalist ...` runs every stage
     fire.Fire(COMMANDS)

@@ -1,0 +1,126 @@
+"""Bundles for one configuration (settings + seed), made by MONAI's BundleGen, trained as subprocesses.
+
+Bundles live in ``bundles/<variant>-<hash of settings>/segresnet2d_<fold>``: the same settings
+always map to the same folder, so a sweep trial and the cross-validation of the same
+configuration share their trained folds, and a rerun finds what is already done.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import re
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+from monai.apps.auto3dseg import BundleGen
+
+from autoseg2d.pipeline.workdir import WorkDir, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+TEMPLATES = Path(__file__).resolve().parents[2] / "algorithm_templates"
+ALGO_NAME = "segresnet2d"
+VALIDATION_LINE = re.compile(r"epoch (\d+)/(\d+) .*val_dice ([0-9.]+)")
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class TrainingStopped(Exception):
+    """Raised when the on_validation callback asks to stop (e.g. an Optuna pruning decision)."""
+
+
+def configuration_name(settings: dict) -> str:
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{settings.get('input_variant', 'default')}-{digest}"
+
+
+def bundle_path(configuration: Path, fold: int) -> Path:
+    return configuration / f"{ALGO_NAME}_{fold}"
+
+
+def generate_bundles(work: WorkDir, settings: dict, num_folds: int, run: dict) -> Path:
+    """BundleGen with the local template; settings reach fill_template_config through the data-source YAML."""
+    configuration = work.bundles / configuration_name(settings)
+    marker = configuration / "settings.json"
+    if marker.exists():
+        return configuration
+    configuration.mkdir(parents=True, exist_ok=True)
+    data_src = configuration / "data_src.yaml"
+    source = {"modality": run["modality"], "datalist": str(run["datalist"]), "dataroot": str(run["dataroot"])}
+    write_text_atomic(data_src, yaml.safe_dump({**source, **settings}, sort_keys=False))
+    gen = BundleGen(algo_path=str(configuration), algos=[ALGO_NAME], templates_path_or_url=str(TEMPLATES),
+                    data_stats_filename=str(work.datastats), data_src_cfg_name=str(data_src))
+    gen.generate(str(configuration), num_fold=num_folds)
+    if not bundle_path(configuration, 0).exists():
+        raise TrainingError(f"BundleGen skipped {ALGO_NAME} for {configuration.name}; see the log above for why"
+                            " (for isotropic data set force_2d: true in the profile's train_overrides)")
+    write_text_atomic(marker, json.dumps(settings, indent=2, sort_keys=True))  # last: marks generation done
+    return configuration
+
+
+def bundle_config(bundle: Path) -> dict:
+    return yaml.safe_load((bundle / "configs" / "hyper_parameters.yaml").read_text())
+
+
+def is_trained(bundle: Path) -> bool:
+    """Finished when the log reached num_epochs and a best checkpoint exists."""
+    log_csv, model = bundle / "model" / "training_log.csv", bundle / "model" / "model.pt"
+    if not (log_csv.exists() and model.exists()):
+        return False
+    rows = list(csv.DictReader(log_csv.open()))
+    return bool(rows) and int(rows[-1]["epoch"]) >= int(bundle_config(bundle)["num_epochs"])
+
+
+def bundle_score(bundle: Path) -> float:
+    """The best validation Dice, read like MONAI's BundleAlgo.get_score (last entry of progress.yaml)."""
+    progress = yaml.safe_load((bundle / "model" / "progress.yaml").read_text())
+    return float(progress[-1]["best_avg_dice_score"])
+
+
+def train_command(bundle: Path, overrides: dict) -> list[str]:
+    """The current interpreter runs train.py; torchrun when several GPUs are visible (as MONAI does)."""
+    script = str(bundle / "scripts" / "train.py")
+    launcher = [sys.executable]
+    if torch.cuda.device_count() > 1:
+        launcher += ["-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={torch.cuda.device_count()}"]
+    config = str(bundle / "configs" / "hyper_parameters.yaml")
+    return [*launcher, script, "run", f"--config_file={config}", *(f"--{k}={v}" for k, v in overrides.items())]
+
+
+def train_bundle(bundle: Path, run: dict, label: str,
+                 on_validation: Callable[[int, float], bool] | None = None) -> float:
+    """Train (or continue training) one bundle with live output; returns its best validation Dice.
+
+    ``on_validation(epoch, dice)`` is called for every validation line; returning True stops
+    the run (it can be continued later) and raises TrainingStopped.
+    """
+    if is_trained(bundle):
+        logger.info(f"{label}: already trained (best Dice {bundle_score(bundle):.4f})")
+        return bundle_score(bundle)
+    overrides = {"data_list_file_path": run["datalist"], "data_file_base_dir": run["dataroot"]}
+    process = subprocess.Popen(train_command(bundle, overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, bufsize=1)
+    stopped = False
+    for line in process.stdout:
+        print(f"[{label}] {line}", end="", flush=True)
+        match = VALIDATION_LINE.search(line)
+        if match and on_validation and on_validation(int(match.group(1)), float(match.group(3))):
+            stopped = True
+            process.terminate()
+            break
+    code = process.wait()
+    if stopped:
+        raise TrainingStopped(label)
+    if code != 0:
+        raise TrainingError(f"{label}: training failed (exit code {code}); the output above and "
+                            f"{bundle / 'model' / 'training.log'} say why")
+    return bundle_score(bundle)

@@ -1,0 +1,63 @@
+"""Stage 4: full cross-validation of the best configurations, scored per case with the challenge metrics."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from autoseg2d.evaluation.metrics import case_metrics
+from autoseg2d.evaluation.report import cross_validation_table, json_safe
+from autoseg2d.pipeline.bundles import bundle_path, generate_bundles, train_bundle
+from autoseg2d.pipeline.inference import case_name, foreground, load_inferer, read_mask
+from autoseg2d.pipeline.workdir import WorkDir, write_text_atomic
+
+logger = logging.getLogger(__name__)
+
+
+def validation_cases(run: dict, fold: int) -> list[dict]:
+    datalist = json.loads(Path(run["datalist"]).read_text())
+    root = Path(run["dataroot"])
+    return [{"image": root / e["image"], "label": root / e["label"]} for e in datalist["training"]
+            if int(e["fold"]) == fold]
+
+
+def evaluate_bundle(bundle: Path, run: dict, fold: int) -> list[dict]:
+    """Per-case metrics of a fold model on its own validation cases (cached in model/cv_metrics.json)."""
+    cache = bundle / "model" / "cv_metrics.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    inferer = load_inferer(bundle)
+    cases = []
+    for case in validation_cases(run, fold):
+        truth, spacing = read_mask(case["label"])
+        prediction = foreground(inferer.infer(str(case["image"])).numpy())
+        cases.append(case_metrics(prediction, truth, spacing, case_id=case_name(case["image"])))
+    write_text_atomic(cache, json.dumps(json_safe(cases), indent=1))
+    return cases
+
+
+def run_crossval(work: WorkDir, run: dict, configurations: list[dict], runs: int, num_folds: int) -> list[dict]:
+    """Train every fold of every configuration for `runs` seeds; return one record per trained bundle."""
+    records = []
+    total = len(configurations) * runs * num_folds
+    for settings in configurations:
+        for seed in range(runs):
+            configuration = generate_bundles(work, {**settings, "seed": seed}, num_folds, run)
+            for fold in range(num_folds):
+                label = f"cv {len(records) + 1}/{total} {settings.get('input_variant')} run {seed} fold {fold}"
+                bundle = bundle_path(configuration, fold)
+                score = train_bundle(bundle, run, label)
+                cases = [_restore_floats(c) for c in evaluate_bundle(bundle, run, fold)]
+                records.append({"variant": f"{settings.get('input_variant')} (run {seed})", "fold": fold,
+                                "seed": seed, "settings": settings, "bundle": work.relative(bundle),
+                                "score": score, "cases": cases})
+    table = cross_validation_table(records)
+    write_text_atomic(work.reports / "cross_validation.md", "# Cross-validation\n\n" + table)
+    write_text_atomic(work.reports / "cross_validation.json", json.dumps(json_safe(records), indent=1))
+    return records
+
+
+def _restore_floats(case: dict) -> dict:
+    """json_safe stores inf/nan as strings; turn them back into floats."""
+    return {k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in case.items()}

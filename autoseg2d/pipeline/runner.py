@@ -1,0 +1,131 @@
+"""The whole pipeline, stage by stage; every stage skips what a previous run finished.
+
+check -> analyze (DataAnalyzer) -> sweep (BundleGen + Optuna) -> crossval -> ensemble -> predict
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import optuna
+
+from autoseg2d.datalist import ensure_folds, validate_folds, write_json_atomic
+from autoseg2d.pipeline.analyze import analyze
+from autoseg2d.pipeline.bundles import TrainingStopped, bundle_path, generate_bundles, train_bundle
+from autoseg2d.pipeline.crossval import run_crossval
+from autoseg2d.pipeline.ensemble import EnsemblePredictor, build_ensemble, predict_images
+from autoseg2d.pipeline.profiles import load_profile
+from autoseg2d.pipeline.sweep import best_per_variant, run_sweep
+from autoseg2d.pipeline.workdir import WorkDir, WorkDirError
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("check", "analyze", "sweep", "crossval", "ensemble", "predict")
+DEFAULT_NUM_FOLDS = 5
+
+
+def _stage(name: str) -> None:
+    logger.info(f"=== stage {STAGES.index(name) + 1}/{len(STAGES)}: {name} ===")
+
+
+def prepare_datalist(work: WorkDir, datalist: Path, dataroot: Path, num_folds: int | None) -> tuple[Path, int]:
+    """The datalist to use: the user's own when it has folds, else a copy in the work dir with folds added."""
+    content = json.loads(datalist.read_text())
+    if all("fold" in e for e in content.get("training", [])):
+        return datalist, validate_folds(content, num_folds)
+    with_folds = ensure_folds(content, num_folds or DEFAULT_NUM_FOLDS, seed=0, dataroot=str(dataroot))
+    target = work.root / f"{datalist.stem}_with_folds.json"
+    write_json_atomic(with_folds, target)
+    logger.info(f"{datalist.name} has no folds: split into {num_folds or DEFAULT_NUM_FOLDS} in {target}")
+    return target, validate_folds(with_folds)
+
+
+def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_dir: str = "work",
+                 profile: str = "gpu", modality: str = "ct", num_folds: int | None = None,
+                 storage: str | None = None, skip_bad: bool = False, until: str = "predict") -> dict:
+    """Run the stages up to `until`; rerunning continues where the last run stopped."""
+    if until not in STAGES:
+        raise ValueError(f"until='{until}' is not a stage; choose one of {', '.join(STAGES)}")
+    started = time.time()
+    work = WorkDir.create(work_dir)
+    if datalist is None or dataroot is None:
+        if not work.run_file.exists():
+            raise WorkDirError("give --datalist and --dataroot (or a --work_dir that has run before)")
+        previous = json.loads(work.run_file.read_text())
+        datalist = datalist or str(work.absolute(previous["datalist"]))
+        dataroot = dataroot or str(work.absolute(previous["dataroot"]))
+    datalist_path, dataroot_path = Path(datalist).resolve(), Path(dataroot).resolve()
+    settings = load_profile(profile)
+
+    _stage("check")
+    from autoseg2d.check import check_inputs
+
+    check_inputs(str(datalist_path), str(dataroot_path), modality=modality, num_folds=num_folds,
+                 work_dir=str(work.root), skip_bad=skip_bad)
+    used_datalist, folds = prepare_datalist(work, datalist_path, dataroot_path, num_folds)
+    work.record_run(datalist_path, dataroot_path, modality, profile)
+    run = {"datalist": used_datalist, "dataroot": dataroot_path, "modality": modality}
+    summary: dict = {"work_dir": str(work.root), "num_folds": folds, "profile": profile}
+    if until == "check":
+        return summary
+
+    _stage("analyze")
+    analyze(work, used_datalist, dataroot_path)
+    if until == "analyze":
+        return summary
+
+    _stage("sweep")
+    base = {**settings["train_overrides"], "seed": 0}
+
+    def train_fold(params: dict, fold: int, report) -> float:
+        configuration = generate_bundles(work, {**base, **params}, folds, run)
+        try:
+            return train_bundle(bundle_path(configuration, fold), run, f"trial {params} fold {fold}", report)
+        except TrainingStopped:
+            raise optuna.TrialPruned() from None
+
+    study = run_sweep(storage or work.sweep_storage_url, settings["search_space"], settings["sweep_trials"],
+                      list(settings["sweep_folds"]), train_fold, single_owner=storage is None)
+    configurations = [{**base, **params} for params in best_per_variant(study, settings["cv_top_variants"])]
+    summary["configurations"] = configurations
+    if until == "sweep":
+        return summary
+
+    _stage("crossval")
+    records = run_crossval(work, run, configurations, settings["cv_runs"], folds)
+    table = (work.reports / "cross_validation.md").read_text()
+    print(table, flush=True)
+    summary["cross_validation"] = str(work.reports / "cross_validation.md")
+    if until == "crossval":
+        return summary
+
+    _stage("ensemble")
+    ensemble = build_ensemble(work, run, records, settings["ensemble_size"], settings["ensemble_mode"])
+    summary["ensemble"] = str(work.ensemble_file)
+    if until == "ensemble":
+        return summary
+
+    _stage("predict")
+    testing = [dataroot_path / e["image"] for e in json.loads(used_datalist.read_text()).get("testing", [])]
+    if testing:
+        predict_images(EnsemblePredictor(work, ensemble), testing, work.predictions)
+        summary["predictions"] = str(work.predictions)
+    else:
+        logger.info("predict: the datalist has no 'testing' images")
+    logger.info(f"pipeline finished in {(time.time() - started) / 60:.1f} min; outputs in {work.root}")
+    return summary
+
+
+def predict(input: str, output: str, work_dir: str = "work") -> list[dict]:
+    """Apply a finished ensemble to every NIfTI file in `input`; masks go to `output` under the same names."""
+    work = WorkDir.create(work_dir)
+    if not work.ensemble_file.exists():
+        raise WorkDirError(f"no ensemble in {work.root}: run the pipeline there first (it ends with ensemble.json)")
+    images = sorted(p for p in Path(input).iterdir() if p.name.endswith((".nii", ".nii.gz")))
+    if not images:
+        raise FileNotFoundError(f"no .nii or .nii.gz files in {input}")
+    predictor = EnsemblePredictor(work, json.loads(work.ensemble_file.read_text()))
+    return predict_images(predictor, images, Path(output))

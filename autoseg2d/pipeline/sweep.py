@@ -1,0 +1,94 @@
+"""Stage 3: an Optuna sweep over input variants and training settings, resumable from its storage.
+
+Each trial trains the profile's sweep folds in bundles named by its settings; the study
+lives in SQLite in the work dir by default, or in any Optuna RDB URL (--storage) shared by
+several machines. Hopeless trials are pruned at their validation epochs (median rule).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import optuna
+
+logger = logging.getLogger(__name__)
+
+STUDY_NAME = "segresnet2d"
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+EPOCHS_PER_FOLD_STEP = 100_000  # report steps: fold index * this + epoch
+
+
+def suggest(trial: optuna.Trial, search_space: dict) -> dict:
+    """Sample one value per search-space entry: {choices: [...]} or {low, high, log}."""
+    params = {}
+    for name, space in search_space.items():
+        if "choices" in space:
+            params[name] = trial.suggest_categorical(name, list(space["choices"]))
+        elif isinstance(space.get("low"), int) and isinstance(space.get("high"), int):
+            params[name] = trial.suggest_int(name, space["low"], space["high"], log=space.get("log", False))
+        else:
+            params[name] = trial.suggest_float(name, space["low"], space["high"], log=space.get("log", False))
+    return params
+
+
+def open_study(storage: str) -> optuna.Study:
+    return optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True, direction="maximize",
+                               sampler=optuna.samplers.TPESampler(seed=0),
+                               pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
+
+
+def requeue_interrupted(study: optuna.Study) -> None:
+    """Trials left RUNNING by a killed run are failed and queued again with the same parameters;
+    their bundles are found by name, so training continues where it stopped."""
+    for trial in study.get_trials(deepcopy=True, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(trial.params, skip_if_exists=False)
+        logger.info(f"sweep: trial {trial.number} was interrupted; queued again with {trial.params}")
+
+
+def run_sweep(storage: str, search_space: dict, num_trials: int, folds: list[int],
+              train_fold: Callable[[dict, int, Callable[[int, float], bool]], float],
+              single_owner: bool = True) -> optuna.Study:
+    """Run trials until num_trials are complete or pruned; train_fold(params, fold, on_validation) -> Dice."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_study(storage)
+    if single_owner:
+        requeue_interrupted(study)
+    if not study.trials:
+        for variant in search_space.get("input_variant", {}).get("choices", []):
+            study.enqueue_trial({"input_variant": variant})  # every variant is tried at least once
+
+    def objective(trial: optuna.Trial) -> float:
+        params = suggest(trial, search_space)
+        done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+        logger.info(f"sweep: trial {trial.number} ({done + 1}/{num_trials}) {params}")
+        scores = []
+        for index, fold in enumerate(folds):
+            def report(epoch: int, dice: float, index: int = index) -> bool:
+                trial.report(dice, index * EPOCHS_PER_FOLD_STEP + epoch)
+                return trial.should_prune()
+
+            scores.append(train_fold(params, fold, report))
+        value = sum(scores) / len(scores)
+        logger.info(f"sweep: trial {trial.number} mean best Dice {value:.4f}")
+        return value
+
+    remaining = num_trials - sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, catch=(),
+                       callbacks=[optuna.study.MaxTrialsCallback(num_trials, states=FINISHED)])
+    else:
+        logger.info(f"sweep: {num_trials} trials already finished")
+    return study
+
+
+def best_per_variant(study: optuna.Study, top: int) -> list[dict]:
+    """Parameters of the best complete trial of each input variant, best variants first."""
+    best: dict[str, optuna.trial.FrozenTrial] = {}
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        variant = trial.params.get("input_variant", "default")
+        if variant not in best or trial.value > best[variant].value:
+            best[variant] = trial
+    ranked = sorted(best.values(), key=lambda t: t.value, reverse=True)[:top]
+    return [dict(t.params) for t in ranked]

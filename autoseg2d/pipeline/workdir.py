@@ -1,0 +1,98 @@
+"""The work dir: where each stage keeps its outputs, with every stored path relative to it.
+
+A work dir can be moved or copied: ``run.json`` records the datalist and dataroot relative
+to the work dir when they lie inside it, and bundles are re-pointed at the data on every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class WorkDirError(ValueError):
+    pass
+
+
+def write_text_atomic(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    root: Path
+
+    @classmethod
+    def create(cls, root: str | Path) -> WorkDir:
+        root = Path(root).resolve()
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(root)
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / "run.json"
+
+    @property
+    def datastats(self) -> Path:
+        return self.root / "datastats.yaml"
+
+    @property
+    def bundles(self) -> Path:
+        return self.root / "bundles"
+
+    @property
+    def sweep_storage_url(self) -> str:
+        (self.root / "sweep").mkdir(parents=True, exist_ok=True)
+        return f"sqlite:///{self.root / 'sweep' / 'optuna.db'}"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def ensemble_file(self) -> Path:
+        return self.root / "ensemble" / "ensemble.json"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+    def relative(self, path: str | Path) -> str:
+        """Path relative to the work dir when it lies inside it, else absolute."""
+        path = Path(path).resolve()
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+
+    def absolute(self, stored: str) -> Path:
+        return (self.root / stored).resolve()
+
+    def record_run(self, datalist: Path, dataroot: Path, modality: str, profile: str) -> dict:
+        """Write run.json on the first run; later runs must use the same datalist content."""
+        run = {"datalist": self.relative(datalist), "dataroot": self.relative(dataroot), "modality": modality,
+               "profile": profile, "datalist_sha256": file_sha256(datalist)}
+        if self.run_file.exists():
+            previous = json.loads(self.run_file.read_text())
+            if previous.get("datalist_sha256") != run["datalist_sha256"]:
+                raise WorkDirError(
+                    f"{self.root} holds a run on another datalist ({previous.get('datalist')}); its models would not"
+                    " match this data. Use a new --work_dir, or delete this one to start over."
+                )
+        write_text_atomic(self.run_file, json.dumps(run, indent=2))
+        return run
+
+    def load_run(self) -> dict:
+        if not self.run_file.exists():
+            raise WorkDirError(f"{self.root} has no run.json; run the pipeline there first")
+        run = json.loads(self.run_file.read_text())
+        run["datalist"], run["dataroot"] = self.absolute(run["datalist"]), self.absolute(run["dataroot"])
+        return run

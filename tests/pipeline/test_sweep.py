@@ -1,0 +1,44 @@
+"""The Optuna sweep: every variant tried, finished trials kept, an interrupted trial continued."""
+
+from __future__ import annotations
+
+import optuna
+
+from autoseg2d.pipeline.sweep import best_per_variant, open_study, run_sweep, suggest
+
+SPACE = {"input_variant": {"choices": ["slices", "windows", "both"]}, "learning_rate": {"low": 1e-4, "high": 1e-3,
+                                                                                         "log": True}}
+
+
+def fake_training(calls: list):
+    """Stands in for training: the Dice depends on the variant, and every call is recorded."""
+    def train_fold(params, fold, report):
+        calls.append(params["input_variant"])
+        report(1, 0.5)
+        return {"slices": 0.6, "windows": 0.7, "both": 0.8}[params["input_variant"]]
+
+    return train_fold
+
+
+def test_every_variant_first_then_resume_keeps_finished_trials(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    calls: list = []
+    run_sweep(storage, SPACE, 2, [0], fake_training(calls))
+    assert calls == ["slices", "windows"]
+    study = run_sweep(storage, SPACE, 4, [0], fake_training(calls))
+    assert calls[:3] == ["slices", "windows", "both"]  # the queued third variant comes next
+    assert len(calls) == 4
+    assert len(study.trials) == 4
+    assert [p["input_variant"] for p in best_per_variant(study, 2)] == ["both", "windows"]
+
+
+def test_a_trial_killed_mid_run_is_run_again_with_its_parameters(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = open_study(storage)
+    study.enqueue_trial({"input_variant": "windows", "learning_rate": 3e-4})
+    suggest(study.ask(), SPACE)  # parameters drawn, then the process is killed: the trial stays RUNNING
+    calls: list = []
+    study = run_sweep(storage, SPACE, 1, [0], fake_training(calls))
+    assert calls == ["windows"]
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert complete[0].params == {"input_variant": "windows", "learning_rate": 3e-4}
