@@ -20,6 +20,7 @@ from autoseg2d.evaluation.report import (
     summary_markdown,
     write_atomic,
 )
+from autoseg2d.evaluation.qa import render_overlays
 
 __all__ = ["evaluate_folders", "evaluate_cases", "find_nifti_cases", "cross_validation_table"]
 
@@ -32,7 +33,8 @@ SUMMARY_MD = "summary.md"
 
 
 def evaluate_folders(
-    pred: str, gt: str, output: str | None = None, nsd_tolerance_mm: float = NSD_TOLERANCE_MM
+    pred: str, gt: str, output: str | None = None, nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
+    images: str | None = None,
 ) -> dict:
     """Score predicted masks against labels with Dice, RVD, NSD, HD (mm) and volumes (mL).
 
@@ -44,6 +46,8 @@ def evaluate_folders(
         gt: folder of label NIfTI files; every label is a case, and its header gives the spacing.
         output: folder for the reports; defaults to PRED/evaluation.
         nsd_tolerance_mm: normalized surface Dice tolerance in mm (INSTANCE 2022 uses 0.42).
+        images: optional folder of the CT images (named like the labels); when given, QA overlay
+            PNGs (most-hemorrhage and worst-error slices) and a contact sheet go to OUTPUT/overlays.
     """
     pred, gt = str(pred), str(gt)  # fire turns a folder named "2024" into an int
     rows = evaluate_cases(pred, gt, nsd_tolerance_mm)
@@ -62,6 +66,11 @@ def evaluate_folders(
     }
     write_atomic(output_dir / CASES_CSV, per_case_csv(rows))
     write_atomic(output_dir / SUMMARY_MD, summary_markdown(summary, rows))
+    if images is not None:
+        image_cases = find_nifti_cases(str(images))
+        cases = {case: {"image": image_cases[case], "label": true_cases[case], "pred": pred_cases.get(case)}
+                 for case in true_cases if case in image_cases}
+        summary["overlays"] = [str(p) for p in render_overlays(cases, output_dir / "overlays")]
     write_atomic(output_dir / SUMMARY_JSON, summary_json(summary))
     return summary
 

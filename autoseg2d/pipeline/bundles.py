@@ -21,6 +21,7 @@ import torch
 import yaml
 from monai.apps.auto3dseg import BundleGen
 
+from autoseg2d.evaluation.curves import plot_training_curves
 from autoseg2d.pipeline.workdir import WorkDir, write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -123,4 +124,5 @@ def train_bundle(bundle: Path, run: dict, label: str,
     if code != 0:
         raise TrainingError(f"{label}: training failed (exit code {code}); the output above and "
                             f"{bundle / 'model' / 'training.log'} say why")
+    plot_training_curves(bundle / "model" / "training_log.csv")
     return bundle_score(bundle)

@@ -26,12 +26,13 @@ def run_demo(work_dir: str = "demo_work", profile: str = "demo") -> dict:
                     f"cases ({DEMO_CASES['size']}x{DEMO_CASES['size']}x{DEMO_CASES['num_slices']}) in {data}")
     summary = run_pipeline(str(datalist), str(data), work_dir=work_dir, profile=profile)
     held_back = Path(summary["work_dir"]) / "reports" / "held_back"
-    scores = evaluate_folders(summary["predictions"], str(data / "labelsTs"), output=str(held_back))
+    scores = evaluate_folders(summary["predictions"], str(data / "labelsTs"), output=str(held_back),
+                              images=str(data / "imagesTs"))
     print("\nHeld-back cases scored against their generated labels:", flush=True)
     print((held_back / "summary.md").read_text(), flush=True)
     print(f"demo finished in {(time.time() - started) / 60:.1f} min\n"
           f"  cross-validation table: {summary['cross_validation']}\n"
           f"  ensemble (members, post-processing): {summary['ensemble']}\n"
           f"  held-back predictions: {summary['predictions']}\n"
-          f"  held-back scores: {held_back}", flush=True)
+          f"  held-back scores and QA overlays: {held_back}", flush=True)
     return {**summary, "held_back": scores}

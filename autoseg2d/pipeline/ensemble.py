@@ -78,8 +78,9 @@ def build_ensemble(work: WorkDir, run: dict, records: list[dict], size: int, mod
     if cases:
         choice = choose_postprocessing([{**c, "prob": c["prob"].astype(np.float32)} for c in cases])
         ensemble["postprocessing"] = choice
+        before, after = choice["baseline"]["dice_mean"], choice["selected"]["dice_mean"]
         logger.info(f"ensemble: post-processing steps {choice['steps'] or 'none'} "
-                    f"(out-of-fold Dice {choice['baseline']['dice_mean']:.4f} -> {choice['selected']['dice_mean']:.4f})")
+                    f"(out-of-fold Dice {before:.4f} -> {after:.4f})")
     write_text_atomic(work.ensemble_file, json.dumps(ensemble, indent=1, default=float))
     return ensemble
 

@@ -119,3 +119,11 @@ def test_cross_validation_table_rows_and_inf_counts():
 def test_cross_validation_record_without_cases_is_an_error():
     with pytest.raises(ValueError, match=r"record 0 lacks keys \['cases'\]"):
         cross_validation_table([{"variant": "a", "fold": 0}])
+
+
+def test_images_folder_adds_overlays_for_every_case(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    pred, gt = folders
+    summary = evaluate_folders(str(pred), str(gt), output=str(tmp_path / "report"), images=str(tmp_path / "images"))
+    names = sorted(Path(p).name for p in summary["overlays"])
+    assert names == ["ct_a.png", "ct_b.png", "ct_c.png", "ct_d.png"]  # the missing prediction is drawn too
+    assert (tmp_path / "report" / "overlays" / "contact_sheet.png").stat().st_size > 0

@@ -6,8 +6,10 @@ import optuna
 
 from autoseg2d.pipeline.sweep import best_per_variant, open_study, run_sweep, suggest
 
-SPACE = {"input_variant": {"choices": ["slices", "windows", "both"]}, "learning_rate": {"low": 1e-4, "high": 1e-3,
-                                                                                         "log": True}}
+SPACE = {
+    "input_variant": {"choices": ["slices", "windows", "both"]},
+    "learning_rate": {"low": 1e-4, "high": 1e-3, "log": True},
+}
 
 
 def fake_training(calls: list):

@@ -48,7 +48,8 @@ def test_slice_order_is_foot_to_head_for_any_storage(tmp_path):
     down = up @ np.array([[1, 0, 0, 0], [0, 1, 0, 0], [0, 0, -1, 4], [0, 0, 0, 1.0]])
     nib.save(nib.Nifti1Image(depth_ids, up), tmp_path / "up.nii.gz")
     nib.save(nib.Nifti1Image(np.ascontiguousarray(depth_ids[..., ::-1]), down), tmp_path / "down.nii.gz")
-    np.testing.assert_array_equal(load_volume(tmp_path / "up.nii.gz").image, load_volume(tmp_path / "down.nii.gz").image)
+    up_volume, down_volume = load_volume(tmp_path / "up.nii.gz"), load_volume(tmp_path / "down.nii.gz")
+    np.testing.assert_array_equal(up_volume.image, down_volume.image)
 
 
 def save(path, array, affine=None):
