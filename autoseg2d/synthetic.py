@@ -40,8 +40,12 @@ def make_head_ct(
     spacing_mm: tuple[float, float, float] = (0.45, 0.45, 5.0),
     num_lesions: int | None = None,
     seed: int = 0,
+    num_classes: int = 1,
 ) -> SyntheticCase:
-    """One head CT: air, scalp, skull ring, brain, ventricles, noise and 1-3 lesions."""
+    """One head CT: air, scalp, skull ring, brain, ventricles, noise and 1-3 lesions.
+
+    With num_classes > 1 the lesions get labels 1..num_classes in turn (like hemorrhage subtypes).
+    """
     rng = np.random.default_rng(seed)
     x, y, z = np.meshgrid(
         np.linspace(-1, 1, size), np.linspace(-1, 1, size), np.linspace(-1, 1, num_slices), indexing="ij"
@@ -61,8 +65,9 @@ def make_head_ct(
     image[brain & ventricles] = HOUNSFIELD_CSF
 
     label = np.zeros(x.shape, dtype=np.uint8)
-    for _ in range(num_lesions if num_lesions is not None else int(rng.integers(1, 4))):
-        label |= _lesion_mask(rng, x, y, z, brain & ~ventricles, num_slices)
+    for index in range(num_lesions if num_lesions is not None else int(rng.integers(1, 4))):
+        lesion = _lesion_mask(rng, x, y, z, brain & ~ventricles, num_slices) > 0
+        label[lesion] = index % num_classes + 1
     image[label > 0] = HOUNSFIELD_BLOOD + rng.normal(0, 3)
 
     image += rng.normal(0.0, NOISE_SD_HU, size=image.shape).astype(np.float32)
@@ -97,6 +102,7 @@ def write_dataset(
     num_slices: int = 8,
     spacing_mm: tuple[float, float, float] = (0.45, 0.45, 5.0),
     seed: int = 0,
+    num_classes: int = 1,
 ) -> Path:
     """Write imagesTr/labelsTr/imagesTs NIfTI files and a MONAI datalist; return the datalist path.
 
@@ -105,7 +111,7 @@ def write_dataset(
     root = Path(root)
     training, testing = [], []
     for i in range(num_train + num_test):
-        case = make_head_ct(size, num_slices, spacing_mm, seed=seed * 10_000 + i)
+        case = make_head_ct(size, num_slices, spacing_mm, seed=seed * 10_000 + i, num_classes=num_classes)
         split = "Tr" if i < num_train else "Ts"
         image, label = f"images{split}/case_{i:03d}.nii.gz", f"labels{split}/case_{i:03d}.nii.gz"
         write_case(case, root / image, root / label)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -91,3 +92,12 @@ def test_predict_command_writes_volumes(tiny_run, tmp_path):
                      "--work_dir", str(root / "work"), cwd=root)
     assert output.count("hemorrhage") == 2 and " mL" in output
     assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["case_006.nii.gz", "case_007.nii.gz"]
+
+
+def test_a_moved_work_dir_still_predicts(tiny_run, tmp_path):
+    root, _, _ = tiny_run
+    moved = tmp_path / "elsewhere" / "work"
+    shutil.copytree(root / "work", moved)
+    output = run_cli("predict", "--input", str(root / "data" / "imagesTs"), "--output", str(tmp_path / "masks"),
+                     "--work_dir", str(moved), cwd=tmp_path)
+    assert output.count("hemorrhage") == 2
