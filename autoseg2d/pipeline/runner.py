@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 
 STAGES = ("check", "analyze", "sweep", "crossval", "ensemble", "predict")
 DEFAULT_NUM_FOLDS = 5
+OUTPUT_KEYS = ("cross_validation", "ensemble", "predictions")
 
 
 def _stage(name: str) -> None:
@@ -115,7 +116,8 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
         summary["predictions"] = str(work.predictions)
     else:
         logger.info("predict: the datalist has no 'testing' images")
-    logger.info(f"pipeline finished in {(time.time() - started) / 60:.1f} min; outputs in {work.root}")
+    print(f"\n{table}\npipeline finished in {(time.time() - started) / 60:.1f} min; outputs in {work.root}:\n"
+          + "".join(f"  {key}: {value}\n" for key, value in summary.items() if key in OUTPUT_KEYS), flush=True)
     return summary
 
 
