@@ -21,6 +21,7 @@ from monai.data import MetaTensor  # noqa: E402
 
 from bundle_config import ENSEMBLE_ONLY_KEYS, load_config  # noqa: E402
 from datalist_split import read_datalist, testing_files  # noqa: E402
+from gpu_memory import explain_out_of_memory  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
 from network import build_network, shape_divisor  # noqa: E402
 from predictor import SlicePredictor  # noqa: E402
@@ -52,7 +53,8 @@ class InferClass:
         """Probabilities (C, X, Y, Z) for one image path (or a datalist entry {'image': path})."""
         path = image_file["image"] if isinstance(image_file, dict) else image_file
         volume = load_volume(path, None, self.config["modality"])
-        probabilities = torch.from_numpy(self.predictor.predict(volume))
+        with explain_out_of_memory("inference", self.config):
+            probabilities = torch.from_numpy(self.predictor.predict(volume))
         return MetaTensor(probabilities, affine=torch.as_tensor(volume.affine), meta={"filename_or_obj": str(path)})
 
     def write_mask(self, image_file: str, output_dir: str) -> Path:

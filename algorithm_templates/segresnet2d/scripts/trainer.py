@@ -22,7 +22,8 @@ from inputs import channel_plan, num_input_channels, windows_for
 from network import build_loss, build_network, count_parameters, shape_divisor
 from predictor import SlicePredictor
 from slice_dataset import SliceDataset, epoch_slices, training_transforms
-from volumes import Volume, check_label_classes, load_volume
+from gpu_memory import explain_out_of_memory
+from volumes import Volume, VolumeError, check_training_case, load_volume
 
 LOG_COLUMNS = ["epoch", "loss", "val_dice", "learning_rate", "epoch_time_s"]
 INPUT_KEYS = ("modality", "input_variant", "num_adjacent_slices", "ct_windows_hu", "output_classes", "network")
@@ -47,6 +48,22 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     torch.backends.cudnn.benchmark = not deterministic
     torch.backends.cudnn.deterministic = deterministic
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def rng_states() -> dict:
+    """Every global random generator, so a resumed run continues as if it had never stopped."""
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def restore_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"].cpu())
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in states["cuda"]])
 
 
 def make_logger(log_file: Path) -> logging.Logger:
@@ -100,10 +117,22 @@ class Trainer:
                                         config["infer_batch_size"], self.device, self.amp)
 
     def _load(self, files: list[dict], role: str) -> list[Volume]:
+        """Load and check every case, then stop with all problems at once: one run lists every fix."""
         start = time.time()
-        volumes = [load_volume(f["image"], f["label"], self.config["modality"]) for f in files]
-        for volume in volumes:
-            check_label_classes(volume, self.config["output_classes"])
+        volumes, problems = [], []
+        for f in files:
+            try:
+                volume = load_volume(f["image"], f["label"], self.config["modality"])
+                notes = check_training_case(volume, self.config["output_classes"], self.config["modality"])
+            except VolumeError as err:
+                problems.append(str(err))
+                continue
+            for note in notes:
+                self.log.warning(note)
+            volumes.append(volume)
+        if problems:
+            raise VolumeError(f"{len(problems)} of {len(files)} {role} cases cannot be used; fix them or remove them "
+                              f"from {self.config['data_list_file_path']}:\n  " + "\n  ".join(problems))
         slices = sum(v.num_slices for v in volumes)
         self.log.info(f"loaded {len(volumes)} {role} volumes ({slices} slices) in {time.time() - start:.1f}s")
         return volumes
@@ -118,8 +147,10 @@ class Trainer:
         )
         for epoch in range(start_epoch, num_epochs):
             started = time.time()
-            loss = self.train_epoch(epoch)
-            dice = self.validate() if self._validation_due(epoch) else None
+            with explain_out_of_memory("training", self.config):
+                loss = self.train_epoch(epoch)
+            with explain_out_of_memory("validation", self.config):
+                dice = self.validate() if self._validation_due(epoch) else None
             lr = self.scheduler.get_last_lr()[0]
             self.scheduler.step()
             if dice is not None and dice > self.best_dice:
@@ -184,12 +215,13 @@ class Trainer:
     def _save_resume_state(self, epoch: int) -> None:
         atomic_save({"epoch": epoch + 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                     "best_dice": self.best_dice, "best_epoch": self.best_epoch}, self.ckpt_dir / "model_last.pt")
+                     "best_dice": self.best_dice, "best_epoch": self.best_epoch, "rng": rng_states()},
+                    self.ckpt_dir / "model_last.pt")
 
     def _resume(self) -> int:
         path = self.ckpt_dir / "model_last.pt"
         if not self.config["resume"] or not path.exists():
-            for stale in ("training_log.csv", "progress.yaml"):
+            for stale in ("training_log.csv", "progress.yaml", "model.pt"):
                 (self.ckpt_dir / stale).unlink(missing_ok=True)
             return 0
         state = torch.load(path, map_location=self.device, weights_only=False)
@@ -198,14 +230,26 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.best_dice, self.best_epoch = state["best_dice"], state["best_epoch"]
+        if "rng" in state:
+            restore_rng_states(state["rng"])
         self._truncate_log(state["epoch"])
+        self._truncate_progress(state["epoch"])
         self.log.info(f"resumed from {path} after epoch {state['epoch']} (best Dice {self.best_dice:.4f})")
         return state["epoch"]
 
     def _truncate_log(self, epochs_done: int) -> None:
-        """Drop log rows of epochs after the checkpoint: a killed run may have logged one more."""
+        """Drop log rows of epochs after the checkpoint: a killed run may have logged one more, or half a row."""
         log_csv = self.ckpt_dir / "training_log.csv"
         if log_csv.exists():
             rows = list(csv.reader(log_csv.open()))
-            kept = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= epochs_done]
-            atomic_write_text("".join(",".join(r) + "\n" for r in kept), log_csv)
+            kept = [r for r in rows if len(r) == len(LOG_COLUMNS) and r[0].isdigit() and int(r[0]) <= epochs_done]
+            atomic_write_text("".join(",".join(r) + "\n" for r in [LOG_COLUMNS, *kept]), log_csv)
+
+    def _truncate_progress(self, epochs_done: int) -> None:
+        """Drop progress.yaml entries newer than the checkpoint (killed between saving model.pt and model_last.pt)."""
+        progress_file = self.ckpt_dir / "progress.yaml"
+        if progress_file.exists():
+            progress = yaml.safe_load(progress_file.read_text()) or []
+            kept = [p for p in progress if p.get("best_epoch", 0) <= epochs_done]
+            if len(kept) != len(progress):
+                atomic_write_text(yaml.safe_dump(kept, sort_keys=False), progress_file)

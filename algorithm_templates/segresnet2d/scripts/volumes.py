@@ -16,6 +16,8 @@ import numpy as np
 from nibabel import orientations
 
 AFFINE_TOLERANCE_MM = 1e-3
+MIN_TRAINING_SLICES = 2  # one slice has no neighbours: its adjacent-slice channels would all be copies of it
+HU_EXPORT_MAX = 255  # CT whose values all lie in 0..255 has no air (-1000 HU): a 0-1 or 0-255 export, not HU
 
 
 class VolumeError(ValueError):
@@ -28,6 +30,7 @@ class Volume:
     image: np.ndarray  # (R, A, S): axial slices along the last axis; int16 HU for CT, float32 otherwise
     label: np.ndarray | None  # (R, A, S) uint8 class indices
     affine: np.ndarray  # the image file's affine (file array order)
+    source: str = ""  # the file(s) it was read from, for messages
 
     @property
     def slice_axis(self) -> int:
@@ -79,8 +82,9 @@ def read_image(path: str | Path, case: str) -> tuple[np.ndarray, np.ndarray, nib
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
+        fix = "give the whole 3D series" if data.ndim < 3 else "save the one CT channel (or time point) as its own file"
         raise VolumeError(
-            f"case {case}: {path} has shape {data.shape}; a single-channel 3D volume (X, Y, Z) is expected"
+            f"case {case}: {path} has shape {data.shape}; a single-channel 3D volume (X, Y, Z) is expected: {fix}"
         )
     return data, img.affine, img.header
 
@@ -95,7 +99,8 @@ def load_volume(image_path: str | Path, label_path: str | Path | None = None, mo
     label = None
     if label_path is not None:
         label = to_ras(_load_label(label_path, case, data.shape, affine), affine)
-    return Volume(case, np.ascontiguousarray(to_ras(image, affine)), label, affine)
+    source = f"{image_path}" + (f", label {label_path}" if label_path is not None else "")
+    return Volume(case, np.ascontiguousarray(to_ras(image, affine)), label, affine, source)
 
 
 def normalise_modality(data: np.ndarray, modality: str) -> np.ndarray:
@@ -131,6 +136,43 @@ def check_label_classes(volume: Volume, num_classes: int) -> None:
     if volume.label is not None and int(volume.label.max()) >= num_classes:
         found = np.unique(volume.label).tolist()
         raise VolumeError(
-            f"case {volume.name}: label values {found} exceed the {num_classes - 1} foreground classes of this bundle"
-            " (output_classes); 0/255 masks must be converted to 0/1"
+            f"case {volume.name} ({volume.source}): label values {found} exceed the {num_classes - 1} foreground"
+            " classes of this bundle (output_classes); 0/255 masks must be converted to 0/1"
         )
+
+
+def check_ct_range(volume: Volume, modality: str) -> None:
+    """Raise when a 'ct' image cannot be in Hounsfield units.
+
+    A head CT holds air around the head (about -1000 HU) and bone (> 300 HU); values that all
+    lie in 0..255 come from a 0-1 or 0-255 export (PNG, a normalised array), which the HU
+    windows would flatten to a few grey levels.
+    """
+    if modality.lower() != "ct" or volume.image.size == 0:
+        return
+    low, high = int(volume.image.min()), int(volume.image.max())
+    if low >= 0 and high <= HU_EXPORT_MAX:
+        raise VolumeError(
+            f"case {volume.name} ({volume.source}): modality is ct but the voxel values span {low}..{high},"
+            " not Hounsfield units (air is about -1000 HU, bone above 300 HU); this looks like 0-1 or 0-255"
+            " exported data."
+            " Convert the scan to HU (from DICOM with RescaleSlope/RescaleIntercept), or set modality to 'mri'"
+            " to z-score intensities instead of windowing them"
+        )
+
+
+def check_training_case(volume: Volume, num_classes: int, modality: str) -> list[str]:
+    """Raise VolumeError for a case that cannot be trained on; return notes on usable oddities for the log."""
+    check_label_classes(volume, num_classes)
+    check_ct_range(volume, modality)
+    if volume.num_slices < MIN_TRAINING_SLICES:
+        raise VolumeError(
+            f"case {volume.name} ({volume.source}): the image has {volume.num_slices} axial slice;"
+            f" training needs at least {MIN_TRAINING_SLICES} (each input stacks neighbouring slices, and one"
+            " slice has none)."
+            " Give the whole 3D series, or move the case to testing, where a single slice is predicted on its own"
+        )
+    if volume.label is not None and not volume.label.any():
+        return [f"case {volume.name} ({volume.source}): the label is empty (no foreground voxel); "
+                "it is used as a background-only case"]
+    return []
