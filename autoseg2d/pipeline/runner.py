@@ -12,6 +12,7 @@ from pathlib import Path
 
 import optuna
 
+from autoseg2d.check import check_inputs
 from autoseg2d.datalist import ensure_folds, validate_folds, write_json_atomic
 from autoseg2d.pipeline.analyze import analyze
 from autoseg2d.pipeline.bundles import TrainingStopped, bundle_path, generate_bundles, train_bundle
@@ -34,9 +35,12 @@ def _stage(name: str) -> None:
 
 def prepare_datalist(work: WorkDir, datalist: Path, dataroot: Path, num_folds: int | None) -> tuple[Path, int]:
     """The datalist to use: the user's own when it has folds, else a copy in the work dir with folds added."""
-    content = json.loads(datalist.read_text())
-    if all("fold" in e for e in content.get("training", [])):
-        return datalist, validate_folds(content, num_folds)
+    try:
+        content = json.loads(datalist.read_text())
+    except (OSError, ValueError):
+        return datalist, num_folds  # the check stage reports what is wrong with the file
+    if not isinstance(content, dict) or all("fold" in e for e in content.get("training", [])):
+        return datalist, num_folds
     with_folds = ensure_folds(content, num_folds or DEFAULT_NUM_FOLDS, seed=0, dataroot=str(dataroot))
     target = work.root / f"{datalist.stem}_with_folds.json"
     write_json_atomic(with_folds, target)
@@ -45,28 +49,30 @@ def prepare_datalist(work: WorkDir, datalist: Path, dataroot: Path, num_folds: i
 
 
 def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_dir: str = "work",
-                 profile: str = "gpu", modality: str = "ct", num_folds: int | None = None,
+                 profile: str | None = None, modality: str = "ct", num_folds: int | None = None,
                  storage: str | None = None, skip_bad: bool = False, until: str = "predict") -> dict:
     """Run the stages up to `until`; rerunning continues where the last run stopped."""
     if until not in STAGES:
         raise ValueError(f"until='{until}' is not a stage; choose one of {', '.join(STAGES)}")
     started = time.time()
     work = WorkDir.create(work_dir)
-    if datalist is None or dataroot is None:
-        if not work.run_file.exists():
-            raise WorkDirError("give --datalist and --dataroot (or a --work_dir that has run before)")
-        previous = json.loads(work.run_file.read_text())
-        datalist = datalist or str(work.absolute(previous["datalist"]))
-        dataroot = dataroot or str(work.absolute(previous["dataroot"]))
+    previous = json.loads(work.run_file.read_text()) if work.run_file.exists() else {}
+    if (datalist is None or dataroot is None) and not previous:
+        raise WorkDirError("give --datalist and --dataroot (or a --work_dir that has run before)")
+    datalist = datalist or str(work.absolute(previous["datalist"]))
+    dataroot = dataroot or str(work.absolute(previous["dataroot"]))
+    profile = profile or previous.get("profile", "gpu")
     datalist_path, dataroot_path = Path(datalist).resolve(), Path(dataroot).resolve()
     settings = load_profile(profile)
 
     _stage("check")
-    from autoseg2d.check import check_inputs
-
-    check_inputs(str(datalist_path), str(dataroot_path), modality=modality, num_folds=num_folds,
-                 work_dir=str(work.root), skip_bad=skip_bad)
     used_datalist, folds = prepare_datalist(work, datalist_path, dataroot_path, num_folds)
+    report = check_inputs(str(used_datalist), str(dataroot_path), modality=modality, num_folds=folds,
+                          work_dir=str(work.root), skip_bad=skip_bad, config_overrides=settings["train_overrides"])
+    folds = report.get("num_folds") or folds
+    if report["cleaned_datalist"]:
+        used_datalist = Path(report["cleaned_datalist"])
+        logger.info(f"check: {len(report['skipped'])} bad cases left out; using {work.relative(used_datalist)}")
     work.record_run(datalist_path, dataroot_path, modality, profile)
     run = {"datalist": used_datalist, "dataroot": dataroot_path, "modality": modality}
     summary: dict = {"work_dir": str(work.root), "num_folds": folds, "profile": profile}
