@@ -47,7 +47,7 @@ class InferClass:
         model = build_network(config, len(plan)).to(self.device)
         model.load_state_dict(checkpoint["state_dict"])
         self.predictor = SlicePredictor(model, plan, windows, shape_divisor(config), config["infer_batch_size"],
-                                        self.device, config["amp"])
+                                        self.device, config["amp"], config["infer_cpu_bf16"], config["infer_tta"])
 
     def infer(self, image_file: str | dict) -> MetaTensor:
         """Probabilities (C, X, Y, Z) for one image path (or a datalist entry {'image': path})."""

@@ -10,15 +10,21 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling module
 import fire  # noqa: E402
 
 from bundle_config import load_config  # noqa: E402
+from distributed import session  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(config_file: str | list[str] | None = None, **override) -> float:
-    """Train one fold; returns the best validation Dice. Any config key can be overridden: --num_epochs=10."""
+    """Train one fold; returns the best validation Dice. Any config key can be overridden: --num_epochs=10.
+
+    Under torchrun (``torchrun --nproc_per_node=N scripts/train.py run ...``, which MONAI starts
+    itself when several GPUs are visible) every process trains its share of each batch (DDP).
+    """
     config_file = config_file or os.path.join(BUNDLE_ROOT, "configs", "hyper_parameters.yaml")
-    return Trainer(load_config(config_file, **override)).fit()
+    with session() as processes:
+        return Trainer(load_config(config_file, **override), processes).fit()
 
 
 if __name__ == "__main__":

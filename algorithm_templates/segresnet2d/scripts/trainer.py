@@ -17,13 +17,16 @@ from monai.data import DataLoader
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 
+from cache import cached_volume
 from datalist_split import read_datalist, split_by_fold
+from distributed import (Session, check_replicas_agree, gather_lists, rank_logger, rank_seed, shard_sampler,
+                         sum_over_ranks, wrap_for_training)
 from inputs import channel_plan, num_input_channels, windows_for
 from network import build_loss, build_network, count_parameters, shape_divisor
 from predictor import SlicePredictor
 from slice_dataset import SliceDataset, epoch_slices, training_transforms
 from gpu_memory import explain_out_of_memory
-from volumes import Volume, VolumeError, check_training_case, load_volume
+from volumes import Volume, VolumeError, check_training_case
 
 LOG_COLUMNS = ["epoch", "loss", "val_dice", "learning_rate", "epoch_time_s"]
 INPUT_KEYS = ("modality", "input_variant", "num_adjacent_slices", "ct_windows_hu", "output_classes", "network")
@@ -86,12 +89,14 @@ def volume_dice(probabilities: np.ndarray, label: np.ndarray) -> float:
 
 
 class Trainer:
-    def __init__(self, config: dict):
+    def __init__(self, config: dict, run: Session | None = None):
         self.config = config
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.run = run or Session()  # one process unless train.py runs under torchrun
+        self.device = self.run.device
         self.ckpt_dir = Path(config["ckpt_path"])
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self.log = make_logger(self.ckpt_dir / "training.log")
+        self.log = make_logger(self.ckpt_dir / "training.log") if self.run.is_main else rank_logger(self.run)
+        self.cache_dir = None if config["cache_in_memory"] else Path(config["cache_dir"])
         seed_everything(config["seed"], config["deterministic"])
 
         self.windows = windows_for(config)
@@ -114,7 +119,8 @@ class Trainer:
         self.val_volumes = self._load(val_files, "validation")
         self.transform = training_transforms(config)
         self.predictor = SlicePredictor(self.model, self.plan, self.windows, shape_divisor(config),
-                                        config["infer_batch_size"], self.device, self.amp)
+                                        config["infer_batch_size"], self.device, self.amp, config["infer_cpu_bf16"])
+        self.train_model = wrap_for_training(self.model, self.run)  # after the predictor made it channels_last
 
     def _load(self, files: list[dict], role: str) -> list[Volume]:
         """Load and check every case, then stop with all problems at once: one run lists every fix."""
@@ -122,7 +128,7 @@ class Trainer:
         volumes, problems = [], []
         for f in files:
             try:
-                volume = load_volume(f["image"], f["label"], self.config["modality"])
+                volume = cached_volume(f["image"], f["label"], self.config["modality"], self.cache_dir)
                 notes = check_training_case(volume, self.config["output_classes"], self.config["modality"])
             except VolumeError as err:
                 problems.append(str(err))
@@ -144,6 +150,7 @@ class Trainer:
         self.log.info(
             f"fold {self.config['fold']}: {self.config['input_variant']} input, {len(self.plan)} channels, "
             f"{count_parameters(self.model) / 1e6:.1f}M parameters, {num_epochs} epochs on {self.device}"
+            f"{f' x {self.run.world_size} processes' if self.run.distributed else ''}"
         )
         for epoch in range(start_epoch, num_epochs):
             started = time.time()
@@ -158,39 +165,48 @@ class Trainer:
                 self._save_best(epoch)
             self._record(epoch, loss, dice, lr, time.time() - started)
             self._save_resume_state(epoch)
+        if self.run.distributed:
+            self.log.info(f"weights agree across {self.run.world_size} processes "
+                          f"(checksum {check_replicas_agree(self.model, self.run):.6e})")
         self.log.info(f"done: best validation Dice {self.best_dice:.4f} at epoch {self.best_epoch + 1}")
         return self.best_dice
 
     def train_epoch(self, epoch: int) -> float:
         seed = self.config["seed"] * 100_003 + epoch  # per-epoch seeds make a resumed run repeat the same samples
-        torch.manual_seed(seed)
-        self.transform.set_random_state(seed=seed % 2**32)
+        torch.manual_seed(rank_seed(seed, self.run.rank))
+        self.transform.set_random_state(seed=rank_seed(seed, self.run.rank) % 2**32)
         items = epoch_slices(self.train_volumes, self.config["background_slice_ratio"], np.random.default_rng(seed))
         dataset = SliceDataset(self.train_volumes, items, self.plan, self.windows, self.transform)
         loader = DataLoader(dataset, batch_size=self.config["batch_size"], shuffle=False,
+                            sampler=shard_sampler(dataset, self.run, epoch),
                             num_workers=self.config["num_workers"], pin_memory=self.device.type == "cuda")
-        self.model.train()
+        self.train_model.train()
         total, count = 0.0, 0
         for batch in loader:
-            image = batch["image"].to(self.device, non_blocking=True)
+            image = batch["image"].to(self.device, non_blocking=True, memory_format=torch.channels_last)
             label = batch["label"].to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
             with torch.autocast(self.device.type, enabled=self.amp):
-                loss = self.loss_fn(self.model(image), label)
+                loss = self.loss_fn(self.train_model(image), label)
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
             total, count = total + loss.item() * len(image), count + len(image)
+        total, count = sum_over_ranks([total, count], self.run)
         return total / max(count, 1)
 
     def validate(self) -> float:
-        scores = [volume_dice(self.predictor.predict_slices_last(v), v.label) for v in self.val_volumes]
-        return float(np.mean(scores))
+        """Mean Dice over the validation volumes; each rank predicts every world_size-th one."""
+        mine = self.val_volumes[self.run.rank::self.run.world_size]
+        scores = [volume_dice(self.predictor.predict_slices_last(v), v.label) for v in mine]
+        return float(np.mean(gather_lists(scores, self.run)))
 
     def _validation_due(self, epoch: int) -> bool:
         return (epoch + 1) % self.config["val_every"] == 0 or epoch + 1 == self.config["num_epochs"]
 
     def _record(self, epoch: int, loss: float, dice: float | None, lr: float, seconds: float) -> None:
+        if not self.run.is_main:  # only rank 0 writes files
+            return
         log_csv = self.ckpt_dir / "training_log.csv"
         new = not log_csv.exists()
         with open(log_csv, "a", newline="") as f:
@@ -204,6 +220,8 @@ class Trainer:
                       f"lr {lr:.2e} {seconds:.1f}s eta {remaining / 60:.1f}min")
 
     def _save_best(self, epoch: int) -> None:
+        if not self.run.is_main:
+            return
         atomic_save({"state_dict": self.model.state_dict(), "epoch": epoch + 1, "best_avg_dice_score": self.best_dice,
                      "inputs": {k: self.config[k] for k in INPUT_KEYS}}, self.ckpt_dir / "model.pt")
         progress_file = self.ckpt_dir / "progress.yaml"
@@ -213,6 +231,8 @@ class Trainer:
         atomic_write_text(yaml.safe_dump(progress, sort_keys=False), progress_file)
 
     def _save_resume_state(self, epoch: int) -> None:
+        if not self.run.is_main:
+            return
         atomic_save({"epoch": epoch + 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                      "best_dice": self.best_dice, "best_epoch": self.best_epoch, "rng": rng_states()},
@@ -221,7 +241,7 @@ class Trainer:
     def _resume(self) -> int:
         path = self.ckpt_dir / "model_last.pt"
         if not self.config["resume"] or not path.exists():
-            for stale in ("training_log.csv", "progress.yaml", "model.pt"):
+            for stale in () if not self.run.is_main else ("training_log.csv", "progress.yaml", "model.pt"):
                 (self.ckpt_dir / stale).unlink(missing_ok=True)
             return 0
         state = torch.load(path, map_location=self.device, weights_only=False)
@@ -239,6 +259,8 @@ class Trainer:
 
     def _truncate_log(self, epochs_done: int) -> None:
         """Drop log rows of epochs after the checkpoint: a killed run may have logged one more, or half a row."""
+        if not self.run.is_main:
+            return
         log_csv = self.ckpt_dir / "training_log.csv"
         if log_csv.exists():
             rows = list(csv.reader(log_csv.open()))
@@ -247,6 +269,8 @@ class Trainer:
 
     def _truncate_progress(self, epochs_done: int) -> None:
         """Drop progress.yaml entries newer than the checkpoint (killed between saving model.pt and model_last.pt)."""
+        if not self.run.is_main:
+            return
         progress_file = self.ckpt_dir / "progress.yaml"
         if progress_file.exists():
             progress = yaml.safe_load(progress_file.read_text()) or []

@@ -1,0 +1,140 @@
+"""Training in several processes (one per GPU, on one or several nodes) under torchrun.
+
+torchrun (also the one MONAI starts itself when more than one GPU is visible) sets RANK,
+LOCAL_RANK and WORLD_SIZE; without them everything here is a no-op single process. NCCL
+joins GPUs, gloo joins CPU processes (used by the tests). Only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, DistributedSampler
+
+
+@dataclass(frozen=True)
+class Session:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+@contextlib.contextmanager
+def session() -> Iterator[Session]:
+    """One process group for the duration of a training run; torn down even when training fails."""
+    if not launched_by_torchrun():
+        yield Session()
+        return
+    local_rank = int(os.environ["LOCAL_RANK"])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend)
+    try:
+        yield Session(dist.get_rank(), dist.get_world_size(), device)
+    finally:
+        dist.destroy_process_group()
+
+
+def wrap_for_training(model: torch.nn.Module, run: Session) -> torch.nn.Module:
+    """The module to train: the model itself, or a DDP wrapper sharing its parameters.
+
+    Batch norm becomes SyncBatchNorm on GPUs: per-GPU batches of 2D crops can be small, and
+    statistics over the global batch keep training equal to one large-batch GPU. Parameters
+    are reused, so the caller's optimizer and state_dict keys (no 'module.') are unchanged.
+    Rank 0's initial weights are broadcast to the others when DDP is built.
+    """
+    if not run.distributed:
+        return model
+    if run.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return DistributedDataParallel(model, device_ids=[run.device.index])
+    return DistributedDataParallel(model)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def shard_sampler(dataset: Dataset, run: Session, epoch: int) -> DistributedSampler | None:
+    """Each rank takes every world_size-th item of the epoch's (already shuffled) list.
+
+    No shuffling here: epoch_slices draws the epoch's order from the per-epoch seed, the same
+    on every rank, so a resumed run repeats the same samples. Short ranks repeat items so
+    all ranks take the same number of steps (DDP needs that).
+    """
+    if not run.distributed:
+        return None
+    sampler = DistributedSampler(dataset, num_replicas=run.world_size, rank=run.rank, shuffle=False)
+    sampler.set_epoch(epoch)
+    return sampler
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Different augmentation streams per rank; rank 0 keeps the single-process seed."""
+    return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def sum_over_ranks(values: list[float], run: Session) -> list[float]:
+    if not run.distributed:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=run.device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def gather_lists(values: list, run: Session) -> list:
+    """Concatenate each rank's list (in rank order) on every rank."""
+    if not run.distributed:
+        return values
+    gathered: list = [None] * run.world_size
+    dist.all_gather_object(gathered, values)
+    return [v for part in gathered for v in part]
+
+
+def weights_checksum(model: torch.nn.Module) -> float:
+    """Parameters only: with plain batch norm each rank updates its running statistics from its own batch."""
+    return float(sum(p.detach().double().sum() + p.detach().double().abs().sum() for p in model.parameters()))
+
+
+def check_replicas_agree(model: torch.nn.Module, run: Session) -> float:
+    """Raise if the ranks ended with different weights (a broken sync would otherwise pass silently)."""
+    checksum = weights_checksum(model)
+    sums = gather_lists([checksum], run)
+    if max(sums) - min(sums) > 1e-9 * max(abs(checksum), 1.0):
+        raise RuntimeError(f"ranks hold different weights after training (checksums {sums}); DDP sync is broken")
+    return checksum
+
+
+def rank_logger(run: Session) -> logging.Logger:
+    """Non-zero ranks log warnings only, to stdout, prefixed with their rank."""
+    logger = logging.getLogger(f"segresnet2d.rank{run.rank}")
+    logger.setLevel(logging.WARNING)
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter(f"[rank {run.rank}] %(message)s"))
+        logger.addHandler(handler)
+    return logger

@@ -1,0 +1,46 @@
+"""train.py under torchrun: two gloo processes on CPU train in step and write their outputs once."""
+
+import csv
+import os
+import re
+import subprocess
+import sys
+
+import yaml
+
+from tests.conftest import FAST_TRAINING, SCRIPTS
+
+
+def test_two_processes_train_the_same_weights_and_write_once(bundle):
+    config_file = bundle / "configs" / "hyper_parameters.yaml"
+    settings = {**FAST_TRAINING, "num_epochs": 2, "val_every": 1, "roi_size": "32,32", "batch_size": 4}
+    args = [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               str(bundle / "scripts" / "train.py"), "run", f"--config_file={config_file}", *args]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+
+    assert re.search(r"weights agree across 2 processes \(checksum [-+.\de]+\)", output)
+    log = (bundle / "model" / "training.log").read_text()
+    assert log.count("epoch 2/2") == 1  # rank 1 neither logs to the file nor writes rows
+    assert "x 2 processes" in log
+    rows = list(csv.DictReader((bundle / "model" / "training_log.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    progress = yaml.safe_load((bundle / "model" / "progress.yaml").read_text())
+    assert len(progress) == len({p["best_epoch"] for p in progress}) >= 1
+    assert sorted(p.name for p in (bundle / "model").iterdir() if p.name.endswith(".tmp")) == []
+    assert (bundle / "model" / "model.pt").is_file() and (bundle / "model" / "model_last.pt").is_file()
+
+
+def test_sampler_shards_the_epoch_and_seeds_differ_per_rank():
+    sys.path.insert(0, str(SCRIPTS))
+    from distributed import Session, rank_seed, shard_sampler
+
+    dataset = list(range(7))
+    shards = [list(shard_sampler(dataset, Session(rank, 2), epoch=3)) for rank in (0, 1)]
+    assert sorted(shards[0] + shards[1]) == [0, 0, 1, 2, 3, 4, 5, 6]  # padded to equal length
+    assert len(shards[0]) == len(shards[1])
+    assert shard_sampler(dataset, Session(), epoch=0) is None
+    assert rank_seed(5, 0) == 5 and rank_seed(5, 1) != 5 and rank_seed(5, 1) == rank_seed(5, 1)
