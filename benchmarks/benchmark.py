@@ -1,0 +1,312 @@
+"""Speed and memory of the segresnet2d template; prints a JSON and a Markdown summary.
+
+    python benchmarks/benchmark.py                       # everything, sized for a 2-core CPU
+    python benchmarks/benchmark.py --sections infer,loader --volume-slices 32
+    python benchmarks/benchmark.py --device cuda --train-batch 32 --out results.json
+
+Sections: train (samples/s of one optimizer step at 384^2, CPU and paper profiles), loader
+(training samples/s of SliceDataset + augmentation, and the share of it spent windowing),
+infer (s per 512^2 slice and per volume, fp32 vs reduced precision, with and without flip
+TTA), dice (Dice of reduced-precision vs fp32 predictions of a briefly trained model),
+analyzer (DataAnalyzer + BundleGen time for generated 512 x 512 x 30 cases). Timings are
+wall-clock medians after warm-up; nothing here is a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO / "algorithm_templates" / "segresnet2d"
+sys.path[:0] = [str(REPO), str(TEMPLATE / "scripts")]
+
+from autoseg2d.synthetic import write_dataset  # noqa: E402
+from cache import cached_volume  # noqa: E402
+from inputs import channel_plan, make_channels, windows_for  # noqa: E402
+from network import build_loss, build_network, shape_divisor  # noqa: E402
+from predictor import SlicePredictor, cpu_has_native_bf16  # noqa: E402
+from slice_dataset import SliceDataset, epoch_slices, training_transforms  # noqa: E402
+
+ROI_PX = 384
+SLICE_PX = 512
+# The CPU profile is the small network the tests train; the paper profile is the default config.
+PROFILES = {
+    "cpu": {"init_filters": 8, "blocks_down": [1, 1, 1, 1], "dsdepth": 3},
+    "paper": {"init_filters": 32, "blocks_down": [2, 4, 4, 4, 4], "dsdepth": 4},
+}
+
+
+def template_config(**changes) -> dict:
+    config = yaml.safe_load((TEMPLATE / "configs" / "hyper_parameters.yaml").read_text())
+    network = {**config["network"], **changes.pop("network", {})}
+    config.update(changes, network=network)
+    return config
+
+
+def timed(fn, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of fn() after warm-up calls (CUDA work is synchronised)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        _sync()
+        start = time.perf_counter()
+        fn()
+        _sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def bench_train(args, device: torch.device) -> list[dict]:
+    rows = []
+    for name, network in PROFILES.items():
+        config = template_config(network=network, input_variant="both")
+        for channels_last in (False, True):
+            model = build_network(config, 9).to(device)
+            memory_format = torch.channels_last if channels_last else torch.contiguous_format
+            model = model.to(memory_format=memory_format)
+            loss_fn = build_loss(config)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+            amp = device.type == "cuda"
+            scaler = torch.amp.GradScaler("cuda", enabled=amp)
+            batch = args.train_batch
+            x = torch.rand(batch, 9, ROI_PX, ROI_PX, device=device).to(memory_format=memory_format)
+            y = (torch.rand(batch, 1, ROI_PX, ROI_PX, device=device) > 0.95).float()
+
+            def step():
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, enabled=amp):
+                    loss = loss_fn(model(x), y)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            seconds = timed(step, args.train_steps, warmup=2)
+            row = {"profile": name, "batch": batch, "roi_px": ROI_PX, "channels_last": channels_last, "amp": amp,
+                   "step_s": round(seconds, 4), "samples_per_s": round(batch / seconds, 2)}
+            if device.type == "cuda":
+                row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+            rows.append(row)
+            print("train", row, flush=True)
+    return rows
+
+
+def generated_volumes(root: Path, num_cases: int, num_slices: int, size: int = SLICE_PX, mmap: bool = False):
+    datalist = write_dataset(root, num_train=num_cases, num_test=0, num_folds=1, size=size, num_slices=num_slices)
+    entries = json.loads(datalist.read_text())["training"]
+    cache_dir = root / "cache" if mmap else None
+    return [cached_volume(root / e["image"], root / e["label"], "ct", cache_dir) for e in entries]
+
+
+def bench_loader(args, device: torch.device, work: Path) -> dict:
+    config = template_config(roi_size=[ROI_PX, ROI_PX], input_variant="both")
+    windows = windows_for(config)
+    plan = channel_plan("both", len(windows), config["num_adjacent_slices"])
+    result = {"roi_px": ROI_PX, "slice_px": SLICE_PX, "channels": len(plan)}
+    for mmap in (False, True):
+        volumes = generated_volumes(work / f"loader_{mmap}", 4, 32, mmap=mmap)
+        items = epoch_slices(volumes, config["background_slice_ratio"], np.random.default_rng(0))
+        items = (items * (1 + args.loader_samples // max(len(items), 1)))[: args.loader_samples]
+        transform = training_transforms(config)
+        dataset = SliceDataset(volumes, items, plan, windows, transform)
+        key = "mmap" if mmap else "memory"
+        window_s = timed(lambda: [make_channels(volumes[v].image, z, plan, windows) for v, z in items[:32]], 3) / 32
+        sample_s = timed(lambda: [dataset[i] for i in range(32)], 3) / 32
+        result[f"{key}_windowing_ms_per_sample"] = round(window_s * 1000, 2)
+        result[f"{key}_sample_ms_main_process"] = round(sample_s * 1000, 2)
+        result[f"{key}_windowing_share"] = round(window_s / sample_s, 3)
+        for workers in args.loader_workers:
+            loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=workers,
+                                                 pin_memory=device.type == "cuda", persistent_workers=False)
+            start = time.perf_counter()
+            count = sum(len(batch["image"]) for batch in loader)
+            result[f"{key}_samples_per_s_{workers}_workers"] = round(count / (time.perf_counter() - start), 1)
+    print("loader", result, flush=True)
+    return result
+
+
+def paper_predictor(device: torch.device, batch_size: int, **options) -> SlicePredictor:
+    config = template_config(input_variant="both")
+    windows = windows_for(config)
+    plan = channel_plan("both", len(windows), config["num_adjacent_slices"])
+    torch.manual_seed(0)
+    model = build_network(config, len(plan)).to(device)
+    return SlicePredictor(model, plan, windows, shape_divisor(config), batch_size, device, **options)
+
+
+def inference_modes(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"fp32": {"amp": False}, "amp_fp16": {"amp": True}}
+    modes = {"fp32": {"cpu_bf16": False}}
+    modes["bf16" if cpu_has_native_bf16() else "bf16_emulated"] = {"cpu_bf16": True}
+    return modes
+
+
+def bench_infer(args, device: torch.device, work: Path) -> list[dict]:
+    volume = generated_volumes(work / "infer", 1, args.volume_slices)[0]
+    rows = []
+    for mode, options in inference_modes(device).items():
+        for tta in (False, True):
+            predictor = paper_predictor(device, args.infer_batch, tta=tta, **options)
+            if mode == "bf16_emulated":
+                predictor.dtype = torch.bfloat16  # what the detector refuses here, measured to show why
+            seconds = timed(lambda: predictor.predict_slices_last(volume), args.infer_repeats)
+            row = {"mode": mode, "precision": predictor.precision, "tta": tta, "slices": args.volume_slices,
+                   "batch": args.infer_batch, "s_per_volume": round(seconds, 3),
+                   "s_per_slice": round(seconds / args.volume_slices, 4),
+                   "s_per_512x512x32_volume": round(32 * seconds / args.volume_slices, 2)}
+            rows.append(row)
+            print("infer", row, flush=True)
+    return rows
+
+
+def bench_dice(args, device: torch.device, work: Path) -> dict:
+    """Train briefly with the template's Trainer, then compare reduced-precision and fp32 Dice."""
+    from bundle_config import load_config
+    from trainer import Trainer, volume_dice
+
+    datalist = write_dataset(work / "dice_data", num_train=8, num_test=0, num_folds=4, size=args.dice_size,
+                             num_slices=args.dice_slices)
+    bundle = work / "dice_bundle"
+    shutil.copytree(TEMPLATE, bundle)
+    network = PROFILES[args.dice_profile]
+    roi = min(ROI_PX, args.dice_size)
+    overrides = {"data_list_file_path": str(datalist), "data_file_base_dir": str(datalist.parent),
+                 "roi_size": [roi, roi], "num_epochs": args.dice_epochs, "val_every": args.dice_epochs,
+                 "batch_size": args.train_batch, "num_workers": args.dice_workers,
+                 "deterministic": False, **{f"network#{k}": v for k, v in network.items()}}
+    if args.dice_profile == "cpu":
+        overrides["learning_rate"] = 0.003  # the tests' small network; 0.003 makes the paper network diverge
+    trainer = Trainer(load_config(str(bundle / "configs" / "hyper_parameters.yaml"), **overrides))
+    started = time.perf_counter()
+    trainer.fit()
+    result = {"profile": args.dice_profile, "slice_px": args.dice_size, "epochs": args.dice_epochs,
+              "train_s": round(time.perf_counter() - started, 1)}
+    for mode, options in inference_modes(device).items():
+        predictor = SlicePredictor(trainer.model, trainer.plan, trainer.windows, shape_divisor(trainer.config),
+                                   args.infer_batch, device, **options)
+        if mode == "bf16_emulated":
+            predictor.dtype = torch.bfloat16
+        result[f"dice_{mode}"] = [round(volume_dice(predictor.predict_slices_last(v), v.label), 5)
+                                  for v in trainer.val_volumes]
+    reduced = [k for k in result if k.startswith("dice_") and k != "dice_fp32"][0]
+    result["max_abs_dice_difference"] = float(np.max(np.abs(np.subtract(result[reduced], result["dice_fp32"]))))
+    print("dice", result, flush=True)
+    return result
+
+
+def bench_analyzer(args, work: Path) -> dict:
+    from monai.apps.auto3dseg import BundleGen, DataAnalyzer
+
+    started = time.perf_counter()
+    datalist = write_dataset(work / "analyzer_data", num_train=args.analyzer_cases, num_test=0, num_folds=5,
+                             size=SLICE_PX, num_slices=30)
+    generated = time.perf_counter() - started
+    stats = work / "datastats.yaml"
+    started = time.perf_counter()
+    DataAnalyzer(str(datalist), str(datalist.parent), output_path=str(stats), device="cpu",
+                 worker=0).get_all_case_stats()
+    analyzer_s = time.perf_counter() - started
+    data_src = work / "data_src.yaml"
+    data_src.write_text(yaml.safe_dump({"modality": "CT", "datalist": str(datalist), "dataroot": str(datalist.parent)}))
+    started = time.perf_counter()
+    gen = BundleGen(algo_path=str(work / "bundles"), algos=["segresnet2d"], templates_path_or_url=str(TEMPLATE.parent),
+                    data_stats_filename=str(stats), data_src_cfg_name=str(data_src))
+    gen.generate(str(work / "bundles"), num_fold=5)
+    result = {"cases": args.analyzer_cases, "shape": [SLICE_PX, SLICE_PX, 30], "generate_s": round(generated, 1),
+              "data_analyzer_s": round(analyzer_s, 1), "bundle_gen_s": round(time.perf_counter() - started, 1)}
+    print("analyzer", result, flush=True)
+    return result
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or "?",
+            "cpu_threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_native_bf16()}
+    try:
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def markdown(results: dict) -> str:
+    lines = [f"### {results['machine'].get('gpu', results['machine']['cpu'])} ({results['device']})", ""]
+    for section, value in results.items():
+        if section in ("machine", "device"):
+            continue
+        rows = value if isinstance(value, list) else [value]
+        keys = list(dict.fromkeys(k for row in rows for k in row))
+        lines += [f"**{section}**", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+        lines += ["| " + " | ".join(str(row.get(k, "")) for k in keys) + " |" for row in rows] + [""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sections", default="train,loader,infer,dice,analyzer")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--train-batch", type=int, default=4)
+    parser.add_argument("--train-steps", type=int, default=3)
+    parser.add_argument("--loader-samples", type=int, default=128)
+    parser.add_argument("--loader-workers", type=lambda s: [int(v) for v in s.split(",")], default=[0, 2])
+    parser.add_argument("--volume-slices", type=int, default=8)
+    parser.add_argument("--infer-batch", type=int, default=4)
+    parser.add_argument("--infer-repeats", type=int, default=1)
+    parser.add_argument("--dice-profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--dice-size", type=int, default=128)
+    parser.add_argument("--dice-slices", type=int, default=12)
+    parser.add_argument("--dice-epochs", type=int, default=20)
+    parser.add_argument("--dice-workers", type=int, default=0)
+    parser.add_argument("--analyzer-cases", type=int, default=20)
+    parser.add_argument("--out", help="also write the JSON here, and the Markdown next to it")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    sections = [s for s in args.sections.split(",") if s]
+    results: dict = {"machine": machine(), "device": str(device)}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        runners = {"train": lambda: bench_train(args, device), "loader": lambda: bench_loader(args, device, work),
+                   "infer": lambda: bench_infer(args, device, work), "dice": lambda: bench_dice(args, device, work),
+                   "analyzer": lambda: bench_analyzer(args, work)}
+        unknown = [s for s in sections if s not in runners]
+        if unknown:
+            parser.error(f"unknown sections {unknown}; choose from {', '.join(runners)}")
+        for section in sections:
+            results[section] = runners[section]()
+    max_rss_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    results["peak_memory"] = {"process_max_rss_gib": round(max_rss_gib, 2)}
+    if device.type == "cuda":
+        results["peak_memory"]["gpu_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    text = markdown(results)
+    print(json.dumps(results, indent=1))
+    print(text)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        Path(args.out).with_suffix(".md").write_text(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
