@@ -37,7 +37,8 @@ class InferClass:
         config = load_config(config_file or str(DEFAULT_CONFIG), **override)
         checkpoint_path = Path(config["ckpt_path"]) / "model.pt"
         if not checkpoint_path.is_file():
-            raise FileNotFoundError(f"no trained model at {checkpoint_path}; train this bundle first (scripts/train.py)")
+            raise FileNotFoundError(
+                f"no trained model at {checkpoint_path}; train this bundle first (scripts/train.py)")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         checkpoint = torch.load(checkpoint_path, map_location=self.device, weights_only=False)
         config.update(checkpoint["inputs"])  # the inputs the model was trained on win over later edits

@@ -60,7 +60,8 @@ def training_transforms(config: dict) -> mt.Compose:
             mt.RandGaussianNoised("image", prob=config["augment_noise_prob"], std=0.05),
             mt.RandScaleIntensityd("image", factors=0.1, prob=intensity),
             mt.RandShiftIntensityd("image", offsets=0.1, prob=intensity),
-            mt.RandCoarseShuffled("image", holes=4, spatial_size=max(roi[0] // 16, 2), prob=config["augment_shuffle_prob"]),
+            mt.RandCoarseShuffled(
+                "image", holes=4, spatial_size=max(roi[0] // 16, 2), prob=config["augment_shuffle_prob"]),
             mt.EnsureTyped(keys, track_meta=False),
         ]
     )

@@ -21,7 +21,7 @@ from cache import cached_volume
 from datalist_split import read_datalist, split_by_fold
 from distributed import (Session, check_replicas_agree, gather_lists, rank_logger, rank_seed, shard_sampler,
                          sum_over_ranks, wrap_for_training)
-from inputs import channel_plan, num_input_channels, windows_for
+from inputs import channel_plan, windows_for
 from network import build_loss, build_network, count_parameters, shape_divisor
 from predictor import SlicePredictor
 from slice_dataset import SliceDataset, epoch_slices, training_transforms
@@ -106,7 +106,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config["learning_rate"], weight_decay=config["weight_decay"]
         )
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=config["num_epochs"], eta_min=0)
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
+            self.optimizer, T_max=config["num_epochs"], eta_min=0)
         self.amp = bool(config["amp"]) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.best_dice, self.best_epoch = -1.0, -1
@@ -213,7 +214,8 @@ class Trainer:
             writer = csv.writer(f)
             if new:
                 writer.writerow(LOG_COLUMNS)
-            writer.writerow([epoch + 1, f"{loss:.5f}", "" if dice is None else f"{dice:.5f}", f"{lr:.3e}", f"{seconds:.2f}"])
+            dice_text = "" if dice is None else f"{dice:.5f}"
+            writer.writerow([epoch + 1, f"{loss:.5f}", dice_text, f"{lr:.3e}", f"{seconds:.2f}"])
         remaining = (self.config["num_epochs"] - epoch - 1) * seconds
         dice_text = f" val_dice {dice:.4f} (best {self.best_dice:.4f})" if dice is not None else ""
         self.log.info(f"epoch {epoch + 1}/{self.config['num_epochs']} loss {loss:.4f}{dice_text} "

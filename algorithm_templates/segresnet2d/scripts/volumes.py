@@ -78,7 +78,8 @@ def read_image(path: str | Path, case: str) -> tuple[np.ndarray, np.ndarray, nib
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as err:  # nibabel raises many types for truncated or foreign files
-        raise VolumeError(f"case {case}: cannot read {path} ({type(err).__name__}: {err}); is it a NIfTI file?") from err
+        raise VolumeError(
+            f"case {case}: cannot read {path} ({type(err).__name__}: {err}); is it a NIfTI file?") from err
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -124,7 +125,8 @@ def _load_label(path: str | Path, case: str, shape: tuple, affine: np.ndarray) -
             " the label must be drawn on the image's own grid"
         )
     values = np.unique(label)
-    if not np.all(np.isfinite(values)) or not np.all(values == np.round(values)) or values.min() < 0 or values.max() > 255:
+    integral = np.all(np.isfinite(values)) and np.all(values == np.round(values))
+    if not integral or values.min() < 0 or values.max() > 255:
         raise VolumeError(
             f"case {case}: label values {values[:10].tolist()} are not class indices 0..N ({path});"
             " labels must be integers (e.g. 0/1, not 0/255 or probabilities)"
