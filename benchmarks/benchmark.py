@@ -5,7 +5,8 @@
     python benchmarks/benchmark.py --device cuda --train-batch 32 --out results.json
 
 Sections: train (samples/s of one optimizer step at 384^2, CPU and paper profiles), loader
-(training samples/s of SliceDataset + augmentation, and the share of it spent windowing),
+(ms per training sample in one process, and steady-state samples/s of the DataLoader with
+persistent workers, measured after a warm-up epoch),
 infer (s per 512^2 slice and per volume, fp32 vs reduced precision, with and without flip
 TTA), dice (Dice of reduced-precision vs fp32 predictions of a briefly trained model),
 analyzer (DataAnalyzer + BundleGen time for generated 512 x 512 x 30 cases). Timings are
@@ -35,10 +36,10 @@ sys.path[:0] = [str(REPO), str(TEMPLATE / "scripts")]
 
 from autoseg2d.synthetic import write_dataset  # noqa: E402
 from cache import cached_volume  # noqa: E402
-from inputs import channel_plan, make_channels, windows_for  # noqa: E402
+from inputs import channel_plan, windows_for  # noqa: E402
 from network import build_loss, build_network, shape_divisor  # noqa: E402
 from predictor import SlicePredictor, cpu_has_native_bf16  # noqa: E402
-from slice_dataset import SliceDataset, epoch_slices, training_transforms  # noqa: E402
+from slice_dataset import SliceDataset, SliceSampler, foreground_pixels  # noqa: E402
 
 ROI_PX = 384
 SLICE_PX = 512
@@ -119,28 +120,32 @@ def generated_volumes(root: Path, num_cases: int, num_slices: int, size: int = S
 
 
 def bench_loader(args, device: torch.device, work: Path) -> dict:
+    """The trainer's loader: SliceSampler + SliceDataset, 9 channels, 384^2 crops of 512^2 slices, batch 32."""
     config = template_config(roi_size=[ROI_PX, ROI_PX], input_variant="both")
     windows = windows_for(config)
     plan = channel_plan("both", len(windows), config["num_adjacent_slices"])
     result = {"roi_px": ROI_PX, "slice_px": SLICE_PX, "channels": len(plan)}
     for mmap in (False, True):
         volumes = generated_volumes(work / f"loader_{mmap}", 4, 32, mmap=mmap)
-        items = epoch_slices(volumes, config["background_slice_ratio"], np.random.default_rng(0))
-        items = (items * (1 + args.loader_samples // max(len(items), 1)))[: args.loader_samples]
-        transform = training_transforms(config)
-        dataset = SliceDataset(volumes, items, plan, windows, transform)
+        foreground = [foreground_pixels(v) for v in volumes]
+        sampler = SliceSampler(foreground, [v.num_slices for v in volumes], 10.0, seed=0)  # every slice
+        dataset = SliceDataset(volumes, foreground, plan, windows, config)
+        items = list(sampler)
         key = "mmap" if mmap else "memory"
-        window_s = timed(lambda: [make_channels(volumes[v].image, z, plan, windows) for v, z in items[:32]], 3) / 32
-        sample_s = timed(lambda: [dataset[i] for i in range(32)], 3) / 32
-        result[f"{key}_windowing_ms_per_sample"] = round(window_s * 1000, 2)
+        sample_s = timed(lambda: [dataset[item] for item in items[:32]], 3) / 32
         result[f"{key}_sample_ms_main_process"] = round(sample_s * 1000, 2)
-        result[f"{key}_windowing_share"] = round(window_s / sample_s, 3)
         for workers in args.loader_workers:
-            loader = torch.utils.data.DataLoader(dataset, batch_size=32, num_workers=workers,
-                                                 pin_memory=device.type == "cuda", persistent_workers=False)
-            start = time.perf_counter()
-            count = sum(len(batch["image"]) for batch in loader)
-            result[f"{key}_samples_per_s_{workers}_workers"] = round(count / (time.perf_counter() - start), 1)
+            loader = torch.utils.data.DataLoader(dataset, batch_size=32, sampler=sampler, num_workers=workers,
+                                                 pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+            rates = []
+            for epoch in range(1 + args.loader_epochs):  # epoch 0 starts the workers and is not counted
+                sampler.set_epoch(epoch)
+                start = time.perf_counter()
+                count = sum(len(batch["image"]) for batch in loader)
+                rates.append(count / (time.perf_counter() - start))
+            result[f"{key}_samples_per_s_{workers}_workers"] = round(statistics.median(rates[1:]), 1)
+            del loader
+    result["samples_per_epoch"] = len(items)
     print("loader", result, flush=True)
     return result
 
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--train-steps", type=int, default=3)
-    parser.add_argument("--loader-samples", type=int, default=128)
+    parser.add_argument("--loader-epochs", type=int, default=2, help="timed epochs after the warm-up one")
     parser.add_argument("--loader-workers", type=lambda s: [int(v) for v in s.split(",")], default=[0, 2])
     parser.add_argument("--volume-slices", type=int, default=8)
     parser.add_argument("--infer-batch", type=int, default=4)

@@ -62,3 +62,11 @@ def test_two_seeded_cpu_runs_are_identical(bundle, num_workers):
 def test_another_seed_trains_another_model(bundle):
     """The comparison above is not vacuous: the seed reaches initialisation, sampling and augmentation."""
     assert len(differing(tensors(train(bundle, "seed0")), tensors(train(bundle, "seed1", seed=1)))) > 0
+
+
+def test_the_number_of_loader_workers_does_not_change_the_result(bundle):
+    """Each sample carries its own seed, so 0 and 2 workers train the same model."""
+    in_process = train(bundle, "in_process", num_workers=0)
+    with_workers = train(bundle, "with_workers", num_workers=2)
+    assert validation_dice(in_process) == validation_dice(with_workers)
+    assert differing(tensors(in_process), tensors(with_workers)) == []

@@ -34,13 +34,8 @@ def test_two_processes_train_the_same_weights_and_write_once(bundle):
     assert (bundle / "model" / "model.pt").is_file() and (bundle / "model" / "model_last.pt").is_file()
 
 
-def test_sampler_shards_the_epoch_and_seeds_differ_per_rank():
+def test_rank_seeds_differ_per_rank():
     sys.path.insert(0, str(SCRIPTS))
-    from distributed import Session, rank_seed, shard_sampler
+    from distributed import rank_seed
 
-    dataset = list(range(7))
-    shards = [list(shard_sampler(dataset, Session(rank, 2), epoch=3)) for rank in (0, 1)]
-    assert sorted(shards[0] + shards[1]) == [0, 0, 1, 2, 3, 4, 5, 6]  # padded to equal length
-    assert len(shards[0]) == len(shards[1])
-    assert shard_sampler(dataset, Session(), epoch=0) is None
     assert rank_seed(5, 0) == 5 and rank_seed(5, 1) != 5 and rank_seed(5, 1) == rank_seed(5, 1)

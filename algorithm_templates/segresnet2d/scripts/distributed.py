@@ -18,7 +18,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import Dataset, DistributedSampler
 
 
 @dataclass(frozen=True)
@@ -77,20 +76,6 @@ def wrap_for_training(model: torch.nn.Module, run: Session) -> torch.nn.Module:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
-
-
-def shard_sampler(dataset: Dataset, run: Session, epoch: int) -> DistributedSampler | None:
-    """Each rank takes every world_size-th item of the epoch's (already shuffled) list.
-
-    No shuffling here: epoch_slices draws the epoch's order from the per-epoch seed, the same
-    on every rank, so a resumed run repeats the same samples. Short ranks repeat items so
-    all ranks take the same number of steps (DDP needs that).
-    """
-    if not run.distributed:
-        return None
-    sampler = DistributedSampler(dataset, num_replicas=run.world_size, rank=run.rank, shuffle=False)
-    sampler.set_epoch(epoch)
-    return sampler
 
 
 def rank_seed(seed: int, rank: int) -> int:

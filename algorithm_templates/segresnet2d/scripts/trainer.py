@@ -19,12 +19,12 @@ from monai.networks.utils import one_hot
 
 from cache import cached_volume
 from datalist_split import read_datalist, split_by_fold
-from distributed import (Session, check_replicas_agree, gather_lists, rank_logger, rank_seed, shard_sampler,
+from distributed import (Session, check_replicas_agree, gather_lists, rank_logger, rank_seed,
                          sum_over_ranks, wrap_for_training)
 from inputs import channel_plan, windows_for
 from network import build_loss, build_network, count_parameters, shape_divisor
 from predictor import SlicePredictor
-from slice_dataset import SliceDataset, epoch_slices, training_transforms
+from slice_dataset import SliceDataset, SliceSampler, foreground_pixels, resolve_num_workers
 from gpu_memory import explain_out_of_memory
 from volumes import Volume, VolumeError, check_training_case
 
@@ -118,10 +118,22 @@ class Trainer:
         )
         self.train_volumes = self._load(train_files, "training")
         self.val_volumes = self._load(val_files, "validation")
-        self.transform = training_transforms(config)
+        self.sampler, self.loader = self._training_loader()
         self.predictor = SlicePredictor(self.model, self.plan, self.windows, shape_divisor(config),
                                         config["infer_batch_size"], self.device, self.amp, config["infer_cpu_bf16"])
         self.train_model = wrap_for_training(self.model, self.run)  # after the predictor made it channels_last
+
+    def _training_loader(self) -> tuple[SliceSampler, DataLoader]:
+        """One loader for the whole run: its workers persist, and the sampler picks each epoch's slices."""
+        foreground = [foreground_pixels(v) for v in self.train_volumes]
+        sampler = SliceSampler(foreground, [v.num_slices for v in self.train_volumes],
+                               self.config["background_slice_ratio"], self.config["seed"],
+                               self.run.rank, self.run.world_size)
+        dataset = SliceDataset(self.train_volumes, foreground, self.plan, self.windows, self.config)
+        workers = resolve_num_workers(self.config["num_workers"])
+        loader = DataLoader(dataset, batch_size=self.config["batch_size"], sampler=sampler, num_workers=workers,
+                            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+        return sampler, loader
 
     def _load(self, files: list[dict], role: str) -> list[Volume]:
         """Load and check every case, then stop with all problems at once: one run lists every fix."""
@@ -150,7 +162,8 @@ class Trainer:
         start_epoch = self._resume()
         self.log.info(
             f"fold {self.config['fold']}: {self.config['input_variant']} input, {len(self.plan)} channels, "
-            f"{count_parameters(self.model) / 1e6:.1f}M parameters, {num_epochs} epochs on {self.device}"
+            f"{count_parameters(self.model) / 1e6:.1f}M parameters, {num_epochs} epochs on {self.device}, "
+            f"{len(self.sampler)} samples per epoch, {self.loader.num_workers} loader workers"
             f"{f' x {self.run.world_size} processes' if self.run.distributed else ''}"
         )
         for epoch in range(start_epoch, num_epochs):
@@ -173,17 +186,12 @@ class Trainer:
         return self.best_dice
 
     def train_epoch(self, epoch: int) -> float:
-        seed = self.config["seed"] * 100_003 + epoch  # per-epoch seeds make a resumed run repeat the same samples
-        torch.manual_seed(rank_seed(seed, self.run.rank))
-        self.transform.set_random_state(seed=rank_seed(seed, self.run.rank) % 2**32)
-        items = epoch_slices(self.train_volumes, self.config["background_slice_ratio"], np.random.default_rng(seed))
-        dataset = SliceDataset(self.train_volumes, items, self.plan, self.windows, self.transform)
-        loader = DataLoader(dataset, batch_size=self.config["batch_size"], shuffle=False,
-                            sampler=shard_sampler(dataset, self.run, epoch),
-                            num_workers=self.config["num_workers"], pin_memory=self.device.type == "cuda")
+        # Samples and their augmentation follow from (seed, epoch): a resumed run repeats them.
+        self.sampler.set_epoch(epoch)
+        torch.manual_seed(rank_seed(self.config["seed"] * 100_003 + epoch, self.run.rank))
         self.train_model.train()
         total, count = 0.0, 0
-        for batch in loader:
+        for batch in self.loader:
             image = batch["image"].to(self.device, non_blocking=True, memory_format=torch.channels_last)
             label = batch["label"].to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
