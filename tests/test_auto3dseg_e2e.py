@@ -8,6 +8,7 @@ import time
 
 import nibabel as nib
 import numpy as np
+import torch
 import yaml
 from monai.apps.auto3dseg import AlgoEnsembleBestN, AlgoEnsembleBuilder, BundleGen, DataAnalyzer
 from monai.utils.enums import AlgoKeys
@@ -38,9 +39,15 @@ def test_datanalyzer_bundlegen_train_ensemble(tmp_path):
     assert filled["roi_size"] == [48, 48]  # planned from the 64 x 64 slices
     assert len(filled["ct_windows_hu"]) == 3
 
-    device = {"CMD_PREFIX": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
-    for h in history:
+    # Fold 0: one process. Fold 1: MONAI's own multi-device launch, `torchrun --nproc_per_node 2
+    # scripts/train.py run ...` (two devices listed; without GPUs the two processes join with gloo).
+    single = {"CMD_PREFIX": sys.executable, "CUDA_VISIBLE_DEVICES": ""}
+    two_devices = {"CUDA_VISIBLE_DEVICES": "0,1"} if torch.cuda.device_count() != 1 else single
+    for h, device in zip(history, [single, two_devices]):
         h[AlgoKeys.ALGO].train(train_params={**FAST_TRAINING, "num_epochs": 15}, device_setting=device)
+    if two_devices is not single:
+        log = (work / "segresnet2d_1" / "model" / "training.log").read_text()
+        assert "x 2 processes" in log and log.count("epoch 15/15") == 1
     scores = [h[AlgoKeys.ALGO].get_score() for h in history]
     assert all(0.0 <= s <= 1.0 for s in scores)
 
