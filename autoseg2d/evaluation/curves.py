@@ -14,6 +14,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from autoseg2d.evaluation.report import atomic_path
+
 LOG_COLUMNS = ("epoch", "loss", "val_dice", "learning_rate", "epoch_time_s")
 CURVES_PNG = "training_curves.png"
 
@@ -67,6 +69,6 @@ def plot_training_curves(log_csv: str | Path, output_png: str | Path | None = No
     lr_axes.set_xlabel("epoch")
     for axes in (loss_axes, dice_axes, lr_axes):
         axes.grid(alpha=0.3)
-    output_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output_png)
+    with atomic_path(output_png) as temporary:
+        figure.savefig(temporary)
     return output_png

@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread, imsave
 
 from autoseg2d.evaluation.metrics import validate_mask, volume_ml
+from autoseg2d.evaluation.report import atomic_path
 
 BRAIN_WINDOW_HU = (0.0, 80.0)
 TRUTH_COLOR = "#00ff00"
@@ -88,10 +89,9 @@ def render_case_overlay(
         f"prediction {volume_ml(pred_mask, spacing_mm):.2f} mL (magenta)",
         fontsize=9, y=1 - 0.5 * TITLE_HEIGHT_PX / (panel_h + TITLE_HEIGHT_PX), va="center",
     )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI, facecolor="white")
-    return path
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, dpi=DPI, facecolor="white")
+    return Path(path)
 
 
 def render_contact_sheet(paths: Sequence[str | Path], path: str | Path, columns: int = 4) -> Path:
@@ -106,10 +106,9 @@ def render_contact_sheet(paths: Sequence[str | Path], path: str | Path, columns:
     for index, tile in enumerate(tiles):
         top, left = (index // columns) * tile_h, (index % columns) * tile_w
         sheet[top:top + tile.shape[0], left:left + tile.shape[1]] = tile
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    imsave(path, sheet)
-    return path
+    with atomic_path(path) as temporary:
+        imsave(temporary, sheet)
+    return Path(path)
 
 
 def _draw_slice(axes, image: np.ndarray, truth: np.ndarray, pred: np.ndarray, window_hu: tuple[float, float]) -> None:

@@ -107,3 +107,20 @@ def test_mismatched_shapes_name_the_case(tmp_path):
     image, truth, pred = _l_shaped_case()
     with pytest.raises(ValueError, match="case 'ct_9'"):
         render_case_overlay(image[:-1], truth, pred, tmp_path / "x.png", "ct_9", (1, 1, 1))
+
+
+def test_a_failed_picture_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    from autoseg2d.evaluation.report import atomic_path
+
+    target = tmp_path / "case.png"
+    target.write_bytes(b"old picture")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as temporary:
+            assert temporary.suffix == ".png" and temporary.parent == tmp_path
+            temporary.write_bytes(b"half a pic")
+            raise RuntimeError("renderer crashed")
+    assert target.read_bytes() == b"old picture"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["case.png"]
+    with atomic_path(target) as temporary:
+        temporary.write_bytes(b"new picture")
+    assert target.read_bytes() == b"new picture" and len(list(tmp_path.iterdir())) == 1
