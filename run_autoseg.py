@@ -30,13 +30,13 @@ def run(demo: bool = False, **options):
     --modality (ct), --num_folds, --storage (an Optuna RDB URL shared by several machines),
     --skip_bad (skip bad cases instead of stopping), --until (the last stage to run).
     """
-    return run_demo(**options) if demo else run_pipeline(**options)
+    (run_demo if demo else run_pipeline)(**options)  # they print their own summary; fire would repeat it
 
 
 def _stage(name: str):
     @functools.wraps(run_pipeline)
     def command(**options):
-        return run_pipeline(**{**options, "until": name})
+        run_pipeline(**{**options, "until": name})
 
     command.__doc__ = f"Run the stages up to and including {name}; options as for run."
     return command
@@ -44,7 +44,7 @@ def _stage(name: str):
 
 COMMANDS = {
     "run": run,
-    "demo": run_demo,
+    "demo": functools.wraps(run_demo)(lambda **options: run(demo=True, **options)),
     "check": check_inputs,
     "analyze": _stage("analyze"),
     "sweep": _stage("sweep"),

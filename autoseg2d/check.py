@@ -24,7 +24,8 @@ from types import ModuleType
 
 import yaml
 
-from autoseg2d.datalist import DatalistError, validate_folds, write_json_atomic
+from autoseg2d.atomic_files import write_json_atomic
+from autoseg2d.datalist import DatalistError, validate_folds
 
 logger = logging.getLogger(__name__)
 

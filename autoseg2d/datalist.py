@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Callable
 import nibabel as nib
 import numpy as np
 from sklearn.model_selection import KFold, StratifiedKFold
+
+from autoseg2d.atomic_files import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -257,22 +258,6 @@ def ensure_folds(datalist: dict, num_folds: int = 5, seed: int = 0, dataroot: st
         entry["fold"] = fold
     validate_folds(result, num_folds)
     return result
-
-
-def write_json_atomic(data: dict, output: str | Path) -> Path:
-    """Write to a temp file beside the target, then rename: readers never see half a file."""
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=output.name, suffix=".tmp", dir=output.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, output)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return output
 
 
 def build_datalist(

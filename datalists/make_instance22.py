@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import sys
 
-from autoseg2d.datalist import validate_folds, write_json_atomic
+from autoseg2d.atomic_files import write_json_atomic
+from autoseg2d.datalist import validate_folds
 
 DESCRIPTION = (
     "INSTANCE 2022: 100 training cases with the reference 5-fold split of the published 2D SegResNet "

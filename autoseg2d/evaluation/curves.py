@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from autoseg2d.evaluation.report import atomic_path
+from autoseg2d.atomic_files import atomic_path
 
 LOG_COLUMNS = ("epoch", "loss", "val_dice", "learning_rate", "epoch_time_s")
 CURVES_PNG = "training_curves.png"

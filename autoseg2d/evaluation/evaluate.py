@@ -12,13 +12,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.evaluation.metrics import NSD_TOLERANCE_MM, case_metrics, summarize_metrics
 from autoseg2d.evaluation.report import (
     cross_validation_table,
     per_case_csv,
     summary_json,
     summary_markdown,
-    write_atomic,
 )
 from autoseg2d.evaluation.qa import render_overlays
 
@@ -64,14 +64,14 @@ def evaluate_folders(
         "gt": str(gt),
         "output": str(output_dir),
     }
-    write_atomic(output_dir / CASES_CSV, per_case_csv(rows))
-    write_atomic(output_dir / SUMMARY_MD, summary_markdown(summary, rows))
+    write_text_atomic(output_dir / CASES_CSV, per_case_csv(rows))
+    write_text_atomic(output_dir / SUMMARY_MD, summary_markdown(summary, rows))
     if images is not None:
         image_cases = find_nifti_cases(str(images))
         cases = {case: {"image": image_cases[case], "label": true_cases[case], "pred": pred_cases.get(case)}
                  for case in true_cases if case in image_cases}
         summary["overlays"] = [str(p) for p in render_overlays(cases, output_dir / "overlays")]
-    write_atomic(output_dir / SUMMARY_JSON, summary_json(summary))
+    write_text_atomic(output_dir / SUMMARY_JSON, summary_json(summary))
     return summary
 
 

@@ -19,7 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.image import imread, imsave
 
 from autoseg2d.evaluation.metrics import validate_mask, volume_ml
-from autoseg2d.evaluation.report import atomic_path
+from autoseg2d.atomic_files import atomic_path
 
 BRAIN_WINDOW_HU = (0.0, 80.0)
 TRUTH_COLOR = "#00ff00"

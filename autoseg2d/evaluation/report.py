@@ -1,20 +1,15 @@
-"""Evaluation results as files people read: per-case CSV, summary JSON and Markdown tables.
+"""Evaluation results as text people read: per-case CSV, summary JSON and Markdown tables.
 
-Files are written to a temporary name and moved into place, so a crash or a reader never
-sees half a report.
+The callers write them with autoseg2d.atomic_files, so a crash never leaves half a report.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -24,34 +19,6 @@ CASE_COLUMNS = ("case", "status", "dice", "rvd", "nsd", "hd_mm", "pred_volume_ml
 SUMMARY_COLUMNS = (
     ("Dice", "dice_mean"), ("RVD", "rvd_mean"), ("NSD", "nsd_mean"), ("HD mm", "hd_mm_mean"), ("HD inf", "num_hd_inf"),
 )
-
-
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write `text` next to `path` under a temporary name, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path next to `path` (same suffix, so writers pick the format) renamed onto it on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def json_safe(value):

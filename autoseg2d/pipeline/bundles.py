@@ -22,7 +22,8 @@ import yaml
 from monai.apps.auto3dseg import BundleGen
 
 from autoseg2d.evaluation.curves import plot_training_curves
-from autoseg2d.pipeline.workdir import WorkDir, write_text_atomic
+from autoseg2d.atomic_files import write_text_atomic
+from autoseg2d.pipeline.workdir import WorkDir
 
 logger = logging.getLogger(__name__)
 

@@ -10,7 +10,8 @@ from autoseg2d.evaluation.metrics import case_metrics
 from autoseg2d.evaluation.report import cross_validation_table, json_safe
 from autoseg2d.pipeline.bundles import bundle_path, generate_bundles, train_bundle
 from autoseg2d.pipeline.inference import case_name, foreground, load_inferer, read_mask
-from autoseg2d.pipeline.workdir import WorkDir, write_text_atomic
+from autoseg2d.atomic_files import write_text_atomic
+from autoseg2d.pipeline.workdir import WorkDir
 
 logger = logging.getLogger(__name__)
 

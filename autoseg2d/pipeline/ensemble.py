@@ -19,7 +19,8 @@ import numpy as np
 from autoseg2d.evaluation.postprocess import apply_postprocessing, choose_postprocessing
 from autoseg2d.pipeline.crossval import validation_cases
 from autoseg2d.pipeline.inference import case_name, load_inferer, read_mask
-from autoseg2d.pipeline.workdir import WorkDir, write_text_atomic
+from autoseg2d.atomic_files import write_text_atomic
+from autoseg2d.pipeline.workdir import WorkDir
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from pathlib import Path
 import optuna
 
 from autoseg2d.check import check_inputs
-from autoseg2d.datalist import ensure_folds, validate_folds, write_json_atomic
+from autoseg2d.atomic_files import write_json_atomic
+from autoseg2d.datalist import ensure_folds, validate_folds
 from autoseg2d.pipeline.analyze import analyze
 from autoseg2d.pipeline.bundles import TrainingStopped, bundle_path, generate_bundles, train_bundle
 from autoseg2d.pipeline.crossval import run_crossval

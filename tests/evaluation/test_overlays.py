@@ -110,7 +110,7 @@ def test_mismatched_shapes_name_the_case(tmp_path):
 
 
 def test_a_failed_picture_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
-    from autoseg2d.evaluation.report import atomic_path
+    from autoseg2d.atomic_files import atomic_path
 
     target = tmp_path / "case.png"
     target.write_bytes(b"old picture")
