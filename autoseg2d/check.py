@@ -26,11 +26,10 @@ import yaml
 
 from autoseg2d.atomic_files import write_json_atomic
 from autoseg2d.datalist import DatalistError, validate_folds
+from autoseg2d.templates import template_config, template_dir
 
 logger = logging.getLogger(__name__)
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[1] / "algorithm_templates" / "segresnet2d"
-TEMPLATE_CONFIG = TEMPLATE_DIR / "configs" / "hyper_parameters.yaml"
 # The default network has ~30 M parameters (120 MB of float32). A trained fold keeps model.pt (weights)
 # and model_last.pt (weights + two AdamW moments, 360 MB), and replacing model_last.pt briefly needs a
 # second copy: about 1 GB per fold at peak.
@@ -55,7 +54,7 @@ def template_module(name: str) -> ModuleType:
     module_name = f"segresnet2d_{name}"
     with _LOADING:
         if module_name not in sys.modules:
-            spec = importlib.util.spec_from_file_location(module_name, TEMPLATE_DIR / "scripts" / f"{name}.py")
+            spec = importlib.util.spec_from_file_location(module_name, template_dir() / "scripts" / f"{name}.py")
             module = importlib.util.module_from_spec(spec)
             sys.modules[module_name] = module  # dataclasses look their module up while the class is built
             try:
@@ -94,9 +93,10 @@ def check_work_dir(work_dir: str | Path, num_folds: int) -> list[str]:
     return []
 
 
-def check_config(overrides: dict, config_file: str | Path = TEMPLATE_CONFIG) -> list[str]:
+def check_config(overrides: dict, config_file: str | Path | None = None) -> list[str]:
     """Unknown keys, wrong types and unknown choices among config overrides (the template's own checks)."""
     bundle_config, inputs = template_module("bundle_config"), template_module("inputs")
+    config_file = config_file or template_config()
     problems = []
     for key, value in overrides.items():
         try:
@@ -205,7 +205,7 @@ def check_inputs(
                     "errors": [], "warnings": [], "cases": [], "skipped": [], "cleaned_datalist": None}
     errors = report["errors"]
     if output_classes is None:
-        output_classes = int(yaml.safe_load(TEMPLATE_CONFIG.read_text())["output_classes"])
+        output_classes = int(yaml.safe_load(template_config().read_text())["output_classes"])
     try:
         content = _read_datalist(datalist)
     except DatalistError as err:

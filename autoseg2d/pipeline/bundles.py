@@ -24,11 +24,10 @@ from monai.apps.auto3dseg import BundleGen
 from autoseg2d.evaluation.curves import plot_training_curves
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.pipeline.workdir import WorkDir
+from autoseg2d.templates import ALGO_NAME, templates_root
 
 logger = logging.getLogger(__name__)
 
-TEMPLATES = Path(__file__).resolve().parents[2] / "algorithm_templates"
-ALGO_NAME = "segresnet2d"
 VALIDATION_LINE = re.compile(r"epoch (\d+)/(\d+) .*val_dice ([0-9.]+)")
 
 
@@ -59,7 +58,7 @@ def generate_bundles(work: WorkDir, settings: dict, num_folds: int, run: dict) -
     data_src = configuration / "data_src.yaml"
     source = {"modality": run["modality"], "datalist": str(run["datalist"]), "dataroot": str(run["dataroot"])}
     write_text_atomic(data_src, yaml.safe_dump({**source, **settings}, sort_keys=False))
-    gen = BundleGen(algo_path=str(configuration), algos=[ALGO_NAME], templates_path_or_url=str(TEMPLATES),
+    gen = BundleGen(algo_path=str(configuration), algos=[ALGO_NAME], templates_path_or_url=str(templates_root()),
                     data_stats_filename=str(work.datastats), data_src_cfg_name=str(data_src))
     gen.generate(str(configuration), num_fold=num_folds)
     if not bundle_path(configuration, 0).exists():
