@@ -27,6 +27,7 @@ def test_memory_and_mmap_caches_match_load_volume(ct_dataset, tmp_path, monkeypa
     for cache_dir in (None, tmp_path / "cache"):
         volume = cached_volume(image, label, "ct", cache_dir)
         assert volume.name == reference.name
+        assert volume.source == reference.source and str(image) in volume.source  # messages name the files
         np.testing.assert_array_equal(volume.image, reference.image)
         np.testing.assert_array_equal(volume.label, reference.label)
         np.testing.assert_allclose(volume.affine, reference.affine)

@@ -1,10 +1,13 @@
+import math
+
 import numpy as np
 import pytest
 import torch
 import yaml
 from inputs import channel_plan
 from monai.data import DataLoader
-from slice_dataset import SliceDataset, SliceSampler, crop_start, foreground_pixels
+from slice_dataset import (SliceDataset, SliceSampler, affine_margin, affine_transform, crop_start,
+                           foreground_pixels)
 from volumes import Volume
 
 from tests.conftest import TEMPLATE
@@ -82,11 +85,18 @@ def test_ranks_split_an_epoch_into_equal_shards():
     assert set(flat) == set(whole) and len(flat) == 4 * -(-len(whole) // 4)
 
 
-def test_crop_start_stays_inside_the_slice():
+def test_crop_start_stays_inside_the_slice_and_centres_small_slices():
     assert crop_start(50, 100, 32) == 34
     assert crop_start(3, 100, 32) == 0
     assert crop_start(99, 100, 32) == 68
-    assert crop_start(10, 20, 32) == 0  # smaller than the crop: padded instead
+    assert crop_start(10, 20, 32) == -6  # smaller than the crop: the slice sits in its middle
+    assert crop_start(5, 32, 32) == 0
+
+
+def test_affine_margin_covers_the_rotated_and_zoomed_crop():
+    assert affine_margin(384, 0, 0.0) == 0
+    assert affine_margin(384, 30, 0.2) == math.ceil(192 * (1.2 * (math.cos(math.pi / 6) + 0.5) - 1))
+    assert affine_margin(100, 90, 0.0) == affine_margin(100, 45, 0.0) == math.ceil(50 * (math.sqrt(2) - 1))
 
 
 def test_foreground_crops_contain_the_lesion_and_the_right_slices():
@@ -137,6 +147,55 @@ def test_augmentation_keeps_labels_binary_and_rotations_fill_with_air():
     assert min(corners) == 0.0
 
 
+def brain_everywhere(size=128) -> Volume:
+    """30 HU brain on the whole slice, a lesion label in the middle of slice 3."""
+    image = np.full((size, size, 6), 30, np.int16)
+    label = np.zeros((size, size, 6), np.uint8)
+    label[size // 2 - 2:size // 2 + 2, size // 2 - 2:size // 2 + 2, 3] = 1
+    return Volume("b", image, label, np.eye(4))
+
+
+def test_rotated_crops_take_their_corners_from_the_scan():
+    cfg = config(roi_size=[32, 32], augment_affine_prob=1.0, augment_rotate_deg=45, foreground_crop_ratio=1.0,
+                 augment_noise_prob=0.0, augment_intensity_prob=0.0, augment_shuffle_prob=0.0)
+    data = dataset([brain_everywhere()], channel_plan("slices", 1, 3), [(-100.0, 100.0)], cfg)
+    assert data.margin == (affine_margin(32, 45, cfg["augment_scale_range"]),) * 2
+    for seed in range(10):
+        sample = data[(0, 3, seed)]
+        assert sample["image"].shape == (3, 32, 32)
+        assert sample["image"].min() > 0.6  # brain (0.65) everywhere: no air rotated in
+        assert sample["label"].sum() > 0
+
+
+def test_the_context_window_is_centred_on_the_crop():
+    """An identity affine on the context window gives exactly the crop taken without context."""
+    volume = brain_everywhere()
+    volume.image[...] = np.arange(128 * 128).reshape(128, 128, 1) % 200 - 100  # a pattern that shows any shift
+    cfg = no_augmentation(roi_size=[32, 32], foreground_crop_ratio=1.0)
+    plain = dataset([volume], channel_plan("slices", 1, 3), [(-100.0, 100.0)], cfg)
+    framed = dataset([volume], channel_plan("slices", 1, 3), [(-100.0, 100.0)],
+                     {**cfg, "augment_affine_prob": 1.0, "augment_rotate_deg": 30.0})
+    framed.affine = affine_transform({**cfg, "augment_rotate_deg": 0.0, "augment_scale_range": 0.0})
+    framed.affine.set_random_state(seed=0)
+    assert framed.margin[0] > 0
+    for seed in range(5):
+        a, b = plain[(0, 3, seed)], framed[(0, 3, seed)]
+        np.testing.assert_allclose(a["image"], b["image"], atol=1e-5)
+        np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_z_scored_input_is_padded_with_its_own_background():
+    image = np.random.default_rng(0).uniform(-1.0, 2.0, size=(20, 20, 6)).astype(np.float32)
+    image[:2] = -1.5  # the background after z-scoring
+    label = np.zeros((20, 20, 6), np.uint8)
+    label[8:12, 8:12, 2] = 1
+    cfg = no_augmentation(roi_size=[32, 32])
+    sample = dataset([Volume("m", image, label, np.eye(4))], channel_plan("slices", 1, 3), [None], cfg)[(0, 2, 0)]
+    assert sample["image"][1, 0, 0] == pytest.approx(-1.5)  # outside the slice
+    np.testing.assert_allclose(sample["image"][1, 6:26, 6:26], image[:, :, 2], atol=1e-6)  # centred
+    assert sample["label"].sum() == 16
+
+
 def test_samples_depend_on_their_seed_only():
     cfg = config(roi_size=[48, 48])
     data = dataset([volume()], channel_plan("both", 3, 3), THREE_WINDOWS, cfg)
@@ -168,6 +227,7 @@ def test_automatic_worker_count_leaves_a_core_per_process(monkeypatch):
     from slice_dataset import resolve_num_workers
 
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr("slice_dataset.cgroup_cpu_limit", lambda: None)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert resolve_num_workers(3) == 3 and resolve_num_workers(0) == 0
     assert resolve_num_workers(-1) == 15
@@ -175,3 +235,16 @@ def test_automatic_worker_count_leaves_a_core_per_process(monkeypatch):
     assert resolve_num_workers(-1) == 3
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
     assert resolve_num_workers(-1) == 0
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr("slice_dataset.cgroup_cpu_limit", lambda: 4)  # docker --cpus=4 on a 16-core host
+    assert resolve_num_workers(-1) == 0  # 4 cores / 4 local processes
+
+
+def test_container_cpu_quota_is_read_from_cgroup(tmp_path):
+    from slice_dataset import cgroup_cpu_limit
+
+    (tmp_path / "limited").write_text("250000 100000\n")
+    (tmp_path / "unlimited").write_text("max 100000\n")
+    assert cgroup_cpu_limit(str(tmp_path / "limited")) == 3
+    assert cgroup_cpu_limit(str(tmp_path / "unlimited")) is None
+    assert cgroup_cpu_limit(str(tmp_path / "absent")) is None

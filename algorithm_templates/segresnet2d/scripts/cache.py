@@ -49,7 +49,7 @@ def cached_volume(image_path: str | Path, label_path: str | Path | None, modalit
     if cache_dir is None:
         volume = load_volume(image_path, label_path, modality)
         label = None if volume.label is None else slice_major(volume.label)
-        return Volume(volume.name, slice_major(volume.image), label, volume.affine)
+        return Volume(volume.name, slice_major(volume.image), label, volume.affine, volume.source)
     folder = Path(cache_dir)
     key = cache_key(image_path, label_path, modality)
     names = {part: folder / f"{key}.{part}.npy" for part in ("image", "label", "affine")}
@@ -59,7 +59,9 @@ def cached_volume(image_path: str | Path, label_path: str | Path | None, modalit
         _write_entry(load_volume(image_path, label_path, modality), names)
     arrays = {part: np.load(path, mmap_mode="r") for part, path in names.items()}
     label = np.moveaxis(arrays["label"], 0, -1) if "label" in arrays else None
-    return Volume(case_name(image_path), np.moveaxis(arrays["image"], 0, -1), label, np.array(arrays["affine"]))
+    source = f"{image_path}" + (f", label {label_path}" if label_path is not None else "")
+    return Volume(case_name(image_path), np.moveaxis(arrays["image"], 0, -1), label, np.array(arrays["affine"]),
+                  source)
 
 
 def _write_entry(volume: Volume, names: dict[str, Path]) -> None:

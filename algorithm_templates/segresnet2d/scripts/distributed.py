@@ -79,7 +79,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def rank_seed(seed: int, rank: int) -> int:
-    """Different augmentation streams per rank; rank 0 keeps the single-process seed."""
+    """A per-rank torch seed (rank 0 keeps the single-process one); samples and their augmentation
+    take their seeds from SliceSampler instead, the same on every rank."""
     return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
 
 

@@ -1,8 +1,10 @@
 """Cached volumes -> random 2D training samples.
 
 Order of work per sample, cheapest first: crop the few source slices a sample needs around a
-precomputed foreground pixel, apply the geometric augmentation to those raw intensities (3
-channels, not 9), then window them into the input channels and add intensity augmentation.
+precomputed foreground pixel (with a margin of real context when the sample will be rotated or
+scaled, so corners come from the scan, not from padding), apply the geometric augmentation to
+those raw intensities (3 channels, not 9), then window them into the input channels and add
+intensity augmentation.
 Every sample carries its own seed, so the augmentation does not depend on the number of
 DataLoader workers or on where a run was resumed, and workers can live across epochs.
 """
@@ -20,7 +22,7 @@ from torch.utils.data import Dataset, Sampler
 from inputs import WindowHU, apply_window
 from volumes import Volume
 
-AIR_HU = -1024.0  # what CT padding (outside the scan, or rotated in) should look like
+AIR_HU = -1024.0  # what CT padding (outside the scan) should look like
 
 
 def foreground_pixels(volume: Volume) -> dict[int, np.ndarray]:
@@ -30,6 +32,11 @@ def foreground_pixels(volume: Volume) -> dict[int, np.ndarray]:
     for z in np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1)):
         pixels[int(z)] = np.argwhere(label[z] > 0).astype(np.int32)
     return pixels
+
+
+def background_count(ratio: float, num_foreground: int) -> int:
+    """ceil(ratio x foreground slices), without float noise (1.1 x 100 is 110, not 111)."""
+    return math.ceil(round(ratio * num_foreground, 9))
 
 
 class SliceSampler(Sampler):
@@ -56,7 +63,7 @@ class SliceSampler(Sampler):
         rng = np.random.default_rng([self.seed, self.epoch])
         background = self.background_items
         if self.foreground_items:
-            count = min(len(background), math.ceil(self.ratio * len(self.foreground_items)))
+            count = min(len(background), background_count(self.ratio, len(self.foreground_items)))
             picked = rng.choice(len(background), size=count, replace=False) if count else []
             items = self.foreground_items + [background[i] for i in sorted(picked)]
         else:
@@ -73,7 +80,7 @@ class SliceSampler(Sampler):
 
     def __len__(self) -> int:
         total = len(self.foreground_items) + (
-            min(len(self.background_items), math.ceil(self.ratio * len(self.foreground_items)))
+            min(len(self.background_items), background_count(self.ratio, len(self.foreground_items)))
             if self.foreground_items else len(self.background_items))
         return -(-total // self.world_size)
 
@@ -81,49 +88,75 @@ class SliceSampler(Sampler):
 MAX_AUTO_WORKERS = 16
 
 
+def cgroup_cpu_limit(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int | None:
+    """The CPU quota of a container (cgroup v2 `cpu.max`, e.g. docker --cpus=4), rounded up; None if unlimited."""
+    try:
+        quota, period = open(cpu_max).read().split()[:2]
+    except (OSError, ValueError):
+        return None
+    return None if quota == "max" else max(1, math.ceil(int(quota) / int(period)))
+
+
 def resolve_num_workers(num_workers: int) -> int:
     """num_workers -1: one worker per CPU core this process may use beyond its own (at most 16).
 
-    Under torchrun the cores are shared by the processes on the node (LOCAL_WORLD_SIZE).
-    A paper-size step on a recent GPU consumes ~450 samples/s; one worker makes ~50-100.
+    The cores are the affinity mask capped by a container's CPU quota, shared under torchrun
+    by the processes on the node (LOCAL_WORLD_SIZE). A paper-size step on a recent GPU
+    consumes ~450 samples/s; one worker makes ~50-100.
     """
     if num_workers >= 0:
         return num_workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = min(cores, cgroup_cpu_limit() or cores)
     per_process = cores // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
     return max(0, min(MAX_AUTO_WORKERS, per_process - 1))
 
 
 def crop_start(center: int, size: int, roi: int) -> int:
-    """First index of a roi-long window centred on `center`, shifted to stay inside [0, size)."""
-    return int(min(max(center - roi // 2, 0), max(size - roi, 0)))
+    """First index of a roi-long window centred on `center` and kept inside [0, size).
+
+    A slice smaller than roi gets a negative start: the slice sits in the middle of the crop.
+    """
+    if size <= roi:
+        return -((roi - size) // 2)
+    return int(min(max(center - roi // 2, 0), size - roi))
+
+
+def affine_margin(roi: int, rotate_deg: float, scale_range: float) -> int:
+    """Context pixels per side that a rotation up to rotate_deg and a zoom-out up to 1 + scale_range read."""
+    angle = math.radians(min(abs(rotate_deg), 45.0))
+    reach = (1.0 + abs(scale_range)) * (math.cos(angle) + math.sin(angle))
+    return max(0, math.ceil(roi / 2 * (reach - 1.0)))
 
 
 def crop_slices(stack: np.ndarray, label: np.ndarray, z_indices: list[int], z: int, start: tuple[int, int],
-                roi: tuple[int, int], fill: float) -> tuple[np.ndarray, np.ndarray]:
-    """(S, roi, roi) float32 source slices and (1, roi, roi) label; slices smaller than roi are padded centred."""
-    h, w = stack.shape[1:]
-    (y0, x0), (rh, rw) = start, roi
-    y1, x1 = min(y0 + rh, h), min(x0 + rw, w)
-    py, px = (rh - (y1 - y0)) // 2, (rw - (x1 - x0)) // 2
-    image = np.full((len(z_indices), rh, rw), fill, np.float32)
-    image[:, py:py + y1 - y0, px:px + x1 - x0] = stack[:, y0:y1, x0:x1][z_indices]
-    mask = np.zeros((1, rh, rw), np.float32)
-    mask[0, py:py + y1 - y0, px:px + x1 - x0] = label[z, y0:y1, x0:x1]
+                size: tuple[int, int], fill: float) -> tuple[np.ndarray, np.ndarray]:
+    """(S, h, w) float32 source slices and (1, h, w) label of the window at `start` (may reach outside
+    the slice: that part is `fill`, label 0). Reads only the window's rows of the needed slices."""
+    (y0, x0), (h, w) = start, size
+    iy0, ix0 = max(y0, 0), max(x0, 0)
+    iy1, ix1 = min(y0 + h, stack.shape[1]), min(x0 + w, stack.shape[2])
+    image = np.full((len(z_indices), h, w), fill, np.float32)
+    mask = np.zeros((1, h, w), np.float32)
+    if iy1 > iy0 and ix1 > ix0:
+        inside = (slice(iy0 - y0, iy1 - y0), slice(ix0 - x0, ix1 - x0))
+        image[(slice(None), *inside)] = stack[:, iy0:iy1, ix0:ix1][z_indices]
+        mask[(0, *inside)] = label[z, iy0:iy1, ix0:ix1]
     return image, mask
 
 
 class WindowChannelsd(mt.MapTransform):
-    """Source slices (offset by `shift`) -> input channels: channel i = window w_i of source slice s_i."""
+    """Source slices minus data["background"] -> input channels: channel i = window w_i of source slice s_i."""
 
-    def __init__(self, key: str, sources: list[int], windows: list[WindowHU], shift: float):
+    def __init__(self, key: str, sources: list[int], windows: list[WindowHU]):
         super().__init__([key])
-        self.sources, self.windows, self.shift = sources, windows, shift
+        self.sources, self.windows = sources, windows
 
     def __call__(self, data: dict) -> dict:
         out = dict(data)
+        background = out.pop("background")
         for key in self.key_iterator(out):
-            values = torch.as_tensor(out[key]).numpy() + self.shift
+            values = torch.as_tensor(out[key]).numpy() + background
             out[key] = np.stack([apply_window(values[s], w) for s, w in zip(self.sources, self.windows)])
         return out
 
@@ -150,22 +183,24 @@ class RandNoised(mt.RandomizableTransform, mt.MapTransform):
         return out
 
 
-def geometric_transforms(config: dict) -> mt.Compose:
-    """Flips on both in-plane axes and rotation + scaling, on the cropped source slices and the label."""
+def affine_transform(config: dict) -> mt.RandAffined:
+    """Rotation + scaling of a context window into a roi-sized crop around its centre (always applied:
+    SliceDataset draws whether a sample gets it, so the others skip the resampling)."""
+    return mt.RandAffined(
+        ["image", "label"],
+        prob=1.0,
+        spatial_size=[int(r) for r in config["roi_size"]],
+        rotate_range=math.radians(config["augment_rotate_deg"]),
+        scale_range=(config["augment_scale_range"],) * 2,  # drawn per axis: zoom and a mild aspect change
+        mode=("bilinear", "nearest"),
+        padding_mode="zeros",  # zero = the background after the shift (air for CT); rarely reached
+    )
+
+
+def flip_transforms(config: dict) -> mt.Compose:
     keys = ["image", "label"]
     flip = config["augment_flip_prob"]
-    return mt.Compose([
-        mt.RandFlipd(keys, prob=flip, spatial_axis=0),
-        mt.RandFlipd(keys, prob=flip, spatial_axis=1),
-        mt.RandAffined(
-            keys,
-            prob=config["augment_affine_prob"],
-            rotate_range=math.radians(config["augment_rotate_deg"]),
-            scale_range=(config["augment_scale_range"],) * 2,
-            mode=("bilinear", "nearest"),
-            padding_mode="zeros",  # zero = the fill value after the shift, i.e. air for CT
-        ),
-    ])
+    return mt.Compose([mt.RandFlipd(keys, prob=flip, spatial_axis=0), mt.RandFlipd(keys, prob=flip, spatial_axis=1)])
 
 
 def intensity_transforms(config: dict) -> mt.Compose:
@@ -177,7 +212,7 @@ def intensity_transforms(config: dict) -> mt.Compose:
         mt.RandScaleIntensityd("image", factors=0.1, prob=intensity),
         mt.RandShiftIntensityd("image", offsets=0.1, prob=intensity),
         mt.RandCoarseShuffled(
-            "image", holes=4, spatial_size=max(roi[0] // 16, 2), prob=config["augment_shuffle_prob"]),
+            "image", holes=4, spatial_size=max(min(roi) // 16, 2), prob=config["augment_shuffle_prob"]),
         mt.EnsureTyped(["image", "label"], track_meta=False, dtype=torch.float32),
     ])
 
@@ -207,26 +242,35 @@ def random_states(transform: mt.Transform) -> list[np.random.RandomState]:
 
 
 class SliceDataset(Dataset):
-    """Indexed by the (volume, slice, seed) items SliceSampler yields; returns {"image", "label"} tensors."""
+    """Indexed by the (volume, slice, seed) items SliceSampler yields; returns {"image", "label"} tensors.
+
+    (It has no integer indices: use it with SliceSampler.)
+    """
 
     def __init__(self, volumes: list[Volume], foreground: list[dict], plan: list[tuple[int, int]],
                  windows: list[WindowHU], config: dict):
         self.volumes, self.foreground = volumes, foreground
         self.roi = tuple(int(r) for r in config["roi_size"])
         self.foreground_ratio = float(config["foreground_crop_ratio"])
+        self.affine_prob = float(config["augment_affine_prob"])
+        self.margin = tuple(
+            affine_margin(r, config["augment_rotate_deg"], config["augment_scale_range"]) if self.affine_prob > 0
+            else 0 for r in self.roi)
         self.offsets = sorted({offset for _, offset in plan})
-        # Source slices are shifted so that 0 is air (CT) or the mean (z-scored input): the affine
-        # transform pads with 0, and crops of small slices are padded with the same value.
-        self.shift = AIR_HU if all(w is not None for w in windows) else 0.0
-        sources = [self.offsets.index(offset) for _, offset in plan]
-        self.geometric = geometric_transforms(config)
-        self.channels = WindowChannelsd("image", sources, [windows[w] for w, _ in plan], self.shift)
+        # Source slices are shifted so that 0 is the background: air for CT, each volume's minimum for
+        # z-scored input. Crops reaching past the slice and the affine transform's padding are then 0.
+        ct = all(w is not None for w in windows)
+        self.backgrounds = [AIR_HU if ct else float(np.min(v.image)) for v in volumes]
+        self.affine = affine_transform(config)
+        self.flips = flip_transforms(config)
+        self.channels = WindowChannelsd("image", [self.offsets.index(offset) for _, offset in plan],
+                                        [windows[w] for w, _ in plan])
         self.intensity = intensity_transforms(config)
-        for transform in (self.geometric, self.intensity):
+        for transform in self.randomized():
             transform.set_random_state(seed=0)  # one generator per nested transform, reseeded per sample
 
-    def __len__(self) -> int:
-        return sum(v.num_slices for v in self.volumes)
+    def randomized(self) -> tuple[mt.Randomizable, ...]:
+        return self.affine, self.flips, self.intensity
 
     def crop_center(self, rng: np.random.Generator, v: int, z: int, shape: tuple[int, int]) -> tuple[int, int]:
         """A labelled pixel with probability foreground_crop_ratio (if the slice has any), else any pixel."""
@@ -239,16 +283,22 @@ class SliceDataset(Dataset):
         v, z, seed = item
         volume = self.volumes[v]
         stack = np.moveaxis(volume.image, -1, 0)  # (D, H, W)
-        label = np.moveaxis(volume.label, -1, 0)
         rng = np.random.default_rng(seed)
-        shape = stack.shape[1:]
-        cy, cx = self.crop_center(rng, v, z, shape)
-        start = (crop_start(cy, shape[0], self.roi[0]), crop_start(cx, shape[1], self.roi[1]))
+        cy, cx = self.crop_center(rng, v, z, stack.shape[1:])
+        box = [crop_start(c, n, r) for c, n, r in zip((cy, cx), stack.shape[1:], self.roi)]
+        rotate = rng.random() < self.affine_prob
+        margin = self.margin if rotate else (0, 0)
         z_indices = [min(max(z + offset, 0), stack.shape[0] - 1) for offset in self.offsets]
-        image, mask = crop_slices(stack, label, z_indices, z, start, self.roi, fill=self.shift)
-        image -= self.shift
-        states = random_states(self.geometric) + random_states(self.intensity)
+        background = self.backgrounds[v]
+        image, mask = crop_slices(stack, np.moveaxis(volume.label, -1, 0), z_indices, z,
+                                  (box[0] - margin[0], box[1] - margin[1]),
+                                  (self.roi[0] + 2 * margin[0], self.roi[1] + 2 * margin[1]), fill=background)
+        image -= background
+        states = [state for transform in self.randomized() for state in random_states(transform)]
         for state, state_seed in zip(states, rng.integers(2**32, size=len(states))):
             state.seed(state_seed)
-        sample = self.geometric({"image": image, "label": mask})
-        return self.intensity(self.channels(sample))
+        sample = {"image": image, "label": mask}
+        if rotate:
+            sample = self.affine(sample)  # the context window -> a roi crop around its centre
+        sample = self.flips(sample)
+        return self.intensity(self.channels({**sample, "background": background}))

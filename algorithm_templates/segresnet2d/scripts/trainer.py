@@ -132,7 +132,8 @@ class Trainer:
         dataset = SliceDataset(self.train_volumes, foreground, self.plan, self.windows, self.config)
         workers = resolve_num_workers(self.config["num_workers"])
         loader = DataLoader(dataset, batch_size=self.config["batch_size"], sampler=sampler, num_workers=workers,
-                            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+                            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                            generator=torch.Generator().manual_seed(self.config["seed"]))  # not torch's global one
         return sampler, loader
 
     def _load(self, files: list[dict], role: str) -> list[Volume]:
