@@ -16,9 +16,7 @@ from autoseg2d.evaluation.metrics import (
     validate_mask,
 )
 
-VECTORS = Path("/work/shared/instance22_metric_vectors")
-if not VECTORS.with_suffix(".json").exists():
-    pytest.skip(f"organizers' test vectors not found at {VECTORS}.json", allow_module_level=True)
+VECTORS = Path(__file__).resolve().parents[1] / "data" / "instance22_metric_vectors"  # 24 organizers' cases
 
 CASES = json.loads(VECTORS.with_suffix(".json").read_text())
 ARRAYS = np.load(VECTORS.with_suffix(".npz"))
