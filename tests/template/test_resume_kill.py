@@ -17,8 +17,8 @@ import torch
 
 from tests.conftest import FAST_TRAINING
 
-NUM_EPOCHS = 6
-KILL_AFTER_EPOCH = 2
+NUM_EPOCHS = 12
+KILL_AFTER_EPOCH = 5
 TIMEOUT_S = 120
 
 
