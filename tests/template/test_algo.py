@@ -73,3 +73,18 @@ def test_multiclass_labels_set_output_classes(tmp_path):
 def test_wrong_type_in_data_source_names_the_key(tmp_path):
     with pytest.raises(ConfigError, match="num_epochs"):
         filled(make_algo(tmp_path, num_epochs="many"), tmp_path)
+
+
+def test_multi_gpu_training_starts_torchrun_from_this_interpreter(monkeypatch):
+    """MONAI would run `torchrun` from PATH; the algo runs `<this python> -m torch.distributed.run`."""
+    import segresnet2d.scripts.algo as algo_module
+
+    calls = []
+    monkeypatch.setattr(algo_module.subprocess, "run", lambda command, **kw: calls.append((command, kw)))
+    algo = Segresnet2dAlgo(template_path=str(TEMPLATES))
+    algo.device_setting.update({"CUDA_VISIBLE_DEVICES": "0,1,2", "n_devices": 3, "NUM_NODES": 1})
+    algo._run_cmd("/b/scripts/train.py run --config_file=/b/configs/hyper_parameters.yaml --fold=1")
+    command, options = calls[0]
+    assert command[:6] == [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node"]
+    assert command[6:9] == ["3", "/b/scripts/train.py", "run"] and command[-1] == "--fold=1"
+    assert options["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2" and options["check"] is True

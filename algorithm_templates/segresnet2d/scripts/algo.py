@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,17 @@ class Segresnet2dAlgo(BundleAlgo):
 
     def _template_config(self) -> dict:
         return _read_yaml(Path(str(self.template_path)) / self.name / "configs" / CONFIG_NAME)
+
+    def _run_cmd(self, cmd: str, devices_info: str = "") -> subprocess.CompletedProcess:
+        """As BundleAlgo, except that a one-node multi-GPU run starts torchrun from this interpreter
+        (`python -m torch.distributed.run`), not a `torchrun` found on PATH that may belong to another
+        environment, and shows the training output live."""
+        if int(self.device_setting["NUM_NODES"]) > 1 or int(self.device_setting["n_devices"]) <= 1:
+            return super()._run_cmd(cmd, devices_info)
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(self.device_setting["CUDA_VISIBLE_DEVICES"])}
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
+                    "--nproc_per_node", str(self.device_setting["n_devices"])]
+        return subprocess.run(launcher + cmd.split(), env=env, check=True)
 
     def pre_check_skip_algo(self, skip_bundlegen: bool = False, skip_info: str = "") -> tuple[bool, str]:
         """Skip unless slices are much thicker than pixels (2D at native resolution loses little there)."""
