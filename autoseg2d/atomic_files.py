@@ -1,8 +1,8 @@
 """Files are written under a temporary name beside the target and renamed into place.
 
 A crash, a kill or a reader in another process then sees the old file or the new one,
-never half of one. Temporary names carry the process id, so concurrent writers (several
-machines on one sweep, DDP ranks) do not collide; the rename is atomic on one file system.
+never half of one. Temporary names carry the host name and process id, so concurrent writers
+(several machines on one sweep, DDP ranks) do not collide; the rename is atomic on one file system.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """A temporary path beside `path` (same suffix, so writers pick the format), renamed onto it on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    temporary = path.with_name(f".{path.stem}.{socket.gethostname()}-{os.getpid()}.tmp{path.suffix}")
     try:
         yield temporary
         os.replace(temporary, path)

@@ -249,6 +249,11 @@ def ensure_folds(datalist: dict, num_folds: int = 5, seed: int = 0, dataroot: st
         first = next(e for e in training if "fold" not in e)
         raise DatalistError(f"{with_fold} of {len(training)} training entries have a fold but {_name(first)} has "
                             "none; give every entry a fold or remove all folds to draw a new split")
+    for i, entry in enumerate(training):
+        missing = [k for k in ("image", "label") if not isinstance(entry, dict) or not isinstance(entry.get(k), str)]
+        if missing:
+            raise DatalistError(f"training entry {i} ({_name(entry)}) has no {' or '.join(missing)} path; "
+                                "give every training entry an image and a label")
     strata = None
     if dataroot is not None:
         strata = _strata_from_labels([Path(dataroot, e["label"]) for e in training], num_folds)

@@ -214,3 +214,9 @@ def test_instance22_reference_datalist():
     assert [e["image"] for e in datalist["testing"]] == [f"evaluation/{i}.nii.gz" for i in range(101, 131)]
     assert [sum(e["fold"] == f for e in datalist["training"]) for f in range(5)] == [20] * 5
     assert {e["image"]: e["fold"] for e in datalist["training"]}["train/data/001.nii.gz"] == 4
+
+
+def test_adding_folds_names_an_entry_without_a_label():
+    datalist = {"training": [{"image": "a.nii.gz", "label": "la.nii.gz"}, {"image": "b.nii.gz"}]}
+    with pytest.raises(DatalistError, match=r"training entry 1 \(b.nii.gz\) has no label path"):
+        ensure_folds(datalist, num_folds=2, dataroot="/nowhere")

@@ -66,6 +66,12 @@ def summary_markdown(summary: dict, rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
+def _fold_order(record: dict) -> tuple:
+    """Folds 0, 1, ..., 10 in numeric order, then any named ones."""
+    fold = record["fold"]
+    return (0, fold, "") if isinstance(fold, int) else (1, 0, str(fold))
+
+
 def cross_validation_table(records: list[dict]) -> str:
     """Markdown table of cross-validation results, one row per (input variant, fold).
 
@@ -85,7 +91,7 @@ def cross_validation_table(records: list[dict]) -> str:
         by_variant.setdefault(str(record["variant"]), []).append(record)
     rows = []
     for variant in sorted(by_variant):
-        folds = sorted(by_variant[variant], key=lambda record: str(record["fold"]))
+        folds = sorted(by_variant[variant], key=_fold_order)
         for record in folds:
             rows.append(_cv_row(variant, record["fold"], record["cases"]))
         if len(folds) > 1:

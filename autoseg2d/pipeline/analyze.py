@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ def analyze(work: WorkDir, datalist: Path, dataroot: Path) -> Path:
     if work.datastats.exists() and by_case_file(work.datastats).exists():
         logger.info(f"analysis: reusing {work.relative(work.datastats)}")
         return work.datastats
-    scratch = work.root / ".analysis"
+    scratch = work.root / f".analysis-{socket.gethostname()}-{os.getpid()}"  # machines sharing the work dir
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"

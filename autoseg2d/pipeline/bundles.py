@@ -7,14 +7,18 @@ configuration share their trained folds, and a rerun finds what is already done.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import ctypes
+import fcntl
 import hashlib
 import json
 import logging
 import re
+import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -28,6 +32,7 @@ from autoseg2d.templates import ALGO_NAME, templates_root
 
 logger = logging.getLogger(__name__)
 
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 VALIDATION_LINE = re.compile(r"epoch (\d+)/(\d+) .*val_dice ([0-9.]+)")
 
 
@@ -97,6 +102,26 @@ def train_command(bundle: Path, overrides: dict) -> list[str]:
     return [*launcher, script, "run", f"--config_file={config}", *(f"--{k}={v}" for k, v in overrides.items())]
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: on Linux, get SIGTERM when the driver dies (even by SIGKILL), so a
+    killed driver never leaves a trainer writing into the bundle that the next run will train."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def exclusive(bundle: Path) -> Iterator[None]:
+    """Hold the bundle's lock file while training it: a second driver on the same work dir (another
+    machine on a shared sweep, or a rerun while the first still runs) stops instead of training alongside."""
+    with open(bundle / ".training.lock", "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise TrainingError(f"{bundle} is being trained by another process (it holds {lock.name}); "
+                                "wait for it to finish or stop it, then run again") from None
+        yield
+
+
 def train_bundle(bundle: Path, run: dict, label: str,
                  on_validation: Callable[[int, float], bool] | None = None) -> float:
     """Train (or continue training) one bundle with live output; returns its best validation Dice.
@@ -108,17 +133,23 @@ def train_bundle(bundle: Path, run: dict, label: str,
         logger.info(f"{label}: already trained (best Dice {bundle_score(bundle):.4f})")
         return bundle_score(bundle)
     overrides = {"data_list_file_path": run["datalist"], "data_file_base_dir": run["dataroot"]}
-    process = subprocess.Popen(train_command(bundle, overrides), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, bufsize=1)
-    stopped = False
-    for line in process.stdout:
-        print(f"[{label}] {line}", end="", flush=True)
-        match = VALIDATION_LINE.search(line)
-        if match and on_validation and on_validation(int(match.group(1)), float(match.group(3))):
-            stopped = True
+    with exclusive(bundle):
+        process = subprocess.Popen(train_command(bundle, overrides), stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=_die_with_parent)
+        stopped = False
+        try:
+            for line in process.stdout:
+                print(f"[{label}] {line}", end="", flush=True)
+                match = VALIDATION_LINE.search(line)
+                if match and on_validation and on_validation(int(match.group(1)), float(match.group(3))):
+                    stopped = True
+                    process.terminate()  # pruned; the bundle can be continued later
+                    break
+        except BaseException:  # the driver is interrupted (Ctrl-C, an error): the trainer stops too
             process.terminate()
-            break
-    code = process.wait()
+            process.wait()
+            raise
+        code = process.wait()
     if stopped:
         raise TrainingStopped(label)
     if code != 0:

@@ -15,8 +15,10 @@ logger = logging.getLogger(__name__)
 DEMO_CASES = {"num_train": 10, "num_test": 4, "num_folds": 2, "size": 64, "num_slices": 12}
 
 
-def run_demo(work_dir: str = "demo_work", profile: str = "demo") -> dict:
-    """Generate synthetic CT in work_dir/demo_data, run every stage, score the ensemble on the held-back cases."""
+def run_demo(work_dir: str = "demo_work", profile: str = "demo", until: str = "predict") -> dict:
+    """Generate synthetic CT in work_dir/demo_data, run every stage, score the ensemble on the held-back cases.
+
+    --until STAGE stops after that stage (then nothing is scored)."""
     started = time.time()
     data = Path(work_dir).resolve() / "demo_data"
     datalist = data / "datalist.json"
@@ -24,7 +26,9 @@ def run_demo(work_dir: str = "demo_work", profile: str = "demo") -> dict:
         write_dataset(data, **DEMO_CASES)
         logger.info(f"demo: generated {DEMO_CASES['num_train']} training and {DEMO_CASES['num_test']} held-back "
                     f"cases ({DEMO_CASES['size']}x{DEMO_CASES['size']}x{DEMO_CASES['num_slices']}) in {data}")
-    summary = run_pipeline(str(datalist), str(data), work_dir=work_dir, profile=profile)
+    summary = run_pipeline(str(datalist), str(data), work_dir=work_dir, profile=profile, until=until)
+    if until != "predict":
+        return summary
     held_back = Path(summary["work_dir"]) / "reports" / "held_back"
     scores = evaluate_folders(summary["predictions"], str(data / "labelsTs"), output=str(held_back),
                               images=str(data / "imagesTs"))

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import nibabel as nib
@@ -104,6 +105,12 @@ def write_mask(mask: np.ndarray, source: Path, target: Path) -> None:
 
 def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir: Path) -> list[dict]:
     """Predict each image into output_dir under its own file name; finished files are kept, not redone."""
+    clashes = sorted(name for name, count in Counter(image.name for image in images).items() if count > 1)
+    if clashes:
+        raise ValueError(f"file names occur more than once among the images to predict ({', '.join(clashes[:5])}):"
+                         " each prediction is saved under its image's file name, so rename them")
+    if any(image.resolve().parent == output_dir.resolve() for image in images):
+        raise ValueError(f"the output folder {output_dir} holds the input images; choose another output folder")
     results = []
     for index, image in enumerate(images, 1):
         target = output_dir / image.name

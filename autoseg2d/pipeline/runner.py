@@ -5,6 +5,7 @@ check -> analyze (DataAnalyzer) -> sweep (BundleGen + Optuna) -> crossval -> ens
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -21,7 +22,7 @@ from autoseg2d.pipeline.crossval import run_crossval
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, build_ensemble, predict_images
 from autoseg2d.pipeline.profiles import load_profile
 from autoseg2d.pipeline.sweep import best_per_variant, run_sweep
-from autoseg2d.pipeline.workdir import WorkDir, WorkDirError
+from autoseg2d.pipeline.workdir import WorkDir, WorkDirError, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def prepare_datalist(work: WorkDir, datalist: Path, dataroot: Path, num_folds: i
 
 
 def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_dir: str = "work",
-                 profile: str | None = None, modality: str = "ct", num_folds: int | None = None,
+                 profile: str | None = None, modality: str | None = None, num_folds: int | None = None,
                  storage: str | None = None, skip_bad: bool = False, until: str = "predict") -> dict:
     """Run the stages up to `until`; rerunning continues where the last run stopped."""
     if until not in STAGES:
@@ -63,8 +64,14 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
     datalist = datalist or str(work.absolute(previous["datalist"]))
     dataroot = dataroot or str(work.absolute(previous["dataroot"]))
     profile = profile or previous.get("profile", "gpu")
+    modality = modality or previous.get("modality", "ct")
+    num_folds = num_folds or previous.get("num_folds")
     datalist_path, dataroot_path = Path(datalist).resolve(), Path(dataroot).resolve()
     settings = load_profile(profile)
+    profile_sha256 = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    # Before anything is written: a rerun must not mix results made under other settings.
+    work.check_same_run({"modality": modality, "profile": profile, "profile_sha256": profile_sha256,
+                         **({"num_folds": num_folds} if num_folds else {})})
 
     _stage("check")
     used_datalist, folds = prepare_datalist(work, datalist_path, dataroot_path, num_folds)
@@ -74,7 +81,8 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
     if report["cleaned_datalist"]:
         used_datalist = Path(report["cleaned_datalist"])
         logger.info(f"check: {len(report['skipped'])} bad cases left out; using {work.relative(used_datalist)}")
-    work.record_run(datalist_path, dataroot_path, modality, profile)
+    work.record_run(datalist_path, dataroot_path, modality, profile, profile_sha256=profile_sha256, num_folds=folds,
+                    used_datalist_sha256=file_sha256(used_datalist))
     run = {"datalist": used_datalist, "dataroot": dataroot_path, "modality": modality}
     summary: dict = {"work_dir": str(work.root), "num_folds": folds, "profile": profile}
     if until == "check":

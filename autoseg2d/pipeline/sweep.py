@@ -32,9 +32,11 @@ def suggest(trial: optuna.Trial, search_space: dict) -> dict:
     return params
 
 
-def open_study(storage: str) -> optuna.Study:
+def open_study(storage: str, seed: int | None = 0) -> optuna.Study:
+    """seed None for a storage shared by several processes: a fixed seed would make them all draw the
+    same parameters (and train the same bundles)."""
     return optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True, direction="maximize",
-                               sampler=optuna.samplers.TPESampler(seed=0),
+                               sampler=optuna.samplers.TPESampler(seed=seed),
                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
 
 
@@ -52,7 +54,7 @@ def run_sweep(storage: str, search_space: dict, num_trials: int, folds: list[int
               single_owner: bool = True) -> optuna.Study:
     """Run trials until num_trials are complete or pruned; train_fold(params, fold, on_validation) -> Dice."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(storage)
+    study = open_study(storage, seed=0 if single_owner else None)
     if single_owner:
         requeue_interrupted(study)
     if not study.trials:

@@ -69,19 +69,29 @@ class WorkDir:
     def absolute(self, stored: str) -> Path:
         return (self.root / stored).resolve()
 
-    def record_run(self, datalist: Path, dataroot: Path, modality: str, profile: str) -> dict:
-        """Write run.json on the first run; later runs must use the same datalist content."""
+    def record_run(self, datalist: Path, dataroot: Path, modality: str, profile: str, **identity) -> dict:
+        """Write run.json on the first run; later runs must agree on everything its results depend on:
+        the datalist's content, the modality, the profile (name and content) and `identity` (e.g. the
+        number of folds and the datalist actually trained on)."""
         run = {"datalist": self.relative(datalist), "dataroot": self.relative(dataroot), "modality": modality,
-               "profile": profile, "datalist_sha256": file_sha256(datalist)}
-        if self.run_file.exists():
-            previous = json.loads(self.run_file.read_text())
-            if previous.get("datalist_sha256") != run["datalist_sha256"]:
-                raise WorkDirError(
-                    f"{self.root} holds a run on another datalist ({previous.get('datalist')}); its models would not"
-                    " match this data. Use a new --work_dir, or delete this one to start over."
-                )
+               "profile": profile, "datalist_sha256": file_sha256(datalist), **identity}
+        self.check_same_run(run)
         write_text_atomic(self.run_file, json.dumps(run, indent=2))
         return run
+
+    def check_same_run(self, run: dict) -> None:
+        """Raise if run.json records other values for any of these keys (paths may differ: moved data)."""
+        if not self.run_file.exists():
+            return
+        previous = json.loads(self.run_file.read_text())
+        changed = [key for key in run if key not in ("datalist", "dataroot") and key in previous
+                   and previous[key] != run[key]]
+        if changed:
+            was = ", ".join(f"{key} {previous[key]!r} -> {run[key]!r}" for key in changed)
+            raise WorkDirError(
+                f"{self.root} holds a run made with other settings ({was}); its sweep, models and ensemble"
+                " would not match. Rerun with the earlier settings, use a new --work_dir, or delete this one"
+                " to start over.")
 
     def load_run(self) -> dict:
         if not self.run_file.exists():

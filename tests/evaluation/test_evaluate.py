@@ -116,6 +116,13 @@ def test_cross_validation_table_rows_and_inf_counts():
     assert lines[5] == "| windows3 | all | 3 | 0.5333 | 0.4000 | 0.4000 | inf | 1 |"
 
 
+def test_cross_validation_folds_in_numeric_order():
+    good = {"dice": 0.8, "rvd": 0.1, "nsd": 0.6, "hd_mm": 4.0}
+    records = [{"variant": "v", "fold": fold, "cases": [good]} for fold in (10, 2, 0, 1)]
+    lines = cross_validation_table(records).strip().splitlines()
+    assert [line.split(" | ")[1] for line in lines[2:]] == ["0", "1", "2", "10", "all"]
+
+
 def test_cross_validation_record_without_cases_is_an_error():
     with pytest.raises(ValueError, match=r"record 0 lacks keys \['cases'\]"):
         cross_validation_table([{"variant": "a", "fold": 0}])

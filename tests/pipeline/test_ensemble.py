@@ -60,3 +60,16 @@ def test_prediction_keeps_finished_cases_and_ignores_leftover_temp_files(tmp_pat
     written = nib.load(str(out / "c1.nii.gz"))
     assert written.get_data_dtype() == np.uint8 and np.asanyarray(written.dataobj).sum() == 16
     assert results[0]["volume_ml"] == pytest.approx(16 * 0.45 * 0.45 * 5.0 / 1000, rel=1e-6)
+
+
+def test_prediction_refuses_clashing_names_and_writing_over_the_inputs(tmp_path):
+    images = []
+    for site in ("siteA", "siteB"):
+        write_case(make_head_ct(size=16, num_slices=4, seed=0), tmp_path / site / "001.nii.gz", None)
+        images.append(tmp_path / site / "001.nii.gz")
+    lesion = np.zeros((16, 16, 4), np.float32)
+    with pytest.raises(ValueError, match=r"more than once .*\(001.nii.gz\)"):
+        predict_images(predictor("mean", lesion), images, tmp_path / "out")
+    with pytest.raises(ValueError, match="holds the input images"):
+        predict_images(predictor("mean", lesion), images[:1], tmp_path / "siteA")
+    assert not (tmp_path / "out").exists()

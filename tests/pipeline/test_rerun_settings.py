@@ -1,0 +1,66 @@
+"""A rerun of a work dir must use the settings its results were made with (checked before anything is written)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from autoseg2d.pipeline.profiles import load_profile
+from autoseg2d.pipeline.runner import run_pipeline
+from autoseg2d.pipeline.workdir import WorkDirError
+from autoseg2d.synthetic import write_dataset
+
+
+@pytest.fixture
+def foldless(tmp_path):
+    datalist = write_dataset(tmp_path / "data", num_train=6, num_test=0, num_folds=2, size=32, num_slices=4)
+    content = json.loads(datalist.read_text())
+    for entry in content["training"]:
+        del entry["fold"]
+    datalist.write_text(json.dumps(content))
+    return datalist
+
+
+def check_stage(datalist, work, **options):
+    return run_pipeline(str(datalist), str(datalist.parent), work_dir=str(work), profile="demo", until="check",
+                        **options)
+
+
+def folds_in(work) -> list[int]:
+    copy = json.loads((work / "datalist_with_folds.json").read_text())
+    return sorted({e["fold"] for e in copy["training"]})
+
+
+def test_rerun_keeps_the_fold_count_and_refuses_another(foldless, tmp_path):
+    work = tmp_path / "work"
+    assert check_stage(foldless, work, num_folds=3)["num_folds"] == 3
+    assert check_stage(foldless, work)["num_folds"] == 3  # not redrawn into the default 5
+    with pytest.raises(WorkDirError, match=r"num_folds 3 -> 5"):
+        check_stage(foldless, work, num_folds=5)
+    assert folds_in(work) == [0, 1, 2]  # refused before the fold copy was rewritten
+
+
+def test_rerun_refuses_another_profile_or_modality(foldless, tmp_path):
+    work = tmp_path / "work"
+    check_stage(foldless, work, num_folds=2)
+    with pytest.raises(WorkDirError, match=r"profile 'demo' -> 'cpu'"):
+        run_pipeline(work_dir=str(work), profile="cpu", until="check")
+    with pytest.raises(WorkDirError, match=r"modality 'ct' -> 'mri'"):
+        check_stage(foldless, work, modality="mri")
+    run = json.loads((work / "run.json").read_text())
+    assert (run["profile"], run["modality"], run["num_folds"]) == ("demo", "ct", 2)
+
+
+def test_an_edited_profile_file_is_another_profile(foldless, tmp_path):
+    profile = tmp_path / "mine.yaml"
+    settings = load_profile("demo")
+    profile.write_text(yaml.safe_dump(settings))
+    work = tmp_path / "work"
+    run_pipeline(str(foldless), str(foldless.parent), work_dir=str(work), profile=str(profile), num_folds=2,
+                 until="check")
+    settings["sweep_trials"] += 1
+    profile.write_text(yaml.safe_dump(settings))
+    with pytest.raises(WorkDirError, match="profile_sha256"):
+        run_pipeline(work_dir=str(work), until="check")
