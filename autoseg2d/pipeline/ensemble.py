@@ -78,7 +78,7 @@ def build_ensemble(work: WorkDir, run: dict, records: list[dict], size: int, mod
                 "out-of-fold predictions")
     cases = out_of_fold_cases(predictor, ensemble, run) if _binary(predictor) else []
     if cases:
-        choice = choose_postprocessing([{**c, "prob": c["prob"].astype(np.float32)} for c in cases])
+        choice = choose_postprocessing(cases)  # float16 probabilities: no second, float32 copy of every case
         ensemble["postprocessing"] = choice
         before, after = choice["baseline"]["dice_mean"], choice["selected"]["dice_mean"]
         logger.info(f"ensemble: post-processing steps {choice['steps'] or 'none'} "
