@@ -17,6 +17,10 @@ logger = logging.getLogger(__name__)
 STUDY_NAME = "segresnet2d"
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 EPOCHS_PER_FOLD_STEP = 100_000  # report steps: fold index * this + epoch
+# Shared storage: each running trial records a heartbeat; one silent for GRACE_PERIOD_S (its machine died)
+# is failed by whichever process looks next, and queued again with the same parameters.
+HEARTBEAT_INTERVAL_S = 60
+GRACE_PERIOD_S = 300
 
 
 def suggest(trial: optuna.Trial, search_space: dict) -> dict:
@@ -32,11 +36,15 @@ def suggest(trial: optuna.Trial, search_space: dict) -> dict:
     return params
 
 
-def open_study(storage: str, seed: int | None = 0) -> optuna.Study:
-    """seed None for a storage shared by several processes: a fixed seed would make them all draw the
-    same parameters (and train the same bundles)."""
+def open_study(storage: str, shared: bool = False) -> optuna.Study:
+    """shared: several processes use the storage; then the sampler is unseeded (a fixed seed would make
+    them all draw the same parameters and train the same bundles) and trials keep heartbeats."""
+    if shared:
+        storage = optuna.storages.RDBStorage(
+            storage, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
     return optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True, direction="maximize",
-                               sampler=optuna.samplers.TPESampler(seed=seed),
+                               sampler=optuna.samplers.TPESampler(seed=None if shared else 0),
                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
 
 
@@ -54,7 +62,7 @@ def run_sweep(storage: str, search_space: dict, num_trials: int, folds: list[int
               single_owner: bool = True) -> optuna.Study:
     """Run trials until num_trials are complete or pruned; train_fold(params, fold, on_validation) -> Dice."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(storage, seed=0 if single_owner else None)
+    study = open_study(storage, shared=not single_owner)
     if single_owner:
         requeue_interrupted(study)
     if not study.trials:

@@ -44,3 +44,41 @@ def test_a_trial_killed_mid_run_is_run_again_with_its_parameters(tmp_path):
     assert calls == ["windows"]
     complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert complete[0].params == {"input_variant": "windows", "learning_rate": 3e-4}
+
+
+# A machine of a shared sweep: starts a trial, says so, then hangs until it is killed.
+DYING_MACHINE = """
+import sys, time
+from autoseg2d.pipeline import sweep
+sweep.HEARTBEAT_INTERVAL_S, sweep.GRACE_PERIOD_S = 1, 2
+def hang(params, fold, report):
+    print(params["input_variant"], flush=True)
+    time.sleep(60)
+sweep.run_sweep(sys.argv[1], {space!r}, 3, [0], hang, single_owner=False)
+"""
+
+
+def test_a_shared_sweep_retries_the_trial_of_a_machine_that_died(tmp_path, monkeypatch):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from autoseg2d.pipeline import sweep
+
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    machine = subprocess.Popen([sys.executable, "-c", DYING_MACHINE.format(space=SPACE), storage],
+                               stdout=subprocess.PIPE, text=True)
+    died_in = machine.stdout.readline().strip()
+    assert died_in == "slices"
+    machine.send_signal(signal.SIGKILL)
+    machine.wait()
+    time.sleep(3)  # longer than the grace period: its heartbeat is stale
+
+    monkeypatch.setattr(sweep, "HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr(sweep, "GRACE_PERIOD_S", 2)
+    calls: list = []
+    study = run_sweep(storage, SPACE, 3, [0], fake_training(calls), single_owner=False)
+    assert sorted(calls) == ["both", "slices", "windows"]  # the dead machine's trial ran again, here
+    states = [t.state for t in study.trials]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1 and states.count(optuna.trial.TrialState.COMPLETE) == 3
