@@ -196,7 +196,8 @@ def validate_folds(datalist: dict, num_folds: int | None = None) -> int:
         missing = [k for k in ("image", "label", "fold") if not isinstance(entry, dict) or k not in entry]
         if missing:
             raise DatalistError(f"training entry {i} ({_name(entry)}) has no {', '.join(missing)}; "
-                                "give every entry image, label and fold, or add folds with ensure_folds")
+                                "give every entry image, label and fold; a datalist with no folds at all gets them "
+                                "drawn by `python run_autoseg.py --datalist ...` (or `run_autoseg.py datalist`)")
         fold = entry["fold"]
         if isinstance(fold, bool) or not isinstance(fold, int) or fold < 0:
             raise DatalistError(f"training entry {i} ({entry['image']}) has fold {fold!r}; folds are integers >= 0")
