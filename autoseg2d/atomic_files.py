@@ -17,10 +17,12 @@ from pathlib import Path
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A temporary path beside `path` (same suffix, so writers pick the format), renamed onto it on success."""
+    """A temporary path beside `path` (same extension, e.g. .png or .nii.gz, so writers pick the format),
+    renamed onto it on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.stem}.{socket.gethostname()}-{os.getpid()}.tmp{path.suffix}")
+    stem, dot, extension = path.name.partition(".")
+    temporary = path.with_name(f".{stem}.{socket.gethostname()}-{os.getpid()}.tmp{dot}{extension}")
     try:
         yield temporary
         os.replace(temporary, path)

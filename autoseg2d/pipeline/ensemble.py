@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 from autoseg2d.evaluation.postprocess import apply_postprocessing, choose_postprocessing
 from autoseg2d.pipeline.crossval import validation_cases
 from autoseg2d.pipeline.inference import case_name, load_inferer, read_mask
-from autoseg2d.atomic_files import write_text_atomic
+from autoseg2d.atomic_files import atomic_path, write_text_atomic
 from autoseg2d.pipeline.workdir import WorkDir
 
 logger = logging.getLogger(__name__)
@@ -97,10 +96,8 @@ def write_mask(mask: np.ndarray, source: Path, target: Path) -> None:
     header = image.header.copy()
     header.set_data_dtype(np.uint8)
     header["scl_slope"], header["scl_inter"] = 1, 0
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".tmp_{target.name}")
-    nib.save(nib.Nifti1Image(mask.astype(np.uint8), image.affine, header), str(tmp))
-    os.replace(tmp, target)
+    with atomic_path(target) as temporary:
+        nib.save(nib.Nifti1Image(mask.astype(np.uint8), image.affine, header), str(temporary))
 
 
 def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir: Path) -> list[dict]:

@@ -71,7 +71,8 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
     profile_sha256 = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     # Before anything is written: a rerun must not mix results made under other settings.
     work.check_same_run({"modality": modality, "profile": profile, "profile_sha256": profile_sha256,
-                         **({"num_folds": num_folds} if num_folds else {})})
+                         **({"num_folds": num_folds} if num_folds else {}),
+                         **({"datalist_sha256": file_sha256(datalist_path)} if datalist_path.is_file() else {})})
 
     _stage("check")
     used_datalist, folds = prepare_datalist(work, datalist_path, dataroot_path, num_folds)

@@ -124,3 +124,9 @@ def test_a_failed_picture_write_keeps_the_old_file_and_leaves_no_temporary(tmp_p
     with atomic_path(target) as temporary:
         temporary.write_bytes(b"new picture")
     assert target.read_bytes() == b"new picture" and len(list(tmp_path.iterdir())) == 1
+
+    volume = tmp_path / "case_001.nii.gz"
+    with atomic_path(volume) as temporary:
+        assert temporary.name.endswith(".tmp.nii.gz")  # nibabel picks NIfTI + gzip from the extension
+        temporary.write_bytes(b"volume")
+    assert volume.read_bytes() == b"volume"

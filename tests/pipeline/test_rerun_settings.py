@@ -64,3 +64,14 @@ def test_an_edited_profile_file_is_another_profile(foldless, tmp_path):
     profile.write_text(yaml.safe_dump(settings))
     with pytest.raises(WorkDirError, match="profile_sha256"):
         run_pipeline(work_dir=str(work), until="check")
+
+
+def test_another_datalist_is_refused_before_its_folds_are_written(foldless, tmp_path):
+    work = tmp_path / "work"
+    check_stage(foldless, work, num_folds=3)
+    content = json.loads(foldless.read_text())
+    content["training"].pop()
+    foldless.write_text(json.dumps(content))
+    with pytest.raises(WorkDirError, match="datalist_sha256"):
+        check_stage(foldless, work)
+    assert len(json.loads((work / "datalist_with_folds.json").read_text())["training"]) == 6  # untouched

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from volumes import Volume, case_name, load_volume
+from volumes import Volume, case_name, describe_files, load_volume
 
 
 def slice_major(array: np.ndarray) -> np.ndarray:
@@ -59,9 +59,8 @@ def cached_volume(image_path: str | Path, label_path: str | Path | None, modalit
         _write_entry(load_volume(image_path, label_path, modality), names)
     arrays = {part: np.load(path, mmap_mode="r") for part, path in names.items()}
     label = np.moveaxis(arrays["label"], 0, -1) if "label" in arrays else None
-    source = f"{image_path}" + (f", label {label_path}" if label_path is not None else "")
     return Volume(case_name(image_path), np.moveaxis(arrays["image"], 0, -1), label, np.array(arrays["affine"]),
-                  source)
+                  describe_files(image_path, label_path))
 
 
 def _write_entry(volume: Volume, names: dict[str, Path]) -> None:

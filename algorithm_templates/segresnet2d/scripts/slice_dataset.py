@@ -53,7 +53,11 @@ class SliceSampler(Sampler):
         self.foreground_items = [(v, z) for v, slices in enumerate(foreground) for z in sorted(slices)]
         self.background_items = [(v, z) for v, (slices, depth) in enumerate(zip(foreground, num_slices))
                                  for z in range(depth) if z not in slices]
-        self.ratio, self.seed, self.rank, self.world_size = background_slice_ratio, seed, rank, world_size
+        self.num_background = len(self.background_items)  # all-background data: every slice
+        if self.foreground_items:
+            wanted = background_count(background_slice_ratio, len(self.foreground_items))
+            self.num_background = min(self.num_background, wanted)
+        self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -61,13 +65,8 @@ class SliceSampler(Sampler):
 
     def epoch_items(self) -> list[tuple[int, int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        background = self.background_items
-        if self.foreground_items:
-            count = min(len(background), background_count(self.ratio, len(self.foreground_items)))
-            picked = rng.choice(len(background), size=count, replace=False) if count else []
-            items = self.foreground_items + [background[i] for i in sorted(picked)]
-        else:
-            items = list(background)
+        picked = rng.choice(len(self.background_items), size=self.num_background, replace=False)
+        items = self.foreground_items + [self.background_items[i] for i in sorted(picked)]
         order = rng.permutation(len(items))
         seeds = rng.integers(0, 2**31 - 1, size=len(items))
         return [(*items[i], int(s)) for i, s in zip(order, seeds)]
@@ -79,10 +78,7 @@ class SliceSampler(Sampler):
         return iter(items[self.rank::self.world_size])
 
     def __len__(self) -> int:
-        total = len(self.foreground_items) + (
-            min(len(self.background_items), background_count(self.ratio, len(self.foreground_items)))
-            if self.foreground_items else len(self.background_items))
-        return -(-total // self.world_size)
+        return -(-(len(self.foreground_items) + self.num_background) // self.world_size)
 
 
 MAX_AUTO_WORKERS = 16
@@ -146,7 +142,7 @@ def crop_slices(stack: np.ndarray, label: np.ndarray, z_indices: list[int], z: i
 
 
 class WindowChannelsd(mt.MapTransform):
-    """Source slices minus data["background"] -> input channels: channel i = window w_i of source slice s_i."""
+    """Source slices -> input channels: channel i = window w_i of source slice s_i."""
 
     def __init__(self, key: str, sources: list[int], windows: list[WindowHU]):
         super().__init__([key])
@@ -154,9 +150,8 @@ class WindowChannelsd(mt.MapTransform):
 
     def __call__(self, data: dict) -> dict:
         out = dict(data)
-        background = out.pop("background")
         for key in self.key_iterator(out):
-            values = torch.as_tensor(out[key]).numpy() + background
+            values = torch.as_tensor(out[key]).numpy()
             out[key] = np.stack([apply_window(values[s], w) for s, w in zip(self.sources, self.windows)])
         return out
 
@@ -301,4 +296,5 @@ class SliceDataset(Dataset):
         if rotate:
             sample = self.affine(sample)  # the context window -> a roi crop around its centre
         sample = self.flips(sample)
-        return self.intensity(self.channels({**sample, "background": background}))
+        sample["image"] = torch.as_tensor(sample["image"]) + background  # back to HU (or z-scores)
+        return self.intensity(self.channels(sample))

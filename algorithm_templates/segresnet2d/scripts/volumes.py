@@ -24,6 +24,11 @@ class VolumeError(ValueError):
     """A case that cannot be used as it is; the message names the case and the fix."""
 
 
+def describe_files(image_path: str | Path, label_path: str | Path | None) -> str:
+    """How messages name a case's files: "<image>" or "<image>, label <label>"."""
+    return f"{image_path}" + (f", label {label_path}" if label_path is not None else "")
+
+
 @dataclass
 class Volume:
     name: str
@@ -100,8 +105,8 @@ def load_volume(image_path: str | Path, label_path: str | Path | None = None, mo
     label = None
     if label_path is not None:
         label = to_ras(_load_label(label_path, case, data.shape, affine), affine)
-    source = f"{image_path}" + (f", label {label_path}" if label_path is not None else "")
-    return Volume(case, np.ascontiguousarray(to_ras(image, affine)), label, affine, source)
+    image = np.ascontiguousarray(to_ras(image, affine))
+    return Volume(case, image, label, affine, describe_files(image_path, label_path))
 
 
 def normalise_modality(data: np.ndarray, modality: str) -> np.ndarray:
