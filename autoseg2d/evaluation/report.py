@@ -72,13 +72,15 @@ def _fold_order(record: dict) -> tuple:
     return (0, fold, "") if isinstance(fold, int) else (1, 0, str(fold))
 
 
-def cross_validation_table(records: list[dict]) -> str:
+def cross_validation_table(records: list[dict], selection_folds: Sequence = ()) -> str:
     """Markdown table of cross-validation results, one row per (input variant, fold).
 
     Each record has keys ``variant``, ``fold`` and ``cases`` (the per-case metric dicts from
     :func:`autoseg2d.evaluation.metrics.case_metrics`). Rows are sorted by variant then fold;
     after each variant's folds an "all" row pools its cases, so variants can be compared on
-    the same footing as the challenge (mean over cases).
+    the same footing as the challenge (mean over cases). Folds in `selection_folds` chose the
+    configuration (the sweep scored trials on them), so their scores are optimistic: they are
+    marked, and an "other folds" row pools the cases of the folds that did not.
     """
     by_variant: dict[str, list[dict]] = {}
     for index, record in enumerate(records):
@@ -89,15 +91,25 @@ def cross_validation_table(records: list[dict]) -> str:
                 "each record needs 'variant', 'fold' and 'cases' (a list of per-case metric dicts)."
             )
         by_variant.setdefault(str(record["variant"]), []).append(record)
+    chose = {str(fold) for fold in selection_folds}
     rows = []
     for variant in sorted(by_variant):
         folds = sorted(by_variant[variant], key=_fold_order)
         for record in folds:
-            rows.append(_cv_row(variant, record["fold"], record["cases"]))
+            marker = " (chose config)" if str(record["fold"]) in chose else ""
+            rows.append(_cv_row(variant, f"{record['fold']}{marker}", record["cases"]))
         if len(folds) > 1:
             rows.append(_cv_row(variant, "all", [case for record in folds for case in record["cases"]]))
+        held_out = [record for record in folds if str(record["fold"]) not in chose]
+        if chose and held_out and len(held_out) < len(folds):
+            rows.append(_cv_row(variant, "other folds", [case for record in held_out for case in record["cases"]]))
     header = ["variant", "fold", "cases", *(name for name, _ in SUMMARY_COLUMNS)]
-    return _markdown_table(header, rows) + "\n"
+    note = ""
+    if chose:
+        note = (f"\nFolds marked \"chose config\" ({', '.join(sorted(chose))}) scored the sweep's trials, so the "
+                "configuration was picked on them and their scores are optimistic; \"other folds\" is the mean over "
+                "the cases of the folds that took no part in that choice.\n")
+    return _markdown_table(header, rows) + "\n" + note
 
 
 def _cv_row(variant: str, fold, cases: Sequence[dict]) -> list:

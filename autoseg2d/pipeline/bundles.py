@@ -8,7 +8,6 @@ configuration share their trained folds, and a rerun finds what is already done.
 from __future__ import annotations
 
 import contextlib
-import csv
 import ctypes
 import fcntl
 import hashlib
@@ -78,12 +77,12 @@ def bundle_config(bundle: Path) -> dict:
 
 
 def is_trained(bundle: Path) -> bool:
-    """Finished when the log reached num_epochs and a best checkpoint exists."""
-    log_csv, model = bundle / "model" / "training_log.csv", bundle / "model" / "model.pt"
-    if not (log_csv.exists() and model.exists()):
+    """Finished when the trainer marked its last progress.yaml entry (the whole budget ran) and model.pt exists."""
+    progress_file, model = bundle / "model" / "progress.yaml", bundle / "model" / "model.pt"
+    if not (progress_file.exists() and model.exists()):
         return False
-    rows = list(csv.DictReader(log_csv.open()))
-    return bool(rows) and int(rows[-1]["epoch"]) >= int(bundle_config(bundle)["num_epochs"])
+    progress = yaml.safe_load(progress_file.read_text()) or []
+    return bool(progress) and bool(progress[-1].get("finished"))
 
 
 def bundle_score(bundle: Path) -> float:
@@ -123,10 +122,10 @@ def exclusive(bundle: Path) -> Iterator[None]:
 
 
 def train_bundle(bundle: Path, run: dict, label: str,
-                 on_validation: Callable[[int, float], bool] | None = None) -> float:
+                 on_validation: Callable[[int, float, int], bool] | None = None) -> float:
     """Train (or continue training) one bundle with live output; returns its best validation Dice.
 
-    ``on_validation(epoch, dice)`` is called for every validation line; returning True stops
+    ``on_validation(epoch, dice, num_epochs)`` is called for every validation line; returning True stops
     the run (it can be continued later) and raises TrainingStopped.
     """
     if is_trained(bundle):
@@ -141,7 +140,9 @@ def train_bundle(bundle: Path, run: dict, label: str,
             for line in process.stdout:
                 print(f"[{label}] {line}", end="", flush=True)
                 match = VALIDATION_LINE.search(line)
-                if match and on_validation and on_validation(int(match.group(1)), float(match.group(3))):
+                epoch, num_epochs, dice = (int(match.group(1)), int(match.group(2)),
+                                           float(match.group(3))) if match else (0, 0, 0.0)
+                if match and on_validation and on_validation(epoch, dice, num_epochs):
                     stopped = True
                     process.terminate()  # pruned; the bundle can be continued later
                     break

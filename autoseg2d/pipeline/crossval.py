@@ -38,8 +38,12 @@ def evaluate_bundle(bundle: Path, run: dict, fold: int) -> list[dict]:
     return cases
 
 
-def run_crossval(work: WorkDir, run: dict, configurations: list[dict], runs: int, num_folds: int) -> list[dict]:
-    """Train every fold of every configuration for `runs` seeds; return one record per trained bundle."""
+def run_crossval(work: WorkDir, run: dict, configurations: list[dict], runs: int, num_folds: int,
+                 selection_folds: tuple = ()) -> list[dict]:
+    """Train every fold of every configuration for `runs` seeds; return one record per trained bundle.
+
+    selection_folds: the folds the sweep chose the configurations on, marked in the table.
+    """
     records = []
     total = len(configurations) * runs * num_folds
     for settings in configurations:
@@ -53,7 +57,7 @@ def run_crossval(work: WorkDir, run: dict, configurations: list[dict], runs: int
                 records.append({"variant": f"{settings.get('input_variant')} (run {seed})", "fold": fold,
                                 "seed": seed, "settings": settings, "bundle": work.relative(bundle),
                                 "score": score, "cases": cases})
-    table = cross_validation_table(records)
+    table = cross_validation_table(records, selection_folds)
     write_text_atomic(work.reports / "cross_validation.md", "# Cross-validation\n\n" + table)
     write_text_atomic(work.reports / "cross_validation.json", json.dumps(json_safe(records), indent=1))
     return records

@@ -16,7 +16,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from autoseg2d.evaluation.postprocess import apply_postprocessing, choose_postprocessing
+from autoseg2d.evaluation.postprocess import apply_postprocessing, choose_postprocessing, describe_effects
+from autoseg2d.evaluation.report import json_safe
 from autoseg2d.pipeline.crossval import validation_cases
 from autoseg2d.pipeline.inference import case_name, load_inferer, read_mask
 from autoseg2d.atomic_files import atomic_path, write_text_atomic
@@ -25,10 +26,52 @@ from autoseg2d.pipeline.workdir import WorkDir
 logger = logging.getLogger(__name__)
 
 
-def select_members(records: list[dict], size: int) -> list[dict]:
-    """The `size` bundles with the best validation Dice, across variants, runs and folds."""
+MEMBER_KEYS = ("bundle", "score", "fold", "seed", "variant")
+
+
+def select_members(records: list[dict], size: int, strategy: str = "fold_balanced") -> list[dict]:
+    """Ensemble members from the cross-validated bundles, by a strategy of :data:`SELECTION_STRATEGIES`."""
+    if strategy not in SELECTION_STRATEGIES:
+        raise ValueError(f"unknown member selection strategy {strategy!r}; known: {', '.join(SELECTION_STRATEGIES)}")
+    return SELECTION_STRATEGIES[strategy](records, size)
+
+
+def select_fold_balanced(records: list[dict], size: int) -> list[dict]:
+    """`size` members spread evenly over the folds, each fold's best bundles first.
+
+    Validation Dice is comparable only within a fold (same cases): a global top-N fills the
+    ensemble from easy folds and leaves hard folds without a member, so their cases could
+    not be predicted out of fold and the post-processing would be chosen on easy cases only.
+    Each fold gets size // k members (k folds, at least one: size is raised to k); the
+    size % k remaining places go to the next-best bundles whose Dice is closest to their own
+    fold's best. A fold with too few bundles gives its places to the others.
+    """
+    by_fold: dict = {}
+    for record in sorted(records, key=lambda r: r["score"], reverse=True):
+        by_fold.setdefault(record["fold"], []).append(record)
+    folds = sorted(by_fold, key=str)
+    size = min(max(size, len(folds)), len(records))
+    share = size // len(folds) if folds else 0
+    chosen = [_member(r, rank, f"best {share} of fold {fold}")
+              for fold in folds for rank, r in enumerate(by_fold[fold][:share], 1)]
+    rest = [(r["score"] / max(by_fold[fold][0]["score"], 1e-8), rank, r)
+            for fold in folds for rank, r in enumerate(by_fold[fold][share:], share + 1)]
+    for ratio, rank, record in sorted(rest, key=lambda item: (-item[0], item[1]))[: size - len(chosen)]:
+        chosen.append(_member(record, rank, f"extra place: Dice {ratio:.3f} x its fold's best"))
+    return sorted(chosen, key=lambda m: (str(m["fold"]), m["rank_in_fold"]))
+
+
+def select_global_top(records: list[dict], size: int) -> list[dict]:
+    """The `size` best validation Dice scores across folds (the previous behaviour; kept for comparison)."""
     ranked = sorted(records, key=lambda r: r["score"], reverse=True)[:size]
-    return [{k: r[k] for k in ("bundle", "score", "fold", "seed", "variant")} for r in ranked]
+    return [_member(r, None, f"global top {size}") for r in ranked]
+
+
+SELECTION_STRATEGIES = {"fold_balanced": select_fold_balanced, "global_top": select_global_top}
+
+
+def _member(record: dict, rank: int | None, reason: str) -> dict:
+    return {**{key: record[key] for key in MEMBER_KEYS}, "rank_in_fold": rank, "reason": reason}
 
 
 class EnsemblePredictor:
@@ -54,36 +97,51 @@ class EnsemblePredictor:
 
 
 def out_of_fold_cases(predictor: EnsemblePredictor, ensemble: dict, run: dict) -> list[dict]:
-    """Each training case predicted by the members that did not train on it (those of its fold)."""
+    """Each training case predicted by the members that did not train on it (those validated on its fold).
+
+    Cases of a fold without members cannot be predicted out of fold; they are named in a warning.
+    """
     cases = []
-    for fold in sorted({m["fold"] for m in ensemble["members"]}):
+    member_folds = {m["fold"] for m in ensemble["members"]}
+    for fold in sorted({int(e["fold"]) for e in _training_entries(run)}):
+        if fold not in member_folds:
+            logger.warning(f"ensemble: fold {fold} has no member, so its cases are left out of the "
+                           "post-processing choice")
+            continue
         members = [inferer for inferer, m in zip(predictor.members, ensemble["members"]) if m["fold"] == fold]
         for case in validation_cases(run, fold):
             truth, spacing = read_mask(case["label"])
             probs = predictor.probabilities(case["image"], members)
-            cases.append({"case_id": case_name(case["image"]), "prob": probs[1].astype(np.float16),
+            cases.append({"case_id": case_name(case["image"]), "fold": fold, "prob": probs[1].astype(np.float16),
                           "truth": truth, "spacing_mm": spacing})
     return cases
 
 
-def build_ensemble(work: WorkDir, run: dict, records: list[dict], size: int, mode: str) -> dict:
-    """Pick members and post-processing (by cross-validation), store them in ensemble/ensemble.json."""
+def build_ensemble(work: WorkDir, run: dict, records: list[dict], size: int, mode: str,
+                   selection: str = "fold_balanced") -> dict:
+    """Pick members and post-processing (on out-of-fold predictions), store them in ensemble/ensemble.json."""
     if work.ensemble_file.exists():
         logger.info(f"ensemble: reusing {work.relative(work.ensemble_file)}")
         return json.loads(work.ensemble_file.read_text())
-    ensemble = {"mode": mode, "members": select_members(records, size), "postprocessing": None}
+    members = select_members(records, size, selection)
+    ensemble = {"mode": mode, "selection": selection, "members": members, "postprocessing": None}
+    folds = Counter(m["fold"] for m in members)
+    logger.info(f"ensemble: {len(members)} members ({mode}, {selection}), per fold "
+                + ", ".join(f"{fold}: {count}" for fold, count in sorted(folds.items(), key=lambda i: str(i[0]))))
     predictor = EnsemblePredictor(work, ensemble)
-    logger.info(f"ensemble: {len(ensemble['members'])} members ({mode}); choosing post-processing on "
-                "out-of-fold predictions")
-    cases = out_of_fold_cases(predictor, ensemble, run) if _binary(predictor) else []
-    if cases:
-        choice = choose_postprocessing(cases)  # float16 probabilities: no second, float32 copy of every case
-        ensemble["postprocessing"] = choice
-        before, after = choice["baseline"]["dice_mean"], choice["selected"]["dice_mean"]
-        logger.info(f"ensemble: post-processing steps {choice['steps'] or 'none'} "
-                    f"(out-of-fold Dice {before:.4f} -> {after:.4f})")
-    write_text_atomic(work.ensemble_file, json.dumps(ensemble, indent=1, default=float))
+    if _binary(predictor):
+        logger.info("ensemble: choosing post-processing on out-of-fold predictions")
+        cases = out_of_fold_cases(predictor, ensemble, run)
+        if cases:
+            choice = choose_postprocessing(cases)  # float16 probabilities: no second, float32 copy of every case
+            ensemble["postprocessing"] = choice
+            logger.info(f"ensemble: {describe_effects(choice)}")
+    write_text_atomic(work.ensemble_file, json.dumps(json_safe(ensemble), indent=1))
     return ensemble
+
+
+def _training_entries(run: dict) -> list[dict]:
+    return json.loads(Path(run["datalist"]).read_text())["training"]
 
 
 def _binary(predictor: EnsemblePredictor) -> bool:

@@ -2,7 +2,9 @@
 
 Each trial trains the profile's sweep folds in bundles named by its settings; the study
 lives in SQLite in the work dir by default, or in any Optuna RDB URL (--storage) shared by
-several machines. Hopeless trials are pruned at their validation epochs (median rule).
+several machines. Hopeless trials are pruned at their validation epochs (median rule), but
+only after a warm-up: early Dice favours fast starters (high learning rates) over the
+configurations that end best.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ logger = logging.getLogger(__name__)
 STUDY_NAME = "segresnet2d"
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 EPOCHS_PER_FOLD_STEP = 100_000  # report steps: fold index * this + epoch
+PRUNE_WARMUP_FRACTION = 0.25  # no trial is pruned before this share of its epochs
 # Shared storage: each running trial records a heartbeat; one silent for GRACE_PERIOD_S (its machine died)
 # is failed by whichever process looks next, and queued again with the same parameters.
 HEARTBEAT_INTERVAL_S = 60
@@ -58,9 +61,13 @@ def requeue_interrupted(study: optuna.Study) -> None:
 
 
 def run_sweep(storage: str, search_space: dict, num_trials: int, folds: list[int],
-              train_fold: Callable[[dict, int, Callable[[int, float], bool]], float],
+              train_fold: Callable[[dict, int, Callable[[int, float, int], bool]], float],
               single_owner: bool = True) -> optuna.Study:
-    """Run trials until num_trials are complete or pruned; train_fold(params, fold, on_validation) -> Dice."""
+    """Run trials until num_trials are complete or pruned.
+
+    train_fold(params, fold, on_validation) -> best Dice, where on_validation(epoch, dice, num_epochs)
+    returns True when the trial is to stop (pruned).
+    """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(storage, shared=not single_owner)
     if single_owner:
@@ -75,9 +82,9 @@ def run_sweep(storage: str, search_space: dict, num_trials: int, folds: list[int
         logger.info(f"sweep: trial {trial.number} ({done + 1}/{num_trials}) {params}")
         scores = []
         for index, fold in enumerate(folds):
-            def report(epoch: int, dice: float, index: int = index) -> bool:
+            def report(epoch: int, dice: float, num_epochs: int, index: int = index) -> bool:
                 trial.report(dice, index * EPOCHS_PER_FOLD_STEP + epoch)
-                return trial.should_prune()
+                return past_warmup(epoch, num_epochs) and trial.should_prune()
 
             scores.append(train_fold(params, fold, report))
         value = sum(scores) / len(scores)
@@ -91,6 +98,11 @@ def run_sweep(storage: str, search_space: dict, num_trials: int, folds: list[int
     else:
         logger.info(f"sweep: {num_trials} trials already finished")
     return study
+
+
+def past_warmup(epoch: int, num_epochs: int) -> bool:
+    """Whether a validation at `epoch` (1-based) of `num_epochs` may prune its trial."""
+    return epoch >= PRUNE_WARMUP_FRACTION * num_epochs
 
 
 def best_per_variant(study: optuna.Study, top: int) -> list[dict]:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from pathlib import Path
+
 import nibabel as nib
 import numpy as np
 import pytest
 
-from autoseg2d.pipeline.ensemble import EnsemblePredictor, predict_images, select_members
+from autoseg2d.evaluation.postprocess import apply_postprocessing, choose_postprocessing
+from autoseg2d.pipeline.ensemble import EnsemblePredictor, out_of_fold_cases, predict_images, select_members
 from autoseg2d.synthetic import make_head_ct, write_case
 
 
@@ -28,10 +33,39 @@ def predictor(mode: str, *lesions: np.ndarray) -> EnsemblePredictor:
     return ensemble
 
 
-def test_best_members_across_variants_and_folds():
-    records = [{"bundle": f"b{i}", "score": s, "fold": i % 2, "seed": 0, "variant": "v"}
-               for i, s in enumerate([0.5, 0.9, 0.7, 0.8])]
-    assert [m["bundle"] for m in select_members(records, 2)] == ["b1", "b3"]
+PAPER_FOLD_DICE = (0.730, 0.851, 0.821, 0.762, 0.816)
+
+
+def cv_records(fold_dice=PAPER_FOLD_DICE, runs: int = 9) -> list[dict]:
+    """3 variants x 3 runs x 5 folds = 45 bundles whose scores follow their fold's difficulty."""
+    rng = np.random.default_rng(0)
+    return [{"bundle": f"v{run // 3}-s{run % 3}-f{fold}", "score": dice + rng.normal(0, 0.01), "fold": fold,
+             "seed": run % 3, "variant": f"v{run // 3}"}
+            for run in range(runs) for fold, dice in enumerate(fold_dice)]
+
+
+def test_global_top_n_leaves_the_hardest_folds_out_and_fold_balanced_does_not():
+    old = select_members(cv_records(), 18, "global_top")
+    assert {m["fold"] for m in old} == {1, 2, 4}  # the previous behaviour: folds 0 and 3 get no model
+    new = select_members(cv_records(), 18)
+    per_fold = Counter(m["fold"] for m in new)
+    assert len(new) == 18 and set(per_fold) == set(range(5)) and min(per_fold.values()) == 3
+    assert all({"fold", "variant", "seed", "score", "reason", "rank_in_fold"} <= m.keys() for m in new)
+    assert sum(m["reason"].startswith("extra") for m in new) == 3
+    for fold in range(5):  # each fold's members are its best bundles
+        scores = sorted((r["score"] for r in cv_records() if r["fold"] == fold), reverse=True)
+        assert sorted((m["score"] for m in new if m["fold"] == fold), reverse=True) == scores[:per_fold[fold]]
+
+
+def test_one_easy_fold_still_gives_every_fold_members_and_small_ensembles_cover_every_fold():
+    easy = cv_records(fold_dice=(0.95, 0.5, 0.5, 0.5, 0.5))
+    assert Counter(m["fold"] for m in select_members(easy, 5)) == {f: 1 for f in range(5)}
+    assert Counter(m["fold"] for m in select_members(easy, 2)) == {f: 1 for f in range(5)}  # raised to one per fold
+    few = [r for r in easy if r["fold"] != 0 or r["seed"] == 0 and r["variant"] == "v0"]  # fold 0: one bundle
+    members = select_members(few, 10)
+    assert len(members) == 10 and Counter(m["fold"] for m in members)[0] == 1
+    with pytest.raises(ValueError, match="unknown member selection strategy 'best'.*fold_balanced"):
+        select_members(easy, 5, "best")
 
 
 def test_mean_and_vote():
@@ -73,3 +107,42 @@ def test_prediction_refuses_clashing_names_and_writing_over_the_inputs(tmp_path)
     with pytest.raises(ValueError, match="holds the input images"):
         predict_images(predictor("mean", lesion), images[:1], tmp_path / "siteA")
     assert not (tmp_path / "out").exists()
+
+
+class FoldModel:
+    """A member trained on every fold but its own: refuses to predict a case it trained on."""
+
+    def __init__(self, fold: int, folds_of_cases: dict, lesion: np.ndarray):
+        self.fold, self.folds_of_cases, self.lesion, self.seen = fold, folds_of_cases, lesion, []
+
+    def infer(self, image):
+        import torch
+
+        case = Path(image).name
+        assert self.folds_of_cases[case] == self.fold, f"member of fold {self.fold} predicted {case}, a training case"
+        self.seen.append(case)
+        return torch.from_numpy(np.stack([1 - self.lesion, self.lesion]).astype(np.float32))
+
+
+def test_out_of_fold_cases_use_only_members_that_did_not_train_on_them_and_cover_every_case(tmp_path):
+    entries, folds_of_cases = [], {}
+    for i in range(6):
+        case = make_head_ct(size=16, num_slices=4, seed=i)
+        write_case(case, tmp_path / f"c{i}.nii.gz", tmp_path / f"l{i}.nii.gz")
+        entries.append({"image": f"c{i}.nii.gz", "label": f"l{i}.nii.gz", "fold": i % 3})
+        folds_of_cases[f"c{i}.nii.gz"] = i % 3
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": entries}))
+    lesion = np.zeros((16, 16, 4), np.float32)
+    lesion[4:8, 4:8, 1] = 0.4  # never reaches 0.5: only the never-empty guarantee finds it
+    members = [{"fold": f, "bundle": f"b{f}"} for f in (0, 1, 2, 2)]
+    ensemble = {"mode": "mean", "members": members}
+    ens = predictor("mean")
+    ens.members = [FoldModel(m["fold"], folds_of_cases, lesion) for m in members]
+    cases = out_of_fold_cases(ens, ensemble, {"datalist": datalist, "dataroot": tmp_path})
+    assert sorted(c["case_id"] for c in cases) == [f"c{i}" for i in range(6)]
+    assert sorted(ens.members[3].seen) == sorted(ens.members[2].seen) == ["c2.nii.gz", "c5.nii.gz"]
+    assert all(c["prob"].dtype == np.float16 for c in cases)  # what the ensemble stage passes on
+    choice = choose_postprocessing(cases)
+    assert choice["steps"][-1]["name"] == "keep_nonempty"
+    assert apply_postprocessing(cases[0]["prob"], cases[0]["spacing_mm"], choice).sum() == 16

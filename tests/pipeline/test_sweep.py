@@ -16,7 +16,7 @@ def fake_training(calls: list):
     """Stands in for training: the Dice depends on the variant, and every call is recorded."""
     def train_fold(params, fold, report):
         calls.append(params["input_variant"])
-        report(1, 0.5)
+        report(1, 0.5, 4)
         return {"slices": 0.6, "windows": 0.7, "both": 0.8}[params["input_variant"]]
 
     return train_fold
@@ -82,3 +82,20 @@ def test_a_shared_sweep_retries_the_trial_of_a_machine_that_died(tmp_path, monke
     assert sorted(calls) == ["both", "slices", "windows"]  # the dead machine's trial ran again, here
     states = [t.state for t in study.trials]
     assert states.count(optuna.trial.TrialState.FAIL) == 1 and states.count(optuna.trial.TrialState.COMPLETE) == 3
+
+
+def test_no_trial_is_pruned_before_a_quarter_of_its_epochs(tmp_path):
+    """Three good trials, then one that is bad from the start: it may be pruned at epoch 5 of 20, not before."""
+    pruned_at: list = []
+
+    def train_fold(params, fold, report):
+        bad = len(pruned_at) == 3
+        for epoch in range(1, 21):
+            if report(epoch, 0.1 if bad else 0.8, 20):
+                pruned_at.append(epoch)
+                return 0.1
+        pruned_at.append(None)
+        return 0.8
+
+    run_sweep(f"sqlite:///{tmp_path / 'optuna.db'}", SPACE, 4, [0], train_fold)
+    assert pruned_at == [None, None, None, 5]

@@ -75,14 +75,14 @@ def test_epochs_differ_and_repeat_for_the_same_seed_and_epoch():
     assert list(first) != list(again)
 
 
-def test_ranks_split_an_epoch_into_equal_shards():
+def test_each_rank_makes_the_steps_of_a_single_process_on_its_share_of_world_size_draws():
     volumes = [volume(), volume(lesion_slices=(1, 4))]
     whole = list(sampler(volumes, ratio=0.5))  # 4 foreground + 2 background slices
     shards = [list(sampler(volumes, ratio=0.5, rank=r, world_size=4)) for r in range(4)]
-    assert len({len(s) for s in shards}) == 1 == len(set(map(len, shards)))
-    assert len(shards[0]) == len(sampler(volumes, ratio=0.5, world_size=4))
-    flat = [item for shard in shards for item in shard]
-    assert set(flat) == set(whole) and len(flat) == 4 * -(-len(whole) // 4)
+    assert [len(s) for s in shards] == [len(whole)] * 4 == [len(sampler(volumes, ratio=0.5, world_size=4))] * 4
+    draws = [item for d in range(4) for item in sampler(volumes, ratio=0.5, world_size=4).epoch_items(d)]
+    assert sorted(item for shard in shards for item in shard) == sorted(draws)
+    assert draws[:len(whole)] == whole  # draw 0 is the single-process epoch
 
 
 def test_crop_start_stays_inside_the_slice_and_centres_small_slices():
@@ -248,3 +248,33 @@ def test_container_cpu_quota_is_read_from_cgroup(tmp_path):
     assert cgroup_cpu_limit(str(tmp_path / "limited")) == 3
     assert cgroup_cpu_limit(str(tmp_path / "unlimited")) is None
     assert cgroup_cpu_limit(str(tmp_path / "absent")) is None
+
+
+def test_the_budget_in_steps_is_the_same_for_1_and_8_processes():
+    from schedule import training_budget
+
+    volumes = [volume(), volume(lesion_slices=(1, 4))]
+    single, eight = sampler(volumes, ratio=0.5), sampler(volumes, ratio=0.5, rank=7, world_size=8)
+    assert len(single) == len(eight) == len(list(eight))
+    budgets = [training_budget(num_epochs=40, num_steps=0, steps_per_epoch=-(-len(s) // 2), num_warmup_epochs=2,
+                               batch_size=2, world_size=w) for s, w in ((single, 1), (eight, 8))]
+    assert budgets[0].total_steps == budgets[1].total_steps == 40 * 3
+    assert budgets[0].warmup_steps == budgets[1].warmup_steps == 6
+    assert budgets[1].samples_per_step == 8 * budgets[0].samples_per_step  # more processes: more samples per step
+    by_steps = training_budget(num_epochs=40, num_steps=100, steps_per_epoch=3, num_warmup_epochs=0,
+                               batch_size=2, world_size=1)
+    assert (by_steps.total_steps, by_steps.num_epochs) == (100, 34)
+
+
+def test_the_learning_rate_warms_up_linearly_then_falls_to_zero_on_a_cosine():
+    from schedule import warmup_cosine
+
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler, rates = warmup_cosine(optimizer, total_steps=10, warmup_steps=4), []
+    for _ in range(10):
+        rates.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert rates[4:] == sorted(rates[4:], reverse=True) and rates[-1] < 0.1
+    assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)

@@ -4,7 +4,7 @@ Every decision is one `derive_*` function of plain numbers that returns (value, 
 note is one line with the numbers the value came from. `derive_settings` reads MONAI's
 DataAnalyzer output (datastats.yaml, datastats_by_case.yaml) and calls them in turn.
 
-The paper's numbers (crop 384, batch 32, 5 levels, 300 epochs, the standard windows) are
+The paper's settings (crop 384, batch 32, 5 levels, the standard windows) and our 300 default epochs are
 not repeated here: they come from configs/hyper_parameters.yaml through `defaults`; this
 module only holds the rules that scale them and the facts those rules rest on.
 
@@ -49,6 +49,7 @@ MEASURED_INIT_FILTERS = 32
 # slices (20-70 per case), so about 2,400 slices.
 REFERENCE_TRAINING_SLICES = 2400
 MAX_EPOCH_SCALE = 4  # epochs stay within [default / 4, default x 4]
+PAPER_BUDGET = "the paper: 1600 epochs at batch 256 (32 per GPU x 8 GPUs)"
 
 PCT_LOW, PCT_HIGH = "percentile_00_5", "percentile_99_5"
 SUMMARY_FILE = "datastats.yaml"
@@ -322,20 +323,28 @@ def derive_batch_size(
                    f"slices), at least {MIN_BATCH_SIZE}")
 
 
-def derive_num_epochs(num_training_slices: int, default_epochs: int, val_every: int) -> tuple[int, str]:
+def derive_num_epochs(num_training_slices: int, default_epochs: int, val_every: int,
+                      batch_size: int) -> tuple[int, str]:
     """Scale the config's epochs by sqrt(reference slices / training slices), within [1/4, 4] x.
 
     An epoch is one pass over the sampled slices, so a small dataset needs more passes to
     get enough optimizer steps and a large one fewer; the square root lets total steps still
     grow with the data (steps ~ sqrt(slices)) rather than stay fixed. Rounded up to a
-    multiple of val_every so the last epoch is validated.
+    multiple of val_every so the last epoch is validated. The samples seen do not depend on
+    the batch size (a smaller batch makes more, smaller steps), and an epoch has the same
+    steps on any number of processes (SliceSampler), so the note gives the budget in both.
     """
     scale = math.sqrt(REFERENCE_TRAINING_SLICES / max(num_training_slices, 1))
     clamped = min(max(scale, 1 / MAX_EPOCH_SCALE), MAX_EPOCH_SCALE)
     epochs = int(math.ceil(default_epochs * clamped / val_every) * val_every)
+    samples = epochs * num_training_slices
+    steps = epochs * math.ceil(num_training_slices / max(batch_size, 1))
     return epochs, (f"num_epochs {epochs}: config {default_epochs} x sqrt({REFERENCE_TRAINING_SLICES} reference / "
                     f"{num_training_slices} training slices) = x{scale:.2f}, kept in [1/{MAX_EPOCH_SCALE}, "
-                    f"{MAX_EPOCH_SCALE}], rounded up to a multiple of val_every {val_every}")
+                    f"{MAX_EPOCH_SCALE}], rounded up to a multiple of val_every {val_every}; budget at most "
+                    f"{steps:,} optimizer steps of batch {batch_size} per process, {samples:,} samples seen on one "
+                    f"process (x the number of processes under torchrun; an epoch samples the slices with a lesion "
+                    f"plus background_slice_ratio of the others, so fewer in practice); {PAPER_BUDGET}")
 
 
 def _default(defaults: dict, path: tuple) -> object:
@@ -381,7 +390,7 @@ def derive_settings(
     )
     notes.append(note)
     epochs, note = derive_num_epochs(slices, int(_default(defaults, ("num_epochs",))),
-                                     int(_default(defaults, ("val_every",))))
+                                     int(_default(defaults, ("val_every",))), batch)
     notes.append(note)
 
     settings = {

@@ -44,8 +44,13 @@ class SliceSampler(Sampler):
 
     Hemorrhage often spans only 2-3 of 20-70 slices, so sampling slices uniformly would show
     the network almost nothing but background. Yields (volume, slice, sample seed); the order
-    and the seeds come from (seed, epoch) alone, the same on every rank, and each rank takes
-    every world_size-th item (short ranks repeat items: DDP needs equal step counts).
+    and the seeds come from (seed, epoch) alone, the same on every rank.
+
+    Under torchrun an epoch has as many steps per process as one process alone would make:
+    the world_size processes share world_size draws of the epoch (each takes every
+    world_size-th item), so the optimizer steps and the learning-rate schedule do not depend
+    on the number of processes, and each step sees world_size x batch_size samples (the
+    paper's setup: batch 32 per GPU on 8 GPUs).
     """
 
     def __init__(self, foreground: list[dict], num_slices: list[int], background_slice_ratio: float, seed: int,
@@ -63,8 +68,10 @@ class SliceSampler(Sampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
-    def epoch_items(self) -> list[tuple[int, int, int]]:
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def epoch_items(self, draw: int | None = None) -> list[tuple[int, int, int]]:
+        """The items of one draw of the epoch; draw 0 (the default) is what a single process trains on."""
+        draw = self.epoch * self.world_size if draw is None else draw
+        rng = np.random.default_rng([self.seed, draw])
         picked = rng.choice(len(self.background_items), size=self.num_background, replace=False)
         items = self.foreground_items + [self.background_items[i] for i in sorted(picked)]
         order = rng.permutation(len(items))
@@ -72,13 +79,12 @@ class SliceSampler(Sampler):
         return [(*items[i], int(s)) for i, s in zip(order, seeds)]
 
     def __iter__(self):
-        items = self.epoch_items()
-        per_rank = -(-len(items) // self.world_size)
-        items = (items * self.world_size)[: per_rank * self.world_size]
+        draws = range(self.epoch * self.world_size, (self.epoch + 1) * self.world_size)
+        items = [item for draw in draws for item in self.epoch_items(draw)]
         return iter(items[self.rank::self.world_size])
 
     def __len__(self) -> int:
-        return -(-(len(self.foreground_items) + self.num_background) // self.world_size)
+        return len(self.foreground_items) + self.num_background
 
 
 MAX_AUTO_WORKERS = 16

@@ -24,11 +24,13 @@ from distributed import (Session, check_replicas_agree, gather_lists, rank_logge
 from inputs import channel_plan, windows_for
 from network import build_loss, build_network, count_parameters, shape_divisor
 from predictor import SlicePredictor
+from schedule import training_budget, warmup_cosine
 from slice_dataset import SliceDataset, SliceSampler, foreground_pixels, resolve_num_workers
 from gpu_memory import explain_out_of_memory
 from volumes import Volume, VolumeError, check_training_case
 
 LOG_COLUMNS = ["epoch", "loss", "val_dice", "learning_rate", "epoch_time_s"]
+FINISHED_KEYS = ("finished", "num_epochs", "num_steps")  # added to the last progress.yaml entry at the end
 INPUT_KEYS = ("modality", "input_variant", "num_adjacent_slices", "ct_windows_hu", "output_classes", "network")
 
 
@@ -106,8 +108,6 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config["learning_rate"], weight_decay=config["weight_decay"]
         )
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
-            self.optimizer, T_max=config["num_epochs"], eta_min=0)
         self.amp = bool(config["amp"]) and self.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self.best_dice, self.best_epoch = -1.0, -1
@@ -119,6 +119,10 @@ class Trainer:
         self.train_volumes = self._load(train_files, "training")
         self.val_volumes = self._load(val_files, "validation")
         self.sampler, self.loader = self._training_loader()
+        self.budget = training_budget(config["num_epochs"], config["num_steps"], len(self.loader),
+                                      config["num_warmup_epochs"], config["batch_size"], self.run.world_size)
+        self.num_epochs = self.budget.num_epochs
+        self.scheduler = warmup_cosine(self.optimizer, self.budget.total_steps, self.budget.warmup_steps)
         self.predictor = SlicePredictor(self.model, self.plan, self.windows, shape_divisor(config),
                                         config["infer_batch_size"], self.device, self.amp, config["infer_cpu_bf16"])
         self.train_model = wrap_for_training(self.model, self.run)  # after the predictor made it channels_last
@@ -159,22 +163,20 @@ class Trainer:
 
     def fit(self) -> float:
         """Train for num_epochs (continuing from model_last.pt if present); return the best validation Dice."""
-        num_epochs = self.config["num_epochs"]
+        num_epochs = self.num_epochs
         start_epoch = self._resume()
         self.log.info(
             f"fold {self.config['fold']}: {self.config['input_variant']} input, {len(self.plan)} channels, "
             f"{count_parameters(self.model) / 1e6:.1f}M parameters, {num_epochs} epochs on {self.device}, "
             f"{len(self.sampler)} samples per epoch, {self.loader.num_workers} loader workers"
-            f"{f' x {self.run.world_size} processes' if self.run.distributed else ''}"
+            f"{f' x {self.run.world_size} processes' if self.run.distributed else ''}; {self.budget.describe()}"
         )
         for epoch in range(start_epoch, num_epochs):
-            started = time.time()
+            started, lr = time.time(), self.scheduler.get_last_lr()[0]  # the rate the epoch starts at
             with explain_out_of_memory("training", self.config):
                 loss = self.train_epoch(epoch)
             with explain_out_of_memory("validation", self.config):
                 dice = self.validate() if self._validation_due(epoch) else None
-            lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
             if dice is not None and dice > self.best_dice:
                 self.best_dice, self.best_epoch = dice, epoch
                 self._save_best(epoch)
@@ -183,6 +185,7 @@ class Trainer:
         if self.run.distributed:
             self.log.info(f"weights agree across {self.run.world_size} processes "
                           f"(checksum {check_replicas_agree(self.model, self.run):.6e})")
+        self._save_finished()
         self.log.info(f"done: best validation Dice {self.best_dice:.4f} at epoch {self.best_epoch + 1}")
         return self.best_dice
 
@@ -201,6 +204,7 @@ class Trainer:
             self.scaler.scale(loss).backward()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            self.scheduler.step()  # per optimizer step: the schedule is set in steps (schedule.py)
             total, count = total + loss.item() * len(image), count + len(image)
         total, count = sum_over_ranks([total, count], self.run)
         return total / max(count, 1)
@@ -212,7 +216,7 @@ class Trainer:
         return float(np.mean(gather_lists(scores, self.run)))
 
     def _validation_due(self, epoch: int) -> bool:
-        return (epoch + 1) % self.config["val_every"] == 0 or epoch + 1 == self.config["num_epochs"]
+        return (epoch + 1) % self.config["val_every"] == 0 or epoch + 1 == self.num_epochs
 
     def _record(self, epoch: int, loss: float, dice: float | None, lr: float, seconds: float) -> None:
         if not self.run.is_main:  # only rank 0 writes files
@@ -225,9 +229,9 @@ class Trainer:
                 writer.writerow(LOG_COLUMNS)
             dice_text = "" if dice is None else f"{dice:.5f}"
             writer.writerow([epoch + 1, f"{loss:.5f}", dice_text, f"{lr:.3e}", f"{seconds:.2f}"])
-        remaining = (self.config["num_epochs"] - epoch - 1) * seconds
+        remaining = (self.num_epochs - epoch - 1) * seconds
         dice_text = f" val_dice {dice:.4f} (best {self.best_dice:.4f})" if dice is not None else ""
-        self.log.info(f"epoch {epoch + 1}/{self.config['num_epochs']} loss {loss:.4f}{dice_text} "
+        self.log.info(f"epoch {epoch + 1}/{self.num_epochs} loss {loss:.4f}{dice_text} "
                       f"lr {lr:.2e} {seconds:.1f}s eta {remaining / 60:.1f}min")
 
     def _save_best(self, epoch: int) -> None:
@@ -240,6 +244,16 @@ class Trainer:
         progress.append({"best_avg_dice_score": self.best_dice, "best_epoch": epoch + 1,
                          "input_variant": self.config["input_variant"], "fold": self.config["fold"]})
         atomic_write_text(yaml.safe_dump(progress, sort_keys=False), progress_file)
+
+    def _save_finished(self) -> None:
+        """Mark the last progress.yaml entry (the one MONAI's get_score reads): the whole budget ran."""
+        if not self.run.is_main:
+            return
+        progress_file = self.ckpt_dir / "progress.yaml"
+        progress = yaml.safe_load(progress_file.read_text()) if progress_file.exists() else []
+        if progress:
+            progress[-1].update(finished=True, num_epochs=self.num_epochs, num_steps=self.budget.total_steps)
+            atomic_write_text(yaml.safe_dump(progress, sort_keys=False), progress_file)
 
     def _save_resume_state(self, epoch: int) -> None:
         if not self.run.is_main:
@@ -285,6 +299,7 @@ class Trainer:
         progress_file = self.ckpt_dir / "progress.yaml"
         if progress_file.exists():
             progress = yaml.safe_load(progress_file.read_text()) or []
-            kept = [p for p in progress if p.get("best_epoch", 0) <= epochs_done]
-            if len(kept) != len(progress):
+            kept = [{k: v for k, v in p.items() if k not in FINISHED_KEYS} for p in progress
+                    if p.get("best_epoch", 0) <= epochs_done]  # training goes on: not finished any more
+            if kept != progress:
                 atomic_write_text(yaml.safe_dump(kept, sort_keys=False), progress_file)
