@@ -7,6 +7,7 @@ Anatomy is placed in fractions of the field of view, so a 64 x 64 test volume an
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,14 +110,29 @@ def write_dataset(
     Test cases also get labels (in labelsTs) so held-back scores can be computed.
     """
     root = Path(root)
+    cases = (make_head_ct(size, num_slices, spacing_mm, seed=seed * 10_000 + i, num_classes=num_classes)
+             for i in range(num_train + num_test))
+    return write_cases_and_datalist(root, cases, num_train=num_train, num_folds=num_folds)
+
+
+def case_files(index: int, training: bool) -> tuple[str, str]:
+    """Image and label paths of case `index`, relative to the data root (nnU-Net-like imagesTr/labelsTs folders)."""
+    split = "Tr" if training else "Ts"
+    return f"images{split}/case_{index:03d}.nii.gz", f"labels{split}/case_{index:03d}.nii.gz"
+
+
+def write_cases_and_datalist(root: Path, cases: Iterable[SyntheticCase], num_train: int, num_folds: int) -> Path:
+    """Write the cases (the first num_train for training, folds in turn) and datalist.json; return its path.
+
+    Cases may come from a generator, so only one volume is in memory at a time.
+    Testing entries keep their label so that held-out cases can be scored.
+    """
     training, testing = [], []
-    for i in range(num_train + num_test):
-        case = make_head_ct(size, num_slices, spacing_mm, seed=seed * 10_000 + i, num_classes=num_classes)
-        split = "Tr" if i < num_train else "Ts"
-        image, label = f"images{split}/case_{i:03d}.nii.gz", f"labels{split}/case_{i:03d}.nii.gz"
+    for index, case in enumerate(cases):
+        image, label = case_files(index, training=index < num_train)
         write_case(case, root / image, root / label)
-        if split == "Tr":
-            training.append({"image": image, "label": label, "fold": i % num_folds})
+        if index < num_train:
+            training.append({"image": image, "label": label, "fold": index % num_folds})
         else:
             testing.append({"image": image, "label": label})
     datalist = root / "datalist.json"
