@@ -162,11 +162,11 @@ def _skull_base(head: Head, x, y, z, edge_mm: float):
     bone = anterior - air
     if z.min() < -36:
         in_petrous = ((z > -62) & (z < -36)).astype(np.float32)
-        for side in (-1.0, 1.0):
-            a = np.array([side * 0.7 * head.half_width_mm, -0.15 * head.half_length_mm])
-            b = np.array([side * 0.15 * head.half_width_mm, 0.08 * head.half_length_mm])
-            t = np.clip(((x - a[0]) * (b[0] - a[0]) + (y - a[1]) * (b[1] - a[1])) / np.sum((b - a) ** 2), 0, 1)
-            distance = np.hypot(x - a[0] - t * (b[0] - a[0]), y - a[1] - t * (b[1] - a[1]))
+        for side in (-1.0, 1.0):  # a ridge from (ax, ay) laterally to (ax + dx, ay + dy) by the clivus
+            ax, ay = side * 0.7 * head.half_width_mm, -0.15 * head.half_length_mm
+            dx, dy = -side * 0.55 * head.half_width_mm, 0.23 * head.half_length_mm
+            t = np.clip(((x - ax) * dx + (y - ay) * dy) / (dx * dx + dy * dy), 0, 1)
+            distance = np.hypot(x - ax - t * dx, y - ay - t * dy)
             bone = np.maximum(bone, soft_inside(5.0 + np.cos(distance + z / 4) - distance, edge_mm) * in_petrous)
         clivus = _ellipsoid(x, y, z, (0, 0.05 * head.half_length_mm, -60), (7, 10, 20), edge_mm)
         bone = np.maximum(bone, clivus)

@@ -123,12 +123,12 @@ def _fields(head: Head, grid: Grid, box: tuple[slice, slice, slice]) -> HeadFiel
 def _waves(rng: np.random.Generator, wavelength_mm: float, count: int = 6):
     """A smooth random field of unit spread (a sum of plane waves): cheap and the same at any pixel size."""
     directions = rng.normal(size=(count, 3))
-    k = (2 * np.pi / wavelength_mm) * directions / np.linalg.norm(directions, axis=1, keepdims=True)
-    phases = rng.uniform(0, 2 * np.pi, count)
+    k = ((2 * np.pi / wavelength_mm) * directions / np.linalg.norm(directions, axis=1, keepdims=True)).tolist()
+    phases = rng.uniform(0, 2 * np.pi, count).tolist()
 
     def field(f: HeadFields) -> np.ndarray:
-        total = sum(np.cos(k[i, 0] * f.x + k[i, 1] * f.y + k[i, 2] * f.z + phases[i]) for i in range(count))
-        return (total * np.float32(np.sqrt(2.0 / count))).astype(np.float32)
+        total = sum(np.cos(k[i][0] * f.x + k[i][1] * f.y + k[i][2] * f.z + phases[i]) for i in range(count))
+        return total * np.float32(np.sqrt(2.0 / count))
 
     return field
 
@@ -150,8 +150,8 @@ def _fill_to_volume(score: np.ndarray, region: np.ndarray, volume_mm3: float, vo
 def _lesion_intraparenchymal(rng, head: Head, grid: Grid, volume_mm3: float):
     radius = (3 * volume_mm3 / (4 * np.pi)) ** (1 / 3)
     for _ in range(200):
-        centre = np.array([rng.uniform(-0.7, 0.7) * head.half_width_mm, rng.uniform(-0.7, 0.7) * head.half_length_mm,
-                           rng.uniform(*grid.lesion_z_mm(margin_mm=radius))])
+        centre = (rng.uniform(-0.7, 0.7) * head.half_width_mm, rng.uniform(-0.7, 0.7) * head.half_length_mm,
+                  rng.uniform(*grid.lesion_z_mm(margin_mm=radius)))
         probe = head_fields(head, *[np.float32([[c]]) for c in centre[:2]], np.float32([centre[2]]), edge_mm=1.0)
         if probe.parenchyma[0, 0, 0] > 0.99 and probe.brain_depth_mm[0, 0, 0] > min(radius, 15.0):
             break
@@ -183,7 +183,7 @@ def _surface_patch(rng, head: Head, grid: Grid, area_mm2: float):
     half_mm = np.sqrt(area_mm2 / np.pi)
     theta, z = rng.uniform(-np.pi, np.pi), rng.uniform(*grid.lesion_z_mm(margin_mm=min(half_mm / 2, 10.0)))
     radius_mm = 0.9 * np.hypot(head.half_width_mm * np.cos(theta), head.half_length_mm * np.sin(theta))
-    return theta, z, min(half_mm / radius_mm, 2.0), min(half_mm * rng.uniform(0.7, 1.3), 40.0)
+    return theta, z, float(min(half_mm / radius_mm, 2.0)), float(min(half_mm * rng.uniform(0.7, 1.3), 40.0))
 
 
 def _patch_profile(f: HeadFields, theta: float, z: float, half_theta: float, half_z: float) -> np.ndarray:
@@ -199,7 +199,7 @@ def _patch_box(head: Head, theta: float, half_theta: float, depth_mm: float) -> 
 
 
 def _lesion_subdural(rng, head: Head, grid: Grid, volume_mm3: float):
-    thickness = float(np.clip(2.2 * (volume_mm3 / 1000) ** (1 / 3) * 2, 2.0, 22.0))
+    thickness = float(np.clip(4.4 * (volume_mm3 / 1000) ** (1 / 3), 2.0, 22.0))  # 60 mL: about 17 mm thick
     theta, z, half_theta, half_z = _surface_patch(rng, head, grid, 2 * volume_mm3 / thickness)
 
     def score(f: HeadFields) -> tuple[np.ndarray, np.ndarray]:
@@ -242,8 +242,8 @@ def _add_lesion(rng, kind: str, head: Head, grid: Grid, volume_ml: float, image:
     corners, z_range, score_of = LESION_BUILDERS[kind](rng, head, grid, volume_ml * 1000)
     box = grid.box(corners, z_range)
     blood_hu = rng.uniform(*BLOOD_HU_RANGE)
-    if any(s.stop <= s.start for s in box):
-        return box, np.zeros((0, 0, 0), np.float32)
+    if any(s.stop <= s.start for s in box):  # the bleed lies outside the scan
+        return box, np.zeros(tuple(max(s.stop - s.start, 0) for s in box), np.float32)
     fields = _fields(head, grid, box)
     score, region = score_of(fields)
     fine = _fill_to_volume(score, region * (1 - fields.mimic), volume_ml * 1000,
