@@ -40,6 +40,7 @@ LESION_MEDIAN_ML = 1.0
 LESION_LOG_SD = 1.5  # with the median above, about 80 % of bleeds are under 5 mL
 LESION_ML_RANGE = (0.1, 60.0)
 BLOOD_HU_RANGE = (50.0, 90.0)  # acute blood
+BLOOD_TEXTURE_HU = 4.0
 NOISE_SD_HU_RANGE = (3.0, 12.0)
 NOISE_CORRELATION_MM = (0.3, 0.9)  # Gaussian sigma of the noise texture
 SLICES_RANGE = (18, 40)
@@ -241,15 +242,15 @@ def _add_lesion(rng, kind: str, head: Head, grid: Grid, volume_ml: float, image:
     """Paint one bleed into the image (partial volume computed on sub-slices); return its box and fraction."""
     corners, z_range, score_of = LESION_BUILDERS[kind](rng, head, grid, volume_ml * 1000)
     box = grid.box(corners, z_range)
-    blood_hu = rng.uniform(*BLOOD_HU_RANGE)
+    blood_hu, texture = rng.uniform(*BLOOD_HU_RANGE), _waves(rng, wavelength_mm=6.0)
     if any(s.stop <= s.start for s in box):  # the bleed lies outside the scan
         return box, np.zeros(tuple(max(s.stop - s.start, 0) for s in box), np.float32)
     fields = _fields(head, grid, box)
     score, region = score_of(fields)
     fine = _fill_to_volume(score, region * (1 - fields.mimic), volume_ml * 1000,
                            grid.pixel_mm ** 2 * SLICE_MM / SUBSLICES, grid.pixel_mm)
-    # image = anatomy * (1 - f) + blood * f on every sub-slice, then averaged over the slice
-    image[box] += _average_subslices(fine * (blood_hu - fields.hu))
+    # image = anatomy * (1 - f) + blood * f on every sub-slice, then averaged over the slice; clots are not uniform
+    image[box] += _average_subslices(fine * (blood_hu + BLOOD_TEXTURE_HU * texture(fields) - fields.hu))
     return box, _average_subslices(fine)
 
 
@@ -311,7 +312,8 @@ def make_hard_head_ct(seed: int | list[int], size_px: int = 128, num_classes: in
         label[box][voxels] = 1 if num_classes == 1 else kinds.index(kind) + 1
         lesions.append({"kind": kind, "drawn_ml": round(float(volume_ml), 3),
                         "volume_ml": round(float(voxels.sum()) * grid.pixel_mm ** 2 * SLICE_MM / 1000, 3)})
-    mimic |= _streaks(rng, head, grid, image, inside) & (label == 0)
+    streaks = _streaks(rng, head, grid, image, inside) & (label == 0)
+    mimic |= streaks
     noise_sd = rng.uniform(*NOISE_SD_HU_RANGE)
     padded = rng.uniform() < PADDING_P
     image += _scanner_noise(np.random.default_rng(noise_seq), image.shape, noise_sd,
@@ -324,7 +326,7 @@ def make_hard_head_ct(seed: int | list[int], size_px: int = 128, num_classes: in
             "noise_sd_hu": round(noise_sd, 2), "padding_hu": PADDING_HU if padded else None,
             "normal": normal, "lesions": lesions,
             "lesion_volume_ml": round(float((label > 0).sum()) * grid.pixel_mm ** 2 * SLICE_MM / 1000, 3),
-            "mimics": head.mimics()}
+            "mimics": head.mimics() + (["beam_hardening_streaks"] if streaks.any() else [])}
     return HardCase(SyntheticCase(image_hu, label, head_ct_affine(spacing)), mimic, inside >= 0.5, info)
 
 
