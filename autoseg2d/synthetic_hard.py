@@ -24,6 +24,7 @@ random draws of a case do not depend on `size_px` (only the scanner noise does).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -276,18 +277,22 @@ def _render_head(head: Head, grid: Grid) -> tuple[np.ndarray, np.ndarray, np.nda
 def _streaks(rng, head: Head, grid: Grid, image: np.ndarray, inside: np.ndarray) -> np.ndarray:
     """Beam-hardening streaks across the slices by the skull base; returns where they add >= 20 HU."""
     bright = np.zeros(image.shape, bool)
-    x, y = grid.head_xy(slice(None), slice(None))
+    rows, cols = (np.nonzero(inside.any(axis=axes))[0] for axes in ((1, 2), (0, 2)))
+    if rows.size == 0:
+        return bright
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))  # streaks are drawn inside the skull only
+    x, y = grid.head_xy(*box)
     for j, z in enumerate(grid.sub_z(slice(None))[SUBSLICES // 2::SUBSLICES]):
         if z > -25:
             continue
         for _ in range(int(rng.integers(3, 7))):
-            px, py = rng.choice([-1, 1]) * rng.uniform(10, 30), rng.uniform(-20, 10)
+            px, py = float(rng.choice([-1, 1]) * rng.uniform(10, 30)), rng.uniform(-20, 10)
             angle = rng.uniform(0, np.pi)
-            distance = np.abs((x - px) * np.sin(angle) - (y - py) * np.cos(angle))
+            distance = np.abs((x - px) * math.sin(angle) - (y - py) * math.cos(angle))
             profile = np.clip(1 - (distance / rng.uniform(1.5, 4.0)) ** 2, 0, 1)
-            streak = rng.uniform(-45, 45) * (profile * profile) * inside[..., j]
-            image[..., j] += streak
-            bright[..., j] |= streak >= 20
+            streak = rng.uniform(-45, 45) * (profile * profile) * inside[box + (j,)]
+            image[box + (j,)] += streak
+            bright[box + (j,)] |= streak >= 20
     return bright
 
 
