@@ -273,3 +273,54 @@ def _unpack_cases(cases: Sequence[dict]) -> tuple[list, list, list, list]:
         spacings.append(validate_spacing(case["spacing_mm"], prob.ndim, case_id))
         case_ids.append(case_id)
     return probs, truths, spacings, case_ids
+
+
+def foreground_probability(probs: np.ndarray) -> np.ndarray:
+    """1 - P(background), with voxels whose argmax is background kept at or below 0.5 (and the others above).
+
+    Thresholded at 0.5 this is exactly the argmax's "any class" mask, so the never-empty rule
+    replays what the multi-class output shows, while its floors (below 0.5) still see where
+    the model put foreground probability.
+    """
+    probs = np.asarray(probs, dtype=np.float32)
+    foreground = 1.0 - probs[0]
+    argmax_foreground = probs.argmax(0) > 0
+    return np.where(argmax_foreground, np.maximum(foreground, np.nextafter(np.float32(0.5), 1)),
+                    np.minimum(foreground, 0.5)).astype(np.float16)
+
+
+def choose_multiclass_postprocessing(cases: Sequence[dict], **grids) -> dict:
+    """Per-class cleaning and a never-empty rule on the union of classes, each chosen by :data:`SELECTION_RULE`.
+
+    Each case has ``prob`` (C, ...) class probabilities, ``truth`` (class indices) and
+    ``spacing_mm``. Small components are removed per class (a class may rightly be absent
+    from a case, so no per-class rescue); the rescue acts on "any hemorrhage", as the binary one.
+    """
+    labels = [np.asarray(c["prob"]).argmax(0) for c in cases]
+    num_classes = int(np.asarray(cases[0]["prob"]).shape[0])
+    per_class = {}
+    for index in range(1, num_classes):
+        class_cases = [{"case_id": c.get("case_id", i), "prob": (label == index).astype(np.float16),
+                        "truth": (np.asarray(c["truth"]) == index), "spacing_mm": c["spacing_mm"]}
+                       for i, (c, label) in enumerate(zip(cases, labels))]
+        per_class[str(index)] = choose_postprocessing(class_cases, allow_nonempty=False, **grids)
+    union_cases = [{"case_id": c.get("case_id", i), "prob": foreground_probability(c["prob"]),
+                    "truth": np.asarray(c["truth"]) > 0, "spacing_mm": c["spacing_mm"]} for i, c in enumerate(cases)]
+    union = choose_postprocessing(union_cases, min_volume_ml_candidates=(),
+                                  floor_candidates=grids.get("floor_candidates", FLOOR_CANDIDATES))
+    return {"kind": "multiclass", "per_class": per_class, "foreground": union}
+
+
+def apply_multiclass_postprocessing(probs: np.ndarray, spacing_mm: Sequence[float], choice: dict) -> np.ndarray:
+    """Class indices (uint8) after the per-class steps and the never-empty rule of `choice`."""
+    probs = np.asarray(probs)
+    labels = probs.argmax(0).astype(np.uint8)
+    for index, class_choice in choice["per_class"].items():
+        in_class = labels == int(index)
+        kept = apply_postprocessing(in_class.astype(np.float16), spacing_mm, class_choice).astype(bool)
+        labels[in_class & ~kept] = 0
+    floors = [step["floor"] for step in choice["foreground"]["steps"] if step["name"] == "keep_nonempty"]
+    if floors and not labels.any():  # empty, also when cleaning emptied it: the most probable component
+        rescued = keep_nonempty(np.zeros(labels.shape, bool), foreground_probability(probs), floors[0])
+        labels[rescued] = probs[1:, rescued].argmax(0).astype(np.uint8) + 1
+    return labels

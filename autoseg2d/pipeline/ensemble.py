@@ -16,10 +16,12 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from autoseg2d.evaluation.postprocess import apply_postprocessing, choose_postprocessing, describe_effects
+from autoseg2d.evaluation.postprocess import (apply_multiclass_postprocessing, apply_postprocessing,
+                                              choose_multiclass_postprocessing, choose_postprocessing,
+                                              describe_effects)
 from autoseg2d.evaluation.report import json_safe
 from autoseg2d.pipeline.crossval import validation_cases
-from autoseg2d.pipeline.inference import case_name, load_inferer, read_mask
+from autoseg2d.pipeline.inference import case_name, load_inferer
 from autoseg2d.atomic_files import atomic_path, write_text_atomic
 from autoseg2d.pipeline.workdir import WorkDir
 
@@ -91,6 +93,8 @@ class EnsemblePredictor:
         return total / len(members or self.members)
 
     def mask(self, probabilities: np.ndarray, spacing_mm: tuple) -> np.ndarray:
+        if self.postprocessing and self.postprocessing.get("kind") == "multiclass":
+            return apply_multiclass_postprocessing(probabilities, spacing_mm, self.postprocessing)
         if self.postprocessing and probabilities.shape[0] == 2:
             return apply_postprocessing(probabilities[1], spacing_mm, self.postprocessing)
         return probabilities.argmax(0).astype(np.uint8)
@@ -110,10 +114,14 @@ def out_of_fold_cases(predictor: EnsemblePredictor, ensemble: dict, run: dict) -
             continue
         members = [inferer for inferer, m in zip(predictor.members, ensemble["members"]) if m["fold"] == fold]
         for case in validation_cases(run, fold):
-            truth, spacing = read_mask(case["label"])
+            labels = nib.load(str(case["label"]))
+            truth = np.asanyarray(labels.dataobj).astype(np.uint8)
             probs = predictor.probabilities(case["image"], members)
-            cases.append({"case_id": case_name(case["image"]), "fold": fold, "prob": probs[1].astype(np.float16),
-                          "truth": truth, "spacing_mm": spacing})
+            binary = probs.shape[0] == 2  # the lesion map alone; multi-class keeps every class
+            cases.append({"case_id": case_name(case["image"]), "fold": fold,
+                          "prob": (probs[1] if binary else probs).astype(np.float16),
+                          "truth": (truth > 0).astype(np.uint8) if binary else truth,
+                          "spacing_mm": tuple(float(z) for z in labels.header.get_zooms()[:3])})
     return cases
 
 
@@ -129,23 +137,23 @@ def build_ensemble(work: WorkDir, run: dict, records: list[dict], size: int, mod
     logger.info(f"ensemble: {len(members)} members ({mode}, {selection}), per fold "
                 + ", ".join(f"{fold}: {count}" for fold, count in sorted(folds.items(), key=lambda i: str(i[0]))))
     predictor = EnsemblePredictor(work, ensemble)
-    if _binary(predictor):
-        logger.info("ensemble: choosing post-processing on out-of-fold predictions")
-        cases = out_of_fold_cases(predictor, ensemble, run)
-        if cases:
-            choice = choose_postprocessing(cases)  # float16 probabilities: no second, float32 copy of every case
-            ensemble["postprocessing"] = choice
-            logger.info(f"ensemble: {describe_effects(choice)}")
+    logger.info("ensemble: choosing post-processing on out-of-fold predictions")
+    cases = out_of_fold_cases(predictor, ensemble, run)
+    if cases and cases[0]["prob"].ndim == cases[0]["truth"].ndim:  # binary: the lesion map alone
+        choice = choose_postprocessing(cases)  # float16 probabilities: no second, float32 copy of every case
+        logger.info(f"ensemble: {describe_effects(choice)}")
+    elif cases:
+        choice = choose_multiclass_postprocessing(cases)
+        for index, class_choice in choice["per_class"].items():
+            logger.info(f"ensemble: class {index}: {describe_effects(class_choice)}")
+        logger.info(f"ensemble: any class: {describe_effects(choice['foreground'])}")
+    ensemble["postprocessing"] = choice if cases else None
     write_text_atomic(work.ensemble_file, json.dumps(json_safe(ensemble), indent=1))
     return ensemble
 
 
 def _training_entries(run: dict) -> list[dict]:
     return json.loads(Path(run["datalist"]).read_text())["training"]
-
-
-def _binary(predictor: EnsemblePredictor) -> bool:
-    return int(predictor.members[0].config["output_classes"]) == 2
 
 
 def write_mask(mask: np.ndarray, source: Path, target: Path) -> None:

@@ -9,7 +9,9 @@ import pytest
 
 from autoseg2d.evaluation.postprocess import (
     FLOOR_CANDIDATES,
+    apply_multiclass_postprocessing,
     apply_postprocessing,
+    choose_multiclass_postprocessing,
     choose_postprocessing,
     describe_effects,
     keep_nonempty,
@@ -119,3 +121,31 @@ def test_apply_rejects_unknown_steps_and_listing_the_known_ones():
 def test_case_without_truth_is_named():
     with pytest.raises(ValueError, match=r"case 'c9' lacks keys \['truth'\]"):
         choose_postprocessing([{"case_id": "c9", "prob": np.zeros(SHAPE), "spacing_mm": SPACING_MM}])
+
+
+def _three_class_case(case_id: str, rescue: bool = False) -> dict:
+    """Background, class 1 (a blob) and class 2 (a blob plus a far speck); or, with rescue, only faint class 2."""
+    probs = np.zeros((3, *SHAPE), np.float32)
+    probs[0] = 0.96
+    probs[1] = probs[2] = 0.02
+    truth = np.zeros(SHAPE, np.uint8)
+    if rescue:
+        truth[_blob(10, 14)] = 2
+        probs[0][_blob(10, 14)], probs[2][_blob(10, 14)], probs[1][_blob(10, 14)] = 0.6, 0.3, 0.1
+    else:
+        truth[_blob(2, 6)], truth[_blob(10, 14)] = 1, 2
+        for index, blob in ((1, _blob(2, 6)), (2, _blob(10, 14))):
+            probs[0][blob], probs[index][blob] = 0.05, 0.93
+        probs[0][17, 17, 0], probs[2][17, 17, 0] = 0.05, 0.93  # a speck of class 2, 0.002 mL
+    return {"case_id": case_id, "prob": probs.astype(np.float16), "truth": truth, "spacing_mm": SPACING_MM}
+
+
+def test_multiclass_cleaning_is_chosen_per_class_and_the_rescue_keeps_the_most_probable_class():
+    cases = [_three_class_case("m0"), _three_class_case("m1"), _three_class_case("m2", rescue=True)]
+    choice = json.loads(json.dumps(choose_multiclass_postprocessing(cases, min_volume_ml_candidates=(0.01,),
+                                                                    floor_candidates=(0.2,))))
+    assert choice["per_class"]["1"]["steps"] == []  # nothing to clean in class 1: the smaller rule set wins ties
+    assert choice["per_class"]["2"]["steps"] == [{"name": "remove_small_components", "min_volume_ml": 0.01}]
+    assert choice["foreground"]["steps"] == [{"name": "keep_nonempty", "floor": 0.2}]
+    for case in cases:
+        assert np.array_equal(apply_multiclass_postprocessing(case["prob"], SPACING_MM, choice), case["truth"])
