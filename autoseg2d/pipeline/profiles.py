@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 import yaml
+
+from autoseg2d.templates import template_config
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
 PROFILE_KEYS = ("sweep_trials", "sweep_folds", "cv_top_variants", "cv_runs", "ensemble_size", "ensemble_mode",
@@ -32,7 +35,39 @@ def load_profile(name: str) -> dict:
     missing = [k for k in PROFILE_KEYS if k not in (profile or {})]
     if missing:
         raise ProfileError(f"profile '{name}' in {source} lacks {', '.join(missing)}")
+    check_search_space(profile["search_space"], f"profile '{name}' in {source}")
     if profile["ensemble_mode"] not in ENSEMBLE_MODES:
         raise ProfileError(f"profile '{name}': ensemble_mode '{profile['ensemble_mode']}' is not one of "
                            f"{', '.join(ENSEMBLE_MODES)}")
     return {"name": name, **profile}
+
+
+def template_keys() -> list[str]:
+    """Every key of the template config, nested ones as MONAI writes them (network#init_filters)."""
+    def walk(tree: dict, prefix: str) -> list[str]:
+        keys = []
+        for key, value in tree.items():
+            keys.append(prefix + key)
+            if isinstance(value, dict):
+                keys += walk(value, f"{prefix}{key}#")
+        return keys
+
+    return walk(yaml.safe_load(template_config().read_text()), "")
+
+
+def check_search_space(search_space: dict, where: str) -> None:
+    """Each entry names a template key and is {choices: [...]} or {low, high[, log]}.
+
+    A misspelled key would otherwise be passed on, ignored by training and still change the
+    bundle's name: a second, identical training under another hash.
+    """
+    known = template_keys()
+    for key, space in (search_space or {}).items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=3)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ProfileError(f"{where}: search_space key '{key}' is not a segresnet2d setting{hint}; valid keys "
+                               f"are those of {template_config()}")
+        if not isinstance(space, dict) or not ("choices" in space or {"low", "high"} <= space.keys()):
+            raise ProfileError(f"{where}: search_space '{key}' is {space!r}; give {{choices: [a, b, ...]}} or "
+                               "{low: x, high: y} (optionally log: true)")

@@ -1,0 +1,32 @@
+"""Budget profiles: the built-in ones load, and a wrong search space is refused before any training."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from autoseg2d.pipeline.profiles import ProfileError, load_profile
+
+
+@pytest.mark.parametrize("name", ["gpu", "cpu", "demo"])
+def test_built_in_profiles_load(name):
+    assert load_profile(name)["search_space"]["input_variant"]["choices"]
+
+
+def _profile_file(tmp_path, **search_space) -> str:
+    profile = {**load_profile("demo"), "search_space": search_space}
+    profile.pop("name")
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return str(path)
+
+
+def test_a_misspelled_search_space_key_is_refused_with_the_likely_key(tmp_path):
+    with pytest.raises(ProfileError, match=r"'learning_rte' is not a segresnet2d setting \(did you mean learning_rate"):
+        load_profile(_profile_file(tmp_path, learning_rte={"low": 1e-4, "high": 1e-3}))
+
+
+def test_nested_keys_are_valid_and_a_bad_range_is_named(tmp_path):
+    assert load_profile(_profile_file(tmp_path, **{"network#init_filters": {"choices": [8, 16]}}))
+    with pytest.raises(ProfileError, match=r"search_space 'learning_rate' is \[0.001, 0.01\]; give \{choices"):
+        load_profile(_profile_file(tmp_path, learning_rate=[0.001, 0.01]))
