@@ -26,6 +26,15 @@ def test_two_processes_train_the_same_weights_and_write_once(bundle):
     log = (bundle / "model" / "training.log").read_text()
     assert log.count("epoch 2/2") == 1  # rank 1 neither logs to the file nor writes rows
     assert "x 2 processes" in log
+    # The same optimizer steps as one process alone would make, each of 2 x 4 samples.
+    from bundle_config import load_config
+    from trainer import Trainer
+
+    alone = Trainer(load_config(str(config_file), **{k: v for k, v in settings.items() if k != "roi_size"},
+                                roi_size=[32, 32]))
+    steps = re.search(r"budget: ([\d,]+) optimizer steps .* \((\d+) per step\)", log)
+    assert steps and int(steps.group(1).replace(",", "")) == alone.budget.total_steps
+    assert int(steps.group(2)) == 2 * alone.budget.samples_per_step
     rows = list(csv.DictReader((bundle / "model" / "training_log.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2]
     progress = yaml.safe_load((bundle / "model" / "progress.yaml").read_text())
