@@ -72,23 +72,48 @@ def render_case_overlay(
     truth_mask = validate_mask(truth, case_id, "truth")
     pred_mask = validate_mask(pred, case_id, "prediction")
     most, worst = choose_slices(truth_mask, pred_mask)
+    title = (f"{case_id}   truth {volume_ml(truth_mask, spacing_mm):.2f} mL (green)   "
+             f"prediction {volume_ml(pred_mask, spacing_mm):.2f} mL (magenta)")
+    return _render_panels(image_hu, truth_mask, pred_mask, [(most, "most hemorrhage"), (worst, "worst error")],
+                          title, path, window_hu)
+
+
+def render_prediction_overlay(
+    image_hu: np.ndarray,
+    pred: np.ndarray,
+    path: str | Path,
+    title: str,
+    slices: Sequence[int],
+    window_hu: tuple[float, float] = BRAIN_WINDOW_HU,
+) -> Path:
+    """Write one panel per axial slice in `slices` with the prediction outlined (magenta); no truth needed."""
+    if image_hu.shape != pred.shape or image_hu.ndim != 3:
+        raise ValueError(f"{title}: image {image_hu.shape} and prediction {pred.shape} must be the same (x, y, z) "
+                         "shape.")
+    if not slices:
+        raise ValueError(f"{title}: no slices to draw; pass at least one axial slice index.")
+    pred_mask = (np.asarray(pred) > 0).astype(np.uint8)
+    panels = [(int(z), f"z={int(z)}") for z in slices]
+    return _render_panels(image_hu, np.zeros_like(pred_mask), pred_mask, panels, title, path, window_hu,
+                          label_slices=False)
+
+
+def _render_panels(image_hu: np.ndarray, truth: np.ndarray, pred: np.ndarray, panels: Sequence[tuple[int, str]],
+                   title: str, path: str | Path, window_hu: tuple[float, float], label_slices: bool = True) -> Path:
+    """Side-by-side axial panels (slice index, label), a title above, written atomically as a PNG."""
     size_x, size_y = image_hu.shape[:2]
     scale = max(1, math.ceil(MIN_PANEL_PX / max(size_x, size_y)))
     panel_w, panel_h = size_x * scale, size_y * scale
-    figure = Figure(figsize=(2 * panel_w / DPI, (panel_h + TITLE_HEIGHT_PX) / DPI), dpi=DPI)
+    count = len(panels)
+    figure = Figure(figsize=(count * panel_w / DPI, (panel_h + TITLE_HEIGHT_PX) / DPI), dpi=DPI)
     FigureCanvasAgg(figure)
     bottom_fraction = panel_h / (panel_h + TITLE_HEIGHT_PX)
-    for index, (slice_index, label) in enumerate([(most, "most hemorrhage"), (worst, "worst error")]):
-        axes = figure.add_axes((index / 2, 0.0, 0.5, bottom_fraction))
-        _draw_slice(axes, image_hu[..., slice_index], truth_mask[..., slice_index],
-                    pred_mask[..., slice_index], window_hu)
-        axes.text(0.02, 0.98, f"z={slice_index}: {label}", transform=axes.transAxes,
-                  color=LABEL_COLOR, fontsize=8, va="top")
-    figure.suptitle(
-        f"{case_id}   truth {volume_ml(truth_mask, spacing_mm):.2f} mL (green)   "
-        f"prediction {volume_ml(pred_mask, spacing_mm):.2f} mL (magenta)",
-        fontsize=9, y=1 - 0.5 * TITLE_HEIGHT_PX / (panel_h + TITLE_HEIGHT_PX), va="center",
-    )
+    for index, (slice_index, label) in enumerate(panels):
+        axes = figure.add_axes((index / count, 0.0, 1 / count, bottom_fraction))
+        _draw_slice(axes, image_hu[..., slice_index], truth[..., slice_index], pred[..., slice_index], window_hu)
+        text = f"z={slice_index}: {label}" if label_slices else label
+        axes.text(0.02, 0.98, text, transform=axes.transAxes, color=LABEL_COLOR, fontsize=8, va="top")
+    figure.suptitle(title, fontsize=9, y=1 - 0.5 * TITLE_HEIGHT_PX / (panel_h + TITLE_HEIGHT_PX), va="center")
     with atomic_path(path) as temporary:
         figure.savefig(temporary, dpi=DPI, facecolor="white")
     return Path(path)

@@ -11,7 +11,7 @@ from nibabel import orientations
 from autoseg2d.evaluation.overlays import render_case_overlay, render_contact_sheet
 
 
-def _ras(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+def read_ras(path: str | Path) -> tuple[np.ndarray, tuple[float, ...]]:
     """Array in RAS order (axial axis last) and its spacing, by axis permutation and flips only."""
     image = nib.load(str(path))
     ornt = orientations.io_orientation(image.affine)
@@ -25,9 +25,9 @@ def render_overlays(cases: dict[str, dict[str, Path | None]], output_dir: str | 
     output_dir = Path(output_dir)
     pictures = []
     for name, paths in sorted(cases.items()):
-        image, spacing = _ras(paths["image"])
-        truth = (_ras(paths["label"])[0] > 0).astype(np.uint8)
-        pred = (_ras(paths["pred"])[0] > 0).astype(np.uint8) if paths.get("pred") else np.zeros_like(truth)
+        image, spacing = read_ras(paths["image"])
+        truth = (read_ras(paths["label"])[0] > 0).astype(np.uint8)
+        pred = (read_ras(paths["pred"])[0] > 0).astype(np.uint8) if paths.get("pred") else np.zeros_like(truth)
         pictures.append(render_case_overlay(image, truth, pred, output_dir / f"{name}.png", name, spacing))
     if pictures:
         render_contact_sheet(pictures, output_dir / "contact_sheet.png")

@@ -24,6 +24,7 @@ from autoseg2d.pipeline.crossval import validation_cases
 from autoseg2d.pipeline.inference import case_name, load_inferer
 from autoseg2d.atomic_files import atomic_path, write_text_atomic
 from autoseg2d.pipeline.workdir import WorkDir
+from autoseg2d.reporting.case_report import REPORT_CSV, REPORT_JSON, CaseReport, lesion_class_names
 
 logger = logging.getLogger(__name__)
 
@@ -82,15 +83,21 @@ class EnsemblePredictor:
         self.mode = ensemble["mode"]
         self.postprocessing = ensemble.get("postprocessing")
 
-    def probabilities(self, image: Path, members: list | None = None) -> np.ndarray:
-        """Mean class probabilities (mode mean) or vote fractions (mode vote), (C, X, Y, Z) in the file grid."""
-        total = None
+    def probabilities(self, image: Path, members: list | None = None, return_members: bool = False):
+        """Mean class probabilities (mode mean) or vote fractions (mode vote), (C, X, Y, Z) in the file grid.
+
+        With return_members, also each member's argmax mask (uint8 class indices, X, Y, Z), for the report's
+        agreement columns: (probabilities, member_masks)."""
+        total, member_masks = None, []
         for inferer in members or self.members:
             probs = inferer.infer(str(image)).numpy()
+            if return_members:
+                member_masks.append(probs.argmax(0).astype(np.uint8))
             if self.mode == "vote":
                 probs = np.eye(probs.shape[0], dtype=np.float32)[probs.argmax(0)].transpose(3, 0, 1, 2)
             total = probs if total is None else total + probs
-        return total / len(members or self.members)
+        mean = total / len(members or self.members)
+        return (mean, member_masks) if return_members else mean
 
     def mask(self, probabilities: np.ndarray, spacing_mm: tuple) -> np.ndarray:
         if self.postprocessing and self.postprocessing.get("kind") == "multiclass":
@@ -166,27 +173,37 @@ def write_mask(mask: np.ndarray, source: Path, target: Path) -> None:
         nib.save(nib.Nifti1Image(mask.astype(np.uint8), image.affine, header), str(temporary))
 
 
-def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir: Path) -> list[dict]:
-    """Predict each image into output_dir under its own file name; finished files are kept, not redone."""
+def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir: Path,
+                   sources: dict[str, str] | None = None) -> list[dict]:
+    """Predict each image into output_dir under its own file name; finished files are kept, not redone.
+
+    The per-case report (report.csv, report.json, qa/) is written beside the masks; `sources` names
+    the input a case came from when that is not the image file itself (a DICOM series folder)."""
     clashes = sorted(name for name, count in Counter(image.name for image in images).items() if count > 1)
     if clashes:
         raise ValueError(f"file names occur more than once among the images to predict ({', '.join(clashes[:5])}):"
                          " each prediction is saved under its image's file name, so rename them")
     if any(image.resolve().parent == output_dir.resolve() for image in images):
         raise ValueError(f"the output folder {output_dir} holds the input images; choose another output folder")
-    results = []
+    results, sources = [], sources or {}
+    report = CaseReport(output_dir, lesion_class_names(getattr(predictor.members[0], "config", {})))
     for index, image in enumerate(images, 1):
         target = output_dir / image.name
         if target.exists():
             logger.info(f"predict {index}/{len(images)} {image.name}: done before, kept")
+            report.keep_case(case_name(image), image, target, sources.get(case_name(image)))
             continue
         started = time.time()
         spacing = tuple(float(z) for z in nib.load(str(image)).header.get_zooms()[:3])
-        mask = predictor.mask(predictor.probabilities(image), spacing)
+        probabilities, member_masks = predictor.probabilities(image, return_members=True)
+        mask = predictor.mask(probabilities, spacing)
         write_mask(mask, image, target)
         volume_ml = float((mask > 0).sum()) * float(np.prod(spacing)) / 1000.0
         seconds = time.time() - started
+        report.add_case(case_name(image), image, target, mask, member_masks, seconds, sources.get(case_name(image)))
         results.append({"case": case_name(image), "volume_ml": volume_ml, "seconds": seconds, "output": str(target)})
         print(f"predict {index}/{len(images)} {image.name}: hemorrhage {volume_ml:.2f} mL, {seconds:.1f}s",
               flush=True)
+    if report.write_contact_sheet():
+        logger.info(f"predict: report and QA pictures in {output_dir} ({REPORT_CSV}, {REPORT_JSON}, qa/)")
     return results

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
@@ -112,7 +113,12 @@ def test_predict_command_writes_volumes(tiny_run, tmp_path):
     output = run_cli("predict", "--input", str(root / "data" / "imagesTs"), "--output", str(tmp_path / "masks"),
                      "--work_dir", str(root / "work"), cwd=root)
     assert output.count("hemorrhage") == 2 and " mL" in output
-    assert sorted(p.name for p in (tmp_path / "masks").iterdir()) == ["case_006.nii.gz", "case_007.nii.gz"]
+    masks = sorted(p.name for p in (tmp_path / "masks").glob("*.nii.gz"))
+    assert masks == ["case_006.nii.gz", "case_007.nii.gz"]
+    rows = list(csv.DictReader((tmp_path / "masks" / "report.csv").open()))
+    assert [row["case"] for row in rows] == ["case_006", "case_007"]
+    assert all(row["member_dice_mean"] and row["seconds"] for row in rows)  # two members: agreement measured
+    assert (tmp_path / "masks" / "qa" / "contact_sheet.png").exists()
 
 
 def test_a_moved_work_dir_still_predicts(tiny_run, tmp_path):
