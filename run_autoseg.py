@@ -4,6 +4,7 @@
     python run_autoseg.py --datalist datalists/instance22.json --dataroot /data   # every stage
     python run_autoseg.py predict --input scans/ --output masks/ --work_dir work
     python run_autoseg.py evaluate --pred masks/ --gt labels/
+    python run_autoseg.py export --work_dir work --output ich_bundle/         # the ensemble as a MONAI bundle
     python run_autoseg.py datalist --root /data/instance22 --output datalist.json
     python run_autoseg.py COMMAND --help                           # the options of one command
 """
@@ -20,6 +21,7 @@ from autoseg2d.check import check_inputs
 from autoseg2d.datalist import build_datalist
 from autoseg2d.evaluation.evaluate import evaluate_folders
 from autoseg2d.pipeline.demo import run_demo
+from autoseg2d.pipeline.export import export_bundle
 from autoseg2d.pipeline.runner import predict, run_pipeline
 
 
@@ -53,6 +55,7 @@ COMMANDS = {
     "predict": predict,
     "evaluate": evaluate_folders,
     "datalist": build_datalist,
+    "export": export_bundle,
 }
 
 if __name__ == "__main__":

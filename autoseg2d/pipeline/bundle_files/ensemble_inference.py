@@ -1,0 +1,82 @@
+"""The exported bundle's ensemble: members' mean (or vote), the chosen post-processing, one NIfTI mask per scan.
+
+This file is copied into the bundle's scripts/ next to the template's own scripts and runs
+there, through ``python -m monai.bundle run``, with sibling imports only: the bundle needs
+nothing from the repository it was exported from. It combines the members exactly as
+autoseg2d.pipeline.ensemble.EnsemblePredictor does (tests/pipeline/test_export.py checks the
+masks are identical).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the template's modules sit beside this file
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+
+from infer import InferClass  # noqa: E402
+from postprocess import apply_postprocessing  # noqa: E402
+
+BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+MEMBER_CONFIG = "hyper_parameters.yaml"
+
+
+class EnsembleInference:
+    def __init__(self, members: list[str], mode: str = "mean", postprocessing: dict | None = None):
+        """members: folders holding a member's hyper_parameters.yaml and model.pt (models/member_<i>)."""
+        if mode not in ("mean", "vote"):
+            raise ValueError(f"ensemble mode {mode!r} is not known; use 'mean' or 'vote' (configs/inference.json)")
+        self.members = [InferClass(str(Path(m) / MEMBER_CONFIG), ckpt_path=str(m), bundle_root=str(m))
+                        for m in members]
+        self.mode, self.postprocessing = mode, postprocessing or None
+
+    def probabilities(self, image: str) -> np.ndarray:
+        total = None
+        for member in self.members:
+            probs = member.infer(str(image)).numpy()
+            if self.mode == "vote":
+                probs = np.eye(probs.shape[0], dtype=np.float32)[probs.argmax(0)].transpose(3, 0, 1, 2)
+            total = probs if total is None else total + probs
+        return total / len(self.members)
+
+    def mask(self, probabilities: np.ndarray, spacing_mm: tuple) -> np.ndarray:
+        if self.postprocessing and probabilities.shape[0] == 2:
+            return apply_postprocessing(probabilities[1], spacing_mm, self.postprocessing)
+        return probabilities.argmax(0).astype(np.uint8)
+
+    def predict_folder(self, dataset_dir: str, output_dir: str) -> list[str]:
+        """A uint8 mask for every NIfTI scan in dataset_dir, under the scan's file name, header and affine."""
+        images = sorted(p for p in Path(dataset_dir).iterdir() if p.name.endswith(NIFTI_SUFFIXES)) \
+            if Path(dataset_dir).is_dir() else []
+        if not images:
+            raise FileNotFoundError(f"no .nii or .nii.gz scans in dataset_dir {dataset_dir}; pass the folder of scans"
+                                    " as --dataset_dir on the monai.bundle command line")
+        written = []
+        for image in images:
+            started = time.time()
+            source = nib.load(str(image))
+            spacing = tuple(float(z) for z in source.header.get_zooms()[:3])
+            mask = self.mask(self.probabilities(str(image)), spacing)
+            written.append(write_mask(mask, source, Path(output_dir) / image.name))
+            volume_ml = float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
+            print(f"{image.name}: hemorrhage {volume_ml:.2f} mL, {time.time() - started:.1f}s -> {written[-1]}",
+                  flush=True)
+        return written
+
+
+def write_mask(mask: np.ndarray, source: nib.Nifti1Image, target: Path) -> str:
+    """Write under a temporary name and rename, so a killed run leaves no half-written mask."""
+    header = source.header.copy()
+    header.set_data_dtype(np.uint8)
+    header["scl_slope"], header["scl_inter"] = 1, 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f".{os.getpid()}.tmp.{target.name}")
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), source.affine, header), str(temporary))
+    os.replace(temporary, target)
+    return str(target)

@@ -1,0 +1,135 @@
+"""The exported bundle's text files: configs/inference.json, configs/metadata.json and docs/README.md.
+
+Key names follow MONAI's model zoo (bundle_root, dataset_dir, output_dir), so the usual
+``--dataset_dir ... --output_dir ...`` overrides work on the ``monai.bundle run`` command line.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+
+import monai
+import numpy as np
+import torch
+
+from autoseg2d.reporting.agreement import LOW_AGREEMENT_DICE
+
+# The model zoo's current schema; `monai.bundle verify_metadata` downloads it unless --filepath names a local copy.
+MODEL_ZOO_SCHEMA_URL = ("https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/"
+                        "meta_schema_20240725.json")
+BUNDLE_VERSION = "0.1.0"
+LICENSE = "Apache-2.0"
+REQUIRED_PACKAGES = ("nibabel", "scipy", "pyyaml", "fire")
+
+
+def inference_config(ensemble: dict, num_members: int) -> dict:
+    """A config of _target_ components that ConfigWorkflow runs; the scripts are found as the `scripts` package
+    because `monai.bundle run` puts the bundle folder on sys.path."""
+    postprocessing = ensemble.get("postprocessing")
+    return {
+        # run() puts the bundle folder on sys.path only after "imports" are evaluated, so import lazily
+        "bundle_root": "$__import__('scripts.ensemble_inference', fromlist=['BUNDLE_ROOT']).BUNDLE_ROOT",
+        "dataset_dir": "$@bundle_root + '/data'",
+        "output_dir": "$@bundle_root + '/eval'",
+        "ensemble_mode": ensemble["mode"],
+        "ensemble_postprocessing": (None if not postprocessing else
+                                    {"threshold": postprocessing["threshold"], "steps": postprocessing["steps"]}),
+        "members": [f"$@bundle_root + '/models/member_{index}'" for index in range(num_members)],
+        "ensemble": {"_target_": "scripts.ensemble_inference.EnsembleInference", "members": "@members",
+                     "mode": "@ensemble_mode", "postprocessing": "@ensemble_postprocessing"},
+        "run": ["$@ensemble.predict_folder(@dataset_dir, @output_dir)"],
+    }
+
+
+def metadata(ensemble: dict, classes: list[str], work_name: str) -> dict:
+    channels = {str(index): name for index, name in enumerate(classes)}
+    scores = [float(m["score"]) for m in ensemble["members"]]
+    return {
+        "schema": MODEL_ZOO_SCHEMA_URL,
+        "version": BUNDLE_VERSION,
+        "changelog": {BUNDLE_VERSION: f"exported from the work dir {work_name} by run_autoseg.py export"},
+        "monai_version": monai.__version__,
+        "pytorch_version": torch.__version__.split("+")[0],
+        "numpy_version": np.__version__,
+        "required_packages_version": {name: importlib.metadata.version(name) for name in REQUIRED_PACKAGES},
+        "name": "ICH segmentation, segresnet2d ensemble",
+        "task": "Intracranial hemorrhage segmentation on non-contrast head CT",
+        "description": (f"An ensemble of {len(scores)} 2D SegResNetDS models (Auto3DSeg template segresnet2d) run "
+                        "slice by slice on axial slices at native resolution; probabilities are averaged "
+                        f"({ensemble['mode']}) and post-processed as chosen by cross-validation."),
+        "authors": "segresnet2d-autoseg contributors",
+        "copyright": "Copyright (c) segresnet2d-autoseg contributors",
+        "license": LICENSE,
+        "data_type": "nifti",
+        "image_classes": "one channel: CT in Hounsfield units",
+        "label_classes": ", ".join(f"{index} is {name}" for index, name in channels.items()),
+        "pred_classes": ", ".join(f"{index} is {name}" for index, name in channels.items()),
+        "eval_metrics": {"mean_member_validation_dice": float(np.mean(scores))},
+        "intended_use": "Research only; not a medical device and not for clinical decisions.",
+        "network_data_format": {
+            "inputs": {"image": {"type": "image", "format": "hounsfield", "modality": "CT", "num_channels": 1,
+                                 "spatial_shape": ["*", "*", "*"], "dtype": "int16", "value_range": [-1024, 3071],
+                                 "is_patch_data": False, "channel_def": {"0": "image"}}},
+            "outputs": {"pred": {"type": "image", "format": "segmentation", "num_channels": 1,
+                                 "spatial_shape": ["*", "*", "*"], "dtype": "uint8",
+                                 "value_range": [0, len(classes) - 1], "is_patch_data": False,
+                                 "channel_def": channels}},
+        },
+    }
+
+
+def bundle_readme(ensemble: dict, classes: list[str]) -> str:
+    members = "\n".join(f"| {index} | {m['variant']} | {m['fold']} | {m['seed']} | {float(m['score']):.4f} |"
+                        for index, m in enumerate(ensemble["members"]))
+    post = ensemble.get("postprocessing")
+    steps = json.dumps(post["steps"]) if post else "none"
+    return f"""# ICH segmentation: a segresnet2d ensemble
+
+Segments intracranial hemorrhage on non-contrast head CT (NIfTI in Hounsfield units); classes:
+{", ".join(f"{index} {name}" for index, name in enumerate(classes))}. Research only: not a medical device.
+
+## Run
+
+```bash
+python -m monai.bundle run --config_file configs/inference.json --dataset_dir scans/ --output_dir masks/
+```
+
+Every `.nii` / `.nii.gz` scan in `dataset_dir` gets a uint8 mask under the same file name in
+`output_dir`, with the scan's affine and header. Models run on the GPU when PyTorch sees one,
+else on the CPU. Needs MONAI {monai.__version__}, PyTorch, nibabel, scipy, pyyaml and fire
+(versions in `configs/metadata.json`); nothing else.
+
+## What is inside
+
+- `models/member_<i>/model.pt` and `hyper_parameters.yaml`: the members' weights and settings.
+- `scripts/`: the template's scripts as trained, `postprocess.py` / `metrics.py` (the
+  post-processing) and `ensemble_inference.py` (averaging, post-processing, writing masks).
+- `configs/inference.json`: `ensemble_mode` ({ensemble["mode"]}) and `ensemble_postprocessing`
+  (threshold {post["threshold"] if post else 0.5}, steps {steps}), chosen on out-of-fold predictions.
+
+| member | input variant | fold | seed | validation Dice |
+|---|---|---|---|---|
+{members}
+
+## Check the metadata
+
+`python -m monai.bundle verify_metadata --meta_file configs/metadata.json --filepath docs/metadata_schema.json`
+checks the metadata offline against `docs/metadata_schema.json`, a local schema with the fields
+this bundle promises (not the model zoo's own schema; with network access, give `--filepath`
+a new file name and MONAI downloads the official schema named in the metadata).
+
+## MONAI Label and 3D Slicer
+
+- MONAI Label: copy this folder to `<apps>/monaibundle/model/ich_bundle` and start
+  `monailabel start_server --app <apps>/monaibundle --studies <studies> --conf models ich_bundle`.
+  MONAI Label's bundle infer task expects a single `network_def` with its own pre-/post-processing
+  keys; this bundle is an ensemble run by `ensemble_inference.py`, so run it with `monai.bundle run`
+  over the studies and load its masks as labels (MONAI Label reads `<studies>/labels/final/<name>`).
+- 3D Slicer: load the scan and its mask (Add Data, tick "Segmentation" for the mask); masks
+  written as DICOM SEG by `run_autoseg.py predict --dicom_seg` load through the DICOM browser
+  (QuantitativeReporting extension) on top of the original series.
+
+The per-case report (volumes, ABC/2, agreement flags with a low-agreement Dice threshold of
+{LOW_AGREEMENT_DICE}) comes from `run_autoseg.py predict`, not from this bundle.
+"""

@@ -1,0 +1,131 @@
+"""Export a finished ensemble as a self-contained MONAI bundle (``run_autoseg.py export``).
+
+The bundle runs with ``python -m monai.bundle run --config_file <bundle>/configs/inference.json``
+and imports nothing from this repository: the template's scripts travel in its scripts/
+folder, with the post-processing code and the ensemble runner (bundle_files/) beside them,
+each member's weights and settings in models/member_<i>/. It is built in a temporary folder
+beside the target and renamed into place, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+
+from monai.bundle import ConfigParser
+
+from autoseg2d.pipeline.bundle_metadata import bundle_readme, inference_config, metadata
+from autoseg2d.pipeline.workdir import WorkDir, WorkDirError
+from autoseg2d.reporting.case_report import lesion_class_names
+
+BUNDLE_FILES = Path(__file__).resolve().parent / "bundle_files"
+EVALUATION = Path(__file__).resolve().parents[1] / "evaluation"
+# Repository modules the bundle needs, copied into scripts/ with their package imports made sibling imports.
+COPIED_MODULES = {"postprocess.py": ("from autoseg2d.evaluation.metrics import", "from metrics import"),
+                  "metrics.py": None}
+MEMBER_CONFIG = "hyper_parameters.yaml"
+PATH_KEYS = ("bundle_root", "data_file_base_dir", "data_list_file_path")  # meaningless outside the work dir
+
+
+class ExportError(WorkDirError):
+    pass
+
+
+def export_bundle(work_dir: str = "work", output: str = "ich_bundle") -> str:
+    """Write the work dir's finished ensemble to OUTPUT as a MONAI bundle; returns OUTPUT.
+
+    Run it with: python -m monai.bundle run --config_file OUTPUT/configs/inference.json
+    --dataset_dir scans/ --output_dir masks/ (OUTPUT/docs/README.md says more).
+    """
+    work, target = WorkDir(Path(str(work_dir)).resolve()), Path(str(output)).resolve()
+    ensemble = finished_ensemble(work)
+    members = [member_files(work, member) for member in ensemble["members"]]
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise ExportError(f"{target} already exists and is not empty; choose another --output or delete it")
+    staging = target.with_name(f".{target.name}.{socket.gethostname()}-{os.getpid()}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        write_bundle(staging, work, ensemble, members)
+        if target.exists():
+            target.rmdir()
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"exported {len(members)} members to {target}; run it with\n  python -m monai.bundle run --config_file "
+          f"{target / 'configs' / 'inference.json'} --dataset_dir SCANS --output_dir MASKS", flush=True)
+    return str(target)
+
+
+def finished_ensemble(work: WorkDir) -> dict:
+    if not work.ensemble_file.exists():
+        raise ExportError(
+            f"{work.root} has no finished ensemble ({work.relative(work.ensemble_file)} is missing), so there is"
+            f" nothing to export. Finish the pipeline first: python run_autoseg.py ensemble --work_dir {work.root}")
+    return json.loads(work.ensemble_file.read_text())
+
+
+def member_files(work: WorkDir, member: dict) -> dict:
+    """A member's bundle folder, config and checkpoint, found where the bundle's own config says."""
+    bundle = work.absolute(member["bundle"])
+    config_file = bundle / "configs" / MEMBER_CONFIG
+    if not config_file.is_file():
+        raise ExportError(f"ensemble member {member['bundle']} has no {config_file}; the work dir {work.root} is"
+                          " incomplete: rerun the pipeline there (run_autoseg.py ensemble) before exporting")
+    parser = ConfigParser()
+    parser.read_config(str(config_file))
+    parser["bundle_root"] = str(bundle)
+    checkpoint = Path(parser.get_parsed_content("ckpt_path")) / "model.pt"
+    if not checkpoint.is_file():
+        raise ExportError(f"ensemble member {member['bundle']} has no trained model ({checkpoint} is missing);"
+                          f" finish training first: python run_autoseg.py ensemble --work_dir {work.root}")
+    return {**member, "path": bundle, "config_file": config_file, "checkpoint": checkpoint,
+            "config": parser.get()}
+
+
+def write_bundle(root: Path, work: WorkDir, ensemble: dict, members: list[dict]) -> None:
+    copy_scripts(members, root / "scripts")
+    for index, member in enumerate(members):
+        folder = root / "models" / f"member_{index}"
+        folder.mkdir(parents=True)
+        shutil.copy2(member["checkpoint"], folder / "model.pt")
+        settings = {**member["config"], **{key: "" for key in PATH_KEYS}}
+        (folder / MEMBER_CONFIG).write_text(json.dumps(settings, indent=1))  # JSON is YAML; no reformatting
+    (root / "configs").mkdir()
+    classes = ["background", *lesion_class_names(members[0]["config"])]
+    write_json(root / "configs" / "inference.json", inference_config(ensemble, len(members)))
+    write_json(root / "configs" / "metadata.json", metadata(ensemble, classes, work.root.name))
+    (root / "docs").mkdir()
+    shutil.copy2(BUNDLE_FILES / "metadata_schema.json", root / "docs" / "metadata_schema.json")
+    (root / "docs" / "README.md").write_text(bundle_readme(ensemble, classes))
+    shutil.copy2(BUNDLE_FILES / "LICENSE", root / "LICENSE")
+
+
+def copy_scripts(members: list[dict], scripts: Path) -> None:
+    """The template's scripts as trained (from the first member; all members must share them) plus the
+    post-processing and the ensemble runner."""
+    source = members[0]["path"] / "scripts"
+    for member in members[1:]:
+        other = member["path"] / "scripts"
+        differing = [p.name for p in source.glob("*.py") if (other / p.name).read_bytes() != p.read_bytes()] \
+            if all((other / p.name).is_file() for p in source.glob("*.py")) else ["(files missing)"]
+        if differing:
+            raise ExportError(f"ensemble members {members[0]['bundle']} and {member['bundle']} were made from different"
+                              f" template scripts ({', '.join(differing)}); one bundle can hold only one version."
+                              " Rebuild the ensemble from bundles of one template version")
+    shutil.copytree(source, scripts, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name, rewrite in COPIED_MODULES.items():
+        text = (EVALUATION / name).read_text()
+        if rewrite is not None:
+            if rewrite[0] not in text:
+                raise ExportError(f"{EVALUATION / name} no longer contains '{rewrite[0]}'; update COPIED_MODULES in"
+                                  f" {__file__} so the bundle's copy imports its siblings")
+            text = text.replace(rewrite[0], rewrite[1])
+        (scripts / name).write_text(text)
+    shutil.copy2(BUNDLE_FILES / "ensemble_inference.py", scripts / "ensemble_inference.py")
+
+
+def write_json(path: Path, content: dict) -> None:
+    path.write_text(json.dumps(content, indent=2) + "\n")

@@ -1,0 +1,107 @@
+"""run_autoseg.py export: a MONAI bundle that `monai.bundle run` executes without this repository, same masks."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import jsonschema
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from autoseg2d.pipeline.export import ExportError, export_bundle
+from autoseg2d.pipeline.runner import predict
+from tests.conftest import FAST_TRAINING, TEMPLATE
+
+POSTPROCESSING = {"threshold": 0.5, "steps": [{"name": "remove_small_components", "min_volume_ml": 0.001}],
+                  "rule": "hand-made for the test", "baseline": {}, "selected": {}, "evaluated": []}
+
+
+def train_member(bundle, datalist, fold: int) -> float:
+    from bundle_config import load_config
+    from trainer import Trainer
+
+    shutil.copytree(TEMPLATE, bundle)
+    config_file = bundle / "configs" / "hyper_parameters.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    config.update({k: v for k, v in FAST_TRAINING.items() if "#" not in k}, bundle_root=str(bundle), fold=fold,
+                  data_list_file_path=str(datalist), data_file_base_dir=str(datalist.parent), num_epochs=2,
+                  val_every=1, input_variant="slices")
+    config["network"].update(init_filters=8, blocks_down=[1, 1, 1, 1], dsdepth=3)
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    return Trainer(load_config(str(config_file))).fit()
+
+
+@pytest.fixture(scope="module")
+def finished_work(tmp_path_factory, ct_dataset):
+    """A work dir with a two-member ensemble (one per fold) and hand-set post-processing."""
+    work = tmp_path_factory.mktemp("export") / "work"
+    members = []
+    for fold in (0, 1):
+        bundle = work / "bundles" / "slices-test" / f"segresnet2d_{fold}"
+        score = train_member(bundle, ct_dataset, fold)
+        members.append({"bundle": str(bundle.relative_to(work)), "score": score, "fold": fold, "seed": 0,
+                        "variant": "slices"})
+    (work / "ensemble").mkdir()
+    ensemble = {"mode": "mean", "members": members, "postprocessing": POSTPROCESSING}
+    (work / "ensemble" / "ensemble.json").write_text(json.dumps(ensemble))
+    return work
+
+
+def test_bundle_runs_without_the_repository_and_gives_the_masks_of_predict(finished_work, ct_dataset, tmp_path):
+    scans = ct_dataset.parent / "imagesTs"
+    predict(str(scans), str(tmp_path / "predict"), work_dir=str(finished_work))
+    bundle = export_bundle(str(finished_work), str(tmp_path / "ich_bundle"))
+    for name in ("configs/metadata.json", "configs/inference.json", "models/member_0/model.pt",
+                 "models/member_1/model.pt", "docs/README.md", "LICENSE", "scripts/ensemble_inference.py"):
+        assert (tmp_path / "ich_bundle" / name).is_file(), name
+    shutil.move(bundle, tmp_path / "moved" / "ich_bundle")  # a bundle works wherever it is put
+    blocked = ("import runpy, sys; sys.modules['autoseg2d'] = None; sys.argv = ['monai.bundle', *sys.argv[1:]];"
+               " runpy.run_module('monai.bundle', run_name='__main__')")  # any import of this repository fails
+    result = subprocess.run(
+        [sys.executable, "-c", blocked, "run", "--config_file",
+         str(tmp_path / "moved" / "ich_bundle" / "configs" / "inference.json"), "--dataset_dir", str(scans),
+         "--output_dir", str(tmp_path / "bundle_masks")], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    for scan in sorted(scans.iterdir()):
+        ours = nib.load(str(tmp_path / "predict" / scan.name))
+        theirs = nib.load(str(tmp_path / "bundle_masks" / scan.name))
+        np.testing.assert_array_equal(np.asanyarray(theirs.dataobj), np.asanyarray(ours.dataobj))
+        np.testing.assert_allclose(theirs.affine, ours.affine)
+        assert theirs.get_data_dtype() == np.uint8
+
+
+def test_metadata_passes_verify_metadata_offline(finished_work, tmp_path):
+    export_bundle(str(finished_work), str(tmp_path / "b"))
+    metadata_file = tmp_path / "b" / "configs" / "metadata.json"
+    schema_file = tmp_path / "b" / "docs" / "metadata_schema.json"
+    result = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
+                             str(metadata_file), "--filepath", str(schema_file)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "verified with no error" in result.stdout + result.stderr, result.stderr[-2000:]
+    metadata = json.loads(metadata_file.read_text())
+    del metadata["license"]
+    with pytest.raises(jsonschema.ValidationError, match="license"):
+        jsonschema.validate(metadata, json.loads(schema_file.read_text()))
+
+
+def test_unfinished_work_dir_is_refused_and_nothing_is_written(finished_work, tmp_path):
+    unfinished = tmp_path / "work"
+    shutil.copytree(finished_work, unfinished, ignore=shutil.ignore_patterns("ensemble.json"))
+    with pytest.raises(ExportError, match=r"no finished ensemble \(ensemble/ensemble.json is missing\).*"
+                                          r"run_autoseg.py ensemble --work_dir"):
+        export_bundle(str(unfinished), str(tmp_path / "out"))
+    shutil.copytree(finished_work, tmp_path / "untrained")
+    (tmp_path / "untrained" / "bundles" / "slices-test" / "segresnet2d_1" / "model" / "model.pt").unlink()
+    with pytest.raises(ExportError, match=r"segresnet2d_1 has no trained model .*model.pt is missing"):
+        export_bundle(str(tmp_path / "untrained"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    with pytest.raises(ExportError, match="already exists and is not empty"):
+        export_bundle(str(finished_work), str(tmp_path / "full"))
