@@ -16,6 +16,7 @@ import optuna
 from autoseg2d.check import check_inputs
 from autoseg2d.atomic_files import write_json_atomic
 from autoseg2d.datalist import ensure_folds, validate_folds
+from autoseg2d.dicom.predict import predict_dicom
 from autoseg2d.pipeline.analyze import analyze
 from autoseg2d.pipeline.bundles import TrainingStopped, bundle_path, generate_bundles, train_bundle
 from autoseg2d.pipeline.crossval import run_crossval
@@ -138,13 +139,21 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
     return summary
 
 
-def predict(input: str, output: str, work_dir: str = "work") -> list[dict]:
-    """Apply a finished ensemble to every NIfTI file in `input`; masks go to `output` under the same names."""
+def predict(input: str, output: str, work_dir: str = "work", dicom_seg: bool = False) -> list[dict]:
+    """Apply a finished ensemble to every NIfTI file in `input`, or to the DICOM CT series there (one series'
+    slices, or one folder per series); masks go to `output` under the same names (<series folder>.nii.gz for
+    DICOM) beside report.csv, report.json and qa/ pictures. --dicom_seg also writes <series folder>.seg.dcm."""
     work = WorkDir.create(work_dir)
     if not work.ensemble_file.exists():
         raise WorkDirError(f"no ensemble in {work.root}: run the pipeline there first (it ends with ensemble.json)")
-    images = sorted(p for p in Path(input).iterdir() if p.name.endswith((".nii", ".nii.gz")))
-    if not images:
-        raise FileNotFoundError(f"no .nii or .nii.gz files in {input}")
+    input_dir = Path(str(input))
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"--input {input} is not a folder; give the folder of NIfTI scans or DICOM series")
+    images = sorted(p for p in input_dir.iterdir() if p.name.endswith((".nii", ".nii.gz")))
+    if images and dicom_seg:
+        raise ValueError(f"--dicom_seg needs DICOM input, but {input} holds NIfTI files; a SEG must reference the"
+                         " DICOM slices it was drawn on")
     predictor = EnsemblePredictor(work, json.loads(work.ensemble_file.read_text()))
-    return predict_images(predictor, images, Path(output))
+    if images:
+        return predict_images(predictor, images, Path(output))
+    return predict_dicom(predictor, input_dir, Path(str(output)), dicom_seg)

@@ -1,0 +1,48 @@
+"""Predict DICOM CT series: each series is read and checked, predicted like a NIfTI scan, optionally saved as SEG.
+
+Every series is read and checked before the first is predicted, so a bad folder stops the
+run at once rather than hours in. The masks are NIfTI files named after the series folder,
+in the series' geometry; with dicom_seg, <folder>.seg.dcm beside them references the slices.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from autoseg2d.dicom.seg import write_dicom_seg
+from autoseg2d.dicom.series import read_series, series_folders
+from autoseg2d.pipeline.ensemble import EnsemblePredictor, predict_images
+from autoseg2d.reporting.case_report import lesion_class_names
+
+logger = logging.getLogger(__name__)
+
+SEG_SUFFIX = ".seg.dcm"
+
+
+def predict_dicom(predictor: EnsemblePredictor, input_dir: Path, output_dir: Path,
+                  dicom_seg: bool = False) -> list[dict]:
+    folders = series_folders(input_dir)
+    with tempfile.TemporaryDirectory(prefix="dicom-series-") as scratch:
+        images, sources, slice_files = [], {}, {}
+        for folder in folders:
+            series = read_series(folder)
+            image = Path(scratch) / f"{series.name}.nii.gz"
+            nib.save(nib.Nifti1Image(series.image_hu, series.affine), str(image))
+            images.append(image)
+            sources[series.name], slice_files[series.name] = str(folder), series.files
+            logger.info(f"DICOM {folder}: {series.image_hu.shape[-1]} CT slices, checked")
+        results = predict_images(predictor, images, output_dir, sources)
+    if dicom_seg:
+        classes = lesion_class_names(getattr(predictor.members[0], "config", {}))
+        for name, files in slice_files.items():
+            target = output_dir / f"{name}{SEG_SUFFIX}"
+            if not target.exists():
+                mask = np.asanyarray(nib.load(str(output_dir / f"{name}.nii.gz")).dataobj)
+                write_dicom_seg(mask, files, classes, target)
+                logger.info(f"DICOM SEG {target} (on {len(files)} slices of {sources[name]})")
+    return results
