@@ -26,20 +26,30 @@ REQUIRED_PACKAGES = ("nibabel", "scipy", "pyyaml", "fire")
 def inference_config(ensemble: dict, num_members: int) -> dict:
     """A config of _target_ components that ConfigWorkflow runs; the scripts are found as the `scripts` package
     because `monai.bundle run` puts the bundle folder on sys.path."""
-    postprocessing = ensemble.get("postprocessing")
     return {
         # run() puts the bundle folder on sys.path only after "imports" are evaluated, so import lazily
         "bundle_root": "$__import__('scripts.ensemble_inference', fromlist=['BUNDLE_ROOT']).BUNDLE_ROOT",
         "dataset_dir": "$@bundle_root + '/data'",
         "output_dir": "$@bundle_root + '/eval'",
         "ensemble_mode": ensemble["mode"],
-        "ensemble_postprocessing": (None if not postprocessing else
-                                    {"threshold": postprocessing["threshold"], "steps": postprocessing["steps"]}),
+        "ensemble_postprocessing": replayed_postprocessing(ensemble.get("postprocessing")),
         "members": [f"$@bundle_root + '/models/member_{index}'" for index in range(num_members)],
         "ensemble": {"_target_": "scripts.ensemble_inference.EnsembleInference", "members": "@members",
                      "mode": "@ensemble_mode", "postprocessing": "@ensemble_postprocessing"},
         "run": ["$@ensemble.predict_folder(@dataset_dir, @output_dir)"],
     }
+
+
+def replayed_postprocessing(choice: dict | None) -> dict | None:
+    """What apply_postprocessing / apply_multiclass_postprocessing replay, without the selection's diagnostics
+    (whose free text the bundle's config parser would read as expressions where it starts with $, @ or %)."""
+    if not choice:
+        return None
+    if choice.get("kind") == "multiclass":
+        return {"kind": "multiclass", "per_class": {label: replayed_postprocessing(part)
+                                                    for label, part in choice["per_class"].items()},
+                "foreground": replayed_postprocessing(choice["foreground"])}
+    return {"threshold": choice["threshold"], "steps": choice["steps"]}
 
 
 def metadata(ensemble: dict, classes: list[str], work_name: str) -> dict:
@@ -82,8 +92,7 @@ def metadata(ensemble: dict, classes: list[str], work_name: str) -> dict:
 def bundle_readme(ensemble: dict, classes: list[str]) -> str:
     members = "\n".join(f"| {index} | {m['variant']} | {m['fold']} | {m['seed']} | {float(m['score']):.4f} |"
                         for index, m in enumerate(ensemble["members"]))
-    post = ensemble.get("postprocessing")
-    steps = json.dumps(post["steps"]) if post else "none"
+    post = replayed_postprocessing(ensemble.get("postprocessing"))
     return f"""# ICH segmentation: a segresnet2d ensemble
 
 Segments intracranial hemorrhage on non-contrast head CT (NIfTI in Hounsfield units); classes:
@@ -105,8 +114,8 @@ else on the CPU. Needs MONAI {monai.__version__}, PyTorch, nibabel, scipy, pyyam
 - `models/member_<i>/model.pt` and `hyper_parameters.yaml`: the members' weights and settings.
 - `scripts/`: the template's scripts as trained, `postprocess.py` / `metrics.py` (the
   post-processing) and `ensemble_inference.py` (averaging, post-processing, writing masks).
-- `configs/inference.json`: `ensemble_mode` ({ensemble["mode"]}) and `ensemble_postprocessing`
-  (threshold {post["threshold"] if post else 0.5}, steps {steps}), chosen on out-of-fold predictions.
+- `configs/inference.json`: `ensemble_mode` ({ensemble["mode"]}) and `ensemble_postprocessing`, chosen on
+  out-of-fold predictions: `{json.dumps(post)}`.
 
 | member | input variant | fold | seed | validation Dice |
 |---|---|---|---|---|

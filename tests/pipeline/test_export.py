@@ -29,7 +29,7 @@ def train_member(bundle, datalist, fold: int) -> float:
     config_file = bundle / "configs" / "hyper_parameters.yaml"
     config = yaml.safe_load(config_file.read_text())
     config.update({k: v for k, v in FAST_TRAINING.items() if "#" not in k}, bundle_root=str(bundle), fold=fold,
-                  data_list_file_path=str(datalist), data_file_base_dir=str(datalist.parent), num_epochs=2,
+                  data_list_file_path=str(datalist), data_file_base_dir=str(datalist.parent), num_epochs=1,
                   val_every=1, input_variant="slices")
     config["network"].update(init_filters=8, blocks_down=[1, 1, 1, 1], dsdepth=3)
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -88,6 +88,33 @@ def test_metadata_passes_verify_metadata_offline(finished_work, tmp_path):
     del metadata["license"]
     with pytest.raises(jsonschema.ValidationError, match="license"):
         jsonschema.validate(metadata, json.loads(schema_file.read_text()))
+
+
+def test_bundle_post_processing_replays_the_ensembles_binary_and_multiclass(finished_work, tmp_path):
+    """The bundle's copy of the combining code gives EnsemblePredictor's masks for both kinds of choice."""
+    import importlib
+
+    from autoseg2d.evaluation.postprocess import choose_multiclass_postprocessing
+    from autoseg2d.pipeline.bundle_metadata import replayed_postprocessing
+    from autoseg2d.pipeline.ensemble import EnsemblePredictor
+
+    export_bundle(str(finished_work), str(tmp_path / "b"))
+    sys.path.insert(0, str(tmp_path / "b" / "scripts"))
+    try:
+        bundle_side = importlib.import_module("ensemble_inference")
+    finally:
+        sys.path.remove(str(tmp_path / "b" / "scripts"))
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([4, 1, 1], size=(12, 12, 4)).transpose(3, 0, 1, 2).astype(np.float32)
+    truth = (probs.argmax(0) * (rng.random(probs.shape[1:]) > 0.3)).astype(np.uint8)
+    multiclass = choose_multiclass_postprocessing([{"prob": probs, "truth": truth, "spacing_mm": (1, 1, 5)}])
+    binary = np.stack([probs[0], probs[1] + probs[2]])
+    for choice, p in ((POSTPROCESSING, binary), (multiclass, probs), (None, probs)):
+        ours = EnsemblePredictor.__new__(EnsemblePredictor)
+        ours.postprocessing = choice
+        theirs = bundle_side.EnsembleInference.__new__(bundle_side.EnsembleInference)
+        theirs.postprocessing = json.loads(json.dumps(replayed_postprocessing(choice)))
+        np.testing.assert_array_equal(theirs.mask(p, (1, 1, 5)), ours.mask(p, (1, 1, 5)))
 
 
 def test_unfinished_work_dir_is_refused_and_nothing_is_written(finished_work, tmp_path):

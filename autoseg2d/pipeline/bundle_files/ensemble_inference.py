@@ -20,7 +20,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
 from infer import InferClass  # noqa: E402
-from postprocess import apply_postprocessing  # noqa: E402
+from postprocess import apply_multiclass_postprocessing, apply_postprocessing  # noqa: E402
 
 BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -46,6 +46,8 @@ class EnsembleInference:
         return total / len(self.members)
 
     def mask(self, probabilities: np.ndarray, spacing_mm: tuple) -> np.ndarray:
+        if self.postprocessing and self.postprocessing.get("kind") == "multiclass":
+            return apply_multiclass_postprocessing(probabilities, spacing_mm, self.postprocessing)
         if self.postprocessing and probabilities.shape[0] == 2:
             return apply_postprocessing(probabilities[1], spacing_mm, self.postprocessing)
         return probabilities.argmax(0).astype(np.uint8)
