@@ -121,6 +121,22 @@ def test_predict_command_writes_volumes(tiny_run, tmp_path):
     assert (tmp_path / "masks" / "qa" / "contact_sheet.png").exists()
 
 
+def test_predict_command_reads_dicom_series_and_writes_seg(tiny_run, tmp_path):
+    from tests.dicom.series_writer import write_series
+
+    root, _, _ = tiny_run
+    for case in ("case_006", "case_007"):
+        write_series(root / "data" / "imagesTs" / f"{case}.nii.gz", tmp_path / "dicom" / case)
+    run_cli("predict", "--input", str(tmp_path / "dicom"), "--output", str(tmp_path / "masks"), "--work_dir",
+            str(root / "work"), "--dicom_seg", cwd=root)
+    for case in ("case_006", "case_007"):
+        ours = nib.as_closest_canonical(nib.load(str(tmp_path / "masks" / f"{case}.nii.gz")))
+        theirs = nib.as_closest_canonical(nib.load(str(root / "work" / "predictions" / f"{case}.nii.gz")))
+        np.testing.assert_array_equal(np.asanyarray(ours.dataobj), np.asanyarray(theirs.dataobj))
+        np.testing.assert_allclose(ours.affine, theirs.affine, atol=1e-5)
+        assert (tmp_path / "masks" / f"{case}.seg.dcm").is_file()
+
+
 def test_a_moved_work_dir_still_predicts(tiny_run, tmp_path):
     root, _, _ = tiny_run
     moved = tmp_path / "elsewhere" / "work"
