@@ -24,7 +24,7 @@ FAST_TRAINING = {
     "roi_size": [64, 64],
     "batch_size": 8,
     "num_workers": 0,
-    "val_every": 5,
+    "num_epochs_per_validation": 5,
     "learning_rate": 0.003,
     "network#init_filters": 8,
     "network#blocks_down": [1, 1, 1, 1],

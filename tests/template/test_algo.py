@@ -88,3 +88,25 @@ def test_multi_gpu_training_starts_torchrun_from_this_interpreter(monkeypatch):
     assert command[:6] == [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node"]
     assert command[6:9] == ["3", "/b/scripts/train.py", "run"] and command[-1] == "--fold=1"
     assert options["env"]["CUDA_VISIBLE_DEVICES"] == "0,1,2" and options["check"] is True
+
+
+def test_monai_keys_in_the_data_source_are_applied(tmp_path):
+    config = filled(make_algo(tmp_path, num_epochs_per_validation=2, num_images_per_batch=3, cache_rate=1.0),
+                    tmp_path)
+    assert config["num_epochs_per_validation"] == 2 and config["batch_size"] == 3
+
+
+def test_a_typo_in_the_data_source_is_an_error_with_the_suggestion(tmp_path):
+    with pytest.raises(ConfigError, match="'num_epoch' is not a segresnet2d setting, did you mean 'num_epochs'"):
+        filled(make_algo(tmp_path, num_epoch=3), tmp_path)
+
+
+def test_train_drops_other_algorithms_keys_before_the_command(tmp_path, monkeypatch):
+    """AutoRunner's shared dict: MONAI's names are translated, other templates' keys never reach train.py."""
+    algo = Segresnet2dAlgo(template_path=str(TEMPLATES))
+    algo.output_path = str(tmp_path)
+    commands = []
+    monkeypatch.setattr(algo, "_run_cmd", lambda cmd: commands.append(cmd))
+    algo.train({"num_epochs": 2, "num_images_per_batch": 2, "num_crops_per_image": 4})
+    assert "--num_epochs=2" in commands[0] and "--batch_size=2" in commands[0]
+    assert "num_crops_per_image" not in commands[0]

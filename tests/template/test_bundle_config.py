@@ -1,5 +1,6 @@
 import shutil
 
+import bundle_config
 import pytest
 from bundle_config import ConfigError, load_config
 
@@ -60,3 +61,32 @@ def test_wrong_types_name_key_and_value(key, value):
 def test_missing_config_file():
     with pytest.raises(ConfigError, match="config file not found"):
         load_config("/nonexistent/hyper_parameters.yaml")
+
+
+def test_monai_training_keys_are_accepted():
+    """The keys of MONAI's tutorials (AutoRunner.set_training_params) reach the same settings as ours."""
+    config = load_config(CONFIG, num_epochs=2, num_epochs_per_validation=1, num_images_per_batch=2,
+                         num_warmup_epochs=1, determ=False)
+    assert (config["num_epochs"], config["num_epochs_per_validation"], config["batch_size"]) == (2, 1, 2)
+    assert config["num_warmup_epochs"] == 1 and config["deterministic"] is False
+    assert load_config(CONFIG, val_every=3)["num_epochs_per_validation"] == 3  # the old name still works
+
+
+def test_keys_of_other_auto3dseg_algorithms_warn_once_and_train_on(caplog, monkeypatch):
+    monkeypatch.setattr(bundle_config, "_warned", set())
+    with caplog.at_level("WARNING", logger="segresnet2d"):
+        config = load_config(CONFIG, num_crops_per_image=2, early_stopping_fraction=0.1, num_epochs=3)
+        load_config(CONFIG, num_crops_per_image=2)
+    assert config["num_epochs"] == 3 and "num_crops_per_image" not in config
+    warnings = [r.getMessage() for r in caplog.records if "ignores" in r.getMessage()]
+    assert len(warnings) == 1 and "num_crops_per_image, early_stopping_fraction" in warnings[0]
+
+
+def test_a_typo_of_a_monai_name_suggests_it():
+    with pytest.raises(ConfigError, match="did you mean 'num_epochs_per_validation'"):
+        load_config(CONFIG, num_epochs_per_valdation=1)
+
+
+def test_an_alias_and_our_name_that_disagree_are_refused():
+    with pytest.raises(ConfigError, match="'num_images_per_batch' .* and 'batch_size' .* give only one"):
+        load_config(CONFIG, batch_size=4, num_images_per_batch=2)

@@ -14,8 +14,8 @@ import yaml
 from monai.apps.auto3dseg import BundleAlgo
 from monai.bundle import ConfigParser
 
-from .bundle_config import ConfigError, coerce_value
-from .planning import derive_settings
+from .bundle_config import ConfigError, coerce_value, suggest_key, translate_monai_keys
+from .planning import derive_settings, derive_anisotropy
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,9 @@ def _get_nested(config: dict, key: str, source: str) -> Any:
     node: Any = config
     for part in key.split("#"):
         if not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"{source}: '{key}' is not a segresnet2d config key; valid keys: {', '.join(config)}")
+            hint = suggest_key(part, node if isinstance(node, dict) else [])
+            raise ConfigError(f"{source}: '{key}' is not a segresnet2d config key"
+                              + (f"; did you mean '{hint}'?" if hint else "") + f" Valid keys: {', '.join(config)}")
         node = node[part]
     return node
 
@@ -74,6 +76,12 @@ class Segresnet2dAlgo(BundleAlgo):
                     "--nproc_per_node", str(self.device_setting["n_devices"])]
         return subprocess.run(launcher + cmd.split(), env=env, check=True)
 
+    def train(self, train_params: dict | None = None, device_setting: dict | None = None):
+        """As BundleAlgo.train, with MONAI's key names mapped onto ours and keys only other Auto3DSeg
+        algorithms read (AutoRunner's one dict for all of them) dropped with one warning."""
+        params = translate_monai_keys(dict(train_params or {}), "the training parameters") if train_params else None
+        return super().train(params, device_setting)
+
     def pre_check_skip_algo(self, skip_bundlegen: bool = False, skip_info: str = "") -> tuple[bool, str]:
         """Skip unless slices are much thicker than pixels (2D at native resolution loses little there)."""
         config = self._template_config()
@@ -81,24 +89,29 @@ class Segresnet2dAlgo(BundleAlgo):
                        "data source")
         if config["force_2d"] or not self.data_stats_files:
             return skip_bundlegen, skip_info
-        spacing = _read_yaml(self.data_stats_files)["stats_summary"]["image_stats"]["spacing"]["median"]
-        ratio = float(spacing[2]) / max(min(float(spacing[0]), float(spacing[1])), 1e-6)
+        ratio, note = derive_anisotropy(_read_yaml(self.data_stats_files))
         if ratio < config["min_anisotropy"]:
-            reason = (f"median spacing {spacing} mm has slice/in-plane ratio {ratio:.1f} < min_anisotropy "
-                      f"{config['min_anisotropy']}; set force_2d: true in the data-source YAML to train 2D anyway")
+            reason = (f"{note} < min_anisotropy {config['min_anisotropy']}; to train 2D anyway put force_2d: true "
+                      f"in the data-source YAML ({self.data_list_file})")
             logger.info(f"segresnet2d skipped: {reason}")
             return True, reason
         return skip_bundlegen, skip_info
 
     def fill_template_config(self, data_stats_filename: str, output_path: str, **kwargs: Any) -> dict:
-        """Fill configs/hyper_parameters.yaml: defaults <- data-derived <- data-source extras <- kwargs."""
+        """Fill configs/hyper_parameters.yaml: defaults <- data-derived <- data-source extras <- kwargs.
+
+        With fill_with_datastats=False (MONAI's OptunaGen copying a bundle for a trial) the copy starts
+        from the filled config of the bundle it copies (its fold and settings), and only bundle_root moves.
+        """
         config_file = Path(output_path) / "configs" / CONFIG_NAME
         config = _read_yaml(config_file)
+        copied = (self.fill_records or {}).get(CONFIG_NAME) if kwargs.get("fill_with_datastats") is False else None
+        config.update(copied or {})
         data_source = self._data_source()
         modality = str(data_source.get("modality", config["modality"])).lower()
 
         notes: list[str] = []
-        if data_stats_filename:
+        if data_stats_filename and not copied:
             stats = _read_yaml(data_stats_filename)
             by_case_file = Path(data_stats_filename).with_name(Path(data_stats_filename).stem + "_by_case.yaml")
             by_case = _read_yaml(by_case_file).get("stats_by_cases") if by_case_file.exists() else None
@@ -107,12 +120,19 @@ class Segresnet2dAlgo(BundleAlgo):
                                               gpu_memory_gb=memory)
             apply_settings(config, settings, "planning.derive_settings")
 
-        extras = {k: v for k, v in data_source.items() if k not in DATA_SOURCE_KEYS}
+        extras = translate_monai_keys({k: v for k, v in data_source.items() if k not in DATA_SOURCE_KEYS},
+                                      str(self.data_list_file))
         unknown = [k for k in extras if k.split("#")[0] not in config]
+        typos = {k: suggest_key(k.split("#")[0], config) for k in unknown}
+        typos = {k: hint for k, hint in typos.items() if hint}
+        if typos:
+            raise ConfigError(f"data-source YAML {self.data_list_file}: " + "; ".join(
+                f"'{k}' is not a segresnet2d setting, did you mean '{hint}'?" for k, hint in typos.items()))
         if unknown:
             logger.warning(f"data-source keys {unknown} are not segresnet2d settings and are ignored")
         apply_settings(config, {k: v for k, v in extras.items() if k not in unknown}, str(self.data_list_file))
-        overrides = {k: v for k, v in kwargs.items() if k not in MONAI_EXPORT_KEYS}
+        overrides = translate_monai_keys({k: v for k, v in kwargs.items() if k not in MONAI_EXPORT_KEYS},
+                                         "fill_template_config arguments")
         apply_settings(config, overrides, "fill_template_config arguments")
 
         config["bundle_root"] = str(Path(output_path).resolve())

@@ -8,8 +8,9 @@ override must name an existing key and keep that key's type.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import yaml
@@ -19,8 +20,54 @@ from monai.bundle import ConfigParser
 ENSEMBLE_ONLY_KEYS = ("image_save_func", "rank", "mode", "sigmoid", "algo_spec_params", "infer_files", "files_slices")
 
 
+# MONAI's own Auto3DSeg templates and tutorials (AutoRunner.set_training_params) name these settings
+# differently; each means the same as ours. In a slice-wise trainer every image of a batch is a 2D crop.
+MONAI_ALIASES = {
+    "num_images_per_batch": "batch_size",
+    "determ": "deterministic",
+    "val_every": "num_epochs_per_validation",  # this template's name before it took MONAI's
+}
+# Training keys that only other Auto3DSeg templates (segresnet, swinunetr, dints) read. AutoRunner hands
+# one dict to every algorithm it trains, so these are dropped with one warning instead of stopping training.
+OTHER_ALGORITHM_KEYS = (
+    "num_crops_per_image", "num_patches_per_image", "cache_rate", "auto_scale_allowed", "validate",
+    "early_stopping_fraction", "num_epochs_per_saving", "num_sw_batch_size", "overlap_ratio", "crop_ratios",
+    "auto_scale_batch", "auto_scale_roi", "auto_scale_filters", "finetune", "infer",
+)
+
+logger = logging.getLogger("segresnet2d")
+_warned: set[str] = set()
+
+
 class ConfigError(ValueError):
     """A config key that does not exist, or a value of the wrong type."""
+
+
+def translate_monai_keys(params: dict, source: str) -> dict:
+    """MONAI's names mapped onto ours; keys only other Auto3DSeg algorithms read dropped with one warning.
+
+    Any other key is kept, so that a typo of one of ours still fails with a suggestion where it is applied.
+    """
+    translated: dict = {}
+    for key, value in params.items():
+        ours = MONAI_ALIASES.get(key, key)
+        if ours in translated and translated[ours] != value:
+            raise ConfigError(f"{source}: '{key}' ({value!r}) and '{ours}' ({translated[ours]!r}) set the same "
+                              f"segresnet2d setting {ours}; give only one of them")
+        if key.split("#")[0] not in OTHER_ALGORITHM_KEYS:
+            translated[ours] = value
+    ignored = [k for k in params if k.split("#")[0] in OTHER_ALGORITHM_KEYS and k not in _warned]
+    if ignored:
+        _warned.update(ignored)
+        logger.warning(f"segresnet2d ignores {', '.join(ignored)} from {source}: only other Auto3DSeg algorithms "
+                       "read them (AutoRunner passes one set of training parameters to every algorithm)")
+    return translated
+
+
+def suggest_key(key: str, known: Iterable[str]) -> str | None:
+    """The closest valid key, for 'did you mean' in error messages."""
+    hint = difflib.get_close_matches(key, list(known), n=1)
+    return hint[0] if hint else None
 
 
 def split_config_files(config_file: str | Sequence[str]) -> list[str]:
@@ -47,6 +94,7 @@ def load_config(config_file: str | Sequence[str], **overrides: Any) -> dict:
     (or an HPO trial copy) reads and writes itself, never the folder it was copied from.
     """
     files = split_config_files(config_file)
+    overrides = translate_monai_keys(overrides, "the command line")
     if "bundle_root" not in overrides and bundle_of(files[0]):
         overrides = {"bundle_root": bundle_of(files[0]), **overrides}
     parser = ConfigParser()
@@ -65,10 +113,10 @@ def _lookup(raw: dict, key: str, files: list[str]) -> Any:
         if not isinstance(node, dict) or part not in node:
             known = sorted(node) if isinstance(node, dict) else []
             prefix = "#".join(parts[:depth])
-            hint = difflib.get_close_matches(part, known, n=1)
+            hint = suggest_key(part, known if depth else [*known, *MONAI_ALIASES])
             raise ConfigError(
                 f"unknown config key '{key}' (in {', '.join(files)})"
-                + (f"; did you mean '{(prefix + '#') if prefix else ''}{hint[0]}'?" if hint else "")
+                + (f"; did you mean '{(prefix + '#') if prefix else ''}{hint}'?" if hint else "")
                 + f" Valid keys{' under ' + prefix if prefix else ''}: {', '.join(known)}"
             )
         node = node[part]

@@ -162,6 +162,19 @@ def derive_output_classes(labels: list[int]) -> tuple[int, str]:
     return classes, note + (f" (ids {gaps} never occur but keep their channel)" if gaps else "")
 
 
+def derive_anisotropy(data_stats: dict) -> tuple[float, str]:
+    """Slice spacing over the finer in-plane spacing (median case): how much a 2D model loses.
+
+    With slices several times thicker than pixels (head CT at 5 mm), neighbouring slices
+    share little detail and 2D at native resolution loses little against 3D; near 1 a 3D
+    model sees context that the 2D one does not.
+    """
+    spacing = [float(s) for s in _summary(data_stats, "image_stats", "spacing", "median")]
+    ratio = spacing[2] / max(min(spacing[0], spacing[1]), 1e-6)
+    shown = " x ".join(f"{s:.2f}" for s in spacing)
+    return ratio, f"median spacing {shown} mm has slice/in-plane ratio {ratio:.1f}"
+
+
 def _round_out(low: float, high: float) -> list[int]:
     step = WINDOW_STEP_HU
     return [int(math.floor(low / step) * step), int(math.ceil(high / step) * step)]
@@ -390,7 +403,7 @@ def derive_settings(
     )
     notes.append(note)
     epochs, note = derive_num_epochs(slices, int(_default(defaults, ("num_epochs",))),
-                                     int(_default(defaults, ("val_every",))), batch)
+                                     int(_default(defaults, ("num_epochs_per_validation",))), batch)
     notes.append(note)
 
     settings = {

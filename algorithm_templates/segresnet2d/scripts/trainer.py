@@ -216,7 +216,7 @@ class Trainer:
         return float(np.mean(gather_lists(scores, self.run)))
 
     def _validation_due(self, epoch: int) -> bool:
-        return (epoch + 1) % self.config["val_every"] == 0 or epoch + 1 == self.num_epochs
+        return (epoch + 1) % self.config["num_epochs_per_validation"] == 0 or epoch + 1 == self.num_epochs
 
     def _record(self, epoch: int, loss: float, dice: float | None, lr: float, seconds: float) -> None:
         if not self.run.is_main:  # only rank 0 writes files
