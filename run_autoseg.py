@@ -7,17 +7,18 @@
     python run_autoseg.py export --work_dir work --output ich_bundle/         # the ensemble as a MONAI bundle
     python run_autoseg.py datalist --root /data/instance22 --output datalist.json
     python run_autoseg.py COMMAND --help                           # the options of one command
+
+Errors print one message; add --debug (or set AUTOSEG2D_DEBUG=1) for the traceback.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import sys
-
-import fire
+from pathlib import Path
 
 from autoseg2d.check import check_inputs
+from autoseg2d.console import main
 from autoseg2d.datalist import build_datalist
 from autoseg2d.evaluation.evaluate import evaluate_folders
 from autoseg2d.pipeline.demo import run_demo
@@ -32,7 +33,14 @@ def run(demo: bool = False, **options):
     --modality (ct), --num_folds, --storage (an Optuna RDB URL shared by several machines),
     --skip_bad (skip bad cases instead of stopping), --until (the last stage to run).
     """
-    (run_demo if demo else run_pipeline)(**options)  # they print their own summary; fire would repeat it
+    (run_demo if demo else run_pipeline)(**options)
+
+
+@functools.wraps(evaluate_folders)
+def evaluate(*args, **options) -> None:
+    summary = evaluate_folders(*args, **options)
+    print(Path(summary["output"], "summary.md").read_text().split("## Cases")[0].strip(), flush=True)
+    print(f"per-case metrics and the full summary: {summary['output']}", flush=True)
 
 
 def _stage(name: str):
@@ -53,13 +61,10 @@ COMMANDS = {
     "crossval": _stage("crossval"),
     "ensemble": _stage("ensemble"),
     "predict": predict,
-    "evaluate": evaluate_folders,
+    "evaluate": evaluate,
     "datalist": build_datalist,
     "export": export_bundle,
 }
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    if len(sys.argv) > 1 and sys.argv[1].startswith("--") and sys.argv[1] not in ("--help", "-h"):
-        sys.argv.insert(1, "run")  # `run_autoseg.py --datalist ...` runs every stage
-    fire.Fire(COMMANDS)
+    sys.exit(main(COMMANDS))

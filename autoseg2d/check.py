@@ -25,7 +25,7 @@ from types import ModuleType
 import yaml
 
 from autoseg2d.atomic_files import write_json_atomic
-from autoseg2d.datalist import DatalistError, validate_folds
+from autoseg2d.datalist import DatalistError, resolve_datalist, validate_folds
 from autoseg2d.templates import template_config, template_dir
 
 logger = logging.getLogger(__name__)
@@ -167,9 +167,7 @@ def _cleaned(datalist: dict, dataroot: str, skipped: list[dict]) -> dict:
 
 
 def _read_datalist(datalist: str) -> dict:
-    path = Path(datalist)
-    if not path.is_file():
-        raise DatalistError(f"datalist {path} not found; build one with `python run_autoseg.py datalist`")
+    path = resolve_datalist(datalist)
     try:
         content = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -236,6 +234,22 @@ def check_inputs(
     return report
 
 
+def _check_dataroot(entries: list[tuple[str, dict]], dataroot: str) -> str | None:
+    """One message, instead of one per file, when the data root is missing or holds none of the listed files."""
+    keys = {"training": ("image", "label"), "testing": ("image",)}
+    paths = [_resolve(entry[key], dataroot) for role, entry in entries for key in keys[role]]
+    if not paths or any(os.path.exists(p) for p in paths):
+        return None
+    examples: dict[tuple[str, str], str] = {}  # the first entry of each kind shows the layout
+    for role, entry in entries:
+        for key in keys[role]:
+            examples.setdefault((role, key), entry[key])
+    where = (f"--dataroot {dataroot} does not exist" if not os.path.isdir(dataroot)
+             else f"none of the {len(paths)} files the datalist lists exists under --dataroot {dataroot}")
+    return (f"{where}; the datalist expects files like {', '.join(examples.values())} under it (its paths are "
+            "relative to the data root): pass --dataroot the folder that holds them")
+
+
 def _check_datalist(content: dict, dataroot: str, modality: str, num_folds: int | None, output_classes: int,
                     skip_bad: bool, report: dict) -> None:
     errors = report["errors"]
@@ -251,6 +265,10 @@ def _check_datalist(content: dict, dataroot: str, modality: str, num_folds: int 
                 entries.append((role, entry))
             elif role == "testing":
                 errors.append(f"datalist: testing entry {entry!r} needs an 'image' path")
+    missing_root = _check_dataroot(entries, dataroot)
+    if missing_root:
+        errors.append(missing_root)
+        return
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # gzip and numpy release the GIL
         findings = list(pool.map(lambda item: _check_case(item[1], item[0], dataroot, modality, output_classes),
                                  entries))

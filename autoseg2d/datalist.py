@@ -31,6 +31,7 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 NNUNET_CHANNEL = "_0000"
 CHANNEL_SUFFIX = re.compile(r"_\d{4}$")  # nnU-Net channel id at the end of a case name
 MAX_VOLUME_BINS = 5  # lesion-volume strata; fewer when there are too few cases per fold
+SHIPPED_DATALISTS = Path(__file__).resolve().parents[1] / "datalists"  # datalists that come with the project
 
 
 class DatalistError(ValueError):
@@ -132,6 +133,26 @@ def detect_layout(root: Path, image_glob: str | None = None) -> str:
         what = f"several layouts {found}" if found else "no known layout"
         raise DatalistError(f"{root} matches {what}; pass --layout (known: {known})")
     return found[0]
+
+
+def resolve_datalist(datalist: str | Path) -> Path:
+    """The datalist file: as given when it exists, else the shipped datalists/<name> (said in the log).
+
+    The project ships the published fold files (datalists/instance22.json), and its README runs
+    them by bare name from any folder.
+    """
+    path = Path(str(datalist))
+    if path.is_file():
+        return path
+    shipped = SHIPPED_DATALISTS / path.name
+    if not path.is_absolute() and len(path.parts) == 1 and shipped.is_file():
+        logger.info(f"datalist {path} is not in {Path.cwd()}; using the shipped {shipped}")
+        return shipped
+    known = sorted(p.name for p in SHIPPED_DATALISTS.glob("*.json")) if SHIPPED_DATALISTS.is_dir() else []
+    raise DatalistError(f"datalist {path} not found (looked in {Path.cwd()}"
+                        + (f" and {SHIPPED_DATALISTS}, which holds {', '.join(known)}" if known else "")
+                        + "); give its path, or build one with `python run_autoseg.py datalist --root DATA --output "
+                        "datalist.json`")
 
 
 def lesion_volume_ml(label_path: Path) -> float:

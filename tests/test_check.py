@@ -295,3 +295,13 @@ def test_skip_bad_still_stops_when_a_fold_would_be_empty(data):
     (data / "images/case_003.nii.gz").unlink()
     message = problems(data, skip_bad=True)
     assert "datalist without the 2 skipped cases: folds [1] hold no training case" in message
+
+
+def test_a_data_root_without_any_listed_file_is_one_problem(data, tmp_path_factory):
+    empty = tmp_path_factory.mktemp("empty")
+    with pytest.raises(InputCheckError) as raised:
+        check_inputs(str(data / "datalist.json"), str(empty))
+    message = str(raised.value)
+    assert "found 1 problem(s)" in message
+    assert f"none of the {2 * NUM_TRAIN + 1} files the datalist lists exists under --dataroot {empty}" in message
+    assert "images/case_000.nii.gz, labels/case_000.nii.gz, test/case_099.nii.gz" in message

@@ -220,3 +220,16 @@ def test_adding_folds_names_an_entry_without_a_label():
     datalist = {"training": [{"image": "a.nii.gz", "label": "la.nii.gz"}, {"image": "b.nii.gz"}]}
     with pytest.raises(DatalistError, match=r"training entry 1 \(b.nii.gz\) has no label path"):
         ensure_folds(datalist, num_folds=2, dataroot="/nowhere")
+
+
+def test_a_bare_name_finds_the_shipped_datalist(tmp_path, monkeypatch, caplog):
+    from autoseg2d.datalist import SHIPPED_DATALISTS, resolve_datalist
+
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level("INFO"):
+        assert resolve_datalist("instance22.json") == SHIPPED_DATALISTS / "instance22.json"
+    assert "using the shipped" in caplog.text
+    (tmp_path / "instance22.json").write_text("{}")
+    assert resolve_datalist("instance22.json").resolve() == tmp_path / "instance22.json"  # the user's own wins
+    with pytest.raises(DatalistError, match="datalist other.json not found .* which holds instance22.json"):
+        resolve_datalist("other.json")

@@ -15,7 +15,7 @@ import optuna
 
 from autoseg2d.check import check_inputs
 from autoseg2d.atomic_files import write_json_atomic
-from autoseg2d.datalist import ensure_folds, validate_folds
+from autoseg2d.datalist import ensure_folds, resolve_datalist, validate_folds
 from autoseg2d.dicom.predict import predict_dicom
 from autoseg2d.pipeline.analyze import analyze
 from autoseg2d.pipeline.bundles import TrainingStopped, bundle_path, generate_bundles, train_bundle
@@ -67,7 +67,7 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
     profile = profile or previous.get("profile", "gpu")
     modality = modality or previous.get("modality", "ct")
     num_folds = num_folds or previous.get("num_folds")
-    datalist_path, dataroot_path = Path(datalist).resolve(), Path(dataroot).resolve()
+    datalist_path, dataroot_path = resolve_datalist(datalist).resolve(), Path(str(dataroot)).resolve()
     settings = load_profile(profile)
     profile_sha256 = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     # Before anything is written: a rerun must not mix results made under other settings.

@@ -1,0 +1,59 @@
+"""The command line's contract with its user: one clear message per expected error, no raw return values.
+
+Expected errors (bad input or options, a missing work dir, a profile or config error, a skipped
+template, a failed training) are printed as one message on stderr with a non-zero exit; --debug
+(or AUTOSEG2D_DEBUG=1) shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+import fire
+
+from autoseg2d.pipeline.bundles import TrainingError
+
+DEBUG_FLAG = "--debug"
+DEBUG_ENV = "AUTOSEG2D_DEBUG"
+# Every error class of this project derives from ValueError (input, datalist, profile, work dir, config,
+# planning) or is a TrainingError; OSError covers files that cannot be read or written.
+EXPECTED_ERRORS = (ValueError, OSError, TrainingError)
+EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+
+
+def without_return_value(command: Callable) -> Callable:
+    """fire prints whatever a command returns (a dict as YAML-like lines): commands print their own summary."""
+    @functools.wraps(command)
+    def run(*args, **kwargs) -> None:
+        command(*args, **kwargs)
+
+    return run
+
+
+def main(commands: dict[str, Callable], argv: list[str] | None = None, default: str = "run") -> int:
+    """Run one command through fire; return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in argv or os.environ.get(DEBUG_ENV, "0") not in ("", "0")
+    argv = [a for a in argv if a != DEBUG_FLAG]
+    if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
+        argv.insert(0, default)  # `run_autoseg.py --datalist ...` runs every stage
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        fire.Fire({name: without_return_value(command) for name, command in commands.items()}, command=argv,
+                  name=os.path.basename(sys.argv[0]))
+    except EXPECTED_ERRORS as err:
+        if debug:
+            raise
+        print(f"\nerror: {err}\n(for the traceback run again with {DEBUG_FLAG} or {DEBUG_ENV}=1)", file=sys.stderr,
+              flush=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("\ninterrupted; run the same command again to continue where it stopped", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
