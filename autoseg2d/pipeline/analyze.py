@@ -9,9 +9,12 @@ import socket
 from pathlib import Path
 
 import torch
+import yaml
 from monai.apps.auto3dseg import DataAnalyzer
 
+from autoseg2d.check import template_module
 from autoseg2d.pipeline.workdir import WorkDir
+from autoseg2d.templates import template_config
 
 logger = logging.getLogger(__name__)
 
@@ -36,3 +39,25 @@ def analyze(work: WorkDir, datalist: Path, dataroot: Path) -> Path:
     os.replace(scratch / "datastats.yaml", work.datastats)  # last: its presence marks the stage done
     shutil.rmtree(scratch, ignore_errors=True)
     return work.datastats
+
+
+def settings_for_slice_thickness(datastats: Path, train_overrides: dict) -> dict:
+    """{"force_2d": True} when slices are thinner than the template's min_anisotropy asks for, else {}.
+
+    The template's own rule skips 2D for such data inside a multi-algorithm AutoRunner, where a 3D
+    algorithm takes over; run_autoseg.py exists to train this template, so it says so once and trains.
+    A profile whose train_overrides set force_2d: false refuses such data instead.
+    """
+    config = template_module("bundle_config").load_config(str(template_config()), **train_overrides)
+    if config["force_2d"]:
+        return {}
+    ratio, note = template_module("planning").derive_anisotropy(yaml.safe_load(datastats.read_text()))
+    if ratio >= config["min_anisotropy"]:
+        return {}
+    below = f"{note} < min_anisotropy {config['min_anisotropy']:g}"
+    if "force_2d" in train_overrides:
+        raise ValueError(f"{below}, and the profile's train_overrides set force_2d: false, which refuses such data; "
+                         "remove force_2d from the profile to train 2D anyway")
+    logger.info(f"analysis: {below}: thin slices for a 2D model (a 3D one sees context that 2D does not); "
+                "training 2D anyway (put force_2d: false in the profile's train_overrides to refuse such data)")
+    return {"force_2d": True}

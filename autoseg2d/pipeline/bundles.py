@@ -66,8 +66,8 @@ def generate_bundles(work: WorkDir, settings: dict, num_folds: int, run: dict) -
                     data_stats_filename=str(work.datastats), data_src_cfg_name=str(data_src))
     gen.generate(str(configuration), num_fold=num_folds)
     if not bundle_path(configuration, 0).exists():
-        raise TrainingError(f"BundleGen skipped {ALGO_NAME} for {configuration.name}; see the log above for why"
-                            " (for isotropic data set force_2d: true in the profile's train_overrides)")
+        raise TrainingError(f"BundleGen skipped {ALGO_NAME} for {configuration.name}: its pre-check refused the data;"
+                            f" the reason is in the log above ('{ALGO_NAME} skipped: ...')")
     write_text_atomic(marker, json.dumps(settings, indent=2, sort_keys=True))  # last: marks generation done
     return configuration
 

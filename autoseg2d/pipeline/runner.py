@@ -17,7 +17,7 @@ from autoseg2d.check import check_inputs
 from autoseg2d.atomic_files import write_json_atomic
 from autoseg2d.datalist import ensure_folds, resolve_datalist, validate_folds
 from autoseg2d.dicom.predict import predict_dicom
-from autoseg2d.pipeline.analyze import analyze
+from autoseg2d.pipeline.analyze import analyze, settings_for_slice_thickness
 from autoseg2d.pipeline.bundles import TrainingStopped, bundle_path, generate_bundles, train_bundle
 from autoseg2d.pipeline.crossval import run_crossval
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, build_ensemble, predict_images
@@ -92,11 +92,12 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
 
     _stage("analyze")
     analyze(work, used_datalist, dataroot_path)
+    slice_thickness = settings_for_slice_thickness(work.datastats, settings["train_overrides"])
     if until == "analyze":
         return summary
 
     _stage("sweep")
-    base = {**settings["train_overrides"], "seed": 0}
+    base = {**settings["train_overrides"], **slice_thickness, "seed": 0}
 
     def train_fold(params: dict, fold: int, report) -> float:
         configuration = generate_bundles(work, {**base, **params}, folds, run)
