@@ -22,10 +22,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import ModuleType
 
-import yaml
+import numpy as np
 
 from autoseg2d.atomic_files import write_json_atomic
-from autoseg2d.datalist import DatalistError, resolve_datalist, validate_folds
+from autoseg2d.datalist import DatalistError, read_class_names, resolve_datalist, validate_folds
 from autoseg2d.templates import template_config, template_dir
 
 logger = logging.getLogger(__name__)
@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_GB_PER_FOLD = 1.0
 # Data statistics, masks, probabilities of one case at a time, reports and logs.
 OTHER_OUTPUTS_GB = 1.0
+# Label ids above this are not classes: no hemorrhage data set has more subtypes (BHSD 5, MBH-Seg 6),
+# and 255 is what a 0/255 mask holds.
+MAX_LABEL_ID = 20
+UINT8_LABEL_LIMIT = 256  # check_training_case bound that never fires: the data's own ids are checked here
 REPORT_NAME = "input_check.json"
 CLEANED_DATALIST_NAME = "datalist_checked.json"
 _LOADING = threading.RLock()
@@ -117,17 +121,18 @@ def _resolve(path: str, dataroot: str) -> str:
     return path if os.path.isabs(path) else os.path.join(dataroot, path)
 
 
-def _check_case(entry: dict, role: str, dataroot: str, modality: str, output_classes: int) -> dict:
+def _check_case(entry: dict, role: str, dataroot: str, modality: str, output_classes: int | None) -> dict:
     """One case through the template's loader and checks; its voxel hash finds copies under other names."""
     volumes = template_module("volumes")
     image = _resolve(entry["image"], dataroot)
     label = _resolve(entry["label"], dataroot) if role == "training" else None
     finding = {"case": volumes.case_name(image), "role": role, "image": image, "label": label,
-               "fold": entry.get("fold"), "status": "ok", "problems": [], "notes": [], "sha1": None}
+               "fold": entry.get("fold"), "status": "ok", "problems": [], "notes": [], "sha1": None, "label_ids": []}
     try:
         volume = volumes.load_volume(image, label, modality)
         if role == "training":
-            finding["notes"] = volumes.check_training_case(volume, output_classes, modality)
+            finding["notes"] = volumes.check_training_case(volume, output_classes or UINT8_LABEL_LIMIT, modality)
+            finding["label_ids"] = np.flatnonzero(np.bincount(volume.label.ravel())).tolist()
         else:
             volumes.check_ct_range(volume, modality)
             if volume.num_slices < volumes.MIN_TRAINING_SLICES:
@@ -196,14 +201,13 @@ def check_inputs(
     skip_bad: leave out cases that fail their checks instead of stopping, and write the remaining cases to
         cleaned_datalist (default <work_dir>/datalist_checked.json). Datalist, config and work-dir problems
         still stop the run.
-    output_classes: background + label classes (default: the template's output_classes); 0/255 masks fail.
+    output_classes: background + label classes; by default the datalist's class_names (one per label id) or,
+        without them, the label ids the data holds (up to MAX_LABEL_ID); 0/255 masks fail.
     config_overrides: {key: value} settings for the template, checked for unknown keys, types and choices.
     """
     report: dict = {"datalist": str(datalist), "dataroot": str(dataroot), "modality": modality,
                     "errors": [], "warnings": [], "cases": [], "skipped": [], "cleaned_datalist": None}
     errors = report["errors"]
-    if output_classes is None:
-        output_classes = int(yaml.safe_load(template_config().read_text())["output_classes"])
     try:
         content = _read_datalist(datalist)
     except DatalistError as err:
@@ -230,7 +234,7 @@ def check_inputs(
         raise InputCheckError(f"input check found {len(errors)} problem(s) in {datalist} (dataroot {dataroot}):\n"
                               f"{lines}\nFix them and run again{fix}", report)
     logger.info(f"input check: {len(report['cases'])} cases checked, {len(report['skipped'])} skipped, "
-                f"{len(report['warnings'])} warnings")
+                f"{len(report['warnings'])} warnings; {_describe_classes(report)}")
     return report
 
 
@@ -250,9 +254,39 @@ def _check_dataroot(entries: list[tuple[str, dict]], dataroot: str) -> str | Non
             "relative to the data root): pass --dataroot the folder that holds them")
 
 
-def _check_datalist(content: dict, dataroot: str, modality: str, num_folds: int | None, output_classes: int,
+def _describe_classes(report: dict) -> str:
+    ids, names = report.get("label_ids", []), report.get("class_names", [])
+    foreground = [i for i in ids if i > 0]
+    named = f" ({', '.join(names)})" if names else ""
+    return f"label ids {ids}: {len(names) or max(foreground, default=0)} label classes{named}"
+
+
+def _check_classes(findings: list[dict], output_classes: int | None, class_names: list[str], source: str) -> None:
+    """Label ids against the classes: output_classes when given (the template checked those), else the
+    datalist's class_names, else only that the ids are plausible class ids (no 0/255 masks)."""
+    if output_classes is not None:
+        return
+    if class_names:
+        limit, what = len(class_names), f"the {len(class_names)} classes in class_names {class_names} of {source}"
+        fix = "add the missing class names, or correct the label file"
+    else:
+        limit, what = MAX_LABEL_ID, f"{MAX_LABEL_ID}, more classes than any hemorrhage data set has"
+        fix = "0/255 masks must be converted to 0/1 (or 0..N for N classes)"
+    for finding in findings:
+        if finding["label_ids"] and max(finding["label_ids"]) > limit:
+            finding["status"] = "error"
+            finding["problems"].append(f"case {finding['case']} ({finding['label']}): label values "
+                                       f"{finding['label_ids']} exceed {what}; {fix}")
+
+
+def _check_datalist(content: dict, dataroot: str, modality: str, num_folds: int | None, output_classes: int | None,
                     skip_bad: bool, report: dict) -> None:
     errors = report["errors"]
+    try:
+        report["class_names"] = read_class_names(content, report["datalist"])
+    except DatalistError as err:
+        report["class_names"] = []
+        errors.append(f"datalist: {err}")
     try:
         report["num_folds"] = validate_folds(content, num_folds)
     except DatalistError as err:
@@ -272,6 +306,8 @@ def _check_datalist(content: dict, dataroot: str, modality: str, num_folds: int 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # gzip and numpy release the GIL
         findings = list(pool.map(lambda item: _check_case(item[1], item[0], dataroot, modality, output_classes),
                                  entries))
+    _check_classes(findings, output_classes, report["class_names"], report["datalist"])
+    report["label_ids"] = sorted({i for f in findings for i in f["label_ids"]})
     _mark_copies(findings)
     for finding in findings:
         report["warnings"].extend(finding["notes"])

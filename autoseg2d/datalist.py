@@ -155,6 +155,16 @@ def resolve_datalist(datalist: str | Path) -> Path:
                         "datalist.json`")
 
 
+def read_class_names(datalist: dict, source: str) -> list[str]:
+    """The optional top-level "class_names" of a datalist: one name per label id 1..N (e.g. IPH, IVH, SAH)."""
+    names = datalist.get("class_names", []) if isinstance(datalist, dict) else []
+    if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names) \
+            or len(set(names)) != len(names):
+        raise DatalistError(f"{source}: class_names {names!r} must be a list of distinct names, one per label id "
+                            "1..N in order (e.g. [IPH, IVH, SAH]); background (0) has no name")
+    return list(names)
+
+
 def lesion_volume_ml(label_path: Path) -> float:
     label = nib.load(str(label_path))
     voxel_ml = float(np.prod(label.header.get_zooms()[:3])) / 1000.0

@@ -104,15 +104,17 @@ def write_dataset(
     spacing_mm: tuple[float, float, float] = (0.45, 0.45, 5.0),
     seed: int = 0,
     num_classes: int = 1,
+    class_names: list[str] | None = None,
 ) -> Path:
     """Write imagesTr/labelsTr/imagesTs NIfTI files and a MONAI datalist; return the datalist path.
 
-    Test cases also get labels (in labelsTs) so held-back scores can be computed.
+    Test cases also get labels (in labelsTs) so held-back scores can be computed. class_names (one per
+    label id 1..num_classes) go into the datalist's "class_names".
     """
     root = Path(root)
     cases = (make_head_ct(size, num_slices, spacing_mm, seed=seed * 10_000 + i, num_classes=num_classes)
              for i in range(num_train + num_test))
-    return write_cases_and_datalist(root, cases, num_train=num_train, num_folds=num_folds)
+    return write_cases_and_datalist(root, cases, num_train=num_train, num_folds=num_folds, class_names=class_names)
 
 
 def case_files(index: int, training: bool) -> tuple[str, str]:
@@ -121,11 +123,13 @@ def case_files(index: int, training: bool) -> tuple[str, str]:
     return f"images{split}/case_{index:03d}.nii.gz", f"labels{split}/case_{index:03d}.nii.gz"
 
 
-def write_cases_and_datalist(root: Path, cases: Iterable[SyntheticCase], num_train: int, num_folds: int) -> Path:
+def write_cases_and_datalist(root: Path, cases: Iterable[SyntheticCase], num_train: int, num_folds: int,
+                             class_names: list[str] | None = None) -> Path:
     """Write the cases (the first num_train for training, folds in turn) and datalist.json; return its path.
 
     Cases may come from a generator, so only one volume is in memory at a time.
-    Testing entries keep their label so that held-out cases can be scored.
+    Testing entries keep their label so that held-out cases can be scored; class_names (names of the
+    label ids 1..N) go into the datalist's "class_names".
     """
     training, testing = [], []
     for index, case in enumerate(cases):
@@ -136,5 +140,6 @@ def write_cases_and_datalist(root: Path, cases: Iterable[SyntheticCase], num_tra
         else:
             testing.append({"image": image, "label": label})
     datalist = root / "datalist.json"
-    datalist.write_text(json.dumps({"training": training, "testing": testing}, indent=2))
+    names = {"class_names": list(class_names)} if class_names else {}
+    datalist.write_text(json.dumps({**names, "training": training, "testing": testing}, indent=2))
     return datalist

@@ -105,7 +105,7 @@ def test_affine_difference_within_tolerance_is_accepted(data):
 @pytest.mark.parametrize(
     ("label_values", "expected"),
     [
-        (np.array([0, 255], np.uint8), "label values [0, 255] exceed the 1 foreground classes"),
+        (np.array([0, 255], np.uint8), "label values [0, 255] exceed 20, more classes than any hemorrhage"),
         (np.array([0.0, 0.5], np.float32), "not class indices 0..N"),
     ],
 )
@@ -305,3 +305,29 @@ def test_a_data_root_without_any_listed_file_is_one_problem(data, tmp_path_facto
     assert "found 1 problem(s)" in message
     assert f"none of the {2 * NUM_TRAIN + 1} files the datalist lists exists under --dataroot {empty}" in message
     assert "images/case_000.nii.gz, labels/case_000.nii.gz, test/case_099.nii.gz" in message
+
+
+def multiclass_dataset(root: Path, class_names: list[str] | None = None) -> Path:
+    from autoseg2d.synthetic import write_dataset as write_generated
+
+    datalist = write_generated(root, num_train=4, num_test=0, num_folds=2, size=32, num_slices=6, num_classes=3)
+    if class_names is not None:
+        datalist.write_text(json.dumps({**json.loads(datalist.read_text()), "class_names": class_names}))
+    return datalist
+
+
+def test_multiclass_labels_pass_with_classes_from_the_data(tmp_path):
+    """The generator's num_classes=3 labels (0..3): the check takes the classes from the data."""
+    datalist = multiclass_dataset(tmp_path)
+    report = check_inputs(str(datalist), str(tmp_path))
+    assert report["label_ids"] == [0, 1, 2, 3] and report["class_names"] == []
+
+
+def test_class_names_in_the_datalist_are_checked_against_the_labels(tmp_path):
+    datalist = multiclass_dataset(tmp_path, ["IPH", "IVH", "SAH"])
+    assert check_inputs(str(datalist), str(tmp_path))["class_names"] == ["IPH", "IVH", "SAH"]
+    datalist = multiclass_dataset(tmp_path, ["IPH", "IVH"])
+    message = problems(tmp_path)
+    assert "label values [0, 1, 2, 3] exceed the 2 classes in class_names ['IPH', 'IVH']" in message
+    datalist.write_text(json.dumps({**json.loads(datalist.read_text()), "class_names": "IPH"}))
+    assert "class_names 'IPH' must be a list of distinct names" in problems(tmp_path)

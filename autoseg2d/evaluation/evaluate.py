@@ -13,7 +13,14 @@ import nibabel as nib
 import numpy as np
 
 from autoseg2d.atomic_files import write_text_atomic
-from autoseg2d.evaluation.metrics import NSD_TOLERANCE_MM, case_metrics, summarize_metrics
+from autoseg2d.evaluation.metrics import (
+    NSD_TOLERANCE_MM,
+    case_metrics,
+    class_case_metrics,
+    default_class_names,
+    summarize_classes,
+    summarize_metrics,
+)
 from autoseg2d.evaluation.report import (
     cross_validation_table,
     per_case_csv,
@@ -34,12 +41,14 @@ SUMMARY_MD = "summary.md"
 
 def evaluate_folders(
     pred: str, gt: str, output: str | None = None, nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
-    images: str | None = None,
+    images: str | None = None, class_names: str | list[str] | None = None,
 ) -> dict:
     """Score predicted masks against labels with Dice, RVD, NSD, HD (mm) and volumes (mL).
 
     Writes metrics_per_case.csv, summary.json and summary.md to OUTPUT and returns the summary.
-    Masks must hold only 0 and 1 and have the label's array shape.
+    Masks must have the label's array shape and hold 0/1, or class ids 0..N when the labels have N > 1
+    classes: then the foreground (any class) is scored as above, and each class on its own with the mean
+    over classes.
 
     Args:
         pred: folder of predicted masks, one NIfTI (.nii or .nii.gz) per case, named like the labels.
@@ -48,14 +57,18 @@ def evaluate_folders(
         nsd_tolerance_mm: normalized surface Dice tolerance in mm (INSTANCE 2022 uses 0.42).
         images: optional folder of the CT images (named like the labels); when given, QA overlay
             PNGs (most-hemorrhage and worst-error slices) and a contact sheet go to OUTPUT/overlays.
+        class_names: names of label ids 1..N (a list, or comma-separated); default: class_1.. for the ids
+            the labels hold.
     """
     pred, gt = str(pred), str(gt)  # fire turns a folder named "2024" into an int
-    rows = evaluate_cases(pred, gt, nsd_tolerance_mm)
+    names = class_names.split(",") if isinstance(class_names, str) else list(class_names or [])
+    rows = evaluate_cases(pred, gt, nsd_tolerance_mm, names or None)
     true_cases, pred_cases = find_nifti_cases(gt), find_nifti_cases(pred)
     missing = [row["case"] for row in rows if row["status"] == STATUS_MISSING]
     output_dir = Path(str(output)) if output is not None else Path(pred) / "evaluation"
     summary = {
         **summarize_metrics(rows),
+        **({"classes": summarize_classes(rows)} if any(row.get("classes") for row in rows) else {}),
         "num_missing_predictions": len(missing),
         "missing_predictions": missing,
         "unmatched_predictions": sorted(set(pred_cases) - set(true_cases)),
@@ -75,14 +88,22 @@ def evaluate_folders(
     return summary
 
 
-def evaluate_cases(pred: str | Path, gt: str | Path, nsd_tolerance_mm: float = NSD_TOLERANCE_MM) -> list[dict]:
-    """Per-case metric dicts (with ``case`` and ``status``) for every label in `gt`, sorted by case name."""
+def evaluate_cases(pred: str | Path, gt: str | Path, nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
+                   class_names: list[str] | None = None) -> list[dict]:
+    """Per-case metric dicts (with ``case`` and ``status``) for every label in `gt`, sorted by case name.
+
+    With class_names, or labels holding ids above 1, each case also gets per-class metrics ("classes").
+    """
     true_cases = find_nifti_cases(gt)
     if not true_cases:
         raise ValueError(f"no label files (.nii or .nii.gz) found in gt folder {str(gt)!r}.")
     pred_cases = find_nifti_cases(pred)
+    if class_names is None:
+        largest = max(int(np.asanyarray(nib.load(path).dataobj).max()) for path in true_cases.values())
+        class_names = default_class_names(largest) if largest > 1 else None
     return [
-        _score_case(case, true_cases[case], pred_cases.get(case), nsd_tolerance_mm) for case in sorted(true_cases)
+        _score_case(case, true_cases[case], pred_cases.get(case), nsd_tolerance_mm, class_names)
+        for case in sorted(true_cases)
     ]
 
 
@@ -105,17 +126,26 @@ def find_nifti_cases(folder: str | Path) -> dict[str, Path]:
     return cases
 
 
-def _score_case(case: str, truth_path: Path, pred_path: Path | None, nsd_tolerance_mm: float) -> dict:
+def _score_case(case: str, truth_path: Path, pred_path: Path | None, nsd_tolerance_mm: float,
+                class_names: list[str] | None = None) -> dict:
     truth_image = nib.load(truth_path)
     truth = np.asanyarray(truth_image.dataobj)
     spacing_mm = tuple(float(z) for z in truth_image.header.get_zooms()[: truth.ndim])
+
+    def score(prediction: np.ndarray) -> dict:
+        if class_names:
+            return class_case_metrics(prediction, truth, spacing_mm, class_names, case, nsd_tolerance_mm)
+        return case_metrics(prediction, truth, spacing_mm, case, nsd_tolerance_mm)
+
     if pred_path is None:
-        metrics = case_metrics(np.zeros(truth.shape, np.uint8), truth, spacing_mm, case, nsd_tolerance_mm)
+        metrics = score(np.zeros(truth.shape, np.uint8))
         metrics["dice"] = 0.0
+        for class_metrics in (metrics.get("classes") or {}).values():
+            if class_metrics is not None:
+                class_metrics["dice"] = 0.0
         note = "no prediction file for this case in the pred folder; scored as an empty mask with Dice 0"
         return {"case": case, "status": STATUS_MISSING, **metrics, "note": _join(note, metrics["note"])}
-    pred = np.asanyarray(nib.load(pred_path).dataobj)
-    metrics = case_metrics(pred, truth, spacing_mm, case, nsd_tolerance_mm)
+    metrics = score(np.asanyarray(nib.load(pred_path).dataobj))
     return {"case": case, "status": STATUS_SCORED, **metrics}
 
 

@@ -179,3 +179,73 @@ def _as_tensor(mask: np.ndarray) -> torch.Tensor:
 
 def _as_batch(mask: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(mask[None, None], dtype=np.float32))
+
+
+def default_class_names(num_classes: int) -> list[str]:
+    """Names for label ids 1..N when the datalist names none."""
+    return [f"class_{i}" for i in range(1, num_classes + 1)]
+
+
+def validate_class_ids(labels: np.ndarray, num_classes: int, case_id: str, role: str) -> np.ndarray:
+    """Return `labels` as integers, refusing anything but class ids 0..num_classes."""
+    array = np.asanyarray(labels)
+    values = np.unique(array)
+    if not np.issubdtype(array.dtype, np.number) or not np.isin(values, np.arange(num_classes + 1)).all():
+        shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if len(values) > 8 else "")
+        raise ValueError(
+            f"case {case_id!r}: {role} holds values [{shown}], not class ids 0..{num_classes}; write one class id "
+            "per voxel (argmax of the probabilities), or give the names of all classes (class_names)."
+        )
+    return array.astype(np.int64)
+
+
+def class_case_metrics(
+    pred: np.ndarray,
+    truth: np.ndarray,
+    spacing_mm: Sequence[float],
+    class_names: Sequence[str],
+    case_id: str = "case",
+    nsd_tolerance_mm: float = NSD_TOLERANCE_MM,
+) -> dict:
+    """Metrics of a label map with classes 1..N: the case_metrics of the foreground (any class, as the
+    challenge merges hemorrhage subtypes) and, under "classes", those of each class by name.
+
+    A class that neither the prediction nor the truth holds is None: there is nothing to score, and
+    counting it as Dice 1 would flatter every rare subtype.
+    """
+    pred_ids = validate_class_ids(pred, len(class_names), case_id, "prediction")
+    truth_ids = validate_class_ids(truth, len(class_names), case_id, "truth")
+    metrics = case_metrics(pred_ids > 0, truth_ids > 0, spacing_mm, case_id, nsd_tolerance_mm)
+    metrics["classes"] = {
+        name: case_metrics(pred_ids == i, truth_ids == i, spacing_mm, f"{case_id} {name}", nsd_tolerance_mm)
+        if (pred_ids == i).any() or (truth_ids == i).any() else None
+        for i, name in enumerate(class_names, 1)
+    }
+    return metrics
+
+
+CLASS_MEAN = "mean over classes"
+CLASS_SUMMARY_KEYS = ("dice_mean", "rvd_mean", "nsd_mean", "hd_mm_mean", "true_volume_ml_mean",
+                      "pred_volume_ml_mean")
+
+
+def summarize_classes(per_case: Sequence[dict]) -> dict:
+    """summarize_metrics per class over the cases that hold it, plus volumes in mL and the mean over classes.
+
+    {} for binary results (no "classes" in the cases); a class no case holds is None.
+    """
+    names = list(next((c["classes"] for c in per_case if c.get("classes")), {}))
+    summaries: dict = {}
+    for name in names:
+        rows = [c["classes"][name] for c in per_case if c.get("classes", {}).get(name) is not None]
+        summaries[name] = None if not rows else {
+            **summarize_metrics(rows),
+            "true_volume_ml_mean": float(np.mean([r["true_volume_ml"] for r in rows])),
+            "pred_volume_ml_mean": float(np.mean([r["pred_volume_ml"] for r in rows])),
+        }
+    scored = [s for s in summaries.values() if s is not None]
+    if scored:
+        summaries[CLASS_MEAN] = {key: _mean_where_defined(np.array([s[key] for s in scored], dtype=float))
+                                 for key in CLASS_SUMMARY_KEYS}
+        summaries[CLASS_MEAN]["num_hd_inf"] = int(sum(s["num_hd_inf"] for s in scored))
+    return summaries

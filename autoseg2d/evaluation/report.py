@@ -13,12 +13,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from autoseg2d.evaluation.metrics import summarize_metrics
+from autoseg2d.evaluation.metrics import CLASS_MEAN, summarize_classes, summarize_metrics
 
 CASE_COLUMNS = ("case", "status", "dice", "rvd", "nsd", "hd_mm", "pred_volume_ml", "true_volume_ml", "note")
 SUMMARY_COLUMNS = (
     ("Dice", "dice_mean"), ("RVD", "rvd_mean"), ("NSD", "nsd_mean"), ("HD mm", "hd_mm_mean"), ("HD inf", "num_hd_inf"),
 )
+CLASS_METRICS = ("dice", "rvd", "nsd", "hd_mm", "pred_volume_ml", "true_volume_ml")
+CLASS_COLUMNS = (*SUMMARY_COLUMNS, ("true mL", "true_volume_ml_mean"), ("pred mL", "pred_volume_ml_mean"))
 
 
 def json_safe(value):
@@ -37,13 +39,41 @@ def summary_json(summary: dict) -> str:
 
 
 def per_case_csv(rows: Sequence[dict]) -> str:
-    """One row per case with full-precision numbers (inf and nan as Python prints them)."""
+    """One row per case with full-precision numbers (inf and nan as Python prints them); with several
+    classes, each class's metrics follow as <metric>_<class> columns (empty where the case lacks the class)."""
+    names = _class_names(rows)
+    class_columns = [f"{metric}_{name}" for name in names for metric in CLASS_METRICS]
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CASE_COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=[*CASE_COLUMNS, *class_columns], extrasaction="ignore",
+                            lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow({key: _csv_cell(value) for key, value in row.items()})
+        flat = {key: _csv_cell(value) for key, value in row.items()}
+        for name, metrics in (row.get("classes") or {}).items():
+            flat.update({f"{metric}_{name}": _csv_cell(metrics[metric]) for metric in CLASS_METRICS} if metrics else {})
+        writer.writerow(flat)
     return buffer.getvalue()
+
+
+def _class_names(rows: Sequence[dict]) -> list[str]:
+    return list(next((row["classes"] for row in rows if row.get("classes")), {}))
+
+
+def class_table(per_case: Sequence[dict], label: Sequence = ()) -> list[list]:
+    """Rows of [*label, class, cases, Dice, RVD, NSD, HD mm, HD inf, true mL, pred mL], the last the mean over
+    classes; [] for binary results."""
+    rows = []
+    for name, summary in summarize_classes(per_case).items():
+        if summary is None:
+            rows.append([*label, name, 0, *("-" for _ in CLASS_COLUMNS)])
+        else:
+            rows.append([*label, name, summary.get("num_cases", "-"), *(summary[key] for _, key in CLASS_COLUMNS)])
+    return rows
+
+
+CLASS_HEADER = ["class", "cases", *(name for name, _ in CLASS_COLUMNS)]
+CLASS_NOTE = (f"Each class is scored on the cases whose truth or prediction holds it; '{CLASS_MEAN}' averages the "
+              "classes' means.")
 
 
 def summary_markdown(summary: dict, rows: Sequence[dict]) -> str:
@@ -58,12 +88,20 @@ def summary_markdown(summary: dict, rows: Sequence[dict]) -> str:
         f"NSD tolerance {summary.get('nsd_tolerance_mm', '?')} mm. Mean HD is inf when any case is inf "
         f"(mean over finite cases: {_cell(summary['hd_mm_mean_finite'])} mm).",
         "",
+        *_class_section(rows),
         "## Cases",
         "",
         _markdown_table(list(CASE_COLUMNS), [[row.get(key, "") for key in CASE_COLUMNS] for row in rows]),
         "",
     ]
     return "\n".join(lines)
+
+
+def _class_section(rows: Sequence[dict]) -> list[str]:
+    table = class_table(rows)
+    if not table:
+        return []
+    return ["## Classes", "", _markdown_table(CLASS_HEADER, table), "", CLASS_NOTE, ""]
 
 
 def _fold_order(record: dict) -> tuple:
@@ -109,7 +147,13 @@ def cross_validation_table(records: list[dict], selection_folds: Sequence = ()) 
         note = (f"\nFolds marked \"chose config\" ({', '.join(sorted(chose))}) scored the sweep's trials, so the "
                 "configuration was picked on them and their scores are optimistic; \"other folds\" is the mean over "
                 "the cases of the folds that took no part in that choice.\n")
-    return _markdown_table(header, rows) + "\n" + note
+    table = _markdown_table(header, rows) + "\n" + note
+    by_class = [row for variant in sorted(by_variant) for row in
+                class_table([case for record in by_variant[variant] for case in record["cases"]], [variant])]
+    if by_class:
+        table += ("\nPer class, all folds pooled:\n\n" + _markdown_table(["variant", *CLASS_HEADER], by_class)
+                  + f"\n\n{CLASS_NOTE}\n")
+    return table
 
 
 def _cv_row(variant: str, fold, cases: Sequence[dict]) -> list:

@@ -61,6 +61,8 @@ def generate_bundles(work: WorkDir, settings: dict, num_folds: int, run: dict) -
     configuration.mkdir(parents=True, exist_ok=True)
     data_src = configuration / "data_src.yaml"
     source = {"modality": run["modality"], "datalist": str(run["datalist"]), "dataroot": str(run["dataroot"])}
+    if run.get("class_names"):
+        source["class_names"] = list(run["class_names"])
     write_text_atomic(data_src, yaml.safe_dump({**source, **settings}, sort_keys=False))
     gen = BundleGen(algo_path=str(configuration), algos=[ALGO_NAME], templates_path_or_url=str(templates_root()),
                     data_stats_filename=str(work.datastats), data_src_cfg_name=str(data_src))

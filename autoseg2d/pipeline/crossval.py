@@ -6,10 +6,10 @@ import json
 import logging
 from pathlib import Path
 
-from autoseg2d.evaluation.metrics import case_metrics
+from autoseg2d.evaluation.metrics import case_metrics, class_case_metrics
 from autoseg2d.evaluation.report import cross_validation_table, json_safe
 from autoseg2d.pipeline.bundles import bundle_path, generate_bundles, train_bundle
-from autoseg2d.pipeline.inference import case_name, foreground, load_inferer, read_mask
+from autoseg2d.pipeline.inference import case_name, class_names_of, foreground, load_inferer, read_labels, read_mask
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.pipeline.workdir import WorkDir
 
@@ -29,11 +29,17 @@ def evaluate_bundle(bundle: Path, run: dict, fold: int) -> list[dict]:
     if cache.exists():
         return json.loads(cache.read_text())
     inferer = load_inferer(bundle)
+    class_names = class_names_of(inferer.config)
     cases = []
     for case in validation_cases(run, fold):
-        truth, spacing = read_mask(case["label"])
-        prediction = foreground(inferer.infer(str(case["image"])).numpy())
-        cases.append(case_metrics(prediction, truth, spacing, case_id=case_name(case["image"])))
+        probabilities = inferer.infer(str(case["image"])).numpy()
+        if len(class_names) > 1:
+            truth, spacing = read_labels(case["label"])
+            cases.append(class_case_metrics(probabilities.argmax(0), truth, spacing, class_names,
+                                            case_id=case_name(case["image"])))
+        else:
+            truth, spacing = read_mask(case["label"])
+            cases.append(case_metrics(foreground(probabilities), truth, spacing, case_id=case_name(case["image"])))
     write_text_atomic(cache, json.dumps(json_safe(cases), indent=1))
     return cases
 
@@ -64,5 +70,8 @@ def run_crossval(work: WorkDir, run: dict, configurations: list[dict], runs: int
 
 
 def _restore_floats(case: dict) -> dict:
-    """json_safe stores inf/nan as strings; turn them back into floats."""
-    return {k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in case.items()}
+    """json_safe stores inf/nan as strings; turn them back into floats (in per-class metrics too)."""
+    restored = {k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in case.items()}
+    if isinstance(case.get("classes"), dict):
+        restored["classes"] = {name: _restore_floats(m) if m else m for name, m in case["classes"].items()}
+    return restored

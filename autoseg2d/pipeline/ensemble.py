@@ -187,6 +187,7 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
         raise ValueError(f"the output folder {output_dir} holds the input images; choose another output folder")
     results, sources = [], sources or {}
     report = CaseReport(output_dir, lesion_class_names(getattr(predictor.members[0], "config", {})))
+    names = report.class_names  # of the label ids 1..N in the written masks
     for index, image in enumerate(images, 1):
         target = output_dir / image.name
         if target.exists():
@@ -198,11 +199,16 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
         probabilities, member_masks = predictor.probabilities(image, return_members=True)
         mask = predictor.mask(probabilities, spacing)
         write_mask(mask, image, target)
-        volume_ml = float((mask > 0).sum()) * float(np.prod(spacing)) / 1000.0
+        voxel_ml = float(np.prod(spacing)) / 1000.0
+        volume_ml = float((mask > 0).sum()) * voxel_ml
+        class_ml = {name: float((mask == i).sum()) * voxel_ml for i, name in enumerate(names, 1)}
+        class_ml = class_ml if len(names) > 1 else {}
         seconds = time.time() - started
         report.add_case(case_name(image), image, target, mask, member_masks, seconds, sources.get(case_name(image)))
-        results.append({"case": case_name(image), "volume_ml": volume_ml, "seconds": seconds, "output": str(target)})
-        print(f"predict {index}/{len(images)} {image.name}: hemorrhage {volume_ml:.2f} mL, {seconds:.1f}s",
+        results.append({"case": case_name(image), "volume_ml": volume_ml, "seconds": seconds, "output": str(target),
+                        **({"class_volume_ml": class_ml} if class_ml else {})})
+        per_class = f" ({', '.join(f'{name} {ml:.2f}' for name, ml in class_ml.items())})" if class_ml else ""
+        print(f"predict {index}/{len(images)} {image.name}: hemorrhage {volume_ml:.2f} mL{per_class}, {seconds:.1f}s",
               flush=True)
     if report.write_contact_sheet():
         logger.info(f"predict: report and QA pictures in {output_dir} ({REPORT_CSV}, {REPORT_JSON}, qa/)")

@@ -85,7 +85,8 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
         logger.info(f"check: {len(report['skipped'])} bad cases left out; using {work.relative(used_datalist)}")
     work.record_run(datalist_path, dataroot_path, modality, profile, profile_sha256=profile_sha256, num_folds=folds,
                     used_datalist_sha256=file_sha256(used_datalist))
-    run = {"datalist": used_datalist, "dataroot": dataroot_path, "modality": modality}
+    run = {"datalist": used_datalist, "dataroot": dataroot_path, "modality": modality,
+           "class_names": report.get("class_names", [])}
     summary: dict = {"work_dir": str(work.root), "num_folds": folds, "profile": profile}
     if until == "check":
         return summary

@@ -134,3 +134,41 @@ def test_images_folder_adds_overlays_for_every_case(folders: tuple[Path, Path], 
     names = sorted(Path(p).name for p in summary["overlays"])
     assert names == ["ct_a.png", "ct_b.png", "ct_c.png", "ct_d.png"]  # the missing prediction is drawn too
     assert (tmp_path / "report" / "overlays" / "contact_sheet.png").stat().st_size > 0
+
+
+def test_multiclass_folders_get_per_class_metrics_and_the_mean_over_classes(tmp_path):
+    gt, pred = tmp_path / "labels", tmp_path / "preds"
+    pred.mkdir()
+    for i in range(2):
+        case = make_head_ct(size=32, num_slices=6, spacing_mm=SPACING_MM, num_lesions=3, seed=i, num_classes=3)
+        write_case(case, tmp_path / "images" / f"ct_{i}.nii.gz", gt / f"ct_{i}.nii.gz")
+        _save(case.label, case.affine, pred / f"ct_{i}.nii.gz")
+    summary = evaluate_folders(str(pred), str(gt), str(tmp_path / "report"), class_names="IPH,IVH,SAH")
+    assert summary["dice_mean"] == pytest.approx(1.0)
+    assert set(summary["classes"]) == {"IPH", "IVH", "SAH", "mean over classes"}
+    assert summary["classes"]["mean over classes"]["dice_mean"] == pytest.approx(1.0)
+    header = (tmp_path / "report" / "metrics_per_case.csv").read_text().splitlines()[0]
+    assert "dice_IPH" in header and "true_volume_ml_SAH" in header and "hd_mm_IVH" in header
+    markdown = (tmp_path / "report" / "summary.md").read_text()
+    assert "## Classes" in markdown and "| mean over classes |" in markdown
+    assert evaluate_folders(str(pred), str(gt), str(tmp_path / "r2"))["classes"].keys() >= {"class_1", "class_3"}
+
+
+def test_binary_reports_keep_their_format(folders, tmp_path):
+    pred, gt = folders
+    summary = evaluate_folders(str(pred), str(gt), str(tmp_path / "report"))
+    assert "classes" not in summary
+    header = (tmp_path / "report" / "metrics_per_case.csv").read_text().splitlines()[0]
+    assert header == "case,status,dice,rvd,nsd,hd_mm,pred_volume_ml,true_volume_ml,note"
+    assert "## Classes" not in (tmp_path / "report" / "summary.md").read_text()
+
+
+def test_cross_validation_table_adds_a_per_class_table_for_multiclass_records():
+    from autoseg2d.evaluation.metrics import class_case_metrics
+
+    truth = np.zeros((8, 8, 4), np.uint8)
+    truth[1:3, 1:3, 1], truth[5:7, 5:7, 2] = 1, 2
+    case = class_case_metrics(truth, truth, (1.0, 1.0, 2.0), ["IPH", "IVH"], "c")
+    table = cross_validation_table([{"variant": "slices", "fold": f, "cases": [case]} for f in (0, 1)])
+    assert "Per class, all folds pooled" in table
+    assert "| slices | IPH | 2 | 1.0000 |" in table and "| slices | mean over classes |" in table

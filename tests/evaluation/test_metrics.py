@@ -125,3 +125,31 @@ def test_summary_mean_hd_is_inf_with_one_inf_case():
 def test_summary_of_nothing_is_an_error():
     with pytest.raises(ValueError, match="no cases"):
         summarize_metrics([])
+
+
+def test_class_metrics_score_each_class_and_the_foreground():
+    from autoseg2d.evaluation.metrics import class_case_metrics, summarize_classes
+
+    truth = np.zeros((8, 8, 4), np.uint8)
+    truth[1:3, 1:3, 1] = 1
+    truth[5:7, 5:7, 2] = 2
+    pred = truth.copy()
+    pred[5:7, 5:7, 2] = 1  # class 2 predicted as class 1: the foreground is perfect, the classes are not
+    metrics = class_case_metrics(pred, truth, (1.0, 1.0, 2.0), ["IPH", "IVH", "SAH"], "c")
+    assert metrics["dice"] == pytest.approx(1.0)
+    assert metrics["classes"]["IPH"]["dice"] == pytest.approx(2 * 4 / (8 + 4))
+    assert metrics["classes"]["IVH"]["dice"] < 1e-5 and metrics["classes"]["IVH"]["true_volume_ml"] == 0.008
+    assert metrics["classes"]["SAH"] is None  # in neither mask: nothing to score
+    summary = summarize_classes([metrics])
+    assert summary["SAH"] is None and summary["IPH"]["num_cases"] == 1
+    iph, ivh = (metrics["classes"][name]["dice"] for name in ("IPH", "IVH"))
+    assert summary["mean over classes"]["dice_mean"] == pytest.approx((iph + ivh) / 2)
+    assert summary["IPH"]["pred_volume_ml_mean"] == 0.016
+
+
+def test_class_ids_outside_the_classes_are_refused():
+    from autoseg2d.evaluation.metrics import class_case_metrics
+
+    truth = np.zeros((4, 4, 2), np.uint8)
+    with pytest.raises(ValueError, match=r"prediction holds values \[4\], not class ids 0..3"):
+        class_case_metrics(np.full_like(truth, 4), truth, (1.0, 1.0, 1.0), ["a", "b", "c"], "c")

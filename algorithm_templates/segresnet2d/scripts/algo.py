@@ -143,6 +143,7 @@ class Segresnet2dAlgo(BundleAlgo):
             config["data_file_base_dir"] = str(Path(data_source["dataroot"]).resolve())
         if "class_names" in data_source:
             config["class_names"] = list(data_source["class_names"])
+            config["output_classes"] = self._classes_with_names(config["output_classes"], config["class_names"])
 
         for note in notes:
             logger.info(f"segresnet2d: {note}")
@@ -151,6 +152,15 @@ class Segresnet2dAlgo(BundleAlgo):
         tmp.write_text(header + yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
         os.replace(tmp, config_file)
         return {CONFIG_NAME: config}
+
+    def _classes_with_names(self, output_classes: int, class_names: list[str]) -> int:
+        """One channel per named class, even one that no training case holds; more label ids than names is
+        an error (the names would be shifted or missing)."""
+        if output_classes - 1 > len(class_names):
+            raise ConfigError(f"data-source YAML {self.data_list_file}: class_names {class_names} names "
+                              f"{len(class_names)} classes but the labels hold ids up to {output_classes - 1}; "
+                              "give one name per label id 1..N")
+        return len(class_names) + 1
 
     @staticmethod
     def _device() -> tuple[str, float | None]:
