@@ -17,12 +17,15 @@ import re
 import signal
 import subprocess
 import sys
+import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import yaml
 from monai.apps.auto3dseg import BundleGen
+from tqdm import tqdm
 
 from autoseg2d.evaluation.curves import plot_training_curves
 from autoseg2d.atomic_files import write_text_atomic
@@ -33,6 +36,9 @@ logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 VALIDATION_LINE = re.compile(r"epoch (\d+)/(\d+) .*val_dice ([0-9.]+)")
+EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) ")
+FAILURE_TAIL_LINES = 15  # of the trainer's output, shown when it fails
+QUIET_DURING_GENERATION = ("segresnet2d", "monai.apps.auto3dseg")  # per-fold lines; the notes are logged once
 
 
 class TrainingError(RuntimeError):
@@ -41,6 +47,16 @@ class TrainingError(RuntimeError):
 
 class TrainingStopped(Exception):
     """Raised when the on_validation callback asks to stop (e.g. an Optuna pruning decision)."""
+
+
+def describe(settings: dict) -> str:
+    """A short console prefix for a configuration: input variant, learning rate to two digits, seed."""
+    parts = [str(settings.get("input_variant", "default"))]
+    if "learning_rate" in settings:
+        parts.append(f"lr {float(settings['learning_rate']):.1e}")
+    if settings.get("seed"):
+        parts.append(f"seed {settings['seed']}")
+    return " ".join(parts)
 
 
 def configuration_name(settings: dict) -> str:
@@ -66,12 +82,31 @@ def generate_bundles(work: WorkDir, settings: dict, num_folds: int, run: dict) -
     write_text_atomic(data_src, yaml.safe_dump({**source, **settings}, sort_keys=False))
     gen = BundleGen(algo_path=str(configuration), algos=[ALGO_NAME], templates_path_or_url=str(templates_root()),
                     data_stats_filename=str(work.datastats), data_src_cfg_name=str(data_src))
-    gen.generate(str(configuration), num_fold=num_folds)
+    with _quiet(QUIET_DURING_GENERATION):
+        gen.generate(str(configuration), num_fold=num_folds)
     if not bundle_path(configuration, 0).exists():
         raise TrainingError(f"BundleGen skipped {ALGO_NAME} for {configuration.name}: its pre-check refused the data;"
                             f" the reason is in the log above ('{ALGO_NAME} skipped: ...')")
+    notes = [line[2:] for line in (bundle_path(configuration, 0) / "configs" / "hyper_parameters.yaml").read_text()
+             .splitlines() if line.startswith("# ")][1:]
+    logger.info(f"{describe(settings)}: planned {configuration.name} ({num_folds} fold bundles):"
+                + "".join(f"\n    {note}" for note in notes))
     write_text_atomic(marker, json.dumps(settings, indent=2, sort_keys=True))  # last: marks generation done
     return configuration
+
+
+@contextlib.contextmanager
+def _quiet(names: tuple[str, ...]) -> Iterator[None]:
+    """Only warnings from these loggers while BundleGen fills each fold's bundle (the same notes each time)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def bundle_config(bundle: Path) -> dict:
@@ -125,8 +160,9 @@ def exclusive(bundle: Path) -> Iterator[None]:
 
 def train_bundle(bundle: Path, run: dict, label: str,
                  on_validation: Callable[[int, float, int], bool] | None = None) -> float:
-    """Train (or continue training) one bundle with live output; returns its best validation Dice.
+    """Train (or continue training) one bundle with a progress bar over epochs; returns its best validation Dice.
 
+    The trainer's own lines go to its training.log; the console gets the bar and one line at the end.
     ``on_validation(epoch, dice, num_epochs)`` is called for every validation line; returning True stops
     the run (it can be continued later) and raises TrainingStopped.
     """
@@ -134,17 +170,24 @@ def train_bundle(bundle: Path, run: dict, label: str,
         logger.info(f"{label}: already trained (best Dice {bundle_score(bundle):.4f})")
         return bundle_score(bundle)
     overrides = {"data_list_file_path": run["datalist"], "data_file_base_dir": run["dataroot"]}
+    started, tail = time.time(), deque(maxlen=FAILURE_TAIL_LINES)
     with exclusive(bundle):
         process = subprocess.Popen(train_command(bundle, overrides), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=_die_with_parent)
+        bar = tqdm(total=int(bundle_config(bundle)["num_epochs"]), desc=label, unit="epoch", leave=False,
+                   dynamic_ncols=True)
         stopped = False
         try:
             for line in process.stdout:
-                print(f"[{label}] {line}", end="", flush=True)
-                match = VALIDATION_LINE.search(line)
-                epoch, num_epochs, dice = (int(match.group(1)), int(match.group(2)),
-                                           float(match.group(3))) if match else (0, 0, 0.0)
-                if match and on_validation and on_validation(epoch, dice, num_epochs):
+                tail.append(line.rstrip())
+                epoch, match = EPOCH_LINE.search(line), VALIDATION_LINE.search(line)
+                if epoch:
+                    bar.total = int(epoch.group(2))  # the trainer's count (num_steps may set it)
+                    bar.update(int(epoch.group(1)) - bar.n)
+                if match:
+                    bar.set_postfix_str(f"val Dice {float(match.group(3)):.3f}")
+                if match and on_validation and on_validation(int(match.group(1)), float(match.group(3)),
+                                                             int(match.group(2))):
                     stopped = True
                     process.terminate()  # pruned; the bundle can be continued later
                     break
@@ -152,11 +195,18 @@ def train_bundle(bundle: Path, run: dict, label: str,
             process.terminate()
             process.wait()
             raise
+        finally:
+            bar.close()
         code = process.wait()
+    minutes = (time.time() - started) / 60
     if stopped:
+        logger.info(f"{label}: pruned after epoch {bar.n} ({minutes:.1f} min)")
         raise TrainingStopped(label)
     if code != 0:
-        raise TrainingError(f"{label}: training failed (exit code {code}); the output above and "
-                            f"{bundle / 'model' / 'training.log'} say why")
+        last = "\n".join(f"    {line}" for line in tail)
+        raise TrainingError(f"{label}: training failed (exit code {code}); its last lines:\n{last}\n"
+                            f"  full log: {bundle / 'model' / 'training.log'}")
     plot_training_curves(bundle / "model" / "training_log.csv")
+    logger.info(f"{label}: best Dice {bundle_score(bundle):.4f}, {bar.n} epochs in {minutes:.1f} min "
+                f"(log: {bundle / 'model' / 'training.log'})")
     return bundle_score(bundle)

@@ -6,9 +6,11 @@ import json
 import logging
 from pathlib import Path
 
+from tqdm import tqdm
+
 from autoseg2d.evaluation.metrics import case_metrics, class_case_metrics
 from autoseg2d.evaluation.report import cross_validation_table, json_safe
-from autoseg2d.pipeline.bundles import bundle_path, generate_bundles, train_bundle
+from autoseg2d.pipeline.bundles import bundle_path, describe, generate_bundles, train_bundle
 from autoseg2d.pipeline.inference import case_name, class_names_of, foreground, load_inferer, read_labels, read_mask
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.pipeline.workdir import WorkDir
@@ -31,7 +33,8 @@ def evaluate_bundle(bundle: Path, run: dict, fold: int) -> list[dict]:
     inferer = load_inferer(bundle)
     class_names = class_names_of(inferer.config)
     cases = []
-    for case in validation_cases(run, fold):
+    for case in tqdm(validation_cases(run, fold), desc=f"{bundle.parent.name} fold {fold}: predict", unit="case",
+                     leave=False, dynamic_ncols=True):
         probabilities = inferer.infer(str(case["image"])).numpy()
         if len(class_names) > 1:
             truth, spacing = read_labels(case["label"])
@@ -56,7 +59,7 @@ def run_crossval(work: WorkDir, run: dict, configurations: list[dict], runs: int
         for seed in range(runs):
             configuration = generate_bundles(work, {**settings, "seed": seed}, num_folds, run)
             for fold in range(num_folds):
-                label = f"cv {len(records) + 1}/{total} {settings.get('input_variant')} run {seed} fold {fold}"
+                label = f"cv {len(records) + 1}/{total} {describe(settings)} run {seed} fold {fold}"
                 bundle = bundle_path(configuration, fold)
                 score = train_bundle(bundle, run, label)
                 cases = [_restore_floats(c) for c in evaluate_bundle(bundle, run, fold)]

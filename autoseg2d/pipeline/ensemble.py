@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from tqdm import tqdm
 
 from autoseg2d.evaluation.postprocess import (apply_multiclass_postprocessing, apply_postprocessing,
                                               choose_multiclass_postprocessing, choose_postprocessing,
@@ -188,10 +189,10 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
     results, sources = [], sources or {}
     report = CaseReport(output_dir, lesion_class_names(getattr(predictor.members[0], "config", {})))
     names = report.class_names  # of the label ids 1..N in the written masks
-    for index, image in enumerate(images, 1):
+    for index, image in enumerate(tqdm(images, desc="predict", unit="case", leave=False, dynamic_ncols=True), 1):
         target = output_dir / image.name
         if target.exists():
-            logger.info(f"predict {index}/{len(images)} {image.name}: done before, kept")
+            tqdm.write(f"predict {index}/{len(images)} {image.name}: done before, kept")
             report.keep_case(case_name(image), image, target, sources.get(case_name(image)))
             continue
         started = time.time()
@@ -208,8 +209,8 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
         results.append({"case": case_name(image), "volume_ml": volume_ml, "seconds": seconds, "output": str(target),
                         **({"class_volume_ml": class_ml} if class_ml else {})})
         per_class = f" ({', '.join(f'{name} {ml:.2f}' for name, ml in class_ml.items())})" if class_ml else ""
-        print(f"predict {index}/{len(images)} {image.name}: hemorrhage {volume_ml:.2f} mL{per_class}, {seconds:.1f}s",
-              flush=True)
+        tqdm.write(f"predict {index}/{len(images)} {image.name}: hemorrhage {volume_ml:.2f} mL{per_class}, "
+                   f"{seconds:.1f}s")
     if report.write_contact_sheet():
         logger.info(f"predict: report and QA pictures in {output_dir} ({REPORT_CSV}, {REPORT_JSON}, qa/)")
     return results

@@ -18,7 +18,7 @@ from autoseg2d.atomic_files import write_json_atomic
 from autoseg2d.datalist import ensure_folds, resolve_datalist, validate_folds
 from autoseg2d.dicom.predict import predict_dicom
 from autoseg2d.pipeline.analyze import analyze, settings_for_slice_thickness
-from autoseg2d.pipeline.bundles import TrainingStopped, bundle_path, generate_bundles, train_bundle
+from autoseg2d.pipeline.bundles import TrainingStopped, bundle_path, describe, generate_bundles, train_bundle
 from autoseg2d.pipeline.crossval import run_crossval
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, build_ensemble, predict_images
 from autoseg2d.pipeline.profiles import load_profile
@@ -103,7 +103,7 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
     def train_fold(params: dict, fold: int, report) -> float:
         configuration = generate_bundles(work, {**base, **params}, folds, run)
         try:
-            return train_bundle(bundle_path(configuration, fold), run, f"trial {params} fold {fold}", report)
+            return train_bundle(bundle_path(configuration, fold), run, f"trial {describe(params)} fold {fold}", report)
         except TrainingStopped:
             raise optuna.TrialPruned() from None
 

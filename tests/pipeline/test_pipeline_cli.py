@@ -55,7 +55,9 @@ def test_outputs_exist_and_are_right(tiny_run):
     root, first, _ = tiny_run
     work = root / "work"
     assert "=== stage 6/6: predict ===" in first
-    assert "epoch 15/15" in first  # live training output reaches the console
+    assert "fold 0: best Dice" in first and "15 epochs in" in first  # one line per trained fold
+    assert "epoch 15/15 loss" not in first  # the trainer's per-epoch lines stay in each bundle's training.log
+    assert first.count("planned ") == 2  # the planning notes once per configuration (trial), not per fold
     testing = json.loads((root / "data" / "datalist.json").read_text())["testing"]
     for entry in testing:
         source = nib.load(str(root / "data" / entry["image"]))
@@ -100,8 +102,8 @@ def test_held_back_cases_score_above_a_floor(tiny_run):
 
 def test_second_run_redoes_nothing(tiny_run):
     _, first, second = tiny_run
-    assert "loaded" in first
-    assert "loaded" not in second  # no training process started
+    assert "best Dice" in first
+    assert " epochs in " not in second  # no training process started
     assert "trials already finished" in second
     assert second.count("already trained") == 2
     assert "reusing ensemble/ensemble.json" in second
