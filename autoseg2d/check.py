@@ -258,7 +258,8 @@ def _describe_classes(report: dict) -> str:
     ids, names = report.get("label_ids", []), report.get("class_names", [])
     foreground = [i for i in ids if i > 0]
     named = f" ({', '.join(names)})" if names else ""
-    return f"label ids {ids}: {len(names) or max(foreground, default=0)} label classes{named}"
+    count = len(names) or max(foreground, default=0)
+    return f"label ids {ids}: {count} label class{'' if count == 1 else 'es'}{named}"
 
 
 def _check_classes(findings: list[dict], output_classes: int | None, class_names: list[str], source: str) -> None:

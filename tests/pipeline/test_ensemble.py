@@ -146,3 +146,30 @@ def test_out_of_fold_cases_use_only_members_that_did_not_train_on_them_and_cover
     choice = choose_postprocessing(cases)
     assert choice["steps"][-1]["name"] == "keep_nonempty"
     assert apply_postprocessing(cases[0]["prob"], cases[0]["spacing_mm"], choice).sum() == 16
+
+
+class ClassInferer:
+    """A 3-class bundle's InferClass stand-in: class ids in one half of the volume, with named classes."""
+
+    config = {"output_classes": 4, "class_names": ["IPH", "IVH", "SAH"]}
+
+    def infer(self, image):
+        import torch
+
+        probabilities = np.zeros((4, 16, 16, 4), np.float32)
+        probabilities[0] = 1.0
+        probabilities[:, 2:6, 2:6, 1] = np.eye(4, dtype=np.float32)[1][:, None, None]  # 16 voxels of IPH
+        probabilities[:, 8:10, 8:10, 2] = np.eye(4, dtype=np.float32)[3][:, None, None]  # 4 voxels of SAH
+        return torch.from_numpy(probabilities)
+
+
+def test_multiclass_prediction_writes_class_ids_and_prints_ml_per_class(tmp_path, capsys):
+    write_case(make_head_ct(size=16, num_slices=4, seed=0), tmp_path / "in" / "c0.nii.gz", None)
+    ensemble = EnsemblePredictor.__new__(EnsemblePredictor)
+    ensemble.members, ensemble.mode, ensemble.postprocessing = [ClassInferer()], "mean", None
+    results = predict_images(ensemble, [tmp_path / "in" / "c0.nii.gz"], tmp_path / "out")
+    mask = np.asanyarray(nib.load(str(tmp_path / "out" / "c0.nii.gz")).dataobj)
+    assert sorted(np.unique(mask)) == [0, 1, 3]
+    voxel_ml = 0.45 * 0.45 * 5.0 / 1000
+    assert results[0]["class_volume_ml"] == pytest.approx({"IPH": 16 * voxel_ml, "IVH": 0.0, "SAH": 4 * voxel_ml})
+    assert "hemorrhage 0.02 mL (IPH 0.02, IVH 0.00, SAH 0.00)" in capsys.readouterr().out

@@ -110,3 +110,10 @@ def test_train_drops_other_algorithms_keys_before_the_command(tmp_path, monkeypa
     algo.train({"num_epochs": 2, "num_images_per_batch": 2, "num_crops_per_image": 4})
     assert "--num_epochs=2" in commands[0] and "--batch_size=2" in commands[0]
     assert "num_crops_per_image" not in commands[0]
+
+
+def test_class_names_in_the_data_source_set_one_channel_per_name(tmp_path):
+    algo = make_algo(tmp_path, num_classes=2, class_names=["IPH", "IVH", "SAH"])
+    assert filled(algo, tmp_path)["output_classes"] == 4  # a named class no case holds keeps its channel
+    with pytest.raises(ConfigError, match=r"class_names \['IPH'\] names 1 classes but the labels hold ids up to 2"):
+        filled(make_algo(tmp_path / "b", num_classes=2, class_names=["IPH"]), tmp_path / "b")
