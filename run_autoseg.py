@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from autoseg2d.check import check_inputs
-from autoseg2d.console import main
+from autoseg2d.console import call_with_options, main
 from autoseg2d.datalist import build_datalist
 from autoseg2d.evaluation.evaluate import evaluate_folders
 from autoseg2d.pipeline.demo import run_demo
@@ -33,7 +33,7 @@ def run(demo: bool = False, **options):
     --modality (ct), --num_folds, --storage (an Optuna RDB URL shared by several machines),
     --skip_bad (skip bad cases instead of stopping), --until (the last stage to run).
     """
-    (run_demo if demo else run_pipeline)(**options)
+    call_with_options(run_demo if demo else run_pipeline, options, "--demo" if demo else "run")
 
 
 @functools.wraps(evaluate_folders)
@@ -46,7 +46,7 @@ def evaluate(*args, **options) -> None:
 def _stage(name: str):
     @functools.wraps(run_pipeline)
     def command(**options):
-        run_pipeline(**{**options, "until": name})
+        call_with_options(run_pipeline, {**options, "until": name}, name)
 
     command.__doc__ = f"Run the stages up to and including {name}; options as for run."
     return command

@@ -7,7 +7,9 @@ template, a failed training) are printed as one message on stderr with a non-zer
 
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 import logging
 import os
 import sys
@@ -23,6 +25,18 @@ DEBUG_ENV = "AUTOSEG2D_DEBUG"
 # planning) or is a TrainingError; OSError covers files that cannot be read or written.
 EXPECTED_ERRORS = (ValueError, OSError, TrainingError)
 EXIT_ERROR, EXIT_INTERRUPTED = 1, 130
+
+
+def call_with_options(function: Callable, options: dict, command: str):
+    """function(**options), refusing an unknown option with the closest known one (fire passes any --key on)."""
+    known = [name for name, p in inspect.signature(function).parameters.items() if p.kind is p.KEYWORD_ONLY
+             or p.kind is p.POSITIONAL_OR_KEYWORD]
+    unknown = [key for key in options if key not in known]
+    if unknown:
+        hint = difflib.get_close_matches(unknown[0], known, n=1)
+        raise ValueError(f"{command}: unknown option --{unknown[0]}" + (f"; did you mean --{hint[0]}?" if hint else "")
+                         + f" Options: {', '.join('--' + k for k in known)}")
+    return function(**options)
 
 
 def without_return_value(command: Callable) -> Callable:

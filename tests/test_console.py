@@ -64,3 +64,11 @@ def test_an_unknown_work_dir_is_one_message(tmp_path):
     result = run_cli("predict", "--input", str(tmp_path), "--output", str(tmp_path / "out"),
                      "--work_dir", str(tmp_path / "work"), cwd=tmp_path)
     assert result.returncode == 1 and "no ensemble in" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_misspelt_option_suggests_the_right_one(tmp_path):
+    result = run_cli("--datalist", "d.json", "--dataroot", str(tmp_path), "--num_fold", "3", cwd=tmp_path)
+    assert result.returncode == 1 and "unknown option --num_fold; did you mean --num_folds?" in result.stderr
+    demo = run_cli("--demo", "--num_clases", "3", "--work_dir", str(tmp_path / "demo"), cwd=tmp_path)
+    assert demo.returncode == 1 and "did you mean --num_classes?" in demo.stderr
+    assert not (tmp_path / "demo").exists()
