@@ -175,15 +175,16 @@ def train_bundle(bundle: Path, run: dict, label: str,
         process = subprocess.Popen(train_command(bundle, overrides), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=_die_with_parent)
         bar = tqdm(total=int(bundle_config(bundle)["num_epochs"]), desc=label, unit="epoch", leave=False,
-                   dynamic_ncols=True)
-        stopped = False
+                   dynamic_ncols=True, disable=None)  # drawn on a terminal only, not into logs
+        stopped, epochs_done = False, 0
         try:
             for line in process.stdout:
                 tail.append(line.rstrip())
                 epoch, match = EPOCH_LINE.search(line), VALIDATION_LINE.search(line)
                 if epoch:
                     bar.total = int(epoch.group(2))  # the trainer's count (num_steps may set it)
-                    bar.update(int(epoch.group(1)) - bar.n)
+                    bar.update(int(epoch.group(1)) - epochs_done)
+                    epochs_done = int(epoch.group(1))
                 if match:
                     bar.set_postfix_str(f"val Dice {float(match.group(3)):.3f}")
                 if match and on_validation and on_validation(int(match.group(1)), float(match.group(3)),
@@ -200,13 +201,13 @@ def train_bundle(bundle: Path, run: dict, label: str,
         code = process.wait()
     minutes = (time.time() - started) / 60
     if stopped:
-        logger.info(f"{label}: pruned after epoch {bar.n} ({minutes:.1f} min)")
+        logger.info(f"{label}: pruned after epoch {epochs_done} ({minutes:.1f} min)")
         raise TrainingStopped(label)
     if code != 0:
         last = "\n".join(f"    {line}" for line in tail)
         raise TrainingError(f"{label}: training failed (exit code {code}); its last lines:\n{last}\n"
                             f"  full log: {bundle / 'model' / 'training.log'}")
     plot_training_curves(bundle / "model" / "training_log.csv")
-    logger.info(f"{label}: best Dice {bundle_score(bundle):.4f}, {bar.n} epochs in {minutes:.1f} min "
+    logger.info(f"{label}: best Dice {bundle_score(bundle):.4f}, {epochs_done} epochs in {minutes:.1f} min "
                 f"(log: {bundle / 'model' / 'training.log'})")
     return bundle_score(bundle)

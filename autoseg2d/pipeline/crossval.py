@@ -34,7 +34,7 @@ def evaluate_bundle(bundle: Path, run: dict, fold: int) -> list[dict]:
     class_names = class_names_of(inferer.config)
     cases = []
     for case in tqdm(validation_cases(run, fold), desc=f"{bundle.parent.name} fold {fold}: predict", unit="case",
-                     leave=False, dynamic_ncols=True):
+                     leave=False, dynamic_ncols=True, disable=None):
         probabilities = inferer.infer(str(case["image"])).numpy()
         if len(class_names) > 1:
             truth, spacing = read_labels(case["label"])

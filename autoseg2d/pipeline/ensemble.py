@@ -189,7 +189,8 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
     results, sources = [], sources or {}
     report = CaseReport(output_dir, lesion_class_names(getattr(predictor.members[0], "config", {})))
     names = report.class_names  # of the label ids 1..N in the written masks
-    for index, image in enumerate(tqdm(images, desc="predict", unit="case", leave=False, dynamic_ncols=True), 1):
+    bar = tqdm(images, desc="predict", unit="case", leave=False, dynamic_ncols=True, disable=None)  # on a terminal
+    for index, image in enumerate(bar, 1):
         target = output_dir / image.name
         if target.exists():
             tqdm.write(f"predict {index}/{len(images)} {image.name}: done before, kept")
