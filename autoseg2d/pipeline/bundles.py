@@ -38,7 +38,7 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 VALIDATION_LINE = re.compile(r"epoch (\d+)/(\d+) .*val_dice ([0-9.]+)")
 EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) ")
 FAILURE_TAIL_LINES = 15  # of the trainer's output, shown when it fails
-QUIET_DURING_GENERATION = ("segresnet2d", "monai.apps.auto3dseg")  # per-fold lines; the notes are logged once
+QUIET_DURING_GENERATION = ("segresnet2d", "monai.apps.auto3dseg.bundle_gen")  # per-fold lines; notes logged once
 
 
 class TrainingError(RuntimeError):
