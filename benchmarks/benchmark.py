@@ -197,7 +197,7 @@ def bench_dice(args, device: torch.device, work: Path) -> dict:
     network = PROFILES[args.dice_profile]
     roi = min(ROI_PX, args.dice_size)
     overrides = {"data_list_file_path": str(datalist), "data_file_base_dir": str(datalist.parent),
-                 "roi_size": [roi, roi], "num_epochs": args.dice_epochs, "val_every": args.dice_epochs,
+                 "roi_size": [roi, roi], "num_epochs": args.dice_epochs, "num_epochs_per_validation": args.dice_epochs,
                  "batch_size": args.train_batch, "num_workers": args.dice_workers,
                  "deterministic": False, **{f"network#{k}": v for k, v in network.items()}}
     if args.dice_profile == "cpu":

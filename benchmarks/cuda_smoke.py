@@ -24,7 +24,8 @@ def main() -> None:
     command = [sys.executable, str(bundle / "scripts" / "train.py"), "run",
                f"--config_file={bundle / 'configs' / 'hyper_parameters.yaml'}",
                f"--data_list_file_path={datalist}", f"--data_file_base_dir={datalist.parent}",
-               "--num_epochs=6", "--val_every=3", "--roi_size=96,96", "--batch_size=16", "--num_workers=4",
+               "--num_epochs=6", "--num_epochs_per_validation=3", "--roi_size=96,96", "--batch_size=16",
+               "--num_workers=4",
                "--cache_in_memory=false", "--amp=true"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=240)
     print(done.stdout[-3000:], done.stderr[-3000:])

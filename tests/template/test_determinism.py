@@ -24,7 +24,7 @@ def one_thread():
 
 def train(bundle: Path, run: str, **changes) -> Path:
     """Two short epochs, validated after each, into <bundle>/<run>; returns that checkpoint folder."""
-    settings = {**FAST_TRAINING, "num_epochs": 2, "val_every": 1, "resume": False,
+    settings = {**FAST_TRAINING, "num_epochs": 2, "num_epochs_per_validation": 1, "resume": False,
                 "ckpt_path": str(bundle / run), **changes}
     trainer = Trainer(load_config(str(bundle / "configs" / "hyper_parameters.yaml"), **settings))
     assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark

@@ -13,7 +13,7 @@ from tests.conftest import FAST_TRAINING, SCRIPTS
 
 def test_two_processes_train_the_same_weights_and_write_once(bundle):
     config_file = bundle / "configs" / "hyper_parameters.yaml"
-    settings = {**FAST_TRAINING, "num_epochs": 2, "val_every": 1, "roi_size": "32,32", "batch_size": 4}
+    settings = {**FAST_TRAINING, "num_epochs": 2, "num_epochs_per_validation": 1, "roi_size": "32,32", "batch_size": 4}
     args = [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

@@ -27,7 +27,7 @@ def trained(tmp_path_factory, ct_dataset):
     config = yaml.safe_load(config_file.read_text())
     config.update({k: v for k, v in FAST_TRAINING.items() if "#" not in k}, bundle_root=str(target),
                   data_list_file_path=str(ct_dataset), data_file_base_dir=str(ct_dataset.parent), num_epochs=2,
-                  val_every=1)
+                  num_epochs_per_validation=1)
     config["network"].update(init_filters=8, blocks_down=[1, 1, 1, 1], dsdepth=3)
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     Trainer(load_config(str(config_file))).fit()

@@ -23,7 +23,7 @@ def test_three_class_training_and_inference(tmp_path, modality):
     config_file = bundle / "configs" / "hyper_parameters.yaml"
     config = yaml.safe_load(config_file.read_text())
     config.update(data_list_file_path=str(datalist), data_file_base_dir=str(datalist.parent), output_classes=3,
-                  modality=modality, num_epochs=2, val_every=1)
+                  modality=modality, num_epochs=2, num_epochs_per_validation=1)
     config_file.write_text(yaml.safe_dump(config))
 
     best = Trainer(load_config(str(config_file), **FAST_TRAINING)).fit()

@@ -81,7 +81,7 @@ def test_bf16_dice_is_within_a_thousandth_of_fp32(bundle):
     Per case the bound is looser: these 64^2 lesions have ~100 voxels, so one flipped voxel
     moves a case's Dice by ~0.005.
     """
-    settings = {**FAST_TRAINING, "num_epochs": 15, "val_every": 15}
+    settings = {**FAST_TRAINING, "num_epochs": 15, "num_epochs_per_validation": 15}
     trainer = Trainer(load_config(str(bundle / "configs" / "hyper_parameters.yaml"), **settings))
     trainer.fit()
     predictor = SlicePredictor(trainer.model, trainer.plan, trainer.windows, 8, 16, torch.device("cpu"),

@@ -24,7 +24,7 @@ TIMEOUT_S = 120
 
 def train_command(bundle: Path) -> list[str]:
     """The command MONAI runs for a bundle, with fast settings; validation every epoch so the best Dice moves."""
-    settings = {**FAST_TRAINING, "num_epochs": NUM_EPOCHS, "val_every": 1}
+    settings = {**FAST_TRAINING, "num_epochs": NUM_EPOCHS, "num_epochs_per_validation": 1}
     return [sys.executable, str(bundle / "scripts" / "train.py"), "run",
             f"--config_file={bundle / 'configs' / 'hyper_parameters.yaml'}",
             *(f"--{key}={json.dumps(value)}" for key, value in settings.items())]

@@ -36,15 +36,15 @@ def test_short_cpu_training_learns_the_lesions(bundle):
 
 
 def test_rerun_continues_from_the_last_epoch(bundle):
-    train(bundle, num_epochs=4, val_every=2)
-    train(bundle, num_epochs=6, val_every=2)
+    train(bundle, num_epochs=4, num_epochs_per_validation=2)
+    train(bundle, num_epochs=6, num_epochs_per_validation=2)
     rows = list(csv.DictReader((bundle / "model" / "training_log.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4, 5, 6]
     assert "resumed from" in (bundle / "model" / "training.log").read_text()
 
 
 def test_resume_off_starts_again(bundle):
-    train(bundle, num_epochs=2, val_every=1)
-    train(bundle, num_epochs=1, val_every=1, resume=False)
+    train(bundle, num_epochs=2, num_epochs_per_validation=1)
+    train(bundle, num_epochs=1, num_epochs_per_validation=1, resume=False)
     rows = list(csv.DictReader((bundle / "model" / "training_log.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1]

@@ -75,7 +75,7 @@ def test_gpu_out_of_memory_names_the_setting_to_lower(bundle, monkeypatch, step,
     def out_of_memory(*args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    trainer = Trainer(config(bundle, num_epochs=1, val_every=1))
+    trainer = Trainer(config(bundle, num_epochs=1, num_epochs_per_validation=1))
     monkeypatch.setattr(trainer, step, out_of_memory)
     if step == "validate":
         monkeypatch.setattr(trainer, "train_epoch", lambda epoch: 1.0)
@@ -91,7 +91,7 @@ def test_inference_out_of_memory_advice():
 
 def test_crash_leftovers_are_dropped_on_resume(bundle):
     """A run killed after writing model.pt/progress.yaml (or half a log row) but before model_last.pt."""
-    Trainer(config(bundle, num_epochs=2, val_every=1)).fit()
+    Trainer(config(bundle, num_epochs=2, num_epochs_per_validation=1)).fit()
     model_dir = bundle / "model"
     with open(model_dir / "training_log.csv", "a") as log:
         log.write("3,0.51")  # half a row
@@ -99,7 +99,7 @@ def test_crash_leftovers_are_dropped_on_resume(bundle):
     stale = {"best_avg_dice_score": 0.987654, "best_epoch": 3, "input_variant": "both", "fold": 0}
     (model_dir / "progress.yaml").write_text(yaml.safe_dump([*progress, stale], sort_keys=False))
 
-    Trainer(config(bundle, num_epochs=3, val_every=1)).fit()
+    Trainer(config(bundle, num_epochs=3, num_epochs_per_validation=1)).fit()
     rows = list(csv.DictReader((model_dir / "training_log.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and all(r["loss"] != "0.51" for r in rows)
     entries = yaml.safe_load((model_dir / "progress.yaml").read_text())
