@@ -11,7 +11,8 @@ from tqdm import tqdm
 from autoseg2d.evaluation.metrics import case_metrics, class_case_metrics
 from autoseg2d.evaluation.report import cross_validation_table, json_safe
 from autoseg2d.pipeline.bundles import bundle_path, describe, generate_bundles, train_bundle
-from autoseg2d.pipeline.inference import case_name, class_names_of, foreground, load_inferer, read_labels, read_mask
+from autoseg2d.pipeline.inference import case_name, foreground, load_inferer, read_labels, read_mask
+from autoseg2d.reporting.case_report import lesion_class_names
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.pipeline.workdir import WorkDir
 
@@ -31,7 +32,7 @@ def evaluate_bundle(bundle: Path, run: dict, fold: int) -> list[dict]:
     if cache.exists():
         return json.loads(cache.read_text())
     inferer = load_inferer(bundle)
-    class_names = class_names_of(inferer.config)
+    class_names = lesion_class_names(inferer.config)
     cases = []
     for case in tqdm(validation_cases(run, fold), desc=f"{bundle.parent.name} fold {fold}: predict", unit="case",
                      leave=False, dynamic_ncols=True, disable=None):

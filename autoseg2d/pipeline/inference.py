@@ -43,10 +43,3 @@ def read_labels(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
     """A label file as class ids (uint8) plus its spacing (mm) from the header."""
     image = nib.load(str(path))
     return np.asanyarray(image.dataobj).astype(np.uint8), tuple(float(z) for z in image.header.get_zooms()[:3])
-
-
-def class_names_of(config: dict) -> list[str]:
-    """Names of the label classes 1..N of a bundle's config: its class_names, else class_1, class_2, ..."""
-    count = int(config["output_classes"]) - 1
-    names = list(config.get("class_names") or [])
-    return names[:count] + [f"class_{i}" for i in range(len(names) + 1, count + 1)]
