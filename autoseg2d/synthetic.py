@@ -42,10 +42,13 @@ def make_head_ct(
     num_lesions: int | None = None,
     seed: int = 0,
     num_classes: int = 1,
+    head_mm: tuple[float, float] | None = None,
 ) -> SyntheticCase:
     """One head CT: air, scalp, skull ring, brain, ventricles, noise and 1-3 lesions.
 
     With num_classes > 1 the lesions get labels 1..num_classes in turn (like hemorrhage subtypes).
+    head_mm: the head's width and length (mm) at its widest slice; by default it fills 85 % x 95 %
+    of the field of view (an adult head is about 150 x 190 mm, a 512 px field of view 230 mm).
     """
     rng = np.random.default_rng(seed)
     x, y, z = np.meshgrid(
@@ -53,7 +56,9 @@ def make_head_ct(
     )
     # head is an ellipsoid that narrows towards the vertex; z in [-1, 1] covers skull base to top
     head_scale = np.sqrt(np.clip(1.0 - (0.8 * z) ** 2, 0.05, None))
-    r = np.sqrt((x / 0.85) ** 2 + (y / 0.95) ** 2) / head_scale
+    width, length = (0.85, 0.95) if head_mm is None else (head_mm[0] / (size * spacing_mm[0]),
+                                                          head_mm[1] / (size * spacing_mm[1]))
+    r = np.sqrt((x / width) ** 2 + (y / length) ** 2) / head_scale
 
     image = np.full(x.shape, HOUNSFIELD_AIR, dtype=np.float32)
     image[r < 1.0] = HOUNSFIELD_SCALP

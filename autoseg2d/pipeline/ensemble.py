@@ -84,21 +84,25 @@ class EnsemblePredictor:
         self.mode = ensemble["mode"]
         self.postprocessing = ensemble.get("postprocessing")
 
-    def probabilities(self, image: Path, members: list | None = None, return_members: bool = False):
+    def probabilities(self, image: Path, members: list | None = None,
+                      return_members: bool = False) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
         """Mean class probabilities (mode mean) or vote fractions (mode vote), (C, X, Y, Z) in the file grid.
 
-        With return_members, also each member's argmax mask (uint8 class indices, X, Y, Z), for the report's
-        agreement columns: (probabilities, member_masks)."""
-        total, member_masks = None, []
-        for inferer in members or self.members:
-            probs = inferer.infer(str(image)).numpy()
-            if return_members:
-                member_masks.append(probs.argmax(0).astype(np.uint8))
-            if self.mode == "vote":
-                probs = np.eye(probs.shape[0], dtype=np.float32)[probs.argmax(0)].transpose(3, 0, 1, 2)
-            total = probs if total is None else total + probs
-        mean = total / len(members or self.members)
-        return (mean, member_masks) if return_members else mean
+        Members that read and window the image alike (one input variant) are predicted together:
+        the image is read once per variant and every member runs on the same batches. With
+        return_members also each member's argmax mask (uint8 class indices, X, Y, Z), in the order of
+        members, for the report's agreement columns: (probabilities, member_masks).
+        """
+        members = list(members or self.members)
+        vote, total, masks = self.mode == "vote", None, [None] * len(members)
+        for indices in input_groups(members):
+            group = [members[i] for i in indices]
+            summed, group_masks = predict_group(group, image, vote, return_members)
+            total = summed if total is None else total + summed
+            for index, mask in zip(indices, group_masks):
+                masks[index] = mask
+        mean = total / len(members)
+        return (mean, masks) if return_members else mean
 
     def mask(self, probabilities: np.ndarray, spacing_mm: tuple) -> np.ndarray:
         if self.postprocessing and self.postprocessing.get("kind") == "multiclass":
@@ -106,6 +110,26 @@ class EnsemblePredictor:
         if self.postprocessing and probabilities.shape[0] == 2:
             return apply_postprocessing(probabilities[1], spacing_mm, self.postprocessing)
         return probabilities.argmax(0).astype(np.uint8)
+
+
+def input_groups(members: list) -> list[list[int]]:
+    """Indices of members that can share their inputs (equal `shared_inputs`); members without it are alone."""
+    groups: dict = {}
+    for index, member in enumerate(members):
+        key = getattr(member, "shared_inputs", None)
+        groups.setdefault(("alone", index) if key is None else key, []).append(index)
+    return list(groups.values())
+
+
+def predict_group(group: list, image: Path, vote: bool, keep_masks: bool) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Summed probabilities (or votes) of a group of members, and each one's mask if asked."""
+    if hasattr(group[0], "infer_together"):
+        return group[0].infer_together(str(image), group, vote, keep_masks)
+    probabilities = group[0].infer(str(image)).numpy()
+    labels = probabilities.argmax(0)
+    if vote:
+        probabilities = np.moveaxis(np.eye(probabilities.shape[0], dtype=np.float32)[labels], -1, 0)
+    return probabilities, [labels.astype(np.uint8)] if keep_masks else []
 
 
 def out_of_fold_cases(predictor: EnsemblePredictor, ensemble: dict, run: dict) -> list[dict]:

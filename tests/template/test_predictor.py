@@ -93,3 +93,75 @@ def test_bf16_dice_is_within_a_thousandth_of_fp32(bundle):
     assert min(fp32) > 0.3  # a model that finds the lesions, so the comparison means something
     assert abs(np.mean(bf16) - np.mean(fp32)) <= 1e-3
     np.testing.assert_allclose(bf16, fp32, atol=5e-3)
+
+
+class CountingPointwise(torch.nn.Module):
+    """A per-pixel model (1x1 convolution): cropping cannot change what it computes inside the box."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 1)
+        self.slices_seen = 0
+
+    def forward(self, x):
+        self.slices_seen += x.shape[0]
+        return self.conv(x)
+
+
+def head_volume(size=64, depth=6) -> Volume:
+    """Air everywhere; a 'head' box of tissue in rows 20..35, cols 10..49 of slices 1..4 (0 and 5 are air)."""
+    image = np.full((size, size, depth), -1000, np.int16)
+    image[20:36, 10:50, 1:5] = 40
+    image[24:30, 20:30, 2] = 80
+    return Volume("h", image, None, np.eye(4))
+
+
+def test_head_boxes_lie_on_the_divisor_grid_and_cover_the_head_plus_margin():
+    torch.manual_seed(0)
+    crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=4)
+    predictor = SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 16, torch.device("cpu"), cpu_bf16=False,
+                               crop=crop)
+    (batch,) = predictor.batches(head_volume())
+    assert sorted(batch.slices) == [1, 2, 3, 4]  # air-only slices 0 and 5 are not batched
+    assert (batch.rows, batch.cols) == (slice(16, 40), slice(0, 56))  # [20-4, 36+4) and [10-4, 50+4) on 8s
+    assert tuple(batch.x.shape) == (4, 3, 24, 56)
+
+
+def test_crop_skips_air_slices_and_keeps_the_prediction_inside_the_box():
+    torch.manual_seed(0)
+    model = CountingPointwise()
+    full = SlicePredictor(model, PLAN, WINDOWS, 8, 16, torch.device("cpu"), cpu_bf16=False)
+    expected = full.predict_slices_last(head_volume())
+    model.slices_seen = 0
+    crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=4)
+    cropped = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), cpu_bf16=False, crop=crop)
+    result = cropped.predict_slices_last(head_volume())
+    assert model.slices_seen == 4
+    np.testing.assert_allclose(result[:, 16:40, 0:56, 1:5], expected[:, 16:40, 0:56, 1:5], atol=1e-6)
+    assert (result[0, :16] == 1).all() and (result[1, 40:] == 0).all() and (result[0, ..., [0, 5]] == 1).all()
+
+
+def test_a_volume_without_head_tissue_is_all_background():
+    model = CountingPointwise()
+    crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=4)
+    predictor = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), cpu_bf16=False, crop=crop)
+    air = Volume("air", np.full((16, 16, 3), -1000, np.int16), None, np.eye(4))
+    result = predictor.predict_slices_last(air)
+    assert result.shape == (2, 16, 16, 3) and (result[0] == 1).all() and (result[1] == 0).all()
+
+
+def test_models_predicted_together_sum_what_each_predicts_alone():
+    torch.manual_seed(0)
+    crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=4)
+    predictors = [SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 2, torch.device("cpu"), cpu_bf16=False,
+                                 crop=crop) for _ in range(3)]
+    alone = [p.predict_slices_last(head_volume()) for p in predictors]
+    total, masks = predictor_module.predict_together(predictors, head_volume(), keep_masks=True)
+    np.testing.assert_allclose(total, sum(alone), atol=1e-6)
+    for mask, probabilities in zip(masks, alone):
+        np.testing.assert_array_equal(mask, probabilities.argmax(0))
+    votes, _ = predictor_module.predict_together(predictors, head_volume(), vote=True)
+    np.testing.assert_array_equal(votes[1], sum(p.argmax(0) for p in alone))
+    other = SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 4, torch.device("cpu"), crop=crop)
+    with pytest.raises(ValueError, match=r"predictors \[1\] build other inputs"):
+        predictor_module.predict_together([predictors[0], other], head_volume())

@@ -24,8 +24,8 @@ from datalist_split import read_datalist, testing_files  # noqa: E402
 from gpu_memory import explain_out_of_memory  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
 from network import build_network, shape_divisor  # noqa: E402
-from predictor import SlicePredictor  # noqa: E402
-from volumes import case_name, load_volume, read_image  # noqa: E402
+from predictor import HeadCrop, SlicePredictor, predict_together  # noqa: E402
+from volumes import Volume, case_name, from_ras, load_volume, read_image  # noqa: E402
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = BUNDLE_ROOT / "configs" / "hyper_parameters.yaml"
@@ -48,15 +48,40 @@ class InferClass:
         model = build_network(config, len(plan)).to(self.device)
         model.load_state_dict(checkpoint["state_dict"])
         self.predictor = SlicePredictor(model, plan, windows, shape_divisor(config), config["infer_batch_size"],
-                                        self.device, config["amp"], config["infer_cpu_bf16"], config["infer_tta"])
+                                        self.device, config["amp"], config["infer_cpu_bf16"], config["infer_tta"],
+                                        head_crop(config))
 
     def infer(self, image_file: str | dict) -> MetaTensor:
         """Probabilities (C, X, Y, Z) for one image path (or a datalist entry {'image': path})."""
-        path = image_file["image"] if isinstance(image_file, dict) else image_file
-        volume = load_volume(path, None, self.config["modality"])
+        path, volume = self.read(image_file)
         with explain_out_of_memory("inference", self.config):
             probabilities = torch.from_numpy(self.predictor.predict(volume))
         return MetaTensor(probabilities, affine=torch.as_tensor(volume.affine), meta={"filename_or_obj": str(path)})
+
+    def read(self, image_file: str | dict) -> tuple[str, Volume]:
+        path = image_file["image"] if isinstance(image_file, dict) else image_file
+        return path, load_volume(path, None, self.config["modality"])
+
+    @property
+    def shared_inputs(self) -> tuple:
+        """InferClasses with equal values can be predicted together (infer_together): same reading and inputs."""
+        return self.config["modality"], self.predictor.input_key
+
+    def infer_together(self, image_file: str | dict, members: list[InferClass], vote: bool = False,
+                       member_masks: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Several bundles' models over one image, which is read and windowed once for all of them.
+
+        Returns the sum of their probabilities (with vote, of their one-hot masks), (C, X, Y, Z) in
+        the file's grid, and with member_masks each member's argmax mask (X, Y, Z) uint8.
+        """
+        unlike = [index for index, m in enumerate(members) if m.shared_inputs != self.shared_inputs]
+        if unlike:
+            raise ValueError(f"members {unlike} read or window the image differently from this bundle; "
+                             "group members by InferClass.shared_inputs")
+        _, volume = self.read(image_file)
+        with explain_out_of_memory("inference", self.config):
+            total, masks = predict_together([m.predictor for m in members], volume, vote, member_masks)
+        return from_ras(total, volume.affine), [from_ras(mask[None], volume.affine)[0] for mask in masks]
 
     def write_mask(self, image_file: str, output_dir: str) -> Path:
         """Write the argmax mask as uint8 NIfTI with the input's file name, affine and header."""
@@ -72,6 +97,12 @@ class InferClass:
         nib.save(nib.Nifti1Image(mask, affine, header), tmp)
         os.replace(tmp, target)
         return target
+
+
+def head_crop(config: dict) -> HeadCrop | None:
+    if not config["infer_crop_to_head"]:
+        return None
+    return HeadCrop(float(config["infer_head_threshold_hu"]), int(config["infer_head_margin_px"]))
 
 
 def run(config_file: str | list[str] | None = None, output_dir: str | None = None, files: str | list | None = None,

@@ -4,11 +4,17 @@ Speed comes from batching slices, inference mode, the channels_last memory layou
 layout oneDNN and cuDNN convolutions prefer) and reduced precision where the hardware does
 it natively: AMP on CUDA, bf16 autocast on CPUs with AMX or AVX-512 bf16. On other CPUs
 bf16 is emulated and slower than fp32 (measured: benchmarks/RESULTS.md), so fp32 is kept.
+
+With a ``HeadCrop`` the network sees only the head: each batch of slices is cut to the box
+around the tissue of its slices (a 512 px field of view is mostly air), and slices without
+tissue are not run at all; the air around the box is predicted as background.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,11 +29,19 @@ TTA_FLIP_DIMS: tuple[tuple[int, ...], ...] = ((), (-2,), (-1,), (-2, -1))
 
 def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 in hardware (AMX tiles or AVX-512 bf16), as PyTorch detects it."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    try:
-        return any(check() for check in checks if check is not None)
-    except RuntimeError:  # detection is best effort; fp32 is always correct
-        return False
+    return any(cpu_bf16_units().values())
+
+
+def cpu_bf16_units() -> dict[str, bool]:
+    """Which bf16 units PyTorch finds on this CPU: {"amx": ..., "avx512_bf16": ...}."""
+    found = {}
+    for unit, name in (("amx", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
+        check = getattr(torch.cpu, name, None)
+        try:
+            found[unit] = bool(check()) if check is not None else False
+        except RuntimeError:  # detection is best effort; fp32 is always correct
+            found[unit] = False
+    return found
 
 
 def autocast_dtype(device: torch.device, amp: bool, cpu_bf16: bool) -> torch.dtype | None:
@@ -39,6 +53,45 @@ def autocast_dtype(device: torch.device, amp: bool, cpu_bf16: bool) -> torch.dty
     return None
 
 
+@dataclass(frozen=True)
+class HeadCrop:
+    """Where the head is: voxels above threshold_hu (air is -1000 HU, fat -100), plus margin_px of air around
+    it, so the network sees the head's edge with some of the background it was trained with."""
+
+    threshold_hu: float
+    margin_px: int
+
+
+@dataclass
+class SliceBatch:
+    """Input channels of some axial slices, cut to rows x cols (a box on the grid padded to the divisor)."""
+
+    slices: list[int]  # axial indices, not necessarily consecutive
+    rows: slice
+    cols: slice
+    x: torch.Tensor  # (len(slices), C, rows, cols) float32
+
+
+def tissue_extent(tissue: np.ndarray) -> np.ndarray:
+    """(first, last + 1) of the True entries along axis 0 for each column of (N, D), (-1, -1) where none."""
+    present = tissue.any(axis=0)
+    first = np.where(present, tissue.argmax(axis=0), -1)
+    last = np.where(present, tissue.shape[0] - tissue[::-1].argmax(axis=0), -1)
+    return np.stack([first, last], axis=-1)
+
+
+def aligned_span(first: int, last: int, margin: int, divisor: int, size: int) -> slice:
+    """[first - margin, last + margin) widened to multiples of divisor, inside the padded size.
+
+    A start on the divisor grid keeps every strided convolution on the same pixels as a
+    whole-slice pass, so inside the box the network computes what it would on the full slice.
+    """
+    padded = size + (-size % divisor)
+    start = max(first - margin, 0) // divisor * divisor
+    stop = min(-(-(last + margin) // divisor) * divisor, padded)
+    return slice(start, stop)
+
+
 class SlicePredictor:
     """Runs a 2D network over every axial slice of a volume, in batches of slices.
 
@@ -48,34 +101,73 @@ class SlicePredictor:
 
     def __init__(self, model: torch.nn.Module, plan: list, windows: list[WindowHU], divisor: int,
                  batch_size: int, device: torch.device, amp: bool = True, cpu_bf16: bool = True,
-                 tta: bool = False):
+                 tta: bool = False, crop: HeadCrop | None = None):
         self.model = model.to(memory_format=torch.channels_last)
         self.plan, self.windows, self.divisor = plan, windows, divisor
         self.batch_size, self.device = max(int(batch_size), 1), device
         self.dtype = autocast_dtype(device, amp, cpu_bf16)
         self.flips = TTA_FLIP_DIMS if tta else TTA_FLIP_DIMS[:1]
+        self.crop = crop if all(w is not None for w in windows) else None  # HU thresholds need CT
 
     @property
     def precision(self) -> str:
         return "fp32" if self.dtype is None else str(self.dtype).replace("torch.", "")
 
+    @property
+    def input_key(self) -> tuple:
+        """Predictors with equal keys build the same batches, so an ensemble builds them once for all."""
+        return tuple(self.plan), tuple(self.windows), self.divisor, self.batch_size, self.crop
+
+    def batches(self, volume: Volume) -> Iterator[SliceBatch]:
+        """The network inputs for a volume: slices in batches, each batch cut to the box of its slices' heads."""
+        height, width, depth = volume.image.shape
+        if self.crop is None:
+            groups = [list(range(start, min(start + self.batch_size, depth)))
+                      for start in range(0, depth, self.batch_size)]
+            for slices in groups:
+                yield self._batch(volume.image, slices, slice(0, height + (-height % self.divisor)),
+                                  slice(0, width + (-width % self.divisor)))
+            return
+        tissue = volume.image > self.crop.threshold_hu
+        row_extent, col_extent = tissue_extent(tissue.any(axis=1)), tissue_extent(tissue.any(axis=0))
+        area = (row_extent[:, 1] - row_extent[:, 0]) * (col_extent[:, 1] - col_extent[:, 0])
+        # slices of air only skip the network; the others go largest head first, so each batch's box fits
+        # slices of about one size (the skull base and vertex need much smaller boxes than the middle)
+        occupied = sorted((z for z in range(depth) if row_extent[z, 0] >= 0), key=lambda z: -area[z])
+        for start in range(0, len(occupied), self.batch_size):
+            slices = occupied[start:start + self.batch_size]
+            rows = aligned_span(row_extent[slices, 0].min(), row_extent[slices, 1].max(), self.crop.margin_px,
+                                self.divisor, height)
+            cols = aligned_span(col_extent[slices, 0].min(), col_extent[slices, 1].max(), self.crop.margin_px,
+                                self.divisor, width)
+            yield self._batch(volume.image, slices, rows, cols)
+
+    def _batch(self, image: np.ndarray, slices: list[int], rows: slice, cols: slice) -> SliceBatch:
+        """Window only the box; the part of it beyond the image (padding to the divisor) is zero, like air."""
+        region = image[rows, cols]
+        x = torch.from_numpy(np.stack([make_channels(region, z, self.plan, self.windows) for z in slices]))
+        pad_h, pad_w = (rows.stop - rows.start) - region.shape[0], (cols.stop - cols.start) - region.shape[1]
+        return SliceBatch(slices, rows, cols, F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x)
+
     @torch.inference_mode()
+    def batch_probabilities(self, batch: SliceBatch) -> np.ndarray:
+        """Softmax probabilities (N, C, rows, cols) of one batch."""
+        self.model.eval()
+        x = batch.x.to(self.device, memory_format=torch.channels_last)
+        return self._probabilities(x).cpu().numpy()
+
     def predict_slices_last(self, volume: Volume) -> np.ndarray:
         """Softmax probabilities (C, H, W, D), axial axis last like volume.image."""
-        self.model.eval()
-        height, width, depth = volume.image.shape
-        outputs = []
-        for start in range(0, depth, self.batch_size):
-            batch = np.stack([make_channels(volume.image, z, self.plan, self.windows)
-                              for z in range(start, min(start + self.batch_size, depth))])
-            x = self._pad(torch.from_numpy(batch)).to(self.device, memory_format=torch.channels_last)
-            probs = self._probabilities(x)[:, :, :height, :width]
-            outputs.append(probs.cpu().numpy())
-        return np.moveaxis(np.concatenate(outputs, axis=0), 0, -1)  # (D, C, H, W) -> (C, H, W, D)
+        return predict_together([self], volume)[0]
 
     def predict(self, volume: Volume) -> np.ndarray:
         """Probabilities (C, X, Y, Z) in the image file's array order and grid."""
         return from_ras(self.predict_slices_last(volume), volume.affine)
+
+    def num_classes(self) -> int:
+        """Output classes, from a pass over one blank input (needed only for a volume without any head)."""
+        blank = torch.zeros(1, len(self.plan), self.divisor, self.divisor)
+        return self.batch_probabilities(SliceBatch([0], slice(0, 1), slice(0, 1), blank)).shape[1]
 
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax of the network, averaged over the flipped copies when TTA is on."""
@@ -92,8 +184,50 @@ class SlicePredictor:
     def _autocast(self):
         return nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
 
-    def _pad(self, x: torch.Tensor) -> torch.Tensor:
-        """Pad height and width at the far end up to multiples of the network's divisor."""
-        pad_h = -x.shape[-2] % self.divisor
-        pad_w = -x.shape[-1] % self.divisor
-        return F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x
+
+def background(num_classes: int, shape: Sequence[int]) -> np.ndarray:
+    """Probabilities (C, H, W, D) that say 'background' everywhere: what the air outside the head gets."""
+    output = np.zeros((num_classes, *shape), dtype=np.float32)
+    output[0] = 1.0
+    return output
+
+
+def paste(output: np.ndarray, batch: SliceBatch, values: np.ndarray) -> None:
+    """Write a batch's (N, C, rows, cols) values into output (C, H, W, D); the padding beyond H, W is dropped."""
+    height, width = output.shape[1:3]
+    rows = slice(batch.rows.start, min(batch.rows.stop, height))
+    cols = slice(batch.cols.start, min(batch.cols.stop, width))
+    part = values[:, :, :rows.stop - rows.start, :cols.stop - cols.start]
+    output[:, rows, cols, batch.slices] = np.moveaxis(part, 0, -1)
+
+
+def predict_together(predictors: Sequence[SlicePredictor], volume: Volume, vote: bool = False,
+                     keep_masks: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Several models over one volume on the same batches: the inputs are cut and windowed once for all.
+
+    Returns the sum over models of their probabilities (with vote, of their one-hot argmax),
+    (C, H, W, D), and with keep_masks each model's argmax class mask (H, W, D) uint8.
+    """
+    lead = predictors[0]
+    unlike = [index for index, p in enumerate(predictors) if p.input_key != lead.input_key]
+    if unlike:
+        raise ValueError(f"predictors {unlike} build other inputs than predictor 0 (input variant, windows,"
+                         " divisor, batch size or head crop differ); predict them in a group of their own")
+    total, masks = None, [np.zeros(volume.image.shape, np.uint8) for _ in predictors] if keep_masks else []
+    for batch in lead.batches(volume):
+        batch_total = None
+        for index, predictor in enumerate(predictors):
+            probabilities = predictor.batch_probabilities(batch)
+            if vote or keep_masks:
+                labels = probabilities.argmax(1)
+                if keep_masks:
+                    paste(masks[index][None], batch, labels[:, None].astype(np.uint8))
+                if vote:
+                    probabilities = np.moveaxis(np.eye(probabilities.shape[1], dtype=np.float32)[labels], -1, 1)
+            batch_total = probabilities if batch_total is None else batch_total + probabilities
+        if total is None:
+            total = background(batch_total.shape[1], volume.image.shape) * len(predictors)
+        paste(total, batch, batch_total)
+    if total is None:  # no slice holds any head tissue
+        total = background(lead.num_classes(), volume.image.shape) * len(predictors)
+    return total, masks
