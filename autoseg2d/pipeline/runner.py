@@ -116,7 +116,7 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
 
     _stage("crossval")
     records = run_crossval(work, run, configurations, settings["cv_runs"], folds,
-                           selection_folds=tuple(settings["sweep_folds"]))
+                           selection_folds=tuple(settings["sweep_folds"]), storage=storage)
     table = (work.reports / "cross_validation.md").read_text()
     print(table, flush=True)
     summary["cross_validation"] = str(work.reports / "cross_validation.md")

@@ -39,13 +39,18 @@ def suggest(trial: optuna.Trial, search_space: dict) -> dict:
     return params
 
 
+def shared_storage(url: str) -> optuna.storages.RDBStorage:
+    """An RDB storage whose running trials keep heartbeats; a stale one is failed and queued again."""
+    return optuna.storages.RDBStorage(
+        url, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+
+
 def open_study(storage: str, shared: bool = False) -> optuna.Study:
     """shared: several processes use the storage; then the sampler is unseeded (a fixed seed would make
     them all draw the same parameters and train the same bundles) and trials keep heartbeats."""
     if shared:
-        storage = optuna.storages.RDBStorage(
-            storage, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
-            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
+        storage = shared_storage(storage)
     return optuna.create_study(study_name=STUDY_NAME, storage=storage, load_if_exists=True, direction="maximize",
                                sampler=optuna.samplers.TPESampler(seed=None if shared else 0),
                                pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))

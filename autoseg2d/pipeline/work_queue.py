@@ -1,0 +1,109 @@
+"""A queue of jobs shared by several machines through the Optuna RDB storage of the sweep (--storage).
+
+Cross-validation puts one job per bundle in the queue; every machine takes the next waiting job
+(Optuna hands a waiting trial to one process only), so N machines train about N times faster.
+A job runs as a trial with a heartbeat: when a machine dies, its job is failed after the sweep's
+grace period by whichever machine looks next, and queued again for another one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable
+
+import optuna
+import sqlalchemy
+
+from autoseg2d.pipeline import sweep
+
+logger = logging.getLogger(__name__)
+
+QUEUE_PREFIX = "segresnet2d-queue"
+POLL_S = 5  # how often a machine with nothing left to take looks whether the others have finished
+JOB = "job"  # the trial parameter holding the job's index
+
+
+class QueueError(RuntimeError):
+    pass
+
+
+def queue_name(kind: str, jobs: list[str]) -> str:
+    """Another list of jobs is another queue; the same list (a rerun, another machine) is the same one."""
+    digest = hashlib.sha256(json.dumps(jobs).encode()).hexdigest()[:10]
+    return f"{QUEUE_PREFIX}-{kind}-{digest}"
+
+
+def connect(storage: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """The shared storage; machines that start together race to create its tables, and the losers retry."""
+    for attempt in range(attempts):
+        try:
+            return sweep.shared_storage(storage)
+        except sqlalchemy.exc.OperationalError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(1 + attempt)
+
+
+def open_queue(storage: str, kind: str, jobs: list[str], prepare: Callable[[], None]) -> optuna.Study:
+    """The queue's study; the one machine that creates it runs prepare() and then fills the queue, the
+    others wait until it is filled (creating a study is atomic: the storage refuses a second one)."""
+    name, rdb = queue_name(kind, jobs), connect(storage)
+    try:
+        study = optuna.create_study(study_name=name, storage=rdb, direction="maximize")
+    except optuna.exceptions.DuplicatedStudyError:
+        study = optuna.load_study(study_name=name, storage=rdb)
+        while "queued" not in study.user_attrs:
+            logger.info(f"{kind}: waiting for the machine that fills the queue {name}")
+            time.sleep(POLL_S)
+        return study
+    prepare()
+    for index, job in enumerate(jobs):
+        study.enqueue_trial({JOB: index}, user_attrs={JOB: job})
+    study.set_user_attr("queued", len(jobs))
+    return study
+
+
+def job_states(study: optuna.Study, jobs: list[str]) -> dict[str, dict[int, float | None]]:
+    """For each state (complete, waiting, running, failed): job index -> the trial's value."""
+    names = {optuna.trial.TrialState.COMPLETE: "complete", optuna.trial.TrialState.WAITING: "waiting",
+             optuna.trial.TrialState.RUNNING: "running", optuna.trial.TrialState.FAIL: "failed"}
+    states: dict[str, dict[int, float | None]] = {name: {} for name in names.values()}
+    for trial in study.get_trials(deepcopy=False):
+        if trial.user_attrs.get(JOB) in jobs and trial.state in names:
+            states[names[trial.state]][jobs.index(trial.user_attrs[JOB])] = trial.value
+    return states
+
+
+def run_queue(storage: str, kind: str, jobs: list[str], run_job: Callable[[int], float],
+              prepare: Callable[[], None] = lambda: None) -> dict[int, float]:
+    """Run waiting jobs until every job is complete on some machine; return {job index: run_job's value}."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = open_queue(storage, kind, jobs, prepare)
+
+    def objective(trial: optuna.Trial) -> float:
+        if JOB not in trial.user_attrs:  # the last waiting job went to another machine first
+            raise optuna.TrialPruned()
+        index = trial.suggest_int(JOB, 0, len(jobs) - 1)
+        logger.info(f"{kind}: this machine takes {jobs[index]} (trial {trial.number})")
+        return run_job(index)
+
+    while True:
+        with warnings.catch_warnings():  # experimental in Optuna 5, and what the sweep's own loop calls
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # a dead machine's job goes back into the queue
+        states = job_states(study, jobs)
+        if len(states["complete"]) == len(jobs):
+            return states["complete"]
+        if states["waiting"]:
+            study.optimize(objective, n_trials=1, catch=())
+        elif states["running"]:
+            time.sleep(POLL_S)  # the last jobs run on other machines
+        else:
+            lost = sorted(set(range(len(jobs))) - set(states["complete"]))
+            raise QueueError(f"{kind}: jobs {[jobs[i] for i in lost]} failed on the machine that ran them and "
+                             f"are not queued again (queue {study.study_name}); its log says why. Fix that, then "
+                             "run again with another --storage or delete that study")

@@ -1,0 +1,115 @@
+"""The shared queue of cross-validation bundles: two machines (processes) on one SQLite storage."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autoseg2d.pipeline import sweep, work_queue
+from autoseg2d.pipeline.work_queue import QueueError, run_queue
+
+JOBS = [f"bundles/cfg/segresnet2d_{fold}" for fold in range(6)]
+JOB_S = 1.0
+
+# A machine: takes jobs from the queue; each job sleeps and writes which process ran it.
+MACHINE = """
+import json, os, sys, time
+from pathlib import Path
+from autoseg2d.pipeline import sweep, work_queue
+sweep.HEARTBEAT_INTERVAL_S, sweep.GRACE_PERIOD_S, work_queue.POLL_S = 1, 2, 0.2
+storage, jobs, out, hang = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "hang"
+def prepare():
+    (out / f"prepared_{os.getpid()}").write_text("")
+def job(index):
+    print(f"took {index}", flush=True)
+    if hang:
+        time.sleep(600)
+    time.sleep(float(sys.argv[5]))
+    (out / f"job_{index}_{os.getpid()}").write_text("")
+    return index / 10
+values = work_queue.run_queue(storage, "crossval", jobs, job, prepare)
+print(json.dumps(values), flush=True)
+"""
+
+
+def machine(storage: str, out: Path, hang: bool = False) -> subprocess.Popen:
+    repo = Path(__file__).resolve().parents[2]
+    return subprocess.Popen([sys.executable, "-c", MACHINE, storage, json.dumps(JOBS), str(out),
+                             "hang" if hang else "run", str(JOB_S)], stdout=subprocess.PIPE, text=True,
+                            cwd=repo)
+
+
+def runs(out: Path) -> dict[int, list[str]]:
+    ran: dict[int, list[str]] = {}
+    for marker in out.glob("job_*"):
+        _, index, pid = marker.name.split("_")
+        ran.setdefault(int(index), []).append(pid)
+    return ran
+
+
+def test_two_machines_share_the_queue_and_train_each_bundle_once(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    machines = [machine(storage, tmp_path), machine(storage, tmp_path)]
+    outputs = [m.communicate(timeout=180)[0] for m in machines]
+    assert [m.returncode for m in machines] == [0, 0]
+    ran = runs(tmp_path)
+    assert sorted(ran) == list(range(len(JOBS))) and all(len(pids) == 1 for pids in ran.values())
+    per_machine = {pid: sum(p == [pid] for p in ran.values()) for pid in {p[0] for p in ran.values()}}
+    assert len(per_machine) == 2 and min(per_machine.values()) >= 2, per_machine  # the work was shared
+    assert len(list(tmp_path.glob("prepared_*"))) == 1  # one machine generated the bundles
+    for output in outputs:  # each machine ends with every job's result
+        assert json.loads(output.strip().splitlines()[-1]) == {str(i): i / 10 for i in range(len(JOBS))}
+
+
+def test_a_dead_machines_bundle_is_taken_over_after_the_grace_period(tmp_path, monkeypatch):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    dying = machine(storage, tmp_path, hang=True)
+    assert dying.stdout.readline().strip() == "took 0"
+    dying.send_signal(signal.SIGKILL)
+    dying.wait()
+    monkeypatch.setattr(sweep, "HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr(sweep, "GRACE_PERIOD_S", 2)
+    monkeypatch.setattr(work_queue, "POLL_S", 0.2)
+    taken = []
+    values = run_queue(storage, "crossval", JOBS, lambda index: taken.append(index) or 1.0)
+    assert sorted(taken) == list(range(len(JOBS)))  # job 0, the dead machine's, included
+    assert values == {i: 1.0 for i in range(len(JOBS))}
+
+
+def test_a_job_that_failed_elsewhere_stops_the_others_with_its_name(tmp_path, monkeypatch):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.setattr(work_queue, "POLL_S", 0.1)
+
+    def broken(index: int) -> float:
+        raise RuntimeError("training failed")
+
+    with pytest.raises(RuntimeError, match="training failed"):
+        run_queue(storage, "crossval", JOBS[:1], broken)
+    with pytest.raises(QueueError, match=r"jobs \['bundles/cfg/segresnet2d_0'\] failed"):
+        run_queue(storage, "crossval", JOBS[:1], lambda index: 1.0)
+
+
+def test_crossval_with_a_storage_trains_each_bundle_through_the_queue(tmp_path, monkeypatch):
+    from autoseg2d.pipeline import crossval
+    from autoseg2d.pipeline.workdir import WorkDir
+
+    work = WorkDir.create(str(tmp_path / "work"))
+    trained: list[str] = []
+    name = lambda settings: f"{settings['input_variant']}-{settings['seed']}"  # noqa: E731
+    monkeypatch.setattr(crossval, "generate_bundles", lambda work, settings, folds, run: work.bundles / name(settings))
+    monkeypatch.setattr(crossval, "configuration_name", name)
+    monkeypatch.setattr(crossval, "train_bundle", lambda bundle, run, label: trained.append(bundle.name) or 0.5)
+    monkeypatch.setattr(crossval, "evaluate_bundle", lambda bundle, run, fold: [{"case_id": "c", "dice": 0.5}])
+    monkeypatch.setattr(crossval, "cross_validation_table", lambda records: "")
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    records = crossval.run_crossval(work, {}, [{"input_variant": "slices"}], runs=2, num_folds=2, storage=storage)
+    assert [(r["seed"], r["fold"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert len(trained) == 8  # through the queue, then once more to gather (a trained bundle returns at once)
+    study = work_queue.optuna.load_study(study_name=work_queue.queue_name("crossval", [
+        f"bundles/slices-{seed}/segresnet2d_{fold}" for seed in range(2) for fold in range(2)]), storage=storage)
+    assert len(study.trials) == 4
