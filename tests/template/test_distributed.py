@@ -48,3 +48,33 @@ def test_rank_seeds_differ_per_rank():
     from distributed import rank_seed
 
     assert rank_seed(5, 0) == 5 and rank_seed(5, 1) != 5 and rank_seed(5, 1) == rank_seed(5, 1)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_two_nodes_on_one_machine_train_as_one_job(bundle):
+    """Two torchrun launches (--nnodes=2, one process each) meet at a local c10d rendezvous, as two
+    machines would at the first one's address; gloo joins them and only global rank 0 writes."""
+    config_file = bundle / "configs" / "hyper_parameters.yaml"
+    settings = {**FAST_TRAINING, "num_epochs": 2, "val_every": 1, "roi_size": "32,32", "batch_size": 4}
+    args = [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items()]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+                  f"--rdzv_endpoint=127.0.0.1:{free_port()}", "--rdzv_id=two-nodes-test"]
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--node_rank={rank}",
+                               str(bundle / "scripts" / "train.py"), "run", f"--config_file={config_file}", *args],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    outputs = [node.communicate(timeout=180)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    assert re.search(r"weights agree across 2 processes", outputs[0] + outputs[1])
+    log = (bundle / "model" / "training.log").read_text()
+    assert log.count("epoch 2/2") == 1 and "x 2 processes" in log
+    assert [int(r["epoch"]) for r in csv.DictReader((bundle / "model" / "training_log.csv").open())] == [1, 2]
+    assert (bundle / "model" / "model.pt").is_file()
