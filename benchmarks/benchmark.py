@@ -9,7 +9,9 @@ Sections: train (samples/s of one optimizer step at 384^2, CPU and paper profile
 persistent workers, measured after a warm-up epoch),
 infer (s per 512^2 slice and per volume, fp32 vs reduced precision, with and without flip
 TTA), dice (Dice of reduced-precision vs fp32 predictions of a briefly trained model),
-analyzer (DataAnalyzer + BundleGen time for generated 512 x 512 x 30 cases). Timings are
+analyzer (DataAnalyzer + BundleGen time for generated 512 x 512 x 30 cases), ensemble (s per
+512 x 512 x 32 scan of the 18-member ensemble before and after members shared their inputs and
+slices were cut to the head, measured on fewer members of random weights and scaled). Timings are
 wall-clock medians after warm-up; nothing here is a test.
 """
 
@@ -23,6 +25,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,15 +37,17 @@ REPO = Path(__file__).resolve().parents[1]
 TEMPLATE = REPO / "algorithm_templates" / "segresnet2d"
 sys.path[:0] = [str(REPO), str(TEMPLATE / "scripts")]
 
-from autoseg2d.synthetic import write_dataset  # noqa: E402
+from autoseg2d.synthetic import make_head_ct, write_case, write_dataset  # noqa: E402
 from cache import cached_volume  # noqa: E402
-from inputs import channel_plan, windows_for  # noqa: E402
+from inputs import channel_plan, num_input_channels, windows_for  # noqa: E402
 from network import build_loss, build_network, shape_divisor  # noqa: E402
-from predictor import SlicePredictor, cpu_has_native_bf16  # noqa: E402
+from predictor import SlicePredictor, cpu_bf16_units, cpu_has_native_bf16  # noqa: E402
 from slice_dataset import SliceDataset, SliceSampler, foreground_pixels  # noqa: E402
+from volumes import load_volume  # noqa: E402
 
 ROI_PX = 384
 SLICE_PX = 512
+DEFAULT_ENSEMBLE_MEMBERS = 18  # the gpu profile's ensemble_size
 # The CPU profile is the small network the tests train; the paper profile is the default config.
 PROFILES = {
     "cpu": {"init_filters": 8, "blocks_down": [1, 1, 1, 1], "dsdepth": 3},
@@ -185,6 +190,104 @@ def bench_infer(args, device: torch.device, work: Path) -> list[dict]:
     return rows
 
 
+class PeakRss:
+    """Highest resident memory of this process while the block runs (sampled every 20 ms), in GiB."""
+
+    def __enter__(self):
+        self.peak, self.running = rss_gib(), True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, rss_gib())
+            time.sleep(0.02)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def rss_gib() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * resource.getpagesize() / 2**30
+
+
+def random_weight_bundles(work: Path, count: int, device: torch.device) -> list[Path]:
+    """`count` copies of the template with paper-model checkpoints of random weights (variant both)."""
+    config = template_config(input_variant="both")
+    bundles = []
+    for index in range(count):
+        bundle = work / f"member_{index}" / "segresnet2d_0"
+        shutil.copytree(TEMPLATE, bundle)
+        (bundle / "model").mkdir()
+        torch.manual_seed(index)
+        model = build_network(config, num_input_channels(config))
+        inputs = {key: config[key] for key in ("modality", "input_variant", "num_adjacent_slices", "ct_windows_hu",
+                                               "output_classes", "network")}
+        torch.save({"state_dict": model.state_dict(), "inputs": inputs}, bundle / "model" / "model.pt")
+        bundles.append(bundle)
+    return bundles
+
+
+def ensemble_paths(bundles: list[Path], precision: str) -> dict:
+    """The ensemble before this change (each member reads and windows the scan, whole slices) and after."""
+    from autoseg2d.pipeline.ensemble import EnsemblePredictor
+    from autoseg2d.pipeline.inference import load_inferer
+
+    def members(crop: bool) -> list:
+        loaded = [load_inferer(bundle) for bundle in bundles]
+        for member in loaded:
+            member.predictor.dtype = None if precision == "fp32" else torch.bfloat16
+            if not crop:
+                member.predictor.crop = None
+        return loaded
+
+    old = members(crop=False)
+    new = EnsemblePredictor.__new__(EnsemblePredictor)
+    new.members, new.mode, new.postprocessing = members(crop=True), "mean", None
+    return {"old": lambda image: sum(m.infer(str(image)).numpy() for m in old) / len(old),
+            "new": new.probabilities, "crop": new.members[0].predictor}
+
+
+def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
+    """Seconds per 512 x 512 x S scan for M members of random weights, old path and new path alternating,
+    extrapolated to the default ensemble (18 members, 32 slices) by members x slices."""
+    case = make_head_ct(SLICE_PX, args.ensemble_slices, head_mm=tuple(args.head_mm), seed=0)
+    image = work / "ensemble_case.nii.gz"
+    write_case(case, image, None)
+    bundles = random_weight_bundles(work, args.ensemble_members, device)
+    native = cpu_has_native_bf16() and device.type == "cpu"
+    precisions = ["bf16" if native else "fp32"] + (["fp32"] if native and args.ensemble_fp32 else [])
+    rows = []
+    for precision in precisions:
+        paths = ensemble_paths(bundles, precision)
+        volume = load_volume(image, None, "ct")
+        batches = list(paths["crop"].batches(volume))
+        computed = sum(len(b.slices) * (b.rows.stop - b.rows.start) * (b.cols.stop - b.cols.start) for b in batches)
+        paths["old"](image)  # warm-up: oneDNN picks its kernels on the first calls
+        paths["new"](image)
+        scale = (DEFAULT_ENSEMBLE_MEMBERS / args.ensemble_members) * (32 / args.ensemble_slices)
+        for repeat in range(args.ensemble_repeats):
+            for path in ("old", "new"):
+                with PeakRss() as memory:
+                    before = rss_gib()
+                    started = time.perf_counter()
+                    paths[path](image)
+                    seconds = time.perf_counter() - started
+                row = {"path": path, "precision": precision, "repeat": repeat, "members": args.ensemble_members,
+                       "slices": args.ensemble_slices, "measured_s": round(seconds, 1),
+                       "s_per_512x512x32_scan_18_members": round(seconds * scale, 1),
+                       "peak_rss_gib": round(memory.peak, 2), "peak_above_start_gib": round(memory.peak - before, 2)}
+                if path == "new":
+                    row["computed_pixel_share"] = round(computed / (SLICE_PX * SLICE_PX * args.ensemble_slices), 3)
+                    row["slices_skipped"] = args.ensemble_slices - sum(len(b.slices) for b in batches)
+                rows.append(row)
+                print("ensemble", row, flush=True)
+    return rows
+
+
 def bench_dice(args, device: torch.device, work: Path) -> dict:
     """Train briefly with the template's Trainer, then compare reduced-precision and fp32 Dice."""
     from bundle_config import load_config
@@ -246,7 +349,8 @@ def bench_analyzer(args, work: Path) -> dict:
 
 def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or "?",
-            "cpu_threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_native_bf16()}
+            "cpu_threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_native_bf16(),
+            **{f"cpu_{unit}": found for unit, found in cpu_bf16_units().items()}}
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
     except (OSError, StopIteration):
@@ -285,6 +389,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dice-epochs", type=int, default=20)
     parser.add_argument("--dice-workers", type=int, default=0)
     parser.add_argument("--analyzer-cases", type=int, default=20)
+    parser.add_argument("--ensemble-members", type=int, default=2, help="members measured (18 is extrapolated)")
+    parser.add_argument("--ensemble-slices", type=int, default=32, help="slices of the measured scan")
+    parser.add_argument("--ensemble-repeats", type=int, default=1)
+    parser.add_argument("--ensemble-fp32", action="store_true", help="also fp32 where bf16 is native")
+    parser.add_argument("--head-mm", type=float, nargs=2, default=[160.0, 190.0],
+                        help="width and length of the generated head (mm) at its widest slice")
     parser.add_argument("--out", help="also write the JSON here, and the Markdown next to it")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -294,7 +404,8 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tmp)
         runners = {"train": lambda: bench_train(args, device), "loader": lambda: bench_loader(args, device, work),
                    "infer": lambda: bench_infer(args, device, work), "dice": lambda: bench_dice(args, device, work),
-                   "analyzer": lambda: bench_analyzer(args, work)}
+                   "analyzer": lambda: bench_analyzer(args, work),
+                   "ensemble": lambda: bench_ensemble(args, device, work)}
         unknown = [s for s in sections if s not in runners]
         if unknown:
             parser.error(f"unknown sections {unknown}; choose from {', '.join(runners)}")
