@@ -211,8 +211,8 @@ def ensemble_of(bundles, precision=None, crop=None) -> EnsemblePredictor:
     from autoseg2d.pipeline.inference import load_inferer
 
     members = [load_inferer(bundle) for bundle in bundles]
-    for member in members:
-        member.predictor.dtype, member.predictor.crop = precision, crop
+    for member in members:  # PyTorch (not OpenVINO, where installed) in the given precision
+        member.predictor.dtype, member.predictor.crop, member.predictor.network = precision, crop, None
     ensemble = EnsemblePredictor.__new__(EnsemblePredictor)
     ensemble.members, ensemble.mode, ensemble.postprocessing = members, "mean", None
     return ensemble
@@ -257,3 +257,32 @@ def test_shared_inputs_head_crop_and_bf16_keep_the_ensemble_dice(trained_members
     assert max(changed) < 1e-3
     subset = shared.probabilities(cases[0]["image"], members=shared.members[2:])
     np.testing.assert_allclose(subset, old.members[2].infer(str(cases[0]["image"])).numpy(), atol=1e-5)
+
+
+def test_openvino_members_keep_the_ensemble_dice(trained_members):
+    """Where OpenVINO is installed (auto picks it on CPUs): f32 gives the old path's masks, bf16 its Dice."""
+    pytest.importorskip("openvino")
+    from runtime import OpenVINONetwork
+
+    from autoseg2d.evaluation.metrics import dice_score
+    from autoseg2d.pipeline.inference import read_mask
+
+    bundles, cases = trained_members
+    old = ensemble_of(bundles)
+    runs = {}
+    for precision in ("f32", "bf16"):
+        runs[precision] = ensemble_of(bundles)
+        for member, bundle in zip(runs[precision].members, bundles):
+            member.predictor.network = OpenVINONetwork(member.predictor.model, len(member.predictor.plan),
+                                                       bundle / "model" / "model_openvino.xml", precision == "bf16")
+    scores = {"old": [], "f32": [], "bf16": []}
+    for case in cases:
+        truth, _ = read_mask(case["label"])
+        reference = old.probabilities(case["image"])
+        scores["old"].append(dice_score(reference.argmax(0), truth))
+        for precision, ensemble in runs.items():
+            probabilities = ensemble.probabilities(case["image"])
+            scores[precision].append(dice_score(probabilities.argmax(0), truth))
+            if precision == "f32":
+                np.testing.assert_array_equal(probabilities.argmax(0), reference.argmax(0))
+    assert abs(np.mean(scores["bf16"]) - np.mean(scores["old"])) <= 0.002, scores

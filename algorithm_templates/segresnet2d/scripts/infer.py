@@ -24,7 +24,8 @@ from datalist_split import read_datalist, testing_files  # noqa: E402
 from gpu_memory import explain_out_of_memory  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
 from network import build_network, shape_divisor  # noqa: E402
-from predictor import HeadCrop, SlicePredictor, predict_together  # noqa: E402
+from predictor import HeadCrop, SlicePredictor, autocast_dtype, predict_together  # noqa: E402
+from runtime import OpenVINONetwork, choose_runtime  # noqa: E402
 from volumes import Volume, case_name, from_ras, load_volume, read_image  # noqa: E402
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -47,9 +48,13 @@ class InferClass:
         plan = channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"])
         model = build_network(config, len(plan)).to(self.device)
         model.load_state_dict(checkpoint["state_dict"])
+        network = None
+        if choose_runtime(config["infer_cpu_runtime"], self.device) == "openvino":
+            bf16 = autocast_dtype(self.device, config["amp"], config["infer_cpu_bf16"]) is not None
+            network = OpenVINONetwork(model, len(plan), checkpoint_path.with_name("model_openvino.xml"), bf16)
         self.predictor = SlicePredictor(model, plan, windows, shape_divisor(config), config["infer_batch_size"],
                                         self.device, config["amp"], config["infer_cpu_bf16"], config["infer_tta"],
-                                        head_crop(config))
+                                        head_crop(config), network)
 
     def infer(self, image_file: str | dict) -> MetaTensor:
         """Probabilities (C, X, Y, Z) for one image path (or a datalist entry {'image': path})."""

@@ -4,6 +4,7 @@ Speed comes from batching slices, inference mode, the channels_last memory layou
 layout oneDNN and cuDNN convolutions prefer) and reduced precision where the hardware does
 it natively: AMP on CUDA, bf16 autocast on CPUs with AMX or AVX-512 bf16. On other CPUs
 bf16 is emulated and slower than fp32 (measured: benchmarks/RESULTS.md), so fp32 is kept.
+On CPUs, OpenVINO can run the network instead (runtime.py), in the same precision.
 
 With a ``HeadCrop`` the network sees only the head: each batch of slices is cut to the box
 around the tissue of its slices (a 512 px field of view is mostly air), and slices without
@@ -12,7 +13,7 @@ tissue are not run at all; the air around the box is predicted as background.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -101,8 +102,9 @@ class SlicePredictor:
 
     def __init__(self, model: torch.nn.Module, plan: list, windows: list[WindowHU], divisor: int,
                  batch_size: int, device: torch.device, amp: bool = True, cpu_bf16: bool = True,
-                 tta: bool = False, crop: HeadCrop | None = None):
+                 tta: bool = False, crop: HeadCrop | None = None, network: Callable | None = None):
         self.model = model.to(memory_format=torch.channels_last)
+        self.network = network  # another engine's compiled copy of the model (runtime.py), or None: the model
         self.plan, self.windows, self.divisor = plan, windows, divisor
         self.batch_size, self.device = max(int(batch_size), 1), device
         self.dtype = autocast_dtype(device, amp, cpu_bf16)
@@ -111,6 +113,8 @@ class SlicePredictor:
 
     @property
     def precision(self) -> str:
+        if self.network is not None:
+            return getattr(self.network, "precision", "other runtime")
         return "fp32" if self.dtype is None else str(self.dtype).replace("torch.", "")
 
     @property
@@ -174,8 +178,11 @@ class SlicePredictor:
         total = None
         for dims in self.flips:
             flipped = torch.flip(x, dims) if dims else x
-            with self._autocast():
-                logits = self.model(flipped)
+            if self.network is not None:
+                logits = self.network(flipped)
+            else:
+                with self._autocast():
+                    logits = self.model(flipped)
             probs = torch.softmax(logits.float(), dim=1)
             probs = torch.flip(probs, dims) if dims else probs
             total = probs if total is None else total + probs

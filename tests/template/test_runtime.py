@@ -1,0 +1,60 @@
+"""The inference engine: PyTorch or OpenVINO (optional), chosen by name and hardware; converted models cached."""
+
+import numpy as np
+import pytest
+import torch
+from runtime import choose_runtime
+
+import runtime as runtime_module
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+@pytest.mark.parametrize("name, device, installed, expected", [
+    ("auto", CPU, True, "openvino"),
+    ("auto", CPU, False, "torch"),
+    ("auto", CUDA, True, "torch"),
+    ("torch", CPU, True, "torch"),
+    ("openvino", CPU, True, "openvino"),
+])
+def test_auto_takes_openvino_on_cpus_where_it_is_installed(monkeypatch, name, device, installed, expected):
+    monkeypatch.setattr(runtime_module, "openvino_installed", lambda: installed)
+    assert choose_runtime(name, device) == expected
+
+
+def test_impossible_choices_say_what_to_do(monkeypatch):
+    monkeypatch.setattr(runtime_module, "openvino_installed", lambda: False)
+    with pytest.raises(ValueError, match="pip install openvino"):
+        choose_runtime("openvino", CPU)
+    with pytest.raises(ValueError, match="on CPUs only"):
+        choose_runtime("openvino", CUDA)
+    with pytest.raises(ValueError, match="choose one of auto, torch, openvino"):
+        choose_runtime("onnx", CPU)
+
+
+def test_openvino_computes_what_torch_does_and_keeps_the_converted_model(tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    from network import build_network
+
+    from tests.conftest import FAST_TRAINING
+
+    config = {"network": {"init_filters": 8, "blocks_down": FAST_TRAINING["network#blocks_down"], "dsdepth": 3,
+                          "norm": "batch"}, "output_classes": 2}
+    torch.manual_seed(0)
+    model = build_network(config, 3).eval()
+    torch.save({}, tmp_path / "model.pt")
+    cache = tmp_path / "model_openvino.xml"
+    x = torch.rand(2, 3, 48, 40)
+    network = runtime_module.OpenVINONetwork(model, 3, cache, bf16=False)
+    with torch.no_grad():
+        np.testing.assert_allclose(network(x).numpy(), model(x).numpy(), atol=1e-4)
+    assert cache.is_file() and cache.with_suffix(".bin").is_file() and network.precision == "openvino-f32"
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again although the cache is newer than the checkpoint")
+
+    import openvino
+
+    monkeypatch.setattr(openvino, "convert_model", no_conversion)
+    again = runtime_module.OpenVINONetwork(model, 3, cache, bf16=False)
+    np.testing.assert_allclose(again(x).numpy(), network(x).numpy(), atol=1e-6)
