@@ -11,7 +11,8 @@ infer (s per 512^2 slice and per volume, fp32 vs reduced precision, with and wit
 TTA), dice (Dice of reduced-precision vs fp32 predictions of a briefly trained model),
 analyzer (DataAnalyzer + BundleGen time for generated 512 x 512 x 30 cases), ensemble (s per
 512 x 512 x 32 scan of the 18-member ensemble before and after members shared their inputs and
-slices were cut to the head, measured on fewer members of random weights and scaled). Timings are
+slices were cut to the head, in PyTorch and OpenVINO where installed; measured on fewer members
+of random weights and scaled). Timings are
 wall-clock medians after warm-up; nothing here is a test.
 """
 
@@ -42,6 +43,7 @@ from cache import cached_volume  # noqa: E402
 from inputs import channel_plan, num_input_channels, windows_for  # noqa: E402
 from network import build_loss, build_network, shape_divisor  # noqa: E402
 from predictor import SlicePredictor, cpu_bf16_units, cpu_has_native_bf16  # noqa: E402
+from runtime import OpenVINONetwork, openvino_installed  # noqa: E402
 from slice_dataset import SliceDataset, SliceSampler, foreground_pixels  # noqa: E402
 from volumes import load_volume  # noqa: E402
 
@@ -232,57 +234,91 @@ def random_weight_bundles(work: Path, count: int, device: torch.device) -> list[
 
 
 def ensemble_paths(bundles: list[Path], precision: str) -> dict:
-    """The ensemble before this change (each member reads and windows the scan, whole slices) and after."""
+    """The ensemble before this change (each member reads and windows the scan, whole slices, PyTorch) and
+    after it (members share inputs, slices cut to the head), in PyTorch and, where installed, OpenVINO."""
     from autoseg2d.pipeline.ensemble import EnsemblePredictor
     from autoseg2d.pipeline.inference import load_inferer
 
-    def members(crop: bool) -> list:
+    def members(crop: bool, runtime: str) -> list:
         loaded = [load_inferer(bundle) for bundle in bundles]
         for member in loaded:
             member.predictor.dtype = None if precision == "fp32" else torch.bfloat16
+            if runtime == "openvino":
+                member.predictor.network = OpenVINONetwork(member.predictor.model, len(member.predictor.plan),
+                                                           bundle_cache(member), precision != "fp32")
+            else:
+                member.predictor.network = None
             if not crop:
                 member.predictor.crop = None
         return loaded
 
-    old = members(crop=False)
-    new = EnsemblePredictor.__new__(EnsemblePredictor)
-    new.members, new.mode, new.postprocessing = members(crop=True), "mean", None
-    return {"old": lambda image: sum(m.infer(str(image)).numpy() for m in old) / len(old),
-            "new": new.probabilities, "crop": new.members[0].predictor}
+    def ensemble(loaded: list):
+        predictor = EnsemblePredictor.__new__(EnsemblePredictor)
+        predictor.members, predictor.mode, predictor.postprocessing = loaded, "mean", None
+        return predictor.probabilities
+
+    old = members(crop=False, runtime="torch")
+    new = members(crop=True, runtime="torch")
+    paths = {"old": lambda image: sum(m.infer(str(image)).numpy() for m in old) / len(old),
+             "new_torch": ensemble(new)}
+    setup = {}
+    if openvino_installed():
+        started = time.perf_counter()
+        paths["new_openvino"] = ensemble(members(crop=True, runtime="openvino"))
+        setup["openvino_load_s"] = round(time.perf_counter() - started, 1)
+    return {"paths": paths, "crop": new[0].predictor, "setup": setup}
+
+
+def bundle_cache(member) -> Path:
+    return Path(member.config["ckpt_path"]) / "model_openvino.xml"
+
+
+def convert_for_openvino(bundles: list[Path]) -> float:
+    """Convert each member once (cached beside its checkpoint, as InferClass does); seconds per member."""
+    from autoseg2d.pipeline.inference import load_inferer
+
+    started = time.perf_counter()
+    for bundle in bundles:
+        member = load_inferer(bundle)
+        OpenVINONetwork(member.predictor.model, len(member.predictor.plan), bundle_cache(member), True)
+    return (time.perf_counter() - started) / len(bundles)
 
 
 def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
-    """Seconds per 512 x 512 x S scan for M members of random weights, old path and new path alternating,
-    extrapolated to the default ensemble (18 members, 32 slices) by members x slices."""
+    """Seconds per 512 x 512 x S scan for M members of random weights, the paths alternating, scaled to the
+    default ensemble (18 members, 32 slices) by members x slices."""
     case = make_head_ct(SLICE_PX, args.ensemble_slices, head_mm=tuple(args.head_mm), seed=0)
-    image = work / "ensemble_case.nii.gz"
+    image, warmup = work / "ensemble_case.nii.gz", work / "ensemble_warmup.nii.gz"
     write_case(case, image, None)
+    write_case(make_head_ct(SLICE_PX, 2, head_mm=tuple(args.head_mm), seed=1), warmup, None)
     bundles = random_weight_bundles(work, args.ensemble_members, device)
+    conversion_s = convert_for_openvino(bundles) if openvino_installed() else None
     native = cpu_has_native_bf16() and device.type == "cpu"
     precisions = ["bf16" if native else "fp32"] + (["fp32"] if native and args.ensemble_fp32 else [])
+    scale = (DEFAULT_ENSEMBLE_MEMBERS / args.ensemble_members) * (32 / args.ensemble_slices)
     rows = []
     for precision in precisions:
-        paths = ensemble_paths(bundles, precision)
-        volume = load_volume(image, None, "ct")
-        batches = list(paths["crop"].batches(volume))
+        built = ensemble_paths(bundles, precision)
+        batches = list(built["crop"].batches(load_volume(image, None, "ct")))
         computed = sum(len(b.slices) * (b.rows.stop - b.rows.start) * (b.cols.stop - b.cols.start) for b in batches)
-        paths["old"](image)  # warm-up: oneDNN picks its kernels on the first calls
-        paths["new"](image)
-        scale = (DEFAULT_ENSEMBLE_MEMBERS / args.ensemble_members) * (32 / args.ensemble_slices)
+        for path in built["paths"].values():
+            path(warmup)  # oneDNN and OpenVINO pick their kernels on the first calls
         for repeat in range(args.ensemble_repeats):
-            for path in ("old", "new"):
+            for name, path in built["paths"].items():
+                before = rss_gib()
                 with PeakRss() as memory:
-                    before = rss_gib()
                     started = time.perf_counter()
-                    paths[path](image)
+                    path(image)
                     seconds = time.perf_counter() - started
-                row = {"path": path, "precision": precision, "repeat": repeat, "members": args.ensemble_members,
+                row = {"path": name, "precision": precision, "repeat": repeat, "members": args.ensemble_members,
                        "slices": args.ensemble_slices, "measured_s": round(seconds, 1),
                        "s_per_512x512x32_scan_18_members": round(seconds * scale, 1),
                        "peak_rss_gib": round(memory.peak, 2), "peak_above_start_gib": round(memory.peak - before, 2)}
-                if path == "new":
+                if name != "old":
                     row["computed_pixel_share"] = round(computed / (SLICE_PX * SLICE_PX * args.ensemble_slices), 3)
                     row["slices_skipped"] = args.ensemble_slices - sum(len(b.slices) for b in batches)
+                if name == "new_openvino":
+                    row["conversion_s_per_member_once"] = round(conversion_s, 1)
                 rows.append(row)
                 print("ensemble", row, flush=True)
     return rows
