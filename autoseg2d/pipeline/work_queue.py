@@ -42,7 +42,7 @@ def connect(storage: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     for attempt in range(attempts):
         try:
             return sweep.shared_storage(storage)
-        except sqlalchemy.exc.OperationalError:
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):  # tables half made by another
             if attempt == attempts - 1:
                 raise
             time.sleep(1 + attempt)

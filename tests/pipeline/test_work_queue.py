@@ -105,7 +105,7 @@ def test_crossval_with_a_storage_trains_each_bundle_through_the_queue(tmp_path, 
     monkeypatch.setattr(crossval, "configuration_name", name)
     monkeypatch.setattr(crossval, "train_bundle", lambda bundle, run, label: trained.append(bundle.name) or 0.5)
     monkeypatch.setattr(crossval, "evaluate_bundle", lambda bundle, run, fold: [{"case_id": "c", "dice": 0.5}])
-    monkeypatch.setattr(crossval, "cross_validation_table", lambda records: "")
+    monkeypatch.setattr(crossval, "cross_validation_table", lambda records, selection_folds=(): "")
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     records = crossval.run_crossval(work, {}, [{"input_variant": "slices"}], runs=2, num_folds=2, storage=storage)
     assert [(r["seed"], r["fold"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
