@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -72,7 +73,10 @@ def load_or_convert(model: torch.nn.Module, in_channels: int, cache: Path | None
                                      input=[ov.PartialShape([-1, in_channels, -1, -1])])
     if cache is not None:
         temporary = cache.with_name(f".tmp_{os.getpid()}_{cache.name}")
-        ov.save_model(converted, str(temporary), compress_to_fp16=False)
-        os.replace(temporary.with_suffix(".bin"), cache.with_suffix(".bin"))
-        os.replace(temporary, cache)
+        try:
+            ov.save_model(converted, str(temporary), compress_to_fp16=False)
+            os.replace(temporary.with_suffix(".bin"), cache.with_suffix(".bin"))
+            os.replace(temporary, cache)
+        except OSError as err:  # a read-only model folder (an exported bundle): convert again next time
+            warnings.warn(f"could not keep the OpenVINO model at {cache} ({err}); it is converted on every start")
     return converted
