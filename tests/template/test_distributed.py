@@ -62,7 +62,7 @@ def test_two_nodes_on_one_machine_train_as_one_job(bundle):
     """Two torchrun launches (--nnodes=2, one process each) meet at a local c10d rendezvous, as two
     machines would at the first one's address; gloo joins them and only global rank 0 writes."""
     config_file = bundle / "configs" / "hyper_parameters.yaml"
-    settings = {**FAST_TRAINING, "num_epochs": 2, "val_every": 1, "roi_size": "32,32", "batch_size": 4}
+    settings = {**FAST_TRAINING, "num_epochs": 2, "num_epochs_per_validation": 1, "roi_size": "32,32", "batch_size": 4}
     args = [f"--{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in settings.items()]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
