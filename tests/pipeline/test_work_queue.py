@@ -26,6 +26,8 @@ storage, jobs, out, hang = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3
 def prepare():
     (out / f"prepared_{os.getpid()}").write_text("")
 def job(index):
+    if hang:  # die only after the first heartbeat is stored: a trial killed before it has none to go stale
+        time.sleep(3 * sweep.HEARTBEAT_INTERVAL_S)
     print(f"took {index}", flush=True)
     if hang:
         time.sleep(600)
