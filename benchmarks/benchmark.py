@@ -24,9 +24,7 @@ import platform
 import resource
 import shutil
 import statistics
-import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -34,34 +32,21 @@ import numpy as np
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-TEMPLATE = REPO / "algorithm_templates" / "segresnet2d"
-sys.path[:0] = [str(REPO), str(TEMPLATE / "scripts")]
-
-from autoseg2d.synthetic import make_head_ct, write_case, write_dataset  # noqa: E402
+from bench_common import REPO, SLICE_PX, TEMPLATE, template_config  # noqa: F401  (puts the template on sys.path)
+from ensemble_speed import bench_ensemble  # noqa: E402
+from autoseg2d.synthetic import write_dataset  # noqa: E402
 from cache import cached_volume  # noqa: E402
-from inputs import channel_plan, num_input_channels, windows_for  # noqa: E402
+from inputs import channel_plan, windows_for  # noqa: E402
 from network import build_loss, build_network, shape_divisor  # noqa: E402
 from predictor import SlicePredictor, cpu_bf16_units, cpu_has_native_bf16  # noqa: E402
-from runtime import OpenVINONetwork, openvino_installed  # noqa: E402
 from slice_dataset import SliceDataset, SliceSampler, foreground_pixels  # noqa: E402
-from volumes import load_volume  # noqa: E402
 
 ROI_PX = 384
-SLICE_PX = 512
-DEFAULT_ENSEMBLE_MEMBERS = 18  # the gpu profile's ensemble_size
 # The CPU profile is the small network the tests train; the paper profile is the default config.
 PROFILES = {
     "cpu": {"init_filters": 8, "blocks_down": [1, 1, 1, 1], "dsdepth": 3},
     "paper": {"init_filters": 32, "blocks_down": [2, 4, 4, 4, 4], "dsdepth": 4},
 }
-
-
-def template_config(**changes) -> dict:
-    config = yaml.safe_load((TEMPLATE / "configs" / "hyper_parameters.yaml").read_text())
-    network = {**config["network"], **changes.pop("network", {})}
-    config.update(changes, network=network)
-    return config
 
 
 def timed(fn, repeats: int, warmup: int = 1) -> float:
@@ -189,138 +174,6 @@ def bench_infer(args, device: torch.device, work: Path) -> list[dict]:
                    "s_per_512x512x32_volume": round(32 * seconds / args.volume_slices, 2)}
             rows.append(row)
             print("infer", row, flush=True)
-    return rows
-
-
-class PeakRss:
-    """Highest resident memory of this process while the block runs (sampled every 20 ms), in GiB."""
-
-    def __enter__(self):
-        self.peak, self.running = rss_gib(), True
-        self.thread = threading.Thread(target=self._sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def _sample(self):
-        while self.running:
-            self.peak = max(self.peak, rss_gib())
-            time.sleep(0.02)
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-
-
-def rss_gib() -> float:
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * resource.getpagesize() / 2**30
-
-
-def random_weight_bundles(work: Path, count: int, device: torch.device) -> list[Path]:
-    """`count` copies of the template with paper-model checkpoints of random weights (variant both)."""
-    config = template_config(input_variant="both")
-    bundles = []
-    for index in range(count):
-        bundle = work / f"member_{index}" / "segresnet2d_0"
-        shutil.copytree(TEMPLATE, bundle)
-        (bundle / "model").mkdir()
-        torch.manual_seed(index)
-        model = build_network(config, num_input_channels(config))
-        inputs = {key: config[key] for key in ("modality", "input_variant", "num_adjacent_slices", "ct_windows_hu",
-                                               "output_classes", "network")}
-        torch.save({"state_dict": model.state_dict(), "inputs": inputs}, bundle / "model" / "model.pt")
-        bundles.append(bundle)
-    return bundles
-
-
-def ensemble_paths(bundles: list[Path], precision: str) -> dict:
-    """The ensemble before this change (each member reads and windows the scan, whole slices, PyTorch) and
-    after it (members share inputs, slices cut to the head), in PyTorch and, where installed, OpenVINO."""
-    from autoseg2d.pipeline.ensemble import EnsemblePredictor
-    from autoseg2d.pipeline.inference import load_inferer
-
-    def members(crop: bool, runtime: str) -> list:
-        loaded = [load_inferer(bundle) for bundle in bundles]
-        for member in loaded:
-            member.predictor.dtype = None if precision == "fp32" else torch.bfloat16
-            if runtime == "openvino":
-                member.predictor.network = OpenVINONetwork(member.predictor.model, len(member.predictor.plan),
-                                                           bundle_cache(member), precision != "fp32")
-            else:
-                member.predictor.network = None
-            if not crop:
-                member.predictor.crop = None
-        return loaded
-
-    def ensemble(loaded: list):
-        predictor = EnsemblePredictor.__new__(EnsemblePredictor)
-        predictor.members, predictor.mode, predictor.postprocessing = loaded, "mean", None
-        return predictor.probabilities
-
-    old = members(crop=False, runtime="torch")
-    new = members(crop=True, runtime="torch")
-    paths = {"old": lambda image: sum(m.infer(str(image)).numpy() for m in old) / len(old),
-             "new_torch": ensemble(new)}
-    setup = {}
-    if openvino_installed():
-        started = time.perf_counter()
-        paths["new_openvino"] = ensemble(members(crop=True, runtime="openvino"))
-        setup["openvino_load_s"] = round(time.perf_counter() - started, 1)
-    return {"paths": paths, "crop": new[0].predictor, "setup": setup}
-
-
-def bundle_cache(member) -> Path:
-    return Path(member.config["ckpt_path"]) / "model_openvino.xml"
-
-
-def convert_for_openvino(bundles: list[Path]) -> float:
-    """Convert each member once (cached beside its checkpoint, as InferClass does); seconds per member."""
-    from autoseg2d.pipeline.inference import load_inferer
-
-    started = time.perf_counter()
-    for bundle in bundles:
-        member = load_inferer(bundle)
-        OpenVINONetwork(member.predictor.model, len(member.predictor.plan), bundle_cache(member), True)
-    return (time.perf_counter() - started) / len(bundles)
-
-
-def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
-    """Seconds per 512 x 512 x S scan for M members of random weights, the paths alternating, scaled to the
-    default ensemble (18 members, 32 slices) by members x slices."""
-    case = make_head_ct(SLICE_PX, args.ensemble_slices, head_mm=tuple(args.head_mm), seed=0)
-    image, warmup = work / "ensemble_case.nii.gz", work / "ensemble_warmup.nii.gz"
-    write_case(case, image, None)
-    write_case(make_head_ct(SLICE_PX, 2, head_mm=tuple(args.head_mm), seed=1), warmup, None)
-    bundles = random_weight_bundles(work, args.ensemble_members, device)
-    conversion_s = convert_for_openvino(bundles) if openvino_installed() else None
-    native = cpu_has_native_bf16() and device.type == "cpu"
-    precisions = ["bf16" if native else "fp32"] + (["fp32"] if native and args.ensemble_fp32 else [])
-    scale = (DEFAULT_ENSEMBLE_MEMBERS / args.ensemble_members) * (32 / args.ensemble_slices)
-    rows = []
-    for precision in precisions:
-        built = ensemble_paths(bundles, precision)
-        batches = list(built["crop"].batches(load_volume(image, None, "ct")))
-        computed = sum(len(b.slices) * (b.rows.stop - b.rows.start) * (b.cols.stop - b.cols.start) for b in batches)
-        for path in built["paths"].values():
-            path(warmup)  # oneDNN and OpenVINO pick their kernels on the first calls
-        for repeat in range(args.ensemble_repeats):
-            for name, path in built["paths"].items():
-                before = rss_gib()
-                with PeakRss() as memory:
-                    started = time.perf_counter()
-                    path(image)
-                    seconds = time.perf_counter() - started
-                row = {"path": name, "precision": precision, "repeat": repeat, "members": args.ensemble_members,
-                       "slices": args.ensemble_slices, "measured_s": round(seconds, 1),
-                       "s_per_512x512x32_scan_18_members": round(seconds * scale, 1),
-                       "peak_rss_gib": round(memory.peak, 2), "peak_above_start_gib": round(memory.peak - before, 2)}
-                if name != "old":
-                    row["computed_pixel_share"] = round(computed / (SLICE_PX * SLICE_PX * args.ensemble_slices), 3)
-                    row["slices_skipped"] = args.ensemble_slices - sum(len(b.slices) for b in batches)
-                if name == "new_openvino":
-                    row["conversion_s_per_member_once"] = round(conversion_s, 1)
-                rows.append(row)
-                print("ensemble", row, flush=True)
     return rows
 
 

@@ -100,10 +100,10 @@ def test_crop_uses_the_median_slice_and_reports_smaller_ones():
 
 
 def test_epochs_scale_with_training_slices():
-    assert planning.derive_num_epochs(planning.REFERENCE_TRAINING_SLICES, 300, 5, 32)[0] == 300
-    assert planning.derive_num_epochs(planning.REFERENCE_TRAINING_SLICES * 4, 300, 5, 32)[0] == 150
-    assert planning.derive_num_epochs(10**7, 300, 5, 32)[0] == 75
-    assert planning.derive_num_epochs(1, 300, 5, 32)[0] == 1200
+    assert planning.derive_num_epochs(planning.REFERENCE_TRAINING_SLICES, 300, 5)[0] == 300
+    assert planning.derive_num_epochs(planning.REFERENCE_TRAINING_SLICES * 4, 300, 5)[0] == 150
+    assert planning.derive_num_epochs(10**7, 300, 5)[0] == 75
+    assert planning.derive_num_epochs(1, 300, 5)[0] == 1200
 
 
 def test_mri_gets_no_windows():

@@ -336,29 +336,23 @@ def derive_batch_size(
                    f"slices), at least {MIN_BATCH_SIZE}")
 
 
-def derive_num_epochs(num_training_slices: int, default_epochs: int, epochs_per_validation: int,
-                      batch_size: int) -> tuple[int, str]:
+def derive_num_epochs(num_training_slices: int, default_epochs: int, epochs_per_validation: int) -> tuple[int, str]:
     """Scale the config's epochs by sqrt(reference slices / training slices), within [1/4, 4] x.
 
     An epoch is one pass over the sampled slices, so a small dataset needs more passes to
     get enough optimizer steps and a large one fewer; the square root lets total steps still
     grow with the data (steps ~ sqrt(slices)) rather than stay fixed. Rounded up to a
-    multiple of num_epochs_per_validation so the last epoch is validated. The samples seen
-    do not depend on the batch size (a smaller batch makes more, smaller steps), and an epoch has the same
-    steps on any number of processes (SliceSampler), so the note gives the budget in both.
+    multiple of num_epochs_per_validation so the last epoch is validated. The steps an epoch
+    holds depend on which slices have a lesion, so the trainer, not planning, logs the budget
+    in optimizer steps and samples seen.
     """
     scale = math.sqrt(REFERENCE_TRAINING_SLICES / max(num_training_slices, 1))
     clamped = min(max(scale, 1 / MAX_EPOCH_SCALE), MAX_EPOCH_SCALE)
     epochs = int(math.ceil(default_epochs * clamped / epochs_per_validation) * epochs_per_validation)
-    samples = epochs * num_training_slices
-    steps = epochs * math.ceil(num_training_slices / max(batch_size, 1))
     return epochs, (f"num_epochs {epochs}: config {default_epochs} x sqrt({REFERENCE_TRAINING_SLICES} reference / "
                     f"{num_training_slices} training slices) = x{scale:.2f}, kept in [1/{MAX_EPOCH_SCALE}, "
                     f"{MAX_EPOCH_SCALE}], rounded up to a multiple of num_epochs_per_validation "
-                    f"{epochs_per_validation}; budget at most {steps:,} optimizer steps of batch {batch_size} per "
-                    f"process, {samples:,} samples seen on one process (x the number of processes under "
-                    f"torchrun; an epoch samples the slices with a lesion plus background_slice_ratio of the "
-                    f"others, so fewer in practice); {PAPER_BUDGET}")
+                    f"{epochs_per_validation} (the trainer logs it as optimizer steps; {PAPER_BUDGET})")
 
 
 def _default(defaults: dict, path: tuple) -> object:
@@ -404,7 +398,7 @@ def derive_settings(
     )
     notes.append(note)
     epochs, note = derive_num_epochs(slices, int(_default(defaults, ("num_epochs",))),
-                                     int(_default(defaults, ("num_epochs_per_validation",))), batch)
+                                     int(_default(defaults, ("num_epochs_per_validation",))))
     notes.append(note)
 
     settings = {
