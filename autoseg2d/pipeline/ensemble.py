@@ -171,6 +171,7 @@ def build_ensemble(work: WorkDir, run: dict, records: list[dict], size: int, mod
     predictor = EnsemblePredictor(work, ensemble)
     logger.info("ensemble: choosing post-processing on out-of-fold predictions")
     cases = out_of_fold_cases(predictor, ensemble, run)
+    choice = None
     if cases and cases[0]["prob"].ndim == cases[0]["truth"].ndim:  # binary: the lesion map alone
         choice = choose_postprocessing(cases)  # float16 probabilities: no second, float32 copy of every case
         logger.info(f"ensemble: {describe_effects(choice)}")
@@ -179,7 +180,7 @@ def build_ensemble(work: WorkDir, run: dict, records: list[dict], size: int, mod
         for index, class_choice in choice["per_class"].items():
             logger.info(f"ensemble: class {index}: {describe_effects(class_choice)}")
         logger.info(f"ensemble: any class: {describe_effects(choice['foreground'])}")
-    ensemble["postprocessing"] = choice if cases else None
+    ensemble["postprocessing"] = choice
     write_text_atomic(work.ensemble_file, json.dumps(json_safe(ensemble), indent=1))
     return ensemble
 
