@@ -23,15 +23,17 @@ from autoseg2d.datalist import build_datalist
 from autoseg2d.evaluation.evaluate import evaluate_folders
 from autoseg2d.pipeline.demo import run_demo
 from autoseg2d.pipeline.export import export_bundle
-from autoseg2d.pipeline.runner import predict, run_pipeline
+from autoseg2d.pipeline.runner import STAGE_NAMES, predict, run_pipeline
 
 
 def run(demo: bool = False, **options):
     """Run every stage (check, analyze, sweep, crossval, ensemble, predict); --demo uses generated CT.
 
-    Options: --datalist, --dataroot, --work_dir (default work), --profile (gpu | cpu | demo),
-    --modality (ct), --num_folds, --storage (an Optuna RDB URL shared by several machines),
-    --skip_bad (skip bad cases instead of stopping), --until (the last stage to run).
+    Options: --datalist, --dataroot, --work_dir (default work), --profile (gpu | cpu | demo | your YAML),
+    --modality, --num_folds, --storage (an Optuna RDB URL shared by several machines),
+    --skip_bad (skip bad cases instead of stopping), --until (the last stage to run). A rerun takes what
+    it is not given from the work dir's run.json; a first run, from the defaults in
+    autoseg2d/pipeline/profiles.yaml (profile, folds) and the template (modality).
     """
     call_with_options(run_demo if demo else run_pipeline, options, "--demo" if demo else "run")
 
@@ -55,12 +57,9 @@ def _stage(name: str):
 COMMANDS = {
     "run": run,
     "demo": functools.wraps(run_demo)(lambda **options: run(demo=True, **options)),
-    "check": check_inputs,
-    "analyze": _stage("analyze"),
-    "sweep": _stage("sweep"),
-    "crossval": _stage("crossval"),
-    "ensemble": _stage("ensemble"),
-    "predict": predict,
+    "check": check_inputs,  # the inputs alone; the pipeline's check stage also records the run
+    **{name: _stage(name) for name in STAGE_NAMES[1:-1]},  # analyze, sweep, crossval, ensemble
+    "predict": predict,  # new scans; the pipeline's predict stage does the datalist's testing images
     "evaluate": evaluate,
     "datalist": build_datalist,
     "export": export_bundle,

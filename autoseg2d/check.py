@@ -26,6 +26,7 @@ import numpy as np
 
 from autoseg2d.atomic_files import write_json_atomic
 from autoseg2d.datalist import DatalistError, read_class_names, resolve_datalist, validate_folds
+from autoseg2d.pipeline.profiles import default_modality, default_num_folds
 from autoseg2d.templates import template_config, template_dir
 
 logger = logging.getLogger(__name__)
@@ -185,7 +186,7 @@ def _read_datalist(datalist: str) -> dict:
 def check_inputs(
     datalist: str,
     dataroot: str,
-    modality: str = "ct",
+    modality: str | None = None,
     num_folds: int | None = None,
     work_dir: str | None = None,
     skip_bad: bool = False,
@@ -196,6 +197,7 @@ def check_inputs(
     """Check everything a run needs before it starts; return the report or raise InputCheckError listing every problem.
 
     datalist/dataroot: the MONAI datalist and the folder its relative paths start from.
+    modality: ct (HU checks) or another (z-scored, any range); default: the template's (its hyper_parameters.yaml).
     num_folds: the folds the datalist must hold (default: as many as it has).
     work_dir: where the run writes; checked for write permission and free space (and gets input_check.json).
     skip_bad: leave out cases that fail their checks instead of stopping, and write the remaining cases to
@@ -205,6 +207,7 @@ def check_inputs(
         without them, the label ids the data holds (up to MAX_LABEL_ID); 0/255 masks fail.
     config_overrides: {key: value} settings for the template, checked for unknown keys, types and choices.
     """
+    modality = modality or default_modality()
     report: dict = {"datalist": str(datalist), "dataroot": str(dataroot), "modality": modality,
                     "errors": [], "warnings": [], "cases": [], "skipped": [], "cleaned_datalist": None}
     errors = report["errors"]
@@ -218,7 +221,7 @@ def check_inputs(
     if config_overrides:
         errors.extend(check_config(config_overrides))
     if work_dir is not None:
-        errors.extend(check_work_dir(work_dir, report.get("num_folds") or num_folds or 5))
+        errors.extend(check_work_dir(work_dir, report.get("num_folds") or num_folds or default_num_folds()))
     skipped = [f for f in report["cases"] if f["status"] == "skipped"]
     if content is not None and skipped and not errors:
         target = cleaned_datalist or (Path(work_dir) / CLEANED_DATALIST_NAME if work_dir else None)

@@ -24,6 +24,7 @@ import numpy as np
 from sklearn.model_selection import KFold, StratifiedKFold
 
 from autoseg2d.atomic_files import write_json_atomic
+from autoseg2d.pipeline.profiles import default_num_folds
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +262,7 @@ def _check_duplicates(training: list[dict], testing: list[dict]) -> None:
         raise DatalistError(f"{sorted(both)[0]} is in both training and testing; remove it from one of them")
 
 
-def ensure_folds(datalist: dict, num_folds: int = 5, seed: int = 0, dataroot: str | None = None) -> dict:
+def ensure_folds(datalist: dict, num_folds: int, seed: int = 0, dataroot: str | None = None) -> dict:
     """A copy of the datalist with folds: kept and validated when present, added when absent.
 
     An existing split is never redrawn, since results and checkpoints refer to it. Added
@@ -301,12 +302,15 @@ def build_datalist(
     root: str,
     output: str,
     layout: str = "auto",
-    num_folds: int = 5,
+    num_folds: int | None = None,
     seed: int = 0,
     image_glob: str | None = None,
     label_glob: str | None = None,
 ) -> str:
-    """Find the cases under root, split them into folds and write the datalist JSON; return its path."""
+    """Find the cases under root, split them into folds (num_folds, default: profiles.yaml's) and write the
+    datalist JSON; return its path."""
+    if num_folds is None:
+        num_folds = default_num_folds()
     root_path = Path(root)
     if not root_path.is_dir():
         raise DatalistError(f"--root {root} is not a folder")

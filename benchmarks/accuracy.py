@@ -54,9 +54,10 @@ def held_out_scores(predictor: EnsemblePredictor, testing: list[dict], dataroot:
     return scores
 
 
-def previous_ensemble(work: WorkDir, run: dict, records: list[dict], size: int, mode: str) -> dict:
+def previous_ensemble(work: WorkDir, training: list[dict], dataroot: Path, records: list[dict], size: int,
+                      mode: str) -> dict:
     ensemble = {"mode": mode, "members": previous_members(records, size), "postprocessing": None}
-    cases = out_of_fold_cases(EnsemblePredictor(work, ensemble), ensemble, run)
+    cases = out_of_fold_cases(EnsemblePredictor(work, ensemble), ensemble, training=training, dataroot=dataroot)
     ensemble["postprocessing"] = previous_postprocessing(cases)
     return ensemble
 
@@ -98,12 +99,12 @@ def main() -> None:
     pipeline_minutes = (time.time() - started) / 60
 
     work = WorkDir.create(root / "work")
-    run = {"datalist": datalist, "dataroot": data, "modality": "ct"}
     settings = load_profile(args.profile)
     records = json.loads((work.reports / "cross_validation.json").read_text())
-    testing = json.loads(datalist.read_text())["testing"]
+    content = json.loads(datalist.read_text())
+    testing = content["testing"]
     ensembles = {"now": json.loads(work.ensemble_file.read_text()),
-                 "previous": previous_ensemble(work, run, records, settings["ensemble_size"],
+                 "previous": previous_ensemble(work, content["training"], data, records, settings["ensemble_size"],
                                                settings["ensemble_mode"])}
     results = {"pipeline_minutes": round(pipeline_minutes, 2), "profile": args.profile,
                "cases": {"train": args.num_train, "held_out": args.num_test, "normal_held_out": args.num_normal_test,

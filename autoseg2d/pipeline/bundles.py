@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from autoseg2d.evaluation.curves import plot_training_curves
 from autoseg2d.atomic_files import write_text_atomic
-from autoseg2d.pipeline.workdir import WorkDir
+from autoseg2d.pipeline.context import RunContext
 from autoseg2d.templates import ALGO_NAME, templates_root
 
 logger = logging.getLogger(__name__)
@@ -68,17 +68,19 @@ def bundle_path(configuration: Path, fold: int) -> Path:
     return configuration / f"{ALGO_NAME}_{fold}"
 
 
-def generate_bundles(work: WorkDir, settings: dict, num_folds: int, run: dict) -> Path:
-    """BundleGen with the local template; settings reach fill_template_config through the data-source YAML."""
+def generate_bundles(context: RunContext, settings: dict) -> Path:
+    """BundleGen with the local template, one bundle per fold of the run; settings reach fill_template_config
+    through the data-source YAML."""
+    work, num_folds = context.work, context.num_folds
     configuration = work.bundles / configuration_name(settings)
     marker = configuration / "settings.json"
     if marker.exists():
         return configuration
     configuration.mkdir(parents=True, exist_ok=True)
     data_src = configuration / "data_src.yaml"
-    source = {"modality": run["modality"], "datalist": str(run["datalist"]), "dataroot": str(run["dataroot"])}
-    if run.get("class_names"):
-        source["class_names"] = list(run["class_names"])
+    source = {"modality": context.modality, "datalist": str(context.datalist), "dataroot": str(context.dataroot)}
+    if context.class_names:
+        source["class_names"] = list(context.class_names)
     write_text_atomic(data_src, yaml.safe_dump({**source, **settings}, sort_keys=False))
     gen = BundleGen(algo_path=str(configuration), algos=[ALGO_NAME], templates_path_or_url=str(templates_root()),
                     data_stats_filename=str(work.datastats), data_src_cfg_name=str(data_src))
@@ -158,7 +160,7 @@ def exclusive(bundle: Path) -> Iterator[None]:
         yield
 
 
-def train_bundle(bundle: Path, run: dict, label: str,
+def train_bundle(bundle: Path, label: str, *, datalist: Path, dataroot: Path,
                  on_validation: Callable[[int, float, int], bool] | None = None) -> float:
     """Train (or continue training) one bundle with a progress bar over epochs; returns its best validation Dice.
 
@@ -169,7 +171,7 @@ def train_bundle(bundle: Path, run: dict, label: str,
     if is_trained(bundle):
         logger.info(f"{label}: already trained (best Dice {bundle_score(bundle):.4f})")
         return bundle_score(bundle)
-    overrides = {"data_list_file_path": run["datalist"], "data_file_base_dir": run["dataroot"]}
+    overrides = {"data_list_file_path": datalist, "data_file_base_dir": dataroot}
     started, tail = time.time(), deque(maxlen=FAILURE_TAIL_LINES)
     with exclusive(bundle):
         process = subprocess.Popen(train_command(bundle, overrides), stdout=subprocess.PIPE,

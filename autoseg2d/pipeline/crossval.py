@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 from tqdm import tqdm
@@ -15,27 +16,27 @@ from autoseg2d.pipeline.inference import case_name, foreground, load_inferer, re
 from autoseg2d.reporting.case_report import lesion_class_names
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.pipeline.work_queue import run_queue
-from autoseg2d.pipeline.workdir import WorkDir
+from autoseg2d.pipeline.context import RunContext
 
 logger = logging.getLogger(__name__)
 
 
-def validation_cases(run: dict, fold: int) -> list[dict]:
-    datalist = json.loads(Path(run["datalist"]).read_text())
-    root = Path(run["dataroot"])
-    return [{"image": root / e["image"], "label": root / e["label"]} for e in datalist["training"]
+def validation_cases(fold: int, *, training: Sequence[dict], dataroot: Path) -> list[dict]:
+    """The training entries of `fold` (those its bundle validated on), with absolute image and label paths."""
+    return [{"image": dataroot / e["image"], "label": dataroot / e["label"]} for e in training
             if int(e["fold"]) == fold]
 
 
-def evaluate_bundle(bundle: Path, run: dict, fold: int) -> list[dict]:
-    """Per-case metrics of a fold model on its own validation cases (cached in model/cv_metrics.json)."""
+def evaluate_bundle(bundle: Path, fold: int, validation: list[dict]) -> list[dict]:
+    """Per-case metrics of a fold model on its own validation cases, {image, label} each (cached in
+    model/cv_metrics.json)."""
     cache = bundle / "model" / "cv_metrics.json"
     if cache.exists():
         return json.loads(cache.read_text())
     inferer = load_inferer(bundle)
     class_names = lesion_class_names(inferer.config)
     cases = []
-    for case in tqdm(validation_cases(run, fold), desc=f"{bundle.parent.name} fold {fold}: predict", unit="case",
+    for case in tqdm(validation, desc=f"{bundle.parent.name} fold {fold}: predict", unit="case",
                      leave=False, dynamic_ncols=True, disable=None):
         probabilities = inferer.infer(str(case["image"])).numpy()
         if len(class_names) > 1:
@@ -49,46 +50,49 @@ def evaluate_bundle(bundle: Path, run: dict, fold: int) -> list[dict]:
     return cases
 
 
-def crossval_jobs(configurations: list[dict], runs: int, num_folds: int) -> list[dict]:
-    """Every fold of every configuration for `runs` seeds, in training order."""
+def crossval_jobs(configurations: list[dict], seeds: int, num_folds: int) -> list[dict]:
+    """Every fold of every configuration for `seeds` seeds, in training order."""
     return [{"settings": settings, "seed": seed, "fold": fold}
-            for settings in configurations for seed in range(runs) for fold in range(num_folds)]
+            for settings in configurations for seed in range(seeds) for fold in range(num_folds)]
 
 
-def run_crossval(work: WorkDir, run: dict, configurations: list[dict], runs: int, num_folds: int,
-                 selection_folds: tuple = (), storage: str | None = None) -> list[dict]:
-    """Train every fold of every configuration for `runs` seeds; return one record per trained bundle.
+def run_crossval(context: RunContext, configurations: list[dict], *, seeds: int,
+                 selection_folds: tuple = ()) -> tuple[list[dict], str]:
+    """Train every fold of every configuration for `seeds` seeds; return one record per trained bundle and
+    the cross-validation table (reports/cross_validation.md, also written with the records as .json).
 
     selection_folds: the folds the sweep chose the configurations on, marked in the table.
     With a shared storage (--storage) the bundles form one queue that every machine running this
     stage takes from, so N machines train about N times faster; each then gathers every record.
     """
-    jobs = crossval_jobs(configurations, runs, num_folds)
+    work = context.work
+    jobs = crossval_jobs(configurations, seeds, context.num_folds)
 
     def configuration(job: dict) -> Path:
-        return generate_bundles(work, {**job["settings"], "seed": job["seed"]}, num_folds, run)
+        return generate_bundles(context, {**job["settings"], "seed": job["seed"]})
 
     def train_and_evaluate(index: int) -> dict:
         job = jobs[index]
         label = f"cv {index + 1}/{len(jobs)} {describe(job['settings'])} run {job['seed']} fold {job['fold']}"
         bundle = bundle_path(configuration(job), job["fold"])
-        score = train_bundle(bundle, run, label)
-        cases = [_restore_floats(c) for c in evaluate_bundle(bundle, run, job["fold"])]
+        score = train_bundle(bundle, label, datalist=context.datalist, dataroot=context.dataroot)
+        validation = validation_cases(job["fold"], training=context.training, dataroot=context.dataroot)
+        cases = [_restore_floats(c) for c in evaluate_bundle(bundle, job["fold"], validation)]
         return {"variant": f"{job['settings'].get('input_variant')} (run {job['seed']})", "fold": job["fold"],
                 "seed": job["seed"], "settings": job["settings"], "bundle": work.relative(bundle),
                 "score": score, "cases": cases}
 
-    if storage:
+    if context.storage:
         names = [str(work.relative(bundle_path(work.bundles / configuration_name({**j["settings"], "seed": j["seed"]}),
                                                j["fold"]))) for j in jobs]
         # one machine generates every bundle before any is queued: BundleGen must not run twice on one folder
-        run_queue(storage, "crossval", names, lambda index: train_and_evaluate(index)["score"],
+        run_queue(context.storage, "crossval", names, lambda index: train_and_evaluate(index)["score"],
                   prepare=lambda: [configuration(job) for job in jobs])
     records = [train_and_evaluate(index) for index in range(len(jobs))]  # trained already: reads the results
-    table = cross_validation_table(records, selection_folds)
-    write_text_atomic(work.reports / "cross_validation.md", "# Cross-validation\n\n" + table)
+    table = "# Cross-validation\n\n" + cross_validation_table(records, selection_folds)
+    write_text_atomic(work.reports / "cross_validation.md", table)
     write_text_atomic(work.reports / "cross_validation.json", json.dumps(json_safe(records), indent=1))
-    return records
+    return records, table
 
 
 def _restore_floats(case: dict) -> dict:

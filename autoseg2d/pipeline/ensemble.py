@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import nibabel as nib
@@ -132,20 +133,21 @@ def predict_group(group: list, image: Path, vote: bool, keep_masks: bool) -> tup
     return probabilities, [labels.astype(np.uint8)] if keep_masks else []
 
 
-def out_of_fold_cases(predictor: EnsemblePredictor, ensemble: dict, run: dict) -> list[dict]:
+def out_of_fold_cases(predictor: EnsemblePredictor, ensemble: dict, *, training: Sequence[dict],
+                      dataroot: Path) -> list[dict]:
     """Each training case predicted by the members that did not train on it (those validated on its fold).
 
     Cases of a fold without members cannot be predicted out of fold; they are named in a warning.
     """
     cases = []
     member_folds = {m["fold"] for m in ensemble["members"]}
-    for fold in sorted({int(e["fold"]) for e in _training_entries(run)}):
+    for fold in sorted({int(e["fold"]) for e in training}):
         if fold not in member_folds:
             logger.warning(f"ensemble: fold {fold} has no member, so its cases are left out of the "
                            "post-processing choice")
             continue
         members = [inferer for inferer, m in zip(predictor.members, ensemble["members"]) if m["fold"] == fold]
-        for case in validation_cases(run, fold):
+        for case in validation_cases(fold, training=training, dataroot=dataroot):
             labels = nib.load(str(case["label"]))
             truth = np.asanyarray(labels.dataobj).astype(np.uint8)
             probs = predictor.probabilities(case["image"], members)
@@ -157,9 +159,10 @@ def out_of_fold_cases(predictor: EnsemblePredictor, ensemble: dict, run: dict) -
     return cases
 
 
-def build_ensemble(work: WorkDir, run: dict, records: list[dict], size: int, mode: str,
-                   selection: str = "fold_balanced") -> dict:
-    """Pick members and post-processing (on out-of-fold predictions), store them in ensemble/ensemble.json."""
+def build_ensemble(work: WorkDir, records: list[dict], size: int, mode: str, selection: str = "fold_balanced", *,
+                   training: Sequence[dict], dataroot: Path) -> dict:
+    """Pick members and post-processing (on out-of-fold predictions of the training cases), store them in
+    ensemble/ensemble.json."""
     if work.ensemble_file.exists():
         logger.info(f"ensemble: reusing {work.relative(work.ensemble_file)}")
         return json.loads(work.ensemble_file.read_text())
@@ -170,7 +173,7 @@ def build_ensemble(work: WorkDir, run: dict, records: list[dict], size: int, mod
                 + ", ".join(f"{fold}: {count}" for fold, count in sorted(folds.items(), key=lambda i: str(i[0]))))
     predictor = EnsemblePredictor(work, ensemble)
     logger.info("ensemble: choosing post-processing on out-of-fold predictions")
-    cases = out_of_fold_cases(predictor, ensemble, run)
+    cases = out_of_fold_cases(predictor, ensemble, training=training, dataroot=dataroot)
     choice = None
     if cases and cases[0]["prob"].ndim == cases[0]["truth"].ndim:  # binary: the lesion map alone
         choice = choose_postprocessing(cases)  # float16 probabilities: no second, float32 copy of every case
@@ -183,10 +186,6 @@ def build_ensemble(work: WorkDir, run: dict, records: list[dict], size: int, mod
     ensemble["postprocessing"] = choice
     write_text_atomic(work.ensemble_file, json.dumps(json_safe(ensemble), indent=1))
     return ensemble
-
-
-def _training_entries(run: dict) -> list[dict]:
-    return json.loads(Path(run["datalist"]).read_text())["training"]
 
 
 def write_mask(mask: np.ndarray, source: Path, target: Path) -> None:

@@ -1,8 +1,14 @@
-"""Budget profiles (profiles.yaml): how many trials, folds, runs and ensemble members a run uses."""
+"""Budget profiles (profiles.yaml): how many trials, folds, runs and ensemble members a run uses.
+
+profiles.yaml also owns the driver's defaults (its `defaults` section): the profile and the
+number of folds a run uses when neither the command line nor the work dir's run.json says.
+"""
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 from pathlib import Path
 
 import yaml
@@ -13,6 +19,8 @@ PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
 PROFILE_KEYS = ("sweep_trials", "sweep_folds", "cv_top_variants", "cv_runs", "ensemble_size", "ensemble_mode",
                 "train_overrides", "search_space")
 ENSEMBLE_MODES = ("mean", "vote")
+DEFAULTS_SECTION = "defaults"  # in profiles.yaml; not a profile
+DEFAULT_KEYS = ("profile", "num_folds")
 
 
 class ProfileError(ValueError):
@@ -27,7 +35,7 @@ def load_profile(name: str) -> dict:
             raise ProfileError(f"profile file not found: {name}")
         profile = yaml.safe_load(source.read_text())
     else:
-        profiles = yaml.safe_load(PROFILES_FILE.read_text())
+        profiles = built_in_profiles()
         if name not in profiles:
             raise ProfileError(f"unknown profile '{name}'; choose one of {', '.join(profiles)} ({PROFILES_FILE}),"
                                " or give the path of your own profile YAML")
@@ -40,6 +48,45 @@ def load_profile(name: str) -> dict:
         raise ProfileError(f"profile '{name}': ensemble_mode '{profile['ensemble_mode']}' is not one of "
                            f"{', '.join(ENSEMBLE_MODES)}")
     return {"name": name, **profile}
+
+
+def built_in_profiles() -> dict:
+    return {name: profile for name, profile in yaml.safe_load(PROFILES_FILE.read_text()).items()
+            if name != DEFAULTS_SECTION}
+
+
+def profile_sha256(settings: dict) -> str:
+    """The loaded profile's content hash: run.json records it, so an edited profile file is another profile."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def driver_defaults() -> dict:
+    """The `defaults` section of profiles.yaml: {profile, num_folds}."""
+    defaults = yaml.safe_load(PROFILES_FILE.read_text()).get(DEFAULTS_SECTION) or {}
+    missing = [key for key in DEFAULT_KEYS if key not in defaults]
+    if missing:
+        raise ProfileError(f"{PROFILES_FILE} lacks {', '.join(f'{DEFAULTS_SECTION}.{key}' for key in missing)}; "
+                           f"its '{DEFAULTS_SECTION}' section names the default {' and '.join(DEFAULT_KEYS)}")
+    return defaults
+
+
+def default_profile_name() -> str:
+    return str(driver_defaults()["profile"])
+
+
+def default_num_folds() -> int:
+    """Folds drawn for a datalist that has none."""
+    return int(driver_defaults()["num_folds"])
+
+
+def default_modality() -> str:
+    """The template's own modality (its hyper_parameters.yaml): what a bundle assumes when the data source
+    names none, so the driver's default cannot disagree with the bundle's."""
+    config = yaml.safe_load(template_config().read_text())
+    if "modality" not in config:
+        raise ProfileError(f"{template_config()} has no 'modality' key; the driver takes its default modality from"
+                           " there: add modality: ct")
+    return str(config["modality"])
 
 
 def template_keys() -> list[str]:

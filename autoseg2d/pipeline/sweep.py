@@ -70,8 +70,8 @@ def run_sweep(storage: str, search_space: dict, num_trials: int, folds: list[int
               single_owner: bool = True) -> optuna.Study:
     """Run trials until num_trials are complete or pruned.
 
-    train_fold(params, fold, on_validation) -> best Dice, where on_validation(epoch, dice, num_epochs)
-    returns True when the trial is to stop (pruned).
+    train_fold(params, fold, on_validation) -> best Dice (runner.train_trial_fold in a run), where
+    on_validation(epoch, dice, num_epochs) returns True when the trial is to stop (pruned).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(storage, shared=not single_owner)
@@ -87,11 +87,11 @@ def run_sweep(storage: str, search_space: dict, num_trials: int, folds: list[int
         logger.info(f"sweep: trial {trial.number} ({done + 1}/{num_trials}) {params}")
         scores = []
         for index, fold in enumerate(folds):
-            def report(epoch: int, dice: float, num_epochs: int, index: int = index) -> bool:
+            def on_validation(epoch: int, dice: float, num_epochs: int, index: int = index) -> bool:
                 trial.report(dice, index * EPOCHS_PER_FOLD_STEP + epoch)
                 return past_warmup(epoch, num_epochs) and trial.should_prune()
 
-            scores.append(train_fold(params, fold, report))
+            scores.append(train_fold(params, fold, on_validation))
         value = sum(scores) / len(scores)
         logger.info(f"sweep: trial {trial.number} mean best Dice {value:.4f}")
         return value

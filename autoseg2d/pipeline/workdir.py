@@ -69,33 +69,28 @@ class WorkDir:
     def absolute(self, stored: str) -> Path:
         return (self.root / stored).resolve()
 
-    def record_run(self, datalist: Path, dataroot: Path, modality: str, profile: str, **identity) -> dict:
-        """Write run.json on the first run; later runs must agree on everything its results depend on:
-        the datalist's content, the modality, the profile (name and content) and `identity` (e.g. the
-        number of folds and the datalist actually trained on)."""
-        run = {"datalist": self.relative(datalist), "dataroot": self.relative(dataroot), "modality": modality,
-               "profile": profile, "datalist_sha256": file_sha256(datalist), **identity}
-        self.check_same_run(run)
-        write_text_atomic(self.run_file, json.dumps(run, indent=2))
+    def load_run(self) -> dict:
+        """run.json with its datalist and dataroot as absolute paths; {} before the first run."""
+        if not self.run_file.exists():
+            return {}
+        run = json.loads(self.run_file.read_text())
+        run["datalist"], run["dataroot"] = self.absolute(run["datalist"]), self.absolute(run["dataroot"])
         return run
 
-    def check_same_run(self, run: dict) -> None:
-        """Raise if run.json records other values for any of these keys (paths may differ: moved data)."""
-        if not self.run_file.exists():
-            return
-        previous = json.loads(self.run_file.read_text())
-        changed = [key for key in run if key not in ("datalist", "dataroot") and key in previous
-                   and previous[key] != run[key]]
+    def check_same_run(self, identity: dict) -> None:
+        """Raise if run.json records other values for any of these keys (what the run's results depend on:
+        the datalist's content, the modality, the profile's name and content, the folds, ...)."""
+        previous = self.load_run()
+        changed = [key for key in identity if key in previous and previous[key] != identity[key]]
         if changed:
-            was = ", ".join(f"{key} {previous[key]!r} -> {run[key]!r}" for key in changed)
+            was = ", ".join(f"{key} {previous[key]!r} -> {identity[key]!r}" for key in changed)
             raise WorkDirError(
                 f"{self.root} holds a run made with other settings ({was}); its sweep, models and ensemble"
                 " would not match. Rerun with the earlier settings, use a new --work_dir, or delete this one"
                 " to start over.")
 
-    def load_run(self) -> dict:
-        if not self.run_file.exists():
-            raise WorkDirError(f"{self.root} has no run.json; run the pipeline there first")
-        run = json.loads(self.run_file.read_text())
-        run["datalist"], run["dataroot"] = self.absolute(run["datalist"]), self.absolute(run["dataroot"])
-        return run
+    def record_run(self, datalist: Path, dataroot: Path, identity: dict) -> None:
+        """Write run.json: the datalist and dataroot (relative when inside the work dir, so it can move) and
+        the identity, which the caller has checked against the earlier run with check_same_run."""
+        run = {"datalist": self.relative(datalist), "dataroot": self.relative(dataroot), **identity}
+        write_text_atomic(self.run_file, json.dumps(run, indent=2))

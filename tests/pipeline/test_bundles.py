@@ -10,7 +10,7 @@ from autoseg2d.pipeline.bundles import TrainingError, describe, train_bundle
 def test_a_failed_training_shows_its_last_lines(bundle, tmp_path):
     missing = tmp_path / "moved_away.json"
     with pytest.raises(TrainingError) as raised:
-        train_bundle(bundle, {"datalist": missing, "dataroot": tmp_path}, "trial slices fold 0")
+        train_bundle(bundle, "trial slices fold 0", datalist=missing, dataroot=tmp_path)
     message = str(raised.value)
     assert message.startswith("trial slices fold 0: training failed (exit code 1); its last lines:")
     assert str(missing) in message and "full log:" in message

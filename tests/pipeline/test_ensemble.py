@@ -131,15 +131,13 @@ def test_out_of_fold_cases_use_only_members_that_did_not_train_on_them_and_cover
         write_case(case, tmp_path / f"c{i}.nii.gz", tmp_path / f"l{i}.nii.gz")
         entries.append({"image": f"c{i}.nii.gz", "label": f"l{i}.nii.gz", "fold": i % 3})
         folds_of_cases[f"c{i}.nii.gz"] = i % 3
-    datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({"training": entries}))
     lesion = np.zeros((16, 16, 4), np.float32)
     lesion[4:8, 4:8, 1] = 0.4  # never reaches 0.5: only the never-empty guarantee finds it
     members = [{"fold": f, "bundle": f"b{f}"} for f in (0, 1, 2, 2)]
     ensemble = {"mode": "mean", "members": members}
     ens = predictor("mean")
     ens.members = [FoldModel(m["fold"], folds_of_cases, lesion) for m in members]
-    cases = out_of_fold_cases(ens, ensemble, {"datalist": datalist, "dataroot": tmp_path})
+    cases = out_of_fold_cases(ens, ensemble, training=entries, dataroot=tmp_path)
     assert sorted(c["case_id"] for c in cases) == [f"c{i}" for i in range(6)]
     assert sorted(ens.members[3].seen) == sorted(ens.members[2].seen) == ["c2.nii.gz", "c5.nii.gz"]
     assert all(c["prob"].dtype == np.float16 for c in cases)  # what the ensemble stage passes on

@@ -98,19 +98,25 @@ def test_a_job_that_failed_elsewhere_stops_the_others_with_its_name(tmp_path, mo
 
 def test_crossval_with_a_storage_trains_each_bundle_through_the_queue(tmp_path, monkeypatch):
     from autoseg2d.pipeline import crossval
+    from autoseg2d.pipeline.context import RunContext
     from autoseg2d.pipeline.workdir import WorkDir
 
     work = WorkDir.create(str(tmp_path / "work"))
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    context = RunContext(work=work, source_datalist=tmp_path / "datalist.json", datalist=tmp_path / "datalist.json",
+                         dataroot=tmp_path, modality="ct", profile_name="demo", profile={}, profile_sha256="",
+                         num_folds=2, class_names=(), training=(), testing=(), storage=storage, skip_bad=False)
     trained: list[str] = []
     name = lambda settings: f"{settings['input_variant']}-{settings['seed']}"  # noqa: E731
-    monkeypatch.setattr(crossval, "generate_bundles", lambda work, settings, folds, run: work.bundles / name(settings))
+    monkeypatch.setattr(crossval, "generate_bundles", lambda context, settings: context.work.bundles / name(settings))
     monkeypatch.setattr(crossval, "configuration_name", name)
-    monkeypatch.setattr(crossval, "train_bundle", lambda bundle, run, label: trained.append(bundle.name) or 0.5)
-    monkeypatch.setattr(crossval, "evaluate_bundle", lambda bundle, run, fold: [{"case_id": "c", "dice": 0.5}])
-    monkeypatch.setattr(crossval, "cross_validation_table", lambda records, selection_folds=(): "")
-    storage = f"sqlite:///{tmp_path / 'shared.db'}"
-    records = crossval.run_crossval(work, {}, [{"input_variant": "slices"}], runs=2, num_folds=2, storage=storage)
+    monkeypatch.setattr(crossval, "train_bundle",
+                        lambda bundle, label, datalist, dataroot: trained.append(bundle.name) or 0.5)
+    monkeypatch.setattr(crossval, "evaluate_bundle", lambda bundle, fold, validation: [{"case_id": "c", "dice": 0.5}])
+    monkeypatch.setattr(crossval, "cross_validation_table", lambda records, selection_folds=(): "| table |")
+    records, table = crossval.run_crossval(context, [{"input_variant": "slices"}], seeds=2)
     assert [(r["seed"], r["fold"]) for r in records] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert table == (work.reports / "cross_validation.md").read_text() == "# Cross-validation\n\n| table |"
     assert len(trained) == 8  # through the queue, then once more to gather (a trained bundle returns at once)
     study = work_queue.optuna.load_study(study_name=work_queue.queue_name("crossval", [
         f"bundles/slices-{seed}/segresnet2d_{fold}" for seed in range(2) for fold in range(2)]), storage=storage)
