@@ -67,7 +67,7 @@ def test_the_default_folds_come_from_profiles_yaml(foldless, tmp_path, monkeypat
     edited = yaml.safe_load(profiles.PROFILES_FILE.read_text())
     edited["defaults"]["num_folds"] = 3
     copy = tmp_path / "profiles.yaml"
-    copy.write_text(yaml.safe_dump(edited))
+    copy.write_text(yaml.safe_dump(edited, sort_keys=False))
     monkeypatch.setattr(profiles, "PROFILES_FILE", copy)
     summary = run_pipeline(str(foldless), str(foldless.parent), work_dir=str(tmp_path / "work"), profile="demo",
                            until="check")
@@ -78,7 +78,7 @@ def test_a_missing_default_names_the_file_and_key(tmp_path, monkeypatch):
     edited = yaml.safe_load(profiles.PROFILES_FILE.read_text())
     del edited["defaults"]["profile"]
     copy = tmp_path / "profiles.yaml"
-    copy.write_text(yaml.safe_dump(edited))
+    copy.write_text(yaml.safe_dump(edited, sort_keys=False))
     monkeypatch.setattr(profiles, "PROFILES_FILE", copy)
     with pytest.raises(profiles.ProfileError, match=rf"{copy} lacks defaults.profile"):
         profiles.default_profile_name()
