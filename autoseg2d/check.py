@@ -25,7 +25,7 @@ from types import ModuleType
 import numpy as np
 
 from autoseg2d.atomic_files import write_json_atomic
-from autoseg2d.datalist import DatalistError, read_class_names, resolve_datalist, validate_folds
+from autoseg2d.datalist import DatalistError, read_class_names, read_datalist, validate_folds
 from autoseg2d.pipeline.profiles import default_modality, default_num_folds
 from autoseg2d.templates import template_config, template_dir
 
@@ -172,17 +172,6 @@ def _cleaned(datalist: dict, dataroot: str, skipped: list[dict]) -> dict:
     return result
 
 
-def _read_datalist(datalist: str) -> dict:
-    path = resolve_datalist(datalist)
-    try:
-        content = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise DatalistError(f"datalist {path} is not valid JSON ({err}); rebuild it or fix the line named") from err
-    if not isinstance(content, dict):
-        raise DatalistError(f"datalist {path} must be a JSON object with 'training' and 'testing' lists")
-    return content
-
-
 def check_inputs(
     datalist: str,
     dataroot: str,
@@ -212,7 +201,7 @@ def check_inputs(
                     "errors": [], "warnings": [], "cases": [], "skipped": [], "cleaned_datalist": None}
     errors = report["errors"]
     try:
-        content = _read_datalist(datalist)
+        content = read_datalist(datalist)
     except DatalistError as err:
         content = None
         errors.append(str(err))

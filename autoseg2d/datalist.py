@@ -46,14 +46,25 @@ class Case:
     label: Path | None
 
 
-def case_id(path: Path, suffix: str = "") -> str:
-    """File name without its NIfTI extension (and without an nnU-Net channel suffix)."""
-    name = path.name
-    for ext in NIFTI_SUFFIXES:
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-            break
-    return name[: -len(suffix)] if suffix and name.endswith(suffix) else name
+def is_nifti(path: str | Path) -> bool:
+    return Path(path).name.endswith(NIFTI_SUFFIXES)
+
+
+def case_name(path: str | Path) -> str:
+    """A NIfTI file's name without .nii.gz or .nii: the case's name in reports, predictions and caches.
+
+    The template names cases with its own `volumes.case_name` (it must not import the driver);
+    tests/test_datalist.py keeps the two equal.
+    """
+    name = Path(path).name
+    suffix = next((s for s in NIFTI_SUFFIXES if name.endswith(s)), "")
+    return name[: len(name) - len(suffix)]
+
+
+def _case_id(path: Path, channel_suffix: str = "") -> str:
+    """The case name without an nnU-Net channel suffix, to pair an image with its label."""
+    name = case_name(path)
+    return name[: -len(channel_suffix)] if channel_suffix and name.endswith(channel_suffix) else name
 
 
 def _nifti_files(folder: Path, pattern: str = "*") -> list[Path]:
@@ -63,8 +74,8 @@ def _nifti_files(folder: Path, pattern: str = "*") -> list[Path]:
 def _pair(images: list[Path], label_dir: Path | list[Path], image_suffix: str = "") -> list[Case]:
     """Match every image with the label of the same case id; a label without an image is an error."""
     labels = _nifti_files(label_dir) if isinstance(label_dir, Path) else label_dir
-    by_id = {case_id(p): p for p in labels}
-    cases = [Case(case_id(p, image_suffix), p, by_id.get(case_id(p, image_suffix))) for p in images]
+    by_id = {_case_id(p): p for p in labels}
+    cases = [Case(_case_id(p, image_suffix), p, by_id.get(_case_id(p, image_suffix))) for p in images]
     orphans = sorted(set(by_id) - {c.case_id for c in cases})
     if orphans:
         raise DatalistError(f"labels without an image: {orphans[:5]}{' ...' if len(orphans) > 5 else ''}; "
@@ -80,14 +91,14 @@ def _instance22(root: Path, image_glob: str | None, label_glob: str | None) -> t
 def _nnunet(root: Path, image_glob: str | None, label_glob: str | None) -> tuple[list[Case], list[Path]]:
     """nnU-Net raw (<case>_0000.nii.gz) or Decathlon style (<case>.nii.gz) images; one channel only."""
     images = _nifti_files(root / "imagesTr")
-    other_channels = [p.name for p in images if CHANNEL_SUFFIX.search(case_id(p)) and
-                      not case_id(p).endswith(NNUNET_CHANNEL)]
+    other_channels = [p.name for p in images if CHANNEL_SUFFIX.search(_case_id(p)) and
+                      not _case_id(p).endswith(NNUNET_CHANNEL)]
     if other_channels:
         raise DatalistError(f"imagesTr holds channels other than {NNUNET_CHANNEL} (e.g. {other_channels[0]}); "
                             "segresnet2d takes one CT channel: move the other channels out of imagesTr")
     cases = _pair(images, root / "labelsTr", NNUNET_CHANNEL)
-    test_images = [p for p in _nifti_files(root / "imagesTs") if not CHANNEL_SUFFIX.search(case_id(p)) or
-                   case_id(p).endswith(NNUNET_CHANNEL)]
+    test_images = [p for p in _nifti_files(root / "imagesTs") if not CHANNEL_SUFFIX.search(_case_id(p)) or
+                   _case_id(p).endswith(NNUNET_CHANNEL)]
     return cases, test_images
 
 
@@ -154,6 +165,28 @@ def resolve_datalist(datalist: str | Path) -> Path:
                         + (f" and {SHIPPED_DATALISTS}, which holds {', '.join(known)}" if known else "")
                         + "); give its path, or build one with `python run_autoseg.py datalist --root DATA --output "
                         "datalist.json`")
+
+
+def read_datalist(datalist: str | Path) -> dict:
+    """The datalist JSON, found as `resolve_datalist` finds it: an object with a "training" list.
+
+    The one reader of datalists in the driver, so every stage fails the same way on a missing
+    file, invalid JSON or a file that is not a datalist. Entries are checked by `validate_folds`.
+    """
+    path = resolve_datalist(datalist)
+    rebuild = f"rebuild it with `python run_autoseg.py datalist --root DATA --output {path}`"
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as err:
+        raise DatalistError(f"datalist {path} cannot be read ({err}); check its permissions or {rebuild}") from err
+    except json.JSONDecodeError as err:
+        raise DatalistError(f"datalist {path} is not valid JSON ({err}); fix the line named or {rebuild}") from err
+    if not isinstance(content, dict) or not isinstance(content.get("training"), list):
+        found = f"an object with keys {sorted(content)}" if isinstance(content, dict) else type(content).__name__
+        raise DatalistError(f"datalist {path} holds {found}, not a JSON object with a 'training' list of "
+                            "{'image', 'label', 'fold'} entries (and optionally 'testing'); give the MONAI "
+                            f"datalist or {rebuild}")
+    return content
 
 
 def read_class_names(datalist: dict, source: str) -> list[str]:

@@ -30,6 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+from autoseg2d.datalist import read_datalist  # noqa: E402
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.evaluation.report import json_safe  # noqa: E402
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, out_of_fold_cases  # noqa: E402
@@ -101,7 +102,7 @@ def main() -> None:
     work = WorkDir.create(root / "work")
     settings = load_profile(args.profile)
     records = json.loads((work.reports / "cross_validation.json").read_text())
-    content = json.loads(datalist.read_text())
+    content = read_datalist(datalist)
     testing = content["testing"]
     ensembles = {"now": json.loads(work.ensemble_file.read_text()),
                  "previous": previous_ensemble(work, content["training"], data, records, settings["ensemble_size"],

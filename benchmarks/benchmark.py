@@ -34,6 +34,7 @@ import yaml
 
 from bench_common import REPO, SLICE_PX, TEMPLATE, template_config  # noqa: F401  (puts the template on sys.path)
 from ensemble_speed import bench_ensemble  # noqa: E402
+from autoseg2d.datalist import read_datalist  # noqa: E402
 from autoseg2d.synthetic import write_dataset  # noqa: E402
 from cache import cached_volume  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
@@ -106,7 +107,7 @@ def bench_train(args, device: torch.device) -> list[dict]:
 
 def generated_volumes(root: Path, num_cases: int, num_slices: int, size: int = SLICE_PX, mmap: bool = False):
     datalist = write_dataset(root, num_train=num_cases, num_test=0, num_folds=1, size=size, num_slices=num_slices)
-    entries = json.loads(datalist.read_text())["training"]
+    entries = read_datalist(datalist)["training"]
     cache_dir = root / "cache" if mmap else None
     return [cached_volume(root / e["image"], root / e["label"], "ct", cache_dir) for e in entries]
 

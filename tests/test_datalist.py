@@ -12,8 +12,10 @@ from autoseg2d.datalist import (
     LAYOUTS,
     DatalistError,
     build_datalist,
+    case_name,
     ensure_folds,
     lesion_volume_ml,
+    read_datalist,
     validate_folds,
 )
 from autoseg2d.synthetic import make_head_ct, write_case
@@ -233,3 +235,35 @@ def test_a_bare_name_finds_the_shipped_datalist(tmp_path, monkeypatch, caplog):
     assert resolve_datalist("instance22.json").resolve() == tmp_path / "instance22.json"  # the user's own wins
     with pytest.raises(DatalistError, match="datalist other.json not found .* which holds instance22.json"):
         resolve_datalist("other.json")
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "datalist .*missing.json not found"),
+    ("{\"training\": [", r"datalist .*bad.json is not valid JSON \(.*\); fix the line named or rebuild it"),
+    ("[]", r"datalist .*bad.json holds list, not a JSON object with a 'training' list"),
+    ('{"testing": []}', r"holds an object with keys \['testing'\], not a JSON object with a 'training' list"),
+    ('{"training": {}}', "not a JSON object with a 'training' list"),
+])
+def test_read_datalist_names_the_file_and_the_fix(tmp_path, content, message):
+    path = tmp_path / ("missing.json" if content is None else "bad.json")
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DatalistError, match=message):
+        read_datalist(path)
+
+
+def test_read_datalist_returns_the_content(tmp_path):
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps(_datalist([0, 1], ["t.nii.gz"])))
+    assert read_datalist(str(path)) == _datalist([0, 1], ["t.nii.gz"])
+
+
+@pytest.mark.parametrize("path, name", [
+    ("a.nii.gz", "a"), ("a.nii", "a"), ("a.b.nii.gz", "a.b"), ("a.gz", "a.gz"), ("dir.nii/a.nii.gz", "a"),
+    ("a.nii.gz.nii", "a.nii.gz"), ("case_0000.nii.gz", "case_0000"), ("a", "a"),
+])
+def test_case_name_is_the_templates(path, name):
+    from autoseg2d.check import template_module
+
+    assert case_name(path) == name
+    assert template_module("volumes").case_name(path) == name

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 
 from autoseg2d.atomic_files import write_text_atomic
+from autoseg2d.datalist import case_name, is_nifti
 from autoseg2d.evaluation.metrics import (
     NSD_TOLERANCE_MM,
     case_metrics,
@@ -31,7 +32,6 @@ from autoseg2d.evaluation.qa import render_overlays
 
 __all__ = ["evaluate_folders", "evaluate_cases", "find_nifti_cases", "cross_validation_table"]
 
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
 STATUS_SCORED = "scored"
 STATUS_MISSING = "missing_prediction"
 CASES_CSV = "metrics_per_case.csv"
@@ -114,10 +114,9 @@ def find_nifti_cases(folder: str | Path) -> dict[str, Path]:
         raise ValueError(f"folder {str(folder)!r} does not exist or is not a directory.")
     cases: dict[str, Path] = {}
     for path in sorted(folder.iterdir()):
-        suffix = next((s for s in NIFTI_SUFFIXES if path.name.endswith(s)), None)
-        if suffix is None or not path.is_file():
+        if not is_nifti(path) or not path.is_file():
             continue
-        case = path.name[: -len(suffix)]
+        case = case_name(path)
         if case in cases:
             raise ValueError(
                 f"case {case!r} has two files in {str(folder)!r}: {cases[case].name} and {path.name}; keep one."

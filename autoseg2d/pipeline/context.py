@@ -8,14 +8,13 @@ datalist themselves.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from autoseg2d.atomic_files import write_json_atomic
 from autoseg2d.check import check_inputs
-from autoseg2d.datalist import ensure_folds, resolve_datalist, validate_folds
+from autoseg2d.datalist import DatalistError, ensure_folds, read_datalist, resolve_datalist, validate_folds
 from autoseg2d.pipeline.profiles import (default_modality, default_num_folds, default_profile_name, load_profile,
                                          profile_sha256)
 from autoseg2d.pipeline.workdir import WorkDir, WorkDirError, file_sha256
@@ -82,7 +81,7 @@ def resolve_context(work_dir: str, datalist: str | None, dataroot: str | None, p
     settled = {"num_folds": input_check.get("num_folds") or folds, "used_datalist_sha256": file_sha256(checked)}
     work.check_same_run(settled)  # only now known: the folds the datalist holds and the cases kept
     work.record_run(source, root, {**identity, "datalist_sha256": file_sha256(source), **settled})
-    content = json.loads(checked.read_text())
+    content = read_datalist(checked)
     return RunContext(work=work, source_datalist=source, datalist=checked, dataroot=root,
                       modality=identity["modality"], profile_name=profile_name, profile=settings,
                       profile_sha256=identity["profile_sha256"], num_folds=settled["num_folds"],
@@ -95,10 +94,10 @@ def add_folds(work: WorkDir, datalist: Path, dataroot: Path, num_folds: int | No
     """The datalist with folds: the user's own when it has them, else a copy in the work dir with folds added
     (num_folds of them, default: profiles.yaml). Returns it and its number of folds (None: as the check finds)."""
     try:
-        content = json.loads(datalist.read_text())
-    except (OSError, ValueError):
+        content = read_datalist(datalist)
+    except DatalistError:
         return datalist, num_folds  # the check stage reports what is wrong with the file
-    if not isinstance(content, dict) or all("fold" in e for e in content.get("training", [])):
+    if all("fold" in e for e in content["training"]):
         return datalist, num_folds
     drawn = num_folds or default_num_folds()
     with_folds = ensure_folds(content, drawn, seed=0, dataroot=str(dataroot))

@@ -9,10 +9,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.metrics import case_metrics, class_case_metrics
 from autoseg2d.evaluation.report import cross_validation_table, json_safe
 from autoseg2d.pipeline.bundles import bundle_path, configuration_name, describe, generate_bundles, train_bundle
-from autoseg2d.pipeline.inference import case_name, foreground, load_inferer, read_labels, read_mask
+from autoseg2d.pipeline.inference import foreground, load_inferer, read_labels, read_mask
 from autoseg2d.reporting.case_report import lesion_class_names
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.pipeline.work_queue import run_queue

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
+from autoseg2d.datalist import read_datalist
 from autoseg2d.evaluation.evaluate import evaluate_folders
 from autoseg2d.pipeline.runner import run_pipeline
 from autoseg2d.synthetic import write_dataset
@@ -39,7 +39,7 @@ def run_demo(work_dir: str = "demo_work", profile: str = "demo", until: str = "p
     if until != "predict":
         return summary
     held_back = Path(summary["work_dir"]) / "reports" / "held_back"
-    names = json.loads(datalist.read_text()).get("class_names")
+    names = read_datalist(datalist).get("class_names")
     scores = evaluate_folders(summary["predictions"], str(data / "labelsTs"), output=str(held_back),
                               images=str(data / "imagesTs"), class_names=names)
     print("\nHeld-back cases scored against their generated labels:", flush=True)

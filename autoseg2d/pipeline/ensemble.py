@@ -18,12 +18,13 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
+from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.postprocess import (apply_multiclass_postprocessing, apply_postprocessing,
                                               choose_multiclass_postprocessing, choose_postprocessing,
                                               describe_effects)
 from autoseg2d.evaluation.report import json_safe
 from autoseg2d.pipeline.crossval import validation_cases
-from autoseg2d.pipeline.inference import case_name, load_inferer
+from autoseg2d.pipeline.inference import load_inferer
 from autoseg2d.atomic_files import atomic_path, write_text_atomic
 from autoseg2d.pipeline.workdir import WorkDir
 from autoseg2d.reporting.case_report import REPORT_CSV, REPORT_JSON, CaseReport, lesion_class_names

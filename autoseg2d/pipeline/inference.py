@@ -20,14 +20,6 @@ def load_inferer(bundle: Path):
     return module.InferClass(str(bundle / "configs" / "hyper_parameters.yaml"))
 
 
-def case_name(path: str | Path) -> str:
-    name = Path(path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def foreground(probabilities: np.ndarray) -> np.ndarray:
     """Any label class (argmax > 0) as a {0,1} mask, the way the challenge merges hemorrhage subtypes."""
     return (np.asarray(probabilities).argmax(0) > 0).astype(np.uint8)

@@ -68,11 +68,10 @@ def from_ras(channels: np.ndarray, affine: np.ndarray) -> np.ndarray:
 
 
 def case_name(path: str | Path) -> str:
+    """A NIfTI file's name without .nii.gz or .nii (the driver's autoseg2d.datalist.case_name does the same)."""
     name = Path(path).name
-    for suffix in (".nii.gz", ".nii", ".gz"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+    suffix = next((s for s in (".nii.gz", ".nii") if name.endswith(s)), "")
+    return name[: len(name) - len(suffix)]
 
 
 def read_image(path: str | Path, case: str) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
