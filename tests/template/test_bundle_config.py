@@ -90,3 +90,18 @@ def test_a_typo_of_a_monai_name_suggests_it():
 def test_an_alias_and_our_name_that_disagree_are_refused():
     with pytest.raises(ConfigError, match="'num_images_per_batch' .* and 'batch_size' .* give only one"):
         load_config(CONFIG, batch_size=4, num_images_per_batch=2)
+
+
+def test_nested_keys_are_read_and_set_by_one_walker():
+    from bundle_config import get_nested, set_nested
+
+    tree = {"network": {"init_filters": 32, "norm": "batch"}, "amp": True}
+    assert get_nested(tree, "network#init_filters", "t.yaml") == 32
+    set_nested(tree, "network#init_filters", 8, "t.yaml")
+    set_nested(tree, "amp", False, "t.yaml")
+    assert tree == {"network": {"init_filters": 8, "norm": "batch"}, "amp": False}
+    with pytest.raises(ConfigError, match=r"'network#init_filter' \(in t.yaml\); did you mean 'network#init_filters'"
+                                          r".* Valid keys under network: init_filters, norm"):
+        get_nested(tree, "network#init_filter", "t.yaml")
+    with pytest.raises(ConfigError, match="'netwrk#norm' .*did you mean 'network'"):
+        set_nested(tree, "netwrk#norm", "instance", "t.yaml")

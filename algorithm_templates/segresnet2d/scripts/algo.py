@@ -14,7 +14,8 @@ import yaml
 from monai.apps.auto3dseg import BundleAlgo
 from monai.bundle import ConfigParser
 
-from .bundle_config import ConfigError, coerce_value, suggest_key, translate_monai_keys
+from .bundle_config import (KEY_SEPARATOR, ConfigError, coerce_value, get_nested, set_nested, suggest_key,
+                            translate_monai_keys)
 from .planning import derive_settings, derive_anisotropy
 
 logger = logging.getLogger(__name__)
@@ -28,32 +29,13 @@ def _read_yaml(path: str | os.PathLike) -> Any:
     return ConfigParser.load_config_file(str(path))
 
 
-def _set_nested(config: dict, key: str, value: Any) -> None:
-    node = config
-    *parents, leaf = key.split("#")
-    for part in parents:
-        node = node[part]
-    node[leaf] = value
-
-
-def _get_nested(config: dict, key: str, source: str) -> Any:
-    node: Any = config
-    for part in key.split("#"):
-        if not isinstance(node, dict) or part not in node:
-            hint = suggest_key(part, node if isinstance(node, dict) else [])
-            raise ConfigError(f"{source}: '{key}' is not a segresnet2d config key"
-                              + (f"; did you mean '{hint}'?" if hint else "") + f" Valid keys: {', '.join(config)}")
-        node = node[part]
-    return node
-
-
 def apply_settings(config: dict, settings: dict, source: str) -> None:
     """Apply {key or 'a#b': value} with the same type checks as command-line overrides."""
     for key, value in settings.items():
         if isinstance(value, dict) and isinstance(config.get(key), dict):
             apply_settings(config[key], value, f"{source} [{key}]")
             continue
-        _set_nested(config, key, coerce_value(key, value, _get_nested(config, key, source)))
+        set_nested(config, key, coerce_value(key, value, get_nested(config, key, source)), source)
 
 
 class Segresnet2dAlgo(BundleAlgo):
@@ -122,8 +104,8 @@ class Segresnet2dAlgo(BundleAlgo):
 
         extras = translate_monai_keys({k: v for k, v in data_source.items() if k not in DATA_SOURCE_KEYS},
                                       str(self.data_list_file))
-        unknown = [k for k in extras if k.split("#")[0] not in config]
-        typos = {k: suggest_key(k.split("#")[0], config) for k in unknown}
+        unknown = [k for k in extras if k.split(KEY_SEPARATOR)[0] not in config]
+        typos = {k: suggest_key(k.split(KEY_SEPARATOR)[0], config) for k in unknown}
         typos = {k: hint for k, hint in typos.items() if hint}
         if typos:
             raise ConfigError(f"data-source YAML {self.data_list_file}: " + "; ".join(

@@ -17,6 +17,7 @@ import yaml
 from monai.bundle import ConfigParser
 
 # Keys that MONAI's ensemble passes to InferClass but that belong to the ensemble, not the bundle.
+KEY_SEPARATOR = "#"  # MONAI's separator of nested config keys: network#init_filters
 ENSEMBLE_ONLY_KEYS = ("image_save_func", "rank", "mode", "sigmoid", "algo_spec_params", "infer_files", "files_slices")
 
 
@@ -54,9 +55,9 @@ def translate_monai_keys(params: dict, source: str) -> dict:
         if ours in translated and translated[ours] != value:
             raise ConfigError(f"{source}: '{key}' ({value!r}) and '{ours}' ({translated[ours]!r}) set the same "
                               f"segresnet2d setting {ours}; give only one of them")
-        if key.split("#")[0] not in OTHER_ALGORITHM_KEYS:
+        if key.split(KEY_SEPARATOR)[0] not in OTHER_ALGORITHM_KEYS:
             translated[ours] = value
-    ignored = [k for k in params if k.split("#")[0] in OTHER_ALGORITHM_KEYS and k not in _warned]
+    ignored = [k for k in params if k.split(KEY_SEPARATOR)[0] in OTHER_ALGORITHM_KEYS and k not in _warned]
     if ignored:
         _warned.update(ignored)
         logger.warning(f"segresnet2d ignores {', '.join(ignored)} from {source}: only other Auto3DSeg algorithms "
@@ -101,22 +102,33 @@ def load_config(config_file: str | Sequence[str], **overrides: Any) -> dict:
     parser.read_config(files)
     raw = parser.get()
     for key, value in overrides.items():
-        current = _lookup(raw, key, files)
+        current = get_nested(raw, key, ", ".join(files))
         parser[key] = coerce_value(key, value, current)
     return parser.get_parsed_content()
 
 
-def _lookup(raw: dict, key: str, files: list[str]) -> Any:
-    node: Any = raw
-    parts = key.split("#")
+def get_nested(tree: dict, key: str, source: str) -> Any:
+    """The value of a MONAI nested key ('network#init_filters'); a part that does not exist raises, naming
+    the valid keys at that level and the closest one."""
+    return _walk(tree, key, key.split(KEY_SEPARATOR), source)
+
+
+def set_nested(tree: dict, key: str, value: Any, source: str) -> None:
+    """Set a MONAI nested key ('network#init_filters') in place; its parents must exist."""
+    *parents, leaf = key.split(KEY_SEPARATOR)
+    _walk(tree, key, parents, source)[leaf] = value
+
+
+def _walk(tree: dict, key: str, parts: list[str], source: str) -> Any:
+    node: Any = tree
     for depth, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
             known = sorted(node) if isinstance(node, dict) else []
-            prefix = "#".join(parts[:depth])
+            prefix = KEY_SEPARATOR.join(parts[:depth])
             hint = suggest_key(part, known if depth else [*known, *MONAI_ALIASES])
             raise ConfigError(
-                f"unknown config key '{key}' (in {', '.join(files)})"
-                + (f"; did you mean '{(prefix + '#') if prefix else ''}{hint}'?" if hint else "")
+                f"unknown config key '{key}' (in {source})"
+                + (f"; did you mean '{(prefix + KEY_SEPARATOR) if prefix else ''}{hint}'?" if hint else "")
                 + f" Valid keys{' under ' + prefix if prefix else ''}: {', '.join(known)}"
             )
         node = node[part]
