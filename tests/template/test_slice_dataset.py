@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from inputs import channel_plan
+from inputs import channel_plan, make_channels
 from monai.data import DataLoader
 from slice_dataset import (SliceDataset, SliceSampler, affine_margin, affine_transform, crop_start,
                            foreground_pixels)
@@ -278,3 +278,16 @@ def test_the_learning_rate_warms_up_linearly_then_falls_to_zero_on_a_cosine():
     assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert rates[4:] == sorted(rates[4:], reverse=True) and rates[-1] < 0.1
     assert scheduler.get_last_lr()[0] == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("variant, num_adjacent_slices", [("slices", 3), ("windows", 3), ("both", 3), ("slices", 5)])
+@pytest.mark.parametrize("z", [0, 1, 3, 5])
+def test_training_builds_the_channels_inference_builds(variant, num_adjacent_slices, z):
+    """Same volume, slice and plan: the un-augmented training sample holds exactly inference's input,
+    edge slices included (slice 0 and the last repeat themselves for the missing neighbours)."""
+    rng = np.random.default_rng(z)
+    image = rng.integers(-1024, 2000, (32, 40, 6)).astype(np.int16)
+    ct = Volume("p", image, np.zeros(image.shape, np.uint8), np.eye(4))
+    plan = channel_plan(variant, len(THREE_WINDOWS), num_adjacent_slices)
+    sample = dataset([ct], plan, THREE_WINDOWS, no_augmentation(roi_size=[32, 40]))[(0, z, 0)]
+    np.testing.assert_array_equal(sample["image"].numpy(), make_channels(image, z, plan, THREE_WINDOWS))

@@ -65,8 +65,27 @@ def apply_window(values: np.ndarray, window: WindowHU) -> np.ndarray:
     return np.clip((values.astype(np.float32) - low) / (high - low), 0.0, 1.0)
 
 
+def source_offsets(plan: list[tuple[int, int]]) -> list[int]:
+    """The distinct slice offsets a plan reads, in order: the source slices of one input."""
+    return sorted({offset for _, offset in plan})
+
+
+def source_slices(z: int, offsets: list[int], num_slices: int) -> list[int]:
+    """Axial indices at the offsets around slice z; beyond the first or last slice the edge slice repeats."""
+    return [min(max(z + offset, 0), num_slices - 1) for offset in offsets]
+
+
+def stack_channels(sources: np.ndarray, plan: list[tuple[int, int]], windows: list[WindowHU]) -> np.ndarray:
+    """(S, H, W) source slices, one per `source_offsets(plan)`, -> (C, H, W) float32 input channels.
+
+    Channel i is window w_i of the source slice at offset o_i. Training (after augmenting the raw
+    source slices) and inference both build their inputs here, so the two cannot drift apart.
+    """
+    offsets = source_offsets(plan)
+    return np.stack([apply_window(sources[offsets.index(offset)], windows[w]) for w, offset in plan], axis=0)
+
+
 def make_channels(volume: np.ndarray, z: int, plan: list[tuple[int, int]], windows: list[WindowHU]) -> np.ndarray:
     """(H, W, D) volume -> (C, H, W) float32 input for axial slice z."""
-    last = volume.shape[-1] - 1
-    channels = [apply_window(volume[..., min(max(z + offset, 0), last)], windows[w]) for w, offset in plan]
-    return np.stack(channels, axis=0)
+    indices = source_slices(z, source_offsets(plan), volume.shape[-1])
+    return stack_channels(np.moveaxis(volume[..., indices], -1, 0), plan, windows)

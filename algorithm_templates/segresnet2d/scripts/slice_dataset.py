@@ -19,7 +19,7 @@ import torch
 from monai import transforms as mt
 from torch.utils.data import Dataset, Sampler
 
-from inputs import WindowHU, apply_window
+from inputs import WindowHU, source_offsets, source_slices, stack_channels
 from volumes import Volume
 
 AIR_HU = -1024.0  # what CT padding (outside the scan) should look like
@@ -148,17 +148,16 @@ def crop_slices(stack: np.ndarray, label: np.ndarray, z_indices: list[int], z: i
 
 
 class WindowChannelsd(mt.MapTransform):
-    """Source slices -> input channels: channel i = window w_i of source slice s_i."""
+    """(S, h, w) source slices -> input channels, by the function inference uses (inputs.stack_channels)."""
 
-    def __init__(self, key: str, sources: list[int], windows: list[WindowHU]):
+    def __init__(self, key: str, plan: list[tuple[int, int]], windows: list[WindowHU]):
         super().__init__([key])
-        self.sources, self.windows = sources, windows
+        self.plan, self.windows = plan, windows
 
     def __call__(self, data: dict) -> dict:
         out = dict(data)
         for key in self.key_iterator(out):
-            values = torch.as_tensor(out[key]).numpy()
-            out[key] = np.stack([apply_window(values[s], w) for s, w in zip(self.sources, self.windows)])
+            out[key] = stack_channels(torch.as_tensor(out[key]).numpy(), self.plan, self.windows)
         return out
 
 
@@ -257,15 +256,14 @@ class SliceDataset(Dataset):
         self.margin = tuple(
             affine_margin(r, config["augment_rotate_deg"], config["augment_scale_range"]) if self.affine_prob > 0
             else 0 for r in self.roi)
-        self.offsets = sorted({offset for _, offset in plan})
+        self.offsets = source_offsets(plan)
         # Source slices are shifted so that 0 is the background: air for CT, each volume's minimum for
         # z-scored input. Crops reaching past the slice and the affine transform's padding are then 0.
         ct = all(w is not None for w in windows)
         self.backgrounds = [AIR_HU if ct else float(np.min(v.image)) for v in volumes]
         self.affine = affine_transform(config)
         self.flips = flip_transforms(config)
-        self.channels = WindowChannelsd("image", [self.offsets.index(offset) for _, offset in plan],
-                                        [windows[w] for w, _ in plan])
+        self.channels = WindowChannelsd("image", plan, windows)
         self.intensity = intensity_transforms(config)
         for transform in self.randomized():
             transform.set_random_state(seed=0)  # one generator per nested transform, reseeded per sample
@@ -289,7 +287,7 @@ class SliceDataset(Dataset):
         box = [crop_start(c, n, r) for c, n, r in zip((cy, cx), stack.shape[1:], self.roi)]
         rotate = rng.random() < self.affine_prob
         margin = self.margin if rotate else (0, 0)
-        z_indices = [min(max(z + offset, 0), stack.shape[0] - 1) for offset in self.offsets]
+        z_indices = source_slices(z, self.offsets, stack.shape[0])
         background = self.backgrounds[v]
         image, mask = crop_slices(stack, np.moveaxis(volume.label, -1, 0), z_indices, z,
                                   (box[0] - margin[0], box[1] - margin[1]),
