@@ -40,7 +40,7 @@ from cache import cached_volume  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
 from network import build_loss, build_network, shape_divisor  # noqa: E402
 from predictor import SlicePredictor, cpu_bf16_units, cpu_has_native_bf16  # noqa: E402
-from slice_dataset import SliceDataset, SliceSampler, foreground_pixels  # noqa: E402
+from slice_dataset import Augmentation, SliceDataset, SliceSampler, foreground_pixels  # noqa: E402
 
 ROI_PX = 384
 # The CPU profile is the small network the tests train; the paper profile is the default config.
@@ -122,7 +122,8 @@ def bench_loader(args, device: torch.device, work: Path) -> dict:
         volumes = generated_volumes(work / f"loader_{mmap}", 4, 32, mmap=mmap)
         foreground = [foreground_pixels(v) for v in volumes]
         sampler = SliceSampler(foreground, [v.num_slices for v in volumes], 10.0, seed=0)  # every slice
-        dataset = SliceDataset(volumes, foreground, plan, windows, config)
+        dataset = SliceDataset(volumes, foreground, plan, windows, config["roi_size"], config["foreground_crop_ratio"],
+                               Augmentation.from_config(config))
         items = list(sampler)
         key = "mmap" if mmap else "memory"
         sample_s = timed(lambda: [dataset[item] for item in items[:32]], 3) / 32
@@ -154,9 +155,9 @@ def paper_predictor(device: torch.device, batch_size: int, **options) -> SlicePr
 
 def inference_modes(device: torch.device) -> dict:
     if device.type == "cuda":
-        return {"fp32": {"amp": False}, "amp_fp16": {"amp": True}}
-    modes = {"fp32": {"cpu_bf16": False}}
-    modes["bf16" if cpu_has_native_bf16() else "bf16_emulated"] = {"cpu_bf16": True}
+        return {"fp32": {"amp": False, "cpu_bf16": False}, "amp_fp16": {"amp": True, "cpu_bf16": False}}
+    modes = {"fp32": {"amp": False, "cpu_bf16": False}}  # amp is CUDA's float16; CPUs reduce precision by bf16
+    modes["bf16" if cpu_has_native_bf16() else "bf16_emulated"] = {"amp": False, "cpu_bf16": True}
     return modes
 
 
@@ -202,7 +203,7 @@ def bench_dice(args, device: torch.device, work: Path) -> dict:
               "train_s": round(time.perf_counter() - started, 1)}
     for mode, options in inference_modes(device).items():
         predictor = SlicePredictor(trainer.model, trainer.plan, trainer.windows, shape_divisor(trainer.config),
-                                   args.infer_batch, device, **options)
+                                   args.infer_batch, device, tta=False, **options)
         if mode == "bf16_emulated":
             predictor.dtype = torch.bfloat16
         result[f"dice_{mode}"] = [round(volume_dice(predictor.predict_slices_last(v), v.label), 5)

@@ -14,6 +14,8 @@ from tests.conftest import FAST_TRAINING
 
 WINDOWS = [(0.0, 100.0)]
 PLAN = channel_plan("slices", 1, 3)
+FP32 = {"amp": False, "cpu_bf16": False}  # float32 on any machine: results comparable to atol 1e-5
+FP32_NO_TTA = {**FP32, "tta": False}
 
 
 def volume(size=40, depth=5) -> Volume:
@@ -48,10 +50,10 @@ def test_precision_follows_the_hardware(monkeypatch, device, amp, cpu_bf16, nati
 def test_batching_and_channels_last_do_not_change_the_result():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1))
-    reference = SlicePredictor(model, PLAN, WINDOWS, 8, 1, torch.device("cpu"), cpu_bf16=False)
+    reference = SlicePredictor(model, PLAN, WINDOWS, 8, 1, torch.device("cpu"), **FP32_NO_TTA)
     one = reference.predict_slices_last(volume())
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last)
-    batched = SlicePredictor(model, PLAN, WINDOWS, 8, 4, torch.device("cpu"), cpu_bf16=False)
+    batched = SlicePredictor(model, PLAN, WINDOWS, 8, 4, torch.device("cpu"), **FP32_NO_TTA)
     np.testing.assert_allclose(batched.predict_slices_last(volume()), one, atol=1e-5)
     assert one.shape == (2, 40, 40, 5)  # padded to 40 -> 40 (divisor 8), cropped back
 
@@ -59,8 +61,8 @@ def test_batching_and_channels_last_do_not_change_the_result():
 def test_flip_tta_averages_the_mirrored_predictions():
     torch.manual_seed(0)
     model = Ramp()
-    plain = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), cpu_bf16=False)
-    tta = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), cpu_bf16=False, tta=True)
+    plain = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), **FP32_NO_TTA)
+    tta = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), **FP32, tta=True)
     v = volume()
     mirrored = Volume("m", v.image[::-1, ::-1].copy(), None, np.eye(4))
     expected = (plain.predict_slices_last(v) + plain.predict_slices_last(mirrored)[:, ::-1, ::-1]) / 2
@@ -85,7 +87,7 @@ def test_bf16_dice_is_within_a_thousandth_of_fp32(bundle):
     trainer = Trainer(load_config(str(bundle / "configs" / "hyper_parameters.yaml"), **settings))
     trainer.fit()
     predictor = SlicePredictor(trainer.model, trainer.plan, trainer.windows, 8, 16, torch.device("cpu"),
-                               cpu_bf16=False)
+                               **FP32_NO_TTA)
     fp32 = [volume_dice(predictor.predict_slices_last(v), v.label) for v in trainer.val_volumes]
     predictor.dtype = torch.bfloat16
     assert predictor.precision == "bfloat16"
@@ -119,7 +121,7 @@ def head_volume(size=64, depth=6) -> Volume:
 def test_head_boxes_lie_on_the_divisor_grid_and_cover_the_head_plus_margin():
     torch.manual_seed(0)
     crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=4)
-    predictor = SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 16, torch.device("cpu"), cpu_bf16=False,
+    predictor = SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 16, torch.device("cpu"), **FP32_NO_TTA,
                                crop=crop)
     (batch,) = predictor.batches(head_volume())
     assert sorted(batch.slices) == [1, 2, 3, 4]  # air-only slices 0 and 5 are not batched
@@ -130,11 +132,11 @@ def test_head_boxes_lie_on_the_divisor_grid_and_cover_the_head_plus_margin():
 def test_crop_skips_air_slices_and_keeps_the_prediction_inside_the_box():
     torch.manual_seed(0)
     model = CountingPointwise()
-    full = SlicePredictor(model, PLAN, WINDOWS, 8, 16, torch.device("cpu"), cpu_bf16=False)
+    full = SlicePredictor(model, PLAN, WINDOWS, 8, 16, torch.device("cpu"), **FP32_NO_TTA)
     expected = full.predict_slices_last(head_volume())
     model.slices_seen = 0
     crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=4)
-    cropped = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), cpu_bf16=False, crop=crop)
+    cropped = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), **FP32_NO_TTA, crop=crop)
     result = cropped.predict_slices_last(head_volume())
     assert model.slices_seen == 4
     np.testing.assert_allclose(result[:, 16:40, 0:56, 1:5], expected[:, 16:40, 0:56, 1:5], atol=1e-6)
@@ -144,7 +146,7 @@ def test_crop_skips_air_slices_and_keeps_the_prediction_inside_the_box():
 def test_a_volume_without_head_tissue_is_all_background():
     model = CountingPointwise()
     crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=4)
-    predictor = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), cpu_bf16=False, crop=crop)
+    predictor = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), **FP32_NO_TTA, crop=crop)
     air = Volume("air", np.full((16, 16, 3), -1000, np.int16), None, np.eye(4))
     result = predictor.predict_slices_last(air)
     assert result.shape == (2, 16, 16, 3) and (result[0] == 1).all() and (result[1] == 0).all()
@@ -153,7 +155,7 @@ def test_a_volume_without_head_tissue_is_all_background():
 def test_models_predicted_together_sum_what_each_predicts_alone():
     torch.manual_seed(0)
     crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=4)
-    predictors = [SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 2, torch.device("cpu"), cpu_bf16=False,
+    predictors = [SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 2, torch.device("cpu"), **FP32_NO_TTA,
                                  crop=crop) for _ in range(3)]
     alone = [p.predict_slices_last(head_volume()) for p in predictors]
     total, masks = predictor_module.predict_together(predictors, head_volume(), keep_masks=True)
@@ -162,6 +164,12 @@ def test_models_predicted_together_sum_what_each_predicts_alone():
         np.testing.assert_array_equal(mask, probabilities.argmax(0))
     votes, _ = predictor_module.predict_together(predictors, head_volume(), vote=True)
     np.testing.assert_array_equal(votes[1], sum(p.argmax(0) for p in alone))
-    other = SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 4, torch.device("cpu"), crop=crop)
+    other = SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 4, torch.device("cpu"), **FP32_NO_TTA, crop=crop)
     with pytest.raises(ValueError, match=r"predictors \[1\] build other inputs"):
         predictor_module.predict_together([predictors[0], other], head_volume())
+
+
+def test_precision_and_tta_have_no_second_default():
+    """amp, cpu_bf16 and tta come from the config (amp, infer_cpu_bf16, infer_tta) through the caller."""
+    with pytest.raises(TypeError, match="amp', 'cpu_bf16', and 'tta'"):
+        SlicePredictor(Ramp(), PLAN, WINDOWS, 8, 2, torch.device("cpu"))

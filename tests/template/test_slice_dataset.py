@@ -6,8 +6,8 @@ import torch
 import yaml
 from inputs import channel_plan, make_channels
 from monai.data import DataLoader
-from slice_dataset import (SliceDataset, SliceSampler, affine_margin, affine_transform, crop_start,
-                           foreground_pixels)
+from slice_dataset import (Augmentation, SliceDataset, SliceSampler, affine_margin, affine_transform, crop_start,
+                           foreground_pixels, intensity_transforms)
 from volumes import Volume
 
 from tests.conftest import TEMPLATE
@@ -43,7 +43,8 @@ def sampler(volumes, ratio=0.25, seed=0, rank=0, world_size=1) -> SliceSampler:
 
 
 def dataset(volumes, plan, windows, cfg) -> SliceDataset:
-    return SliceDataset(volumes, [foreground_pixels(v) for v in volumes], plan, windows, cfg)
+    return SliceDataset(volumes, [foreground_pixels(v) for v in volumes], plan, windows, cfg["roi_size"],
+                        cfg["foreground_crop_ratio"], Augmentation.from_config(cfg))
 
 
 def test_foreground_pixels_lists_the_labelled_pixels_per_slice():
@@ -175,7 +176,7 @@ def test_the_context_window_is_centred_on_the_crop():
     plain = dataset([volume], channel_plan("slices", 1, 3), [(-100.0, 100.0)], cfg)
     framed = dataset([volume], channel_plan("slices", 1, 3), [(-100.0, 100.0)],
                      {**cfg, "augment_affine_prob": 1.0, "augment_rotate_deg": 30.0})
-    framed.affine = affine_transform({**cfg, "augment_rotate_deg": 0.0, "augment_scale_range": 0.0})
+    framed.affine = affine_transform(cfg["roi_size"], rotate_deg=0.0, scale_range=0.0)
     framed.affine.set_random_state(seed=0)
     assert framed.margin[0] > 0
     for seed in range(5):
@@ -291,3 +292,22 @@ def test_training_builds_the_channels_inference_builds(variant, num_adjacent_sli
     plan = channel_plan(variant, len(THREE_WINDOWS), num_adjacent_slices)
     sample = dataset([ct], plan, THREE_WINDOWS, no_augmentation(roi_size=[32, 40]))[(0, z, 0)]
     np.testing.assert_array_equal(sample["image"].numpy(), make_channels(image, z, plan, THREE_WINDOWS))
+
+
+def test_intensity_augmentation_reads_its_strengths_from_the_config():
+    augmentation = Augmentation.from_config(config(augment_noise_max_std=0.3, augment_intensity_scale=0.25,
+                                                   augment_intensity_shift=0.2, augment_shuffle_holes=7))
+    noise, scale, shift, shuffle, _ = intensity_transforms(augmentation, (64, 48)).transforms
+    assert noise.max_std == 0.3
+    assert tuple(scale.scaler.factors) == (-0.25, 0.25) and tuple(shift.shifter.offsets) == (-0.2, 0.2)
+    assert (shuffle.shuffle.holes, shuffle.shuffle.spatial_size) == (7, 3)  # 48 px // 16
+
+
+def test_augmentation_defaults_live_in_the_yaml_and_a_missing_key_is_named():
+    defaults = Augmentation.from_config(config())
+    assert (defaults.noise_max_std, defaults.intensity_scale, defaults.intensity_shift, defaults.shuffle_holes) \
+        == (0.05, 0.1, 0.1, 4)
+    incomplete = config()
+    del incomplete["augment_shuffle_holes"]
+    with pytest.raises(KeyError, match="config has no augment_shuffle_holes; restore"):
+        Augmentation.from_config(incomplete)

@@ -97,12 +97,13 @@ class SlicePredictor:
     """Runs a 2D network over every axial slice of a volume, in batches of slices.
 
     The model is switched to channels_last in place (the trainer's model too, which trains
-    faster that way); weights and checkpoints are unaffected.
+    faster that way); weights and checkpoints are unaffected. amp, cpu_bf16 and tta have no
+    defaults here: callers pass the config's amp, infer_cpu_bf16 and infer_tta.
     """
 
     def __init__(self, model: torch.nn.Module, plan: list, windows: list[WindowHU], divisor: int,
-                 batch_size: int, device: torch.device, amp: bool = True, cpu_bf16: bool = True,
-                 tta: bool = False, crop: HeadCrop | None = None, network: Callable | None = None):
+                 batch_size: int, device: torch.device, amp: bool, cpu_bf16: bool, tta: bool,
+                 crop: HeadCrop | None = None, network: Callable | None = None):
         self.model = model.to(memory_format=torch.channels_last)
         self.network = network  # another engine's compiled copy of the model (runtime.py), or None: the model
         self.plan, self.windows, self.divisor = plan, windows, divisor

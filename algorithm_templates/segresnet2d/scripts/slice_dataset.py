@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -183,36 +184,60 @@ class RandNoised(mt.RandomizableTransform, mt.MapTransform):
         return out
 
 
-def affine_transform(config: dict) -> mt.RandAffined:
+@dataclass(frozen=True)
+class Augmentation:
+    """The augment_* keys of configs/hyper_parameters.yaml (units and meaning there), read once."""
+
+    flip_prob: float
+    affine_prob: float
+    rotate_deg: float
+    scale_range: float
+    noise_prob: float
+    noise_max_std: float
+    intensity_prob: float
+    intensity_scale: float
+    intensity_shift: float
+    shuffle_prob: float
+    shuffle_holes: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> Augmentation:
+        keys = {f.name: f"augment_{f.name}" for f in fields(cls)}
+        missing = [key for key in keys.values() if key not in config]
+        if missing:
+            raise KeyError(f"config has no {', '.join(missing)}; restore the key(s) from the template's "
+                           "configs/hyper_parameters.yaml")
+        return cls(**{name: config[key] for name, key in keys.items()})
+
+
+def affine_transform(roi_size: tuple[int, int], rotate_deg: float, scale_range: float) -> mt.RandAffined:
     """Rotation + scaling of a context window into a roi-sized crop around its centre (always applied:
     SliceDataset draws whether a sample gets it, so the others skip the resampling)."""
     return mt.RandAffined(
         ["image", "label"],
         prob=1.0,
-        spatial_size=[int(r) for r in config["roi_size"]],
-        rotate_range=math.radians(config["augment_rotate_deg"]),
-        scale_range=(config["augment_scale_range"],) * 2,  # drawn per axis: zoom and a mild aspect change
+        spatial_size=list(roi_size),
+        rotate_range=math.radians(rotate_deg),
+        scale_range=(scale_range,) * 2,  # drawn per axis: zoom and a mild aspect change
         mode=("bilinear", "nearest"),
         padding_mode="zeros",  # zero = the background after the shift (air for CT); rarely reached
     )
 
 
-def flip_transforms(config: dict) -> mt.Compose:
+def flip_transforms(prob: float) -> mt.Compose:
     keys = ["image", "label"]
-    flip = config["augment_flip_prob"]
-    return mt.Compose([mt.RandFlipd(keys, prob=flip, spatial_axis=0), mt.RandFlipd(keys, prob=flip, spatial_axis=1)])
+    return mt.Compose([mt.RandFlipd(keys, prob=prob, spatial_axis=0), mt.RandFlipd(keys, prob=prob, spatial_axis=1)])
 
 
-def intensity_transforms(config: dict) -> mt.Compose:
+def intensity_transforms(augmentation: Augmentation, roi_size: tuple[int, int]) -> mt.Compose:
     """Noise, intensity scale and shift, and coarse patch shuffle, on the windowed [0, 1] channels."""
-    intensity = config["augment_intensity_prob"]
-    roi = [int(r) for r in config["roi_size"]]
+    a = augmentation
     return mt.Compose([
-        RandNoised("image", prob=config["augment_noise_prob"], max_std=0.05),
-        mt.RandScaleIntensityd("image", factors=0.1, prob=intensity),
-        mt.RandShiftIntensityd("image", offsets=0.1, prob=intensity),
+        RandNoised("image", prob=a.noise_prob, max_std=a.noise_max_std),
+        mt.RandScaleIntensityd("image", factors=a.intensity_scale, prob=a.intensity_prob),
+        mt.RandShiftIntensityd("image", offsets=a.intensity_shift, prob=a.intensity_prob),
         mt.RandCoarseShuffled(
-            "image", holes=4, spatial_size=max(min(roi) // 16, 2), prob=config["augment_shuffle_prob"]),
+            "image", holes=int(a.shuffle_holes), spatial_size=max(min(roi_size) // 16, 2), prob=a.shuffle_prob),
         mt.EnsureTyped(["image", "label"], track_meta=False, dtype=torch.float32),
     ])
 
@@ -248,23 +273,24 @@ class SliceDataset(Dataset):
     """
 
     def __init__(self, volumes: list[Volume], foreground: list[dict], plan: list[tuple[int, int]],
-                 windows: list[WindowHU], config: dict):
+                 windows: list[WindowHU], roi_size: list[int], foreground_crop_ratio: float,
+                 augmentation: Augmentation):
         self.volumes, self.foreground = volumes, foreground
-        self.roi = tuple(int(r) for r in config["roi_size"])
-        self.foreground_ratio = float(config["foreground_crop_ratio"])
-        self.affine_prob = float(config["augment_affine_prob"])
+        self.roi = tuple(int(r) for r in roi_size)
+        self.foreground_ratio = float(foreground_crop_ratio)
+        self.affine_prob = float(augmentation.affine_prob)
         self.margin = tuple(
-            affine_margin(r, config["augment_rotate_deg"], config["augment_scale_range"]) if self.affine_prob > 0
+            affine_margin(r, augmentation.rotate_deg, augmentation.scale_range) if self.affine_prob > 0
             else 0 for r in self.roi)
         self.offsets = source_offsets(plan)
         # Source slices are shifted so that 0 is the background: air for CT, each volume's minimum for
         # z-scored input. Crops reaching past the slice and the affine transform's padding are then 0.
         ct = all(w is not None for w in windows)
         self.backgrounds = [AIR_HU if ct else float(np.min(v.image)) for v in volumes]
-        self.affine = affine_transform(config)
-        self.flips = flip_transforms(config)
+        self.affine = affine_transform(self.roi, augmentation.rotate_deg, augmentation.scale_range)
+        self.flips = flip_transforms(augmentation.flip_prob)
         self.channels = WindowChannelsd("image", plan, windows)
-        self.intensity = intensity_transforms(config)
+        self.intensity = intensity_transforms(augmentation, self.roi)
         for transform in self.randomized():
             transform.set_random_state(seed=0)  # one generator per nested transform, reseeded per sample
 

@@ -25,7 +25,7 @@ from inputs import channel_plan, windows_for
 from network import build_loss, build_network, count_parameters, shape_divisor
 from predictor import SlicePredictor
 from schedule import training_budget, warmup_cosine
-from slice_dataset import SliceDataset, SliceSampler, foreground_pixels, resolve_num_workers
+from slice_dataset import Augmentation, SliceDataset, SliceSampler, foreground_pixels, resolve_num_workers
 from gpu_memory import explain_out_of_memory
 from volumes import Volume, VolumeError, check_training_case
 
@@ -124,7 +124,8 @@ class Trainer:
         self.num_epochs = self.budget.num_epochs
         self.scheduler = warmup_cosine(self.optimizer, self.budget.total_steps, self.budget.warmup_steps)
         self.predictor = SlicePredictor(self.model, self.plan, self.windows, shape_divisor(config),
-                                        config["infer_batch_size"], self.device, self.amp, config["infer_cpu_bf16"])
+                                        config["infer_batch_size"], self.device, self.amp, config["infer_cpu_bf16"],
+                                        tta=False)
         self.train_model = wrap_for_training(self.model, self.run)  # after the predictor made it channels_last
 
     def _training_loader(self) -> tuple[SliceSampler, DataLoader]:
@@ -133,7 +134,8 @@ class Trainer:
         sampler = SliceSampler(foreground, [v.num_slices for v in self.train_volumes],
                                self.config["background_slice_ratio"], self.config["seed"],
                                self.run.rank, self.run.world_size)
-        dataset = SliceDataset(self.train_volumes, foreground, self.plan, self.windows, self.config)
+        dataset = SliceDataset(self.train_volumes, foreground, self.plan, self.windows, self.config["roi_size"],
+                               self.config["foreground_crop_ratio"], Augmentation.from_config(self.config))
         workers = resolve_num_workers(self.config["num_workers"])
         loader = DataLoader(dataset, batch_size=self.config["batch_size"], sampler=sampler, num_workers=workers,
                             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
