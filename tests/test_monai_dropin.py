@@ -19,12 +19,12 @@ from monai.apps.auto3dseg import AutoRunner, BundleGen, DataAnalyzer, OptunaGen
 from monai.utils.enums import AlgoKeys
 
 from autoseg2d.synthetic import write_dataset
-from tests.conftest import TEMPLATES
+from tests.conftest import TEMPLATES, TINY_NETWORK
 
 # The keys of MONAI's tutorials; the tiny network keeps each fold to seconds.
 MONAI_TRAINING_PARAMS = {"num_epochs": 2, "num_epochs_per_validation": 1, "num_images_per_batch": 2,
                          "num_warmup_epochs": 1}
-TINY_NETWORK = {"num_workers": 0, "network#init_filters": 8, "network#blocks_down": [1, 1, 1], "network#dsdepth": 2}
+TINY_TRAINING = {"num_workers": 0, **TINY_NETWORK}
 
 
 def small_dataset(root: Path) -> Path:
@@ -37,7 +37,7 @@ def test_autorunner_with_monai_training_keys(tmp_path):
                         input={"modality": "CT", "datalist": str(datalist), "dataroot": str(datalist.parent)})
     runner.set_analyze_params({"device": "cpu", "worker": 0, "do_ccp": False})
     runner.set_device_info(cmd_prefix=sys.executable)
-    runner.set_training_params({**MONAI_TRAINING_PARAMS, **TINY_NETWORK, "num_crops_per_image": 2})
+    runner.set_training_params({**MONAI_TRAINING_PARAMS, **TINY_TRAINING, "num_crops_per_image": 2})
     runner.set_num_fold(2)
     runner.run()
 
@@ -72,7 +72,7 @@ def test_optunagen_trials_train_in_their_own_bundles(tmp_path):
                  worker=0).get_all_case_stats()
     data_src = tmp_path / "data_src.yaml"
     data_src.write_text(yaml.safe_dump({"modality": "CT", "datalist": str(datalist), "dataroot": str(datalist.parent),
-                                        **TINY_NETWORK}))
+                                        **TINY_TRAINING}))
     work = tmp_path / "work"
     gen = BundleGen(algo_path=str(work), algos=["segresnet2d"], templates_path_or_url=str(TEMPLATES),
                     data_stats_filename=str(stats), data_src_cfg_name=str(data_src))

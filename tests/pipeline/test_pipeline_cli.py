@@ -15,7 +15,7 @@ import yaml
 
 from autoseg2d.evaluation.metrics import dice_score
 from autoseg2d.synthetic import write_dataset
-from tests.conftest import REPO
+from tests.conftest import DEMO_TRAINING, REPO, TINY_NETWORK
 
 TINY_PROFILE = {
     "sweep_trials": 2,
@@ -24,8 +24,7 @@ TINY_PROFILE = {
     "cv_runs": 1,
     "ensemble_size": 2,
     "ensemble_mode": "mean",
-    "train_overrides": {"num_epochs": 15, "num_epochs_per_validation": 5, "batch_size": 8, "num_workers": 0,
-                        "network#init_filters": 8, "network#blocks_down": [1, 1, 1], "network#dsdepth": 2},
+    "train_overrides": {**DEMO_TRAINING, "num_epochs": 15, "num_epochs_per_validation": 5, **TINY_NETWORK},
     "search_space": {"input_variant": {"choices": ["slices", "windows"]},
                      "learning_rate": {"low": 0.002, "high": 0.004, "log": True}},
 }

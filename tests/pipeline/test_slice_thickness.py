@@ -9,12 +9,12 @@ from autoseg2d.pipeline.analyze import analyze, settings_for_slice_thickness
 from autoseg2d.pipeline.runner import run_pipeline
 from autoseg2d.pipeline.workdir import WorkDir
 from autoseg2d.synthetic import write_dataset
+from tests.conftest import TINY_NETWORK
 
 ONE_TRIAL = {
     "sweep_trials": 1, "sweep_folds": [0], "cv_top_variants": 1, "cv_runs": 1, "ensemble_size": 1,
     "ensemble_mode": "mean",
-    "train_overrides": {"num_epochs": 1, "batch_size": 4, "num_workers": 0, "network#init_filters": 8,
-                        "network#blocks_down": [1, 1, 1], "network#dsdepth": 2},
+    "train_overrides": {"num_epochs": 1, "batch_size": 4, "num_workers": 0, **TINY_NETWORK},
     "search_space": {"input_variant": {"choices": ["slices"]}},
 }
 
