@@ -1,7 +1,7 @@
 import nibabel as nib
 import numpy as np
 import pytest
-from volumes import VolumeError, check_label_classes, from_ras, load_volume, slice_axis_from_affine
+from volumes import VolumeError, check_label_classes, from_ras, load_volume
 
 from autoseg2d.synthetic import make_head_ct
 
@@ -20,11 +20,6 @@ def non_canonical_affine() -> np.ndarray:
     return affine
 
 
-def test_slice_axis_follows_the_affine():
-    assert slice_axis_from_affine(np.diag([0.45, 0.45, 5, 1])) == 2
-    assert slice_axis_from_affine(non_canonical_affine()) == 0
-
-
 def test_orientation_round_trip(tmp_path):
     case = make_head_ct(size=32, num_slices=6)  # written LPS-like: x runs right-to-left
     image = np.moveaxis(case.image_hu, 2, 0)[::-1]  # store slices first, head to foot, as the affine says
@@ -33,7 +28,6 @@ def test_orientation_round_trip(tmp_path):
     nib.save(nib.Nifti1Image(label, non_canonical_affine()), tmp_path / "lab.nii.gz")
 
     volume = load_volume(tmp_path / "img.nii.gz", tmp_path / "lab.nii.gz")
-    assert volume.slice_axis == 0
     # RAS order: array axis 1 (+R) first, axis 2 (+P) flipped to +A, axis 0 (head to foot) flipped and last
     np.testing.assert_array_equal(volume.label, case.label[:, ::-1, :])
     np.testing.assert_array_equal(volume.image, case.image_hu[:, ::-1, :])

@@ -74,10 +74,6 @@ def wrap_for_training(model: torch.nn.Module, run: Session) -> torch.nn.Module:
     return DistributedDataParallel(model)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def rank_seed(seed: int, rank: int) -> int:
     """A per-rank torch seed (rank 0 keeps the single-process one); samples and their augmentation
     take their seeds from SliceSampler instead, the same on every rank."""

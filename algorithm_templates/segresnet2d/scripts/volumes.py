@@ -38,20 +38,8 @@ class Volume:
     source: str = ""  # the file(s) it was read from, for messages
 
     @property
-    def slice_axis(self) -> int:
-        """The file array axis that is axial (closest to the head-foot direction)."""
-        return slice_axis_from_affine(self.affine)
-
-    @property
     def num_slices(self) -> int:
         return self.image.shape[-1]
-
-
-def slice_axis_from_affine(affine: np.ndarray) -> int:
-    """The array axis whose direction is closest to the patient's head-foot (world z) axis."""
-    directions = np.asarray(affine, dtype=float)[:3, :3]
-    alignment = np.abs(directions[2]) / np.linalg.norm(directions, axis=0)
-    return int(np.argmax(alignment))
 
 
 def to_ras(array: np.ndarray, affine: np.ndarray) -> np.ndarray:
