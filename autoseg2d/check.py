@@ -112,7 +112,8 @@ def check_config(overrides: dict, config_file: str | Path | None = None) -> list
         return problems
     config = bundle_config.load_config(str(config_file), **overrides)
     try:
-        inputs.channel_plan(config["input_variant"], len(inputs.windows_for(config)), config["num_adjacent_slices"])
+        windows = inputs.windows_for(config["modality"], config["ct_windows_hu"])
+        inputs.channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"])
     except ValueError as err:
         problems.append(f"config: {err}")
     return problems

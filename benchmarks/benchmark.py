@@ -38,7 +38,7 @@ from autoseg2d.datalist import read_datalist  # noqa: E402
 from autoseg2d.synthetic import write_dataset  # noqa: E402
 from cache import cached_volume  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
-from network import build_loss, build_network, shape_divisor  # noqa: E402
+from network import NetworkSettings, build_loss, build_network, shape_divisor  # noqa: E402
 from predictor import SlicePredictor, cpu_bf16_units, cpu_has_native_bf16  # noqa: E402
 from slice_dataset import Augmentation, SliceDataset, SliceSampler, foreground_pixels  # noqa: E402
 
@@ -74,10 +74,10 @@ def bench_train(args, device: torch.device) -> list[dict]:
     for name, network in PROFILES.items():
         config = template_config(network=network, input_variant="both")
         for channels_last in (False, True):
-            model = build_network(config, 9).to(device)
+            model = build_network(NetworkSettings.from_config(config), 9).to(device)
             memory_format = torch.channels_last if channels_last else torch.contiguous_format
             model = model.to(memory_format=memory_format)
-            loss_fn = build_loss(config)
+            loss_fn = build_loss(config["network"]["dsdepth"])
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
             amp = device.type == "cuda"
             scaler = torch.amp.GradScaler("cuda", enabled=amp)
@@ -115,7 +115,7 @@ def generated_volumes(root: Path, num_cases: int, num_slices: int, size: int = S
 def bench_loader(args, device: torch.device, work: Path) -> dict:
     """The trainer's loader: SliceSampler + SliceDataset, 9 channels, 384^2 crops of 512^2 slices, batch 32."""
     config = template_config(roi_size=[ROI_PX, ROI_PX], input_variant="both")
-    windows = windows_for(config)
+    windows = windows_for(config["modality"], config["ct_windows_hu"])
     plan = channel_plan("both", len(windows), config["num_adjacent_slices"])
     result = {"roi_px": ROI_PX, "slice_px": SLICE_PX, "channels": len(plan)}
     for mmap in (False, True):
@@ -146,11 +146,12 @@ def bench_loader(args, device: torch.device, work: Path) -> dict:
 
 def paper_predictor(device: torch.device, batch_size: int, **options) -> SlicePredictor:
     config = template_config(input_variant="both")
-    windows = windows_for(config)
+    windows = windows_for(config["modality"], config["ct_windows_hu"])
     plan = channel_plan("both", len(windows), config["num_adjacent_slices"])
     torch.manual_seed(0)
-    model = build_network(config, len(plan)).to(device)
-    return SlicePredictor(model, plan, windows, shape_divisor(config), batch_size, device, **options)
+    model = build_network(NetworkSettings.from_config(config), len(plan)).to(device)
+    return SlicePredictor(model, plan, windows, shape_divisor(config["network"]["blocks_down"]), batch_size, device,
+                          **options)
 
 
 def inference_modes(device: torch.device) -> dict:
@@ -202,8 +203,9 @@ def bench_dice(args, device: torch.device, work: Path) -> dict:
     result = {"profile": args.dice_profile, "slice_px": args.dice_size, "epochs": args.dice_epochs,
               "train_s": round(time.perf_counter() - started, 1)}
     for mode, options in inference_modes(device).items():
-        predictor = SlicePredictor(trainer.model, trainer.plan, trainer.windows, shape_divisor(trainer.config),
-                                   args.infer_batch, device, tta=False, **options)
+        predictor = SlicePredictor(trainer.model, trainer.plan, trainer.windows,
+                                   shape_divisor(trainer.config["network"]["blocks_down"]), args.infer_batch, device,
+                                   tta=False, **options)
         if mode == "bf16_emulated":
             predictor.dtype = torch.bfloat16
         result[f"dice_{mode}"] = [round(volume_dice(predictor.predict_slices_last(v), v.label), 5)

@@ -12,8 +12,8 @@ import torch
 
 from bench_common import SLICE_PX, TEMPLATE, template_config
 from autoseg2d.synthetic import make_head_ct, write_case  # noqa: E402  (after bench_common's sys.path)
-from inputs import num_input_channels  # noqa: E402
-from network import build_network  # noqa: E402
+from inputs import channel_plan, windows_for  # noqa: E402
+from network import NetworkSettings, build_network  # noqa: E402
 from predictor import cpu_has_native_bf16  # noqa: E402
 from runtime import OpenVINONetwork, openvino_installed  # noqa: E402
 from volumes import load_volume  # noqa: E402
@@ -54,7 +54,9 @@ def random_weight_bundles(work: Path, count: int, device: torch.device) -> list[
         shutil.copytree(TEMPLATE, bundle)
         (bundle / "model").mkdir()
         torch.manual_seed(index)
-        model = build_network(config, num_input_channels(config))
+        windows = windows_for(config["modality"], config["ct_windows_hu"])
+        plan = channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"])
+        model = build_network(NetworkSettings.from_config(config), len(plan))
         inputs = {key: config[key] for key in ("modality", "input_variant", "num_adjacent_slices", "ct_windows_hu",
                                                "output_classes", "network")}
         torch.save({"state_dict": model.state_dict(), "inputs": inputs}, bundle / "model" / "model.pt")

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from inputs import apply_window, channel_plan, make_channels, num_input_channels, slice_offsets
+from inputs import apply_window, channel_plan, make_channels, slice_offsets, windows_for
 
 WINDOWS = [(0.0, 100.0), (-20.0, 180.0), (-1000.0, 2000.0)]
 
@@ -12,8 +12,7 @@ def volume_with_slice_ids(depth: int = 5) -> np.ndarray:
 
 @pytest.mark.parametrize(("variant", "channels"), [("slices", 3), ("windows", 3), ("both", 9)])
 def test_channel_counts(variant, channels):
-    config = {"modality": "ct", "ct_windows_hu": WINDOWS, "input_variant": variant, "num_adjacent_slices": 3}
-    assert num_input_channels(config) == channels
+    assert len(channel_plan(variant, len(windows_for("ct", WINDOWS)), 3)) == channels
 
 
 def test_slices_variant_takes_neighbours_at_first_window():
@@ -43,8 +42,8 @@ def test_window_clips_to_unit_range():
 
 
 def test_non_ct_uses_one_identity_channel_per_slice():
-    config = {"modality": "mri", "ct_windows_hu": WINDOWS, "input_variant": "both", "num_adjacent_slices": 3}
-    assert num_input_channels(config) == 3
+    assert windows_for("mri", WINDOWS) == [None]
+    assert len(channel_plan("both", len(windows_for("MRI", WINDOWS)), 3)) == 3
 
 
 def test_unknown_variant_lists_the_valid_ones():
@@ -55,3 +54,8 @@ def test_unknown_variant_lists_the_valid_ones():
 def test_even_slice_count_is_rejected():
     with pytest.raises(ValueError, match="odd"):
         slice_offsets(4)
+
+
+def test_a_window_must_be_wider_than_zero():
+    with pytest.raises(ValueError, match=r"ct_windows_hu entry \[100.0, 100.0\] must have high > low"):
+        windows_for("ct", [[0, 80], [100, 100]])

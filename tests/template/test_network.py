@@ -2,7 +2,8 @@ import pytest
 import torch
 import yaml
 from monai.losses import DiceCELoss
-from network import build_loss, build_network, count_parameters, deep_supervision_weights, shape_divisor
+from network import (NetworkSettings, build_loss, build_network, count_parameters, deep_supervision_weights,
+                     shape_divisor)
 
 from tests.conftest import TEMPLATE
 
@@ -19,9 +20,9 @@ def test_weights_halve_per_level():
 
 
 def test_paper_network(defaults):
-    model = build_network(defaults, in_channels=9)
+    model = build_network(NetworkSettings.from_config(defaults), in_channels=9)
     assert count_parameters(model) == 29_825_640  # 32 filters, blocks (2, 4, 4, 4, 4), 2D
-    assert shape_divisor(defaults) == 16
+    assert shape_divisor(defaults["network"]["blocks_down"]) == 16
     model.train()
     outputs = model(torch.zeros(2, 9, 64, 64))
     assert [tuple(o.shape) for o in outputs] == [(2, 2, 64, 64), (2, 2, 32, 32), (2, 2, 16, 16), (2, 2, 8, 8)]
@@ -38,4 +39,4 @@ def test_loss_sums_levels_with_nearest_downsized_targets(defaults):
         0.5**i * dice_ce(out, torch.nn.functional.interpolate(target, size=out.shape[2:], mode="nearest-exact"))
         for i, out in enumerate(outputs)
     )
-    torch.testing.assert_close(build_loss(defaults)(outputs, target), expected)
+    torch.testing.assert_close(build_loss(defaults["network"]["dsdepth"])(outputs, target), expected)

@@ -34,14 +34,14 @@ def test_impossible_choices_say_what_to_do(monkeypatch):
 
 def test_openvino_computes_what_torch_does_and_keeps_the_converted_model(tmp_path, monkeypatch):
     pytest.importorskip("openvino")
-    from network import build_network
+    from network import NetworkSettings, build_network
 
     from tests.conftest import FAST_TRAINING
 
-    config = {"network": {"init_filters": 8, "blocks_down": FAST_TRAINING["network#blocks_down"], "dsdepth": 3,
-                          "norm": "batch"}, "output_classes": 2}
+    settings = NetworkSettings(FAST_TRAINING["network#init_filters"], tuple(FAST_TRAINING["network#blocks_down"]),
+                               FAST_TRAINING["network#dsdepth"], norm="batch", out_channels=2)
     torch.manual_seed(0)
-    model = build_network(config, 3).eval()
+    model = build_network(settings, 3).eval()
     torch.save({}, tmp_path / "model.pt")
     cache = tmp_path / "model_openvino.xml"
     x = torch.rand(2, 3, 48, 40)

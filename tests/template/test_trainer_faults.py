@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 from bundle_config import load_config
-from gpu_memory import out_of_memory_advice
+from gpu_memory import MemorySettings, out_of_memory_advice
 from trainer import Trainer
 from volumes import VolumeError
 
@@ -85,7 +85,7 @@ def test_gpu_out_of_memory_names_the_setting_to_lower(bundle, monkeypatch, step,
 
 
 def test_inference_out_of_memory_advice():
-    advice = out_of_memory_advice("inference", {"infer_batch_size": 1})
+    advice = out_of_memory_advice("inference", MemorySettings(32, (384, 384), True, infer_batch_size=1))
     assert "infer_batch_size=1" in advice and "--infer_batch_size=1" in advice
 
 

@@ -21,9 +21,9 @@ from monai.data import MetaTensor  # noqa: E402
 
 from bundle_config import ENSEMBLE_ONLY_KEYS, load_config  # noqa: E402
 from datalist_split import read_datalist, testing_files  # noqa: E402
-from gpu_memory import explain_out_of_memory  # noqa: E402
+from gpu_memory import MemorySettings, explain_out_of_memory  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
-from network import build_network, shape_divisor  # noqa: E402
+from network import NetworkSettings, build_network, shape_divisor  # noqa: E402
 from predictor import HeadCrop, SlicePredictor, autocast_dtype, predict_together  # noqa: E402
 from runtime import OpenVINONetwork, choose_runtime  # noqa: E402
 from volumes import Volume, case_name, from_ras, load_volume, read_image  # noqa: E402
@@ -44,22 +44,22 @@ class InferClass:
         checkpoint = torch.load(checkpoint_path, map_location=self.device, weights_only=False)
         config.update(checkpoint["inputs"])  # the inputs the model was trained on win over later edits
         self.config = config
-        windows = windows_for(config)
+        windows = windows_for(config["modality"], config["ct_windows_hu"])
         plan = channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"])
-        model = build_network(config, len(plan)).to(self.device)
+        model = build_network(NetworkSettings.from_config(config), len(plan)).to(self.device)
         model.load_state_dict(checkpoint["state_dict"])
         network = None
         if choose_runtime(config["infer_cpu_runtime"], self.device) == "openvino":
             bf16 = autocast_dtype(self.device, config["amp"], config["infer_cpu_bf16"]) is not None
             network = OpenVINONetwork(model, len(plan), checkpoint_path.with_name("model_openvino.xml"), bf16)
-        self.predictor = SlicePredictor(model, plan, windows, shape_divisor(config), config["infer_batch_size"],
-                                        self.device, config["amp"], config["infer_cpu_bf16"], config["infer_tta"],
-                                        head_crop(config), network)
+        self.predictor = SlicePredictor(model, plan, windows, shape_divisor(config["network"]["blocks_down"]),
+                                        config["infer_batch_size"], self.device, config["amp"],
+                                        config["infer_cpu_bf16"], config["infer_tta"], head_crop(config), network)
 
     def infer(self, image_file: str | dict) -> MetaTensor:
         """Probabilities (C, X, Y, Z) for one image path (or a datalist entry {'image': path})."""
         path, volume = self.read(image_file)
-        with explain_out_of_memory("inference", self.config):
+        with explain_out_of_memory("inference", MemorySettings.from_config(self.config)):
             probabilities = torch.from_numpy(self.predictor.predict(volume))
         return MetaTensor(probabilities, affine=torch.as_tensor(volume.affine), meta={"filename_or_obj": str(path)})
 
@@ -84,7 +84,7 @@ class InferClass:
             raise ValueError(f"members {unlike} read or window the image differently from this bundle; "
                              "group members by InferClass.shared_inputs")
         _, volume = self.read(image_file)
-        with explain_out_of_memory("inference", self.config):
+        with explain_out_of_memory("inference", MemorySettings.from_config(self.config)):
             total, masks = predict_together([m.predictor for m in members], volume, vote, member_masks)
         return from_ras(total, volume.affine), [from_ras(mask[None], volume.affine)[0] for mask in masks]
 

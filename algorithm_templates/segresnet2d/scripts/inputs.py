@@ -42,19 +42,15 @@ def channel_plan(variant: str, num_windows: int, num_adjacent_slices: int) -> li
     return INPUT_VARIANTS[variant](max(num_windows, 1), slice_offsets(num_adjacent_slices))
 
 
-def windows_for(config: dict) -> list[WindowHU]:
+def windows_for(modality: str, ct_windows_hu: list) -> list[WindowHU]:
     """CT uses the configured HU windows; other modalities one identity 'window' (already z-scored)."""
-    if str(config["modality"]).lower() != "ct":
+    if str(modality).lower() != "ct":
         return [None]
-    windows = [tuple(map(float, w)) for w in config["ct_windows_hu"]]
+    windows = [tuple(map(float, w)) for w in ct_windows_hu]
     for low, high in windows:
         if not high > low:
             raise ValueError(f"ct_windows_hu entry [{low}, {high}] must have high > low (Hounsfield units)")
     return windows
-
-
-def num_input_channels(config: dict) -> int:
-    return len(channel_plan(config["input_variant"], len(windows_for(config)), config["num_adjacent_slices"]))
 
 
 def apply_window(values: np.ndarray, window: WindowHU) -> np.ndarray:

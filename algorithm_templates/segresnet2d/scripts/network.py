@@ -2,29 +2,47 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.networks.nets import SegResNetDS
 
 
-def build_network(config: dict, in_channels: int) -> SegResNetDS:
-    net = config["network"]
-    blocks_down = tuple(int(b) for b in net["blocks_down"])
+@dataclass(frozen=True)
+class NetworkSettings:
+    """The network section and output_classes of configs/hyper_parameters.yaml, read once."""
+
+    init_filters: int
+    blocks_down: tuple[int, ...]
+    dsdepth: int
+    norm: str
+    out_channels: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> NetworkSettings:
+        net = config["network"]
+        return cls(int(net["init_filters"]), tuple(int(b) for b in net["blocks_down"]), int(net["dsdepth"]),
+                   net["norm"], int(config["output_classes"]))
+
+
+def build_network(settings: NetworkSettings, in_channels: int) -> SegResNetDS:
+    levels = len(settings.blocks_down)
     return SegResNetDS(
         spatial_dims=2,
-        init_filters=int(net["init_filters"]),
+        init_filters=settings.init_filters,
         in_channels=in_channels,
-        out_channels=int(config["output_classes"]),
-        blocks_down=blocks_down,
-        blocks_up=(1,) * (len(blocks_down) - 1),
-        dsdepth=min(int(net["dsdepth"]), len(blocks_down) - 1) if len(blocks_down) > 1 else 1,
-        norm=net["norm"],
+        out_channels=settings.out_channels,
+        blocks_down=settings.blocks_down,
+        blocks_up=(1,) * (levels - 1),
+        dsdepth=min(settings.dsdepth, levels - 1) if levels > 1 else 1,
+        norm=settings.norm,
     )
 
 
-def shape_divisor(config: dict) -> int:
+def shape_divisor(blocks_down: list[int] | tuple[int, ...]) -> int:
     """Slice sizes must be multiples of this (one halving per level below the first)."""
-    return 2 ** (len(config["network"]["blocks_down"]) - 1)
+    return 2 ** (len(blocks_down) - 1)
 
 
 def deep_supervision_weights(levels: int) -> list[float]:
@@ -32,9 +50,9 @@ def deep_supervision_weights(levels: int) -> list[float]:
     return [0.5**level for level in range(levels)]
 
 
-def build_loss(config: dict) -> DeepSupervisionLoss:
+def build_loss(dsdepth: int) -> DeepSupervisionLoss:
     """Dice + cross-entropy per level; DeepSupervisionLoss downsizes targets by nearest neighbour."""
-    levels = max(int(config["network"]["dsdepth"]), 1)
+    levels = max(int(dsdepth), 1)
     # batch=True: Dice over the whole batch, so crops without hemorrhage do not give unstable 0/0 terms
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
     return DeepSupervisionLoss(dice_ce, weights=deep_supervision_weights(levels))

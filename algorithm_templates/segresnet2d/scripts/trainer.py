@@ -22,11 +22,11 @@ from datalist_split import read_datalist, split_by_fold
 from distributed import (Session, check_replicas_agree, gather_lists, rank_logger, rank_seed,
                          sum_over_ranks, wrap_for_training)
 from inputs import channel_plan, windows_for
-from network import build_loss, build_network, count_parameters, shape_divisor
+from network import NetworkSettings, build_loss, build_network, count_parameters, shape_divisor
 from predictor import SlicePredictor
 from schedule import training_budget, warmup_cosine
 from slice_dataset import Augmentation, SliceDataset, SliceSampler, foreground_pixels, resolve_num_workers
-from gpu_memory import explain_out_of_memory
+from gpu_memory import MemorySettings, explain_out_of_memory
 from volumes import Volume, VolumeError, check_training_case
 
 LOG_COLUMNS = ["epoch", "loss", "val_dice", "learning_rate", "epoch_time_s"]
@@ -101,10 +101,10 @@ class Trainer:
         self.cache_dir = None if config["cache_in_memory"] else Path(config["cache_dir"])
         seed_everything(config["seed"], config["deterministic"])
 
-        self.windows = windows_for(config)
+        self.windows = windows_for(config["modality"], config["ct_windows_hu"])
         self.plan = channel_plan(config["input_variant"], len(self.windows), config["num_adjacent_slices"])
-        self.model = build_network(config, len(self.plan)).to(self.device)
-        self.loss_fn = build_loss(config)
+        self.model = build_network(NetworkSettings.from_config(config), len(self.plan)).to(self.device)
+        self.loss_fn = build_loss(config["network"]["dsdepth"])
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config["learning_rate"], weight_decay=config["weight_decay"]
         )
@@ -123,9 +123,9 @@ class Trainer:
                                       config["num_warmup_epochs"], config["batch_size"], self.run.world_size)
         self.num_epochs = self.budget.num_epochs
         self.scheduler = warmup_cosine(self.optimizer, self.budget.total_steps, self.budget.warmup_steps)
-        self.predictor = SlicePredictor(self.model, self.plan, self.windows, shape_divisor(config),
-                                        config["infer_batch_size"], self.device, self.amp, config["infer_cpu_bf16"],
-                                        tta=False)
+        self.predictor = SlicePredictor(self.model, self.plan, self.windows,
+                                        shape_divisor(config["network"]["blocks_down"]), config["infer_batch_size"],
+                                        self.device, self.amp, config["infer_cpu_bf16"], tta=False)
         self.train_model = wrap_for_training(self.model, self.run)  # after the predictor made it channels_last
 
     def _training_loader(self) -> tuple[SliceSampler, DataLoader]:
@@ -175,9 +175,9 @@ class Trainer:
         )
         for epoch in range(start_epoch, num_epochs):
             started, lr = time.time(), self.scheduler.get_last_lr()[0]  # the rate the epoch starts at
-            with explain_out_of_memory("training", self.config):
+            with explain_out_of_memory("training", MemorySettings.from_config(self.config)):
                 loss = self.train_epoch(epoch)
-            with explain_out_of_memory("validation", self.config):
+            with explain_out_of_memory("validation", MemorySettings.from_config(self.config)):
                 dice = self.validate() if self._validation_due(epoch) else None
             if dice is not None and dice > self.best_dice:
                 self.best_dice, self.best_epoch = dice, epoch
