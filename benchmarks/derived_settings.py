@@ -21,7 +21,7 @@ sys.path[:0] = [str(REPO), str(TEMPLATE / "scripts")]
 from monai.apps.auto3dseg import DataAnalyzer  # noqa: E402
 
 from autoseg2d.synthetic import write_dataset  # noqa: E402
-from planning import derive_settings  # noqa: E402
+from planning import PlanningDefaults, derive_settings  # noqa: E402
 
 SETS = ((512, 30), (64, 8))
 NUM_CASES = 10
@@ -40,7 +40,8 @@ def main() -> None:
             data_stats = yaml.safe_load(stats.read_text())
             by_case = yaml.safe_load((root / "datastats_by_case.yaml").read_text())
             for device, gpu_gb in (("cpu", None), ("cuda", 80.0)):
-                settings, notes = derive_settings(data_stats, by_case, defaults, "ct", device, gpu_gb)
+                settings, notes = derive_settings(data_stats, by_case, PlanningDefaults.from_config(defaults), "ct",
+                                                  device, gpu_gb)
                 print(f"\n## {NUM_CASES} generated cases of {size} x {size} x {slices}, "
                       f"{device}{f' ({gpu_gb:g} GB)' if gpu_gb else ''}")
                 print(yaml.safe_dump(settings, default_flow_style=None, sort_keys=False).strip())

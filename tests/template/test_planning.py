@@ -51,7 +51,7 @@ def case_stats(shape=(512, 512, 30), labels=(0, 1), fg_hu=(40.0, 85.0), image_hu
 
 
 def derive(stats, by_case=None, **kwargs):
-    return planning.derive_settings(stats, by_case, copy.deepcopy(DEFAULTS), **kwargs)
+    return planning.derive_settings(stats, by_case, planning.PlanningDefaults.from_config(DEFAULTS), **kwargs)
 
 
 def test_thick_slice_512_ct_reproduces_the_paper_geometry():
@@ -177,7 +177,7 @@ def test_missing_default_names_the_config_file():
     del defaults["network"]["blocks_down"]
     message = "hyper_parameters.yaml has no key 'network.blocks_down'.*restore it"
     with pytest.raises(planning.PlanningError, match=message):
-        planning.derive_settings(summary_stats(), None, defaults)
+        planning.PlanningDefaults.from_config(defaults)
 
 
 def test_device_errors_list_the_options():

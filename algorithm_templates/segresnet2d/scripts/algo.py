@@ -16,7 +16,7 @@ from monai.bundle import ConfigParser
 
 from .bundle_config import (KEY_SEPARATOR, ConfigError, coerce_value, get_nested, set_nested, suggest_key,
                             translate_monai_keys)
-from .planning import derive_settings, derive_anisotropy
+from .planning import PlanningDefaults, derive_anisotropy, derive_settings
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,8 @@ class Segresnet2dAlgo(BundleAlgo):
             by_case_file = Path(data_stats_filename).with_name(Path(data_stats_filename).stem + "_by_case.yaml")
             by_case = _read_yaml(by_case_file).get("stats_by_cases") if by_case_file.exists() else None
             device, memory = self._device()
-            settings, notes = derive_settings(stats, by_case, config, modality=modality, device=device,
-                                              gpu_memory_gb=memory)
+            settings, notes = derive_settings(stats, by_case, PlanningDefaults.from_config(config), modality=modality,
+                                              device=device, gpu_memory_gb=memory)
             apply_settings(config, settings, "planning.derive_settings")
 
         extras = translate_monai_keys({k: v for k, v in data_source.items() if k not in DATA_SOURCE_KEYS},

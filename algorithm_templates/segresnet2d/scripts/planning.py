@@ -355,14 +355,33 @@ def derive_num_epochs(num_training_slices: int, default_epochs: int, epochs_per_
                     f"{epochs_per_validation} (the trainer logs it as optimizer steps; {PAPER_BUDGET})")
 
 
-def _default(defaults: dict, path: tuple) -> object:
-    return _lookup(defaults, path, CONFIG_FILE, "restore it from the template's configs/hyper_parameters.yaml")
+class PlanningDefaults(NamedTuple):
+    """The template defaults the rules scale, read once from configs/hyper_parameters.yaml."""
+
+    ct_windows_hu: list
+    roi_size_px: list[int]
+    blocks_down: list[int]
+    init_filters: int
+    batch_size: int
+    amp: bool
+    num_epochs: int
+    num_epochs_per_validation: int
+
+    @classmethod
+    def from_config(cls, config: dict) -> PlanningDefaults:
+        def default(*path: str) -> object:
+            return _lookup(config, path, CONFIG_FILE, "restore it from the template's configs/hyper_parameters.yaml")
+
+        return cls(default("ct_windows_hu"), [int(v) for v in default("roi_size")],
+                   [int(b) for b in default("network", "blocks_down")], int(default("network", "init_filters")),
+                   int(default("batch_size")), bool(default("amp")), int(default("num_epochs")),
+                   int(default("num_epochs_per_validation")))
 
 
 def derive_settings(
     data_stats: dict,
     stats_by_case: list[dict] | dict | None,
-    defaults: dict,
+    defaults: PlanningDefaults,
     modality: str = "ct",
     device: str = "cpu",
     gpu_memory_gb: float | None = None,
@@ -370,8 +389,7 @@ def derive_settings(
     """(settings, notes) for the data-derived keys of configs/hyper_parameters.yaml.
 
     `data_stats` is the parsed datastats.yaml; `stats_by_case` its per-case list (the
-    `stats_by_cases` of datastats_by_case.yaml, or that whole file) or None; `defaults`
-    the parsed template config the rules scale.
+    `stats_by_cases` of datastats_by_case.yaml, or that whole file) or None.
     """
     if isinstance(stats_by_case, dict):
         stats_by_case = _lookup(stats_by_case, ("stats_by_cases",), BY_CASE_FILE)
@@ -381,24 +399,19 @@ def derive_settings(
     classes, note = derive_output_classes(facts.labels)
     notes.append(note)
     window_rule = WINDOW_RULES.get(str(modality).lower(), _no_windows)
-    windows, window_notes = window_rule(facts, _default(defaults, ("ct_windows_hu",)))
+    windows, window_notes = window_rule(facts, defaults.ct_windows_hu)
     notes += window_notes
 
-    default_roi = [int(v) for v in _default(defaults, ("roi_size",))]
-    default_blocks = list(_default(defaults, ("network", "blocks_down")))
-    roi, note = derive_roi_size(facts.inplane_shapes_px, default_roi, len(default_blocks))
+    roi, note = derive_roi_size(facts.inplane_shapes_px, defaults.roi_size_px, len(defaults.blocks_down))
     notes.append(note)
-    blocks, note = derive_blocks_down(roi, default_blocks)
+    blocks, note = derive_blocks_down(roi, defaults.blocks_down)
     notes.append(note)
 
     slices = sum(facts.slices_per_case)
-    batch, note = derive_batch_size(
-        roi, default_roi, int(_default(defaults, ("batch_size",))), device, gpu_memory_gb,
-        bool(_default(defaults, ("amp",))), int(_default(defaults, ("network", "init_filters"))), slices,
-    )
+    batch, note = derive_batch_size(roi, defaults.roi_size_px, defaults.batch_size, device, gpu_memory_gb,
+                                    defaults.amp, defaults.init_filters, slices)
     notes.append(note)
-    epochs, note = derive_num_epochs(slices, int(_default(defaults, ("num_epochs",))),
-                                     int(_default(defaults, ("num_epochs_per_validation",))))
+    epochs, note = derive_num_epochs(slices, defaults.num_epochs, defaults.num_epochs_per_validation)
     notes.append(note)
 
     settings = {
