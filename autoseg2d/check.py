@@ -10,6 +10,8 @@ so one run lists everything to fix. The per-file checks are the template's own
 from __future__ import annotations
 
 import hashlib
+import importlib
+import importlib.machinery
 import importlib.util
 import json
 import logging
@@ -44,6 +46,7 @@ UINT8_LABEL_LIMIT = 256  # check_training_case bound that never fires: the data'
 REPORT_NAME = "input_check.json"
 CLEANED_DATALIST_NAME = "datalist_checked.json"
 _LOADING = threading.RLock()
+TEMPLATE_PACKAGE = "segresnet2d_template"  # the name the driver imports the template's scripts under
 
 
 class InputCheckError(ValueError):
@@ -55,19 +58,15 @@ class InputCheckError(ValueError):
 
 
 def template_module(name: str) -> ModuleType:
-    """A template script loaded by path: the template is self-contained and must never import autoseg2d."""
-    module_name = f"segresnet2d_{name}"
+    """A template script, imported as a module of the package TEMPLATE_PACKAGE whose folder is the template's
+    scripts/: the template is self-contained and must never import autoseg2d, and its package-relative
+    imports (planning's `from .ct_windows import`) resolve to the same folder."""
     with _LOADING:
-        if module_name not in sys.modules:
-            spec = importlib.util.spec_from_file_location(module_name, template_dir() / "scripts" / f"{name}.py")
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[module_name] = module  # dataclasses look their module up while the class is built
-            try:
-                spec.loader.exec_module(module)
-            except BaseException:
-                del sys.modules[module_name]
-                raise
-    return sys.modules[module_name]
+        if TEMPLATE_PACKAGE not in sys.modules:
+            spec = importlib.machinery.ModuleSpec(TEMPLATE_PACKAGE, None, is_package=True)
+            spec.submodule_search_locations = [str(template_dir() / "scripts")]
+            sys.modules[TEMPLATE_PACKAGE] = importlib.util.module_from_spec(spec)
+        return importlib.import_module(f"{TEMPLATE_PACKAGE}.{name}")
 
 
 def derive_required_disk_gb(num_folds: int) -> float:

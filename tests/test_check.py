@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -331,3 +333,21 @@ def test_class_names_in_the_datalist_are_checked_against_the_labels(tmp_path):
     assert "label values [0, 1, 2, 3] exceed the 2 classes in class_names ['IPH', 'IVH']" in message
     datalist.write_text(json.dumps({**json.loads(datalist.read_text()), "class_names": "IPH"}))
     assert "class_names 'IPH' must be a list of distinct names" in problems(tmp_path)
+
+
+def test_template_modules_import_their_siblings_from_the_template():
+    planning = check.template_module("planning")
+    assert planning.__name__ == f"{check.TEMPLATE_PACKAGE}.planning"
+    assert planning.WINDOW_RULES["ct"] is check.template_module("ct_windows").derive_ct_windows_hu
+
+
+def test_the_driver_loads_planning_without_the_template_on_sys_path():
+    """As in `run_autoseg.py`: the scripts folder is not importable by plain names there."""
+    code = ("import sys; from autoseg2d.check import template_module; planning = template_module('planning'); "
+            "assert not any(p.endswith('scripts') for p in sys.path); "
+            "stats = {'stats_summary': {'image_stats': {'spacing': {'median': [1, 1, 5]}}}}; "
+            "print(planning.derive_anisotropy(stats)[0])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "5.0"
