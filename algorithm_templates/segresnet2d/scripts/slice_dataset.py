@@ -231,13 +231,12 @@ def flip_transforms(prob: float) -> mt.Compose:
 
 def intensity_transforms(augmentation: Augmentation, roi_size: tuple[int, int]) -> mt.Compose:
     """Noise, intensity scale and shift, and coarse patch shuffle, on the windowed [0, 1] channels."""
-    a = augmentation
     return mt.Compose([
-        RandNoised("image", prob=a.noise_prob, max_std=a.noise_max_std),
-        mt.RandScaleIntensityd("image", factors=a.intensity_scale, prob=a.intensity_prob),
-        mt.RandShiftIntensityd("image", offsets=a.intensity_shift, prob=a.intensity_prob),
-        mt.RandCoarseShuffled(
-            "image", holes=int(a.shuffle_holes), spatial_size=max(min(roi_size) // 16, 2), prob=a.shuffle_prob),
+        RandNoised("image", prob=augmentation.noise_prob, max_std=augmentation.noise_max_std),
+        mt.RandScaleIntensityd("image", factors=augmentation.intensity_scale, prob=augmentation.intensity_prob),
+        mt.RandShiftIntensityd("image", offsets=augmentation.intensity_shift, prob=augmentation.intensity_prob),
+        mt.RandCoarseShuffled("image", holes=int(augmentation.shuffle_holes), spatial_size=max(min(roi_size) // 16, 2),
+                              prob=augmentation.shuffle_prob),
         mt.EnsureTyped(["image", "label"], track_meta=False, dtype=torch.float32),
     ])
 
