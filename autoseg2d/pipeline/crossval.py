@@ -13,6 +13,7 @@ from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.metrics import case_metrics, class_case_metrics
 from autoseg2d.evaluation.report import cross_validation_table, json_safe
 from autoseg2d.pipeline.bundles import bundle_path, configuration_name, describe, generate_bundles, train_bundle
+from autoseg2d.pipeline.fold_probabilities import store_foreground
 from autoseg2d.pipeline.inference import foreground, load_inferer, read_labels, read_mask
 from autoseg2d.reporting.case_report import lesion_class_names
 from autoseg2d.atomic_files import write_text_atomic
@@ -40,6 +41,7 @@ def evaluate_bundle(bundle: Path, fold: int, validation: list[dict]) -> list[dic
     for case in tqdm(validation, desc=f"{bundle.parent.name} fold {fold}: predict", unit="case",
                      leave=False, dynamic_ncols=True, disable=None):
         probabilities = inferer.infer(str(case["image"])).numpy()
+        store_foreground(bundle, case_name(case["image"]), probabilities)  # for greedy member selection
         if len(class_names) > 1:
             truth, spacing = read_labels(case["label"])
             cases.append(class_case_metrics(probabilities.argmax(0), truth, spacing, class_names,

@@ -24,6 +24,8 @@ from autoseg2d.evaluation.postprocess import (apply_multiclass_postprocessing, a
                                               describe_effects)
 from autoseg2d.evaluation.report import json_safe
 from autoseg2d.pipeline.crossval import validation_cases
+from autoseg2d.pipeline.greedy_members import (curve_markdown, curve_rows, ensure_stored, greedy_order, load_fold,
+                                               members_per_fold)
 from autoseg2d.pipeline.inference import load_inferer
 from autoseg2d.atomic_files import atomic_path, write_text_atomic
 from autoseg2d.pipeline.workdir import WorkDir
@@ -33,12 +35,15 @@ logger = logging.getLogger(__name__)
 
 
 MEMBER_KEYS = ("bundle", "score", "fold", "seed", "variant")
+GREEDY = "greedy"  # chosen on the out-of-fold predictions (select_greedy), not on the records alone
+GREEDY_REPORT = "member_selection.md"
 
 
 def select_members(records: list[dict], size: int, strategy: str = "fold_balanced") -> list[dict]:
     """Ensemble members from the cross-validated bundles, by a strategy of :data:`SELECTION_STRATEGIES`."""
     if strategy not in SELECTION_STRATEGIES:
-        raise ValueError(f"unknown member selection strategy {strategy!r}; known: {', '.join(SELECTION_STRATEGIES)}")
+        raise ValueError(f"unknown member selection strategy {strategy!r}; known: {', '.join(SELECTION_NAMES)}"
+                         f" ({GREEDY} through build_ensemble: it needs the out-of-fold predictions)")
     return SELECTION_STRATEGIES[strategy](records, size)
 
 
@@ -74,6 +79,34 @@ def select_global_top(records: list[dict], size: int) -> list[dict]:
 
 
 SELECTION_STRATEGIES = {"fold_balanced": select_fold_balanced, "global_top": select_global_top}
+SELECTION_NAMES = (*SELECTION_STRATEGIES, GREEDY)
+
+
+def select_greedy(work: WorkDir, records: list[dict], size: int, tolerance: float | None, mode: str = "mean", *,
+                  training: Sequence[dict], dataroot: Path) -> tuple[list[dict], dict]:
+    """Members by greedy forward selection on each fold's out-of-fold cases (greedy_members), and its record.
+
+    Fold k's candidates are the bundles validated on fold k, scored on fold k's cases only, from the
+    maps cross-validation stored (bundles without them predict their fold once more). Returns the
+    members and {per_fold, tolerance, curve}: out-of-fold metrics against members per fold.
+    """
+    by_fold: dict = {}
+    for record in sorted(records, key=lambda r: r["score"], reverse=True):
+        by_fold.setdefault(record["fold"], []).append(record)
+    folds, orders, paths = {}, {}, {}
+    for fold in sorted(by_fold, key=str):
+        cases = validation_cases(int(fold), training=training, dataroot=dataroot)
+        bundles = [work.absolute(r["bundle"]) for r in by_fold[fold]]
+        for bundle in bundles:
+            ensure_stored(bundle, cases)
+        folds[fold] = load_fold(bundles, cases, vote=mode == "vote")
+        orders[fold], paths[fold] = greedy_order(folds[fold], len(bundles))
+    per_fold = members_per_fold(paths, {f: len(c) for f, c in folds.items()}, size, tolerance)
+    members = [_member(by_fold[fold][index], index + 1,
+                       f"greedy step {step} of fold {fold}: its out-of-fold Dice {paths[fold][step - 1]:.4f}")
+               for fold in folds for step, index in enumerate(orders[fold][:per_fold[fold]], 1)]
+    curve = curve_rows(folds, orders, {fold: list(range(len(by_fold[fold]))) for fold in folds})
+    return members, {"per_fold": per_fold, "tolerance": tolerance, "curve": curve}
 
 
 def _member(record: dict, rank: int | None, reason: str) -> dict:
@@ -160,15 +193,36 @@ def out_of_fold_cases(predictor: EnsemblePredictor, ensemble: dict, *, training:
     return cases
 
 
-def build_ensemble(work: WorkDir, records: list[dict], size: int, mode: str, selection: str = "fold_balanced", *,
-                   training: Sequence[dict], dataroot: Path) -> dict:
+def build_ensemble(work: WorkDir, records: list[dict], size: int, mode: str, selection: str = "fold_balanced",
+                   tolerance: float | None = None, *, training: Sequence[dict], dataroot: Path) -> dict:
     """Pick members and post-processing (on out-of-fold predictions of the training cases), store them in
-    ensemble/ensemble.json."""
+    ensemble/ensemble.json.
+
+    Greedy selection also writes and prints its members-vs-accuracy table (ensemble/member_selection.md)."""
     if work.ensemble_file.exists():
         logger.info(f"ensemble: reusing {work.relative(work.ensemble_file)}")
         return json.loads(work.ensemble_file.read_text())
-    members = select_members(records, size, selection)
-    ensemble = {"mode": mode, "selection": selection, "members": members, "postprocessing": None}
+    ensemble = make_ensemble(work, records, size, mode, selection, tolerance, training=training, dataroot=dataroot)
+    if "greedy" in ensemble:
+        table = curve_markdown(ensemble["greedy"]["curve"], ensemble["greedy"]["per_fold"])
+        report = work.ensemble_file.parent / GREEDY_REPORT
+        write_text_atomic(report, "# Greedy member selection (out-of-fold, before post-processing)\n\n"
+                          + table + "\n")
+        print(f"\nensemble members vs out-of-fold accuracy ({work.relative(report)}):\n{table}\n", flush=True)
+    write_text_atomic(work.ensemble_file, json.dumps(json_safe(ensemble), indent=1))
+    return ensemble
+
+
+def make_ensemble(work: WorkDir, records: list[dict], size: int, mode: str, selection: str = "fold_balanced",
+                  tolerance: float | None = None, *, training: Sequence[dict], dataroot: Path) -> dict:
+    """Members by `selection` (one of :data:`SELECTION_NAMES`) and the post-processing chosen for them."""
+    greedy = None
+    if selection == GREEDY:
+        members, greedy = select_greedy(work, records, size, tolerance, mode, training=training, dataroot=dataroot)
+    else:
+        members = select_members(records, size, selection)
+    ensemble = {"mode": mode, "selection": selection, "members": members, "postprocessing": None,
+                **({"greedy": greedy} if greedy else {})}
     folds = Counter(m["fold"] for m in members)
     logger.info(f"ensemble: {len(members)} members ({mode}, {selection}), per fold "
                 + ", ".join(f"{fold}: {count}" for fold, count in sorted(folds.items(), key=lambda i: str(i[0]))))
@@ -185,7 +239,6 @@ def build_ensemble(work: WorkDir, records: list[dict], size: int, mode: str, sel
             logger.info(f"ensemble: class {index}: {describe_effects(class_choice)}")
         logger.info(f"ensemble: any class: {describe_effects(choice['foreground'])}")
     ensemble["postprocessing"] = choice
-    write_text_atomic(work.ensemble_file, json.dumps(json_safe(ensemble), indent=1))
     return ensemble
 
 

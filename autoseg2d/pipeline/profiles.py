@@ -17,7 +17,7 @@ from autoseg2d.templates import template_config
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
 PROFILE_KEYS = ("sweep_trials", "sweep_folds", "cv_top_variants", "cv_runs", "ensemble_size", "ensemble_mode",
-                "train_overrides", "search_space")
+                "ensemble_selection", "ensemble_tolerance", "train_overrides", "search_space")
 ENSEMBLE_MODES = ("mean", "vote")
 DEFAULTS_SECTION = "defaults"  # in profiles.yaml; not a profile
 DEFAULT_KEYS = ("profile", "num_folds")
@@ -47,6 +47,7 @@ def load_profile(name: str) -> dict:
     if profile["ensemble_mode"] not in ENSEMBLE_MODES:
         raise ProfileError(f"profile '{name}': ensemble_mode '{profile['ensemble_mode']}' is not one of "
                            f"{', '.join(ENSEMBLE_MODES)}")
+    check_ensemble_selection(profile, f"profile '{name}' in {source}")
     return {"name": name, **profile}
 
 
@@ -87,6 +88,23 @@ def default_modality() -> str:
         raise ProfileError(f"{template_config()} has no 'modality' key; the driver takes its default modality from"
                            " there: add modality: ct")
     return str(config["modality"])
+
+
+def check_ensemble_selection(profile: dict, where: str) -> None:
+    """ensemble_selection names a strategy; ensemble_tolerance is null or a Dice difference >= 0 (greedy only)."""
+    from autoseg2d.pipeline.ensemble import SELECTION_NAMES  # here: the ensemble stage imports this module's users
+
+    selection, tolerance = profile["ensemble_selection"], profile["ensemble_tolerance"]
+    if selection not in SELECTION_NAMES:
+        raise ProfileError(f"{where}: ensemble_selection '{selection}' is not one of {', '.join(SELECTION_NAMES)}")
+    if tolerance is None:
+        return
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:
+        raise ProfileError(f"{where}: ensemble_tolerance is {tolerance!r}; give a Dice difference >= 0 such as "
+                           "0.002, or null to take ensemble_size members")
+    if selection != "greedy":
+        raise ProfileError(f"{where}: ensemble_tolerance {tolerance} applies only to ensemble_selection: greedy "
+                           f"(this profile has {selection}); set it to null or choose greedy")
 
 
 def template_keys() -> list[str]:

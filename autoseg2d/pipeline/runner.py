@@ -82,9 +82,10 @@ def crossval_stage(context: RunContext, outputs: StageOutputs) -> None:
 
 
 def ensemble_stage(context: RunContext, outputs: StageOutputs) -> None:
-    outputs.ensemble = build_ensemble(context.work, outputs.records, context.profile["ensemble_size"],
-                                      context.profile["ensemble_mode"], training=context.training,
-                                      dataroot=context.dataroot)
+    profile = context.profile
+    outputs.ensemble = build_ensemble(context.work, outputs.records, profile["ensemble_size"], profile["ensemble_mode"],
+                                      profile["ensemble_selection"], profile["ensemble_tolerance"],
+                                      training=context.training, dataroot=context.dataroot)
     outputs.summary["ensemble"] = str(context.work.ensemble_file)
 
 

@@ -30,3 +30,26 @@ def test_nested_keys_are_valid_and_a_bad_range_is_named(tmp_path):
     assert load_profile(_profile_file(tmp_path, **{"network#init_filters": {"choices": [8, 16]}}))
     with pytest.raises(ProfileError, match=r"search_space 'learning_rate' is \[0.001, 0.01\]; give \{choices"):
         load_profile(_profile_file(tmp_path, learning_rate=[0.001, 0.01]))
+
+
+def _ensemble_profile(tmp_path, **ensemble_keys) -> str:
+    profile = {**load_profile("demo"), **ensemble_keys}
+    profile.pop("name")
+    path = tmp_path / "mine.yaml"
+    path.write_text(yaml.safe_dump(profile))
+    return str(path)
+
+
+def test_ensemble_selection_and_tolerance_are_checked(tmp_path):
+    assert load_profile(_ensemble_profile(tmp_path, ensemble_selection="greedy", ensemble_tolerance=0.002))
+    with pytest.raises(ProfileError, match="ensemble_selection 'best' is not one of fold_balanced, global_top, greedy"):
+        load_profile(_ensemble_profile(tmp_path, ensemble_selection="best"))
+    with pytest.raises(ProfileError, match="ensemble_tolerance -0.1; give a Dice difference >= 0|is -0.1"):
+        load_profile(_ensemble_profile(tmp_path, ensemble_selection="greedy", ensemble_tolerance=-0.1))
+    with pytest.raises(ProfileError, match="applies only to ensemble_selection: greedy"):
+        load_profile(_ensemble_profile(tmp_path, ensemble_tolerance=0.01))
+    mine = yaml.safe_load(open(_ensemble_profile(tmp_path)))
+    del mine["ensemble_selection"]
+    (tmp_path / "old.yaml").write_text(yaml.safe_dump(mine))
+    with pytest.raises(ProfileError, match="lacks ensemble_selection"):
+        load_profile(str(tmp_path / "old.yaml"))
