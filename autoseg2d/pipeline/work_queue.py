@@ -3,20 +3,24 @@
 Cross-validation puts one job per bundle in the queue; every machine takes the next waiting job
 (Optuna hands a waiting trial to one process only), so N machines train about N times faster.
 A job runs as a trial with a heartbeat: when a machine dies, its job is failed after the sweep's
-grace period by whichever machine looks next, and queued again for another one.
+grace period by whichever machine looks next, and queued again for another one. A machine killed
+before its trial's first heartbeat leaves nothing to go stale, so such a trial counts from its start.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
 import time
 import warnings
 from collections.abc import Callable
+from datetime import datetime, timedelta
 
 import optuna
 import sqlalchemy
+from optuna.storages._rdb import models
 
 from autoseg2d.pipeline import sweep
 
@@ -78,6 +82,41 @@ def job_states(study: optuna.Study, jobs: list[str]) -> dict[str, dict[int, floa
     return states
 
 
+def has_heartbeat(storage: optuna.storages.RDBStorage, trial_id: int) -> bool:
+    """Whether the trial's machine ever stored a heartbeat (Optuna keeps no public accessor for this)."""
+    storage = getattr(storage, "_backend", storage)  # a study's storage is a cache in front of the RDB one
+    with storage.scoped_session() as session:
+        return models.TrialHeartbeatModel.where_trial_id(trial_id, session) is not None
+
+
+def fail_trials_without_heartbeat(study: optuna.Study, grace_period_s: float) -> list[int]:
+    """Fail and queue again the running trials that never stored a heartbeat and started over
+    `grace_period_s` ago; return their numbers.
+
+    Optuna's own stale check (fail_stale_trials) skips a trial without a heartbeat, so a machine
+    killed between taking a job and its first heartbeat would leave that job running forever.
+    The start time is the taking machine's clock (Optuna's datetime_start), so clocks of the
+    machines must agree to well within the grace period.
+    """
+    storage, failed = study._storage, []
+    started_before = datetime.now() - timedelta(seconds=grace_period_s)
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if trial.datetime_start is None or trial.datetime_start > started_before:
+            continue
+        if has_heartbeat(storage, trial._trial_id):
+            continue
+        try:
+            if not storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL):
+                continue
+        except optuna.exceptions.UpdateFinishedTrialError:  # another machine failed it first
+            continue
+        failed.append(trial.number)
+        requeue = storage.get_heartbeat_stale_trial_callback()
+        if requeue is not None:
+            requeue(study, copy.deepcopy(storage.get_trial(trial._trial_id)))
+    return failed
+
+
 def run_queue(storage: str, kind: str, jobs: list[str], run_job: Callable[[int], float],
               prepare: Callable[[], None] = lambda: None) -> dict[int, float]:
     """Run waiting jobs until every job is complete on some machine; return {job index: run_job's value}."""
@@ -95,6 +134,9 @@ def run_queue(storage: str, kind: str, jobs: list[str], run_job: Callable[[int],
         with warnings.catch_warnings():  # experimental in Optuna 5, and what the sweep's own loop calls
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # a dead machine's job goes back into the queue
+        for number in fail_trials_without_heartbeat(study, sweep.GRACE_PERIOD_S):
+            logger.info(f"{kind}: trial {number} started {sweep.GRACE_PERIOD_S} s ago without a heartbeat "
+                        "(its machine died at once); queued again")
         states = job_states(study, jobs)
         if len(states["complete"]) == len(jobs):
             return states["complete"]

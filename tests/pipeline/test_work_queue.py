@@ -6,6 +6,7 @@ import json
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,49 @@ def test_a_dead_machines_bundle_is_taken_over_after_the_grace_period(tmp_path, m
     monkeypatch.setattr(sweep, "HEARTBEAT_INTERVAL_S", 1)
     monkeypatch.setattr(sweep, "GRACE_PERIOD_S", 2)
     monkeypatch.setattr(work_queue, "POLL_S", 0.2)
+    taken = []
+    values = run_queue(storage, "crossval", JOBS, lambda index: taken.append(index) or 1.0)
+    assert sorted(taken) == list(range(len(JOBS)))  # job 0, the dead machine's, included
+    assert values == {i: 1.0 for i in range(len(JOBS))}
+
+
+class PollLimit:
+    """Stands in for the queue's `time` module: its waits stop the test after `seconds` instead of polling on."""
+
+    def __init__(self, seconds: float):
+        self.deadline = time.monotonic() + seconds
+
+    def sleep(self, seconds: float) -> None:
+        if time.monotonic() > self.deadline:
+            raise TimeoutError("the queue still waits for a job nobody runs")
+        time.sleep(seconds)
+
+
+# A machine that takes a job and is killed before Optuna's heartbeat thread stores anything (ask() starts none).
+DIES_AT_ONCE = """
+import os, signal, sys
+from autoseg2d.pipeline import work_queue
+study = work_queue.open_queue(sys.argv[1], "crossval", {jobs}, lambda: None)
+study.ask()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_machine_killed_before_its_first_heartbeat_has_its_job_taken_over_after_the_grace_period(
+        tmp_path, monkeypatch):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    repo = Path(__file__).resolve().parents[2]
+    dying = subprocess.run([sys.executable, "-c", DIES_AT_ONCE.format(jobs=json.dumps(JOBS)), storage], cwd=repo,
+                           timeout=120)
+    assert dying.returncode == -signal.SIGKILL
+    study = work_queue.open_queue(storage, "crossval", JOBS, lambda: None)
+    running = study.get_trials(states=(work_queue.optuna.trial.TrialState.RUNNING,))
+    assert len(running) == 1 and not work_queue.has_heartbeat(study._storage, running[0]._trial_id)
+    assert work_queue.fail_trials_without_heartbeat(study, grace_period_s=3600) == []  # not yet past the grace
+    monkeypatch.setattr(sweep, "HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr(sweep, "GRACE_PERIOD_S", 1)
+    monkeypatch.setattr(work_queue, "POLL_S", 0.2)
+    monkeypatch.setattr(work_queue, "time", PollLimit(seconds=120))  # a job left running fails, not hangs
     taken = []
     values = run_queue(storage, "crossval", JOBS, lambda index: taken.append(index) or 1.0)
     assert sorted(taken) == list(range(len(JOBS)))  # job 0, the dead machine's, included
