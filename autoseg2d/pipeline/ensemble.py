@@ -7,6 +7,7 @@ so an interrupted prediction run continues where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -27,6 +28,7 @@ from autoseg2d.pipeline.crossval import validation_cases
 from autoseg2d.pipeline.greedy_members import (curve_markdown, curve_rows, ensure_stored, greedy_order, load_fold,
                                                members_per_fold)
 from autoseg2d.pipeline.inference import load_inferer
+from autoseg2d.pipeline.work_queue import run_queue
 from autoseg2d.atomic_files import atomic_path, write_text_atomic
 from autoseg2d.pipeline.workdir import WorkDir
 from autoseg2d.reporting.case_report import REPORT_CSV, REPORT_JSON, CaseReport, lesion_class_names
@@ -194,11 +196,20 @@ def out_of_fold_cases(predictor: EnsemblePredictor, ensemble: dict, *, training:
 
 
 def build_ensemble(work: WorkDir, records: list[dict], size: int, mode: str, selection: str = "fold_balanced",
-                   tolerance: float | None = None, *, training: Sequence[dict], dataroot: Path) -> dict:
+                   tolerance: float | None = None, storage: str | None = None, *, training: Sequence[dict],
+                   dataroot: Path) -> dict:
     """Pick members and post-processing (on out-of-fold predictions of the training cases), store them in
     ensemble/ensemble.json.
 
-    Greedy selection also writes and prints its members-vs-accuracy table (ensemble/member_selection.md)."""
+    Greedy selection also writes and prints its members-vs-accuracy table (ensemble/member_selection.md).
+    With a shared storage (--storage) the ensemble is one job of the work queue: one machine builds it,
+    the others wait for it to finish and read its ensemble.json.
+    """
+    if storage and not work.ensemble_file.exists():
+        settings = json.dumps([sorted(str(r["bundle"]) for r in records), size, mode, selection, tolerance])
+        job = f"{work.relative(work.ensemble_file)} of {hashlib.sha256(settings.encode()).hexdigest()[:10]}"
+        run_queue(storage, "ensemble", [job], lambda index: float(len(build_ensemble(
+            work, records, size, mode, selection, tolerance, training=training, dataroot=dataroot)["members"])))
     if work.ensemble_file.exists():
         logger.info(f"ensemble: reusing {work.relative(work.ensemble_file)}")
         return json.loads(work.ensemble_file.read_text())

@@ -165,3 +165,33 @@ def test_crossval_with_a_storage_trains_each_bundle_through_the_queue(tmp_path, 
     study = work_queue.optuna.load_study(study_name=work_queue.queue_name("crossval", [
         f"bundles/slices-{seed}/segresnet2d_{fold}" for seed in range(2) for fold in range(2)]), storage=storage)
     assert len(study.trials) == 4
+
+
+# A machine at the ensemble stage; building is replaced by a 2 s stand-in that marks who built.
+ENSEMBLE_MACHINE = """
+import json, os, sys, time
+from autoseg2d.pipeline import ensemble, sweep, work_queue
+from autoseg2d.pipeline.workdir import WorkDir
+sweep.HEARTBEAT_INTERVAL_S, sweep.GRACE_PERIOD_S, work_queue.POLL_S = 1, 2, 0.2
+def make(work, records, size, mode, selection, tolerance, training, dataroot):
+    (work.root / f"built_{os.getpid()}").write_text("")
+    time.sleep(2)
+    return {"mode": mode, "selection": selection, "members": records[:size], "built_by": os.getpid()}
+ensemble.make_ensemble = make
+records = [{"bundle": f"bundles/b{i}", "fold": i % 2, "score": 0.5} for i in range(4)]
+built = ensemble.build_ensemble(WorkDir.create(sys.argv[2]), records, 2, "mean", storage=sys.argv[1], training=(),
+                                dataroot=None)
+print(built["built_by"], flush=True)
+"""
+
+
+def test_machines_sharing_a_storage_build_the_ensemble_once_and_all_read_it(tmp_path):
+    storage, work = f"sqlite:///{tmp_path / 'shared.db'}", tmp_path / "work"
+    repo = Path(__file__).resolve().parents[2]
+    machines = [subprocess.Popen([sys.executable, "-c", ENSEMBLE_MACHINE, storage, str(work)], cwd=repo,
+                                 stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [m.communicate(timeout=180)[0].split() for m in machines]
+    assert [m.returncode for m in machines] == [0, 0]
+    builders = [p.name.split("_")[1] for p in work.glob("built_*")]
+    assert len(builders) == 1 and outputs == [builders, builders]
+    assert json.loads((work / "ensemble" / "ensemble.json").read_text())["built_by"] == int(builders[0])
