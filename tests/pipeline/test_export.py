@@ -132,3 +132,23 @@ def test_unfinished_work_dir_is_refused_and_nothing_is_written(finished_work, tm
     (tmp_path / "full" / "x").write_text("")
     with pytest.raises(ExportError, match="already exists and is not empty"):
         export_bundle(str(finished_work), str(tmp_path / "full"))
+
+
+def test_bundle_members_of_one_input_variant_read_each_scan_once(finished_work, ct_dataset, tmp_path, monkeypatch):
+    import importlib.util
+
+    bundle = tmp_path / "b"
+    export_bundle(str(finished_work), str(bundle))
+    spec = importlib.util.spec_from_file_location("exported_ensemble_inference",
+                                                  bundle / "scripts" / "ensemble_inference.py")
+    runner = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(runner)
+    ensemble = runner.EnsembleInference([str(bundle / "models" / f"member_{i}") for i in (0, 1)])
+    reads = []
+    original = runner.InferClass.read
+    monkeypatch.setattr(runner.InferClass, "read", lambda self, image: reads.append(image) or original(self, image))
+    scan = sorted((ct_dataset.parent / "imagesTs").iterdir())[0]
+    together = ensemble.probabilities(str(scan))
+    assert len(reads) == 1  # both members use the slices variant: one reading and windowing for both
+    alone = np.mean([member.infer(str(scan)).numpy() for member in ensemble.members], axis=0)
+    np.testing.assert_allclose(together, alone, atol=1e-5)

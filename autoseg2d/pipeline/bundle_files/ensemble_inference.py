@@ -37,12 +37,15 @@ class EnsembleInference:
         self.mode, self.postprocessing = mode, postprocessing or None
 
     def probabilities(self, image: str) -> np.ndarray:
-        total = None
+        """Mean class probabilities (or vote fractions), (C, X, Y, Z); members that read and window a scan
+        alike (equal InferClass.shared_inputs) read it once and run on the same batches."""
+        groups: dict = {}
         for member in self.members:
-            probs = member.infer(str(image)).numpy()
-            if self.mode == "vote":
-                probs = np.eye(probs.shape[0], dtype=np.float32)[probs.argmax(0)].transpose(3, 0, 1, 2)
-            total = probs if total is None else total + probs
+            groups.setdefault(member.shared_inputs, []).append(member)
+        total = None
+        for group in groups.values():
+            summed, _ = group[0].infer_together(str(image), group, self.mode == "vote")
+            total = summed if total is None else total + summed
         return total / len(self.members)
 
     def mask(self, probabilities: np.ndarray, spacing_mm: tuple) -> np.ndarray:
