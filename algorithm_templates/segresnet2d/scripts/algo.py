@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ from monai.bundle import ConfigParser
 
 from .bundle_config import (KEY_SEPARATOR, ConfigError, coerce_value, get_nested, set_nested, suggest_key,
                             translate_monai_keys)
+from .bundle_contract import launch_command, write_text_atomic
 from .planning import PlanningDefaults, derive_anisotropy, derive_settings
 
 logger = logging.getLogger(__name__)
@@ -48,15 +48,12 @@ class Segresnet2dAlgo(BundleAlgo):
         return _read_yaml(Path(str(self.template_path)) / self.name / "configs" / CONFIG_NAME)
 
     def _run_cmd(self, cmd: str, devices_info: str = "") -> subprocess.CompletedProcess:
-        """As BundleAlgo, except that a one-node multi-GPU run starts torchrun from this interpreter
-        (`python -m torch.distributed.run`), not a `torchrun` found on PATH that may belong to another
-        environment, and shows the training output live."""
+        """As BundleAlgo, except that a one-node multi-GPU run starts torchrun the way the driver does
+        (bundle_contract.launch_command: from this interpreter), and shows the training output live."""
         if int(self.device_setting["NUM_NODES"]) > 1 or int(self.device_setting["n_devices"]) <= 1:
             return super()._run_cmd(cmd, devices_info)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(self.device_setting["CUDA_VISIBLE_DEVICES"])}
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1",
-                    "--nproc_per_node", str(self.device_setting["n_devices"])]
-        return subprocess.run(launcher + cmd.split(), env=env, check=True)
+        return subprocess.run(launch_command(cmd.split(), int(self.device_setting["n_devices"])), env=env, check=True)
 
     def train(self, train_params: dict | None = None, device_setting: dict | None = None):
         """As BundleAlgo.train, with MONAI's key names mapped onto ours and keys only other Auto3DSeg
@@ -130,9 +127,7 @@ class Segresnet2dAlgo(BundleAlgo):
         for note in notes:
             logger.info(f"segresnet2d: {note}")
         header = "".join(f"# {line}\n" for line in ["Filled by Segresnet2dAlgo.fill_template_config.", *notes])
-        tmp = config_file.with_name(config_file.name + ".tmp")
-        tmp.write_text(header + yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
-        os.replace(tmp, config_file)
+        write_text_atomic(config_file, header + yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
         return {CONFIG_NAME: config}
 
     def _classes_with_names(self, output_classes: int, class_names: list[str]) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bundle_contract import atomic_path
 from volumes import Volume, case_name, describe_files, load_volume
 
 
@@ -68,7 +69,5 @@ def _write_entry(volume: Volume, names: dict[str, Path]) -> None:
     names["image"].parent.mkdir(parents=True, exist_ok=True)
     for part, path in names.items():
         data = arrays[part] if part == "affine" else np.moveaxis(arrays[part], -1, 0)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
+        with atomic_path(path) as temporary, open(temporary, "wb") as f:
             np.save(f, np.ascontiguousarray(data))
-        os.replace(tmp, path)

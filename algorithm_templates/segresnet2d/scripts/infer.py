@@ -14,12 +14,12 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules; MONAI loads this file by path
 
 import fire  # noqa: E402
-import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from monai.data import MetaTensor  # noqa: E402
 
 from bundle_config import ENSEMBLE_ONLY_KEYS, load_config  # noqa: E402
+from bundle_contract import BundleFiles, write_mask  # noqa: E402
 from datalist_split import read_datalist, testing_files  # noqa: E402
 from gpu_memory import MemorySettings, explain_out_of_memory  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
@@ -36,7 +36,8 @@ class InferClass:
     def __init__(self, config_file: str | list[str] | None = None, **override):
         override = {k: v for k, v in override.items() if k not in ENSEMBLE_ONLY_KEYS}
         config = load_config(config_file or str(DEFAULT_CONFIG), **override)
-        checkpoint_path = Path(config["ckpt_path"]) / "model.pt"
+        files = BundleFiles(Path(config["ckpt_path"]))
+        checkpoint_path = files.model
         if not checkpoint_path.is_file():
             raise FileNotFoundError(
                 f"no trained model at {checkpoint_path}; train this bundle first (scripts/train.py)")
@@ -51,7 +52,7 @@ class InferClass:
         network = None
         if choose_runtime(config["infer_cpu_runtime"], self.device) == "openvino":
             bf16 = autocast_dtype(self.device, config["amp"], config["infer_cpu_bf16"]) is not None
-            network = OpenVINONetwork(model, len(plan), checkpoint_path.with_name("model_openvino.xml"), bf16)
+            network = OpenVINONetwork(model, len(plan), files.openvino_model, bf16)
         self.predictor = SlicePredictor(model, plan, windows, shape_divisor(config["network"]["blocks_down"]),
                                         config["infer_batch_size"], self.device, config["amp"],
                                         config["infer_cpu_bf16"], config["infer_tta"], head_crop(config), network)
@@ -92,16 +93,7 @@ class InferClass:
         """Write the argmax mask as uint8 NIfTI with the input's file name, affine and header."""
         probabilities = self.infer(image_file)
         _, affine, header = read_image(image_file, case_name(image_file))
-        mask = probabilities.argmax(0).numpy().astype(np.uint8)
-        header = header.copy()
-        header.set_data_dtype(np.uint8)
-        header["scl_slope"], header["scl_inter"] = 1, 0
-        target = Path(output_dir) / Path(image_file).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(".tmp_" + target.name)
-        nib.save(nib.Nifti1Image(mask, affine, header), tmp)
-        os.replace(tmp, target)
-        return target
+        return write_mask(probabilities.argmax(0).numpy(), affine, header, Path(output_dir) / Path(image_file).name)
 
 
 def head_crop(config: dict) -> HeadCrop | None:

@@ -11,11 +11,12 @@ is newer.
 from __future__ import annotations
 
 import importlib.util
-import os
 import warnings
 from pathlib import Path
 
 import torch
+
+from bundle_contract import BundleFiles, atomic_path
 
 INFER_RUNTIMES = ("auto", "torch", "openvino")
 EXAMPLE_INPUT_PX = 64  # the size of the example slice that conversion traces; any multiple of the divisor works
@@ -63,7 +64,7 @@ def load_or_convert(model: torch.nn.Module, in_channels: int, cache: Path | None
     else converted from the torch model and written there (under temporary names, then renamed)."""
     import openvino as ov
 
-    checkpoint = cache.with_name("model.pt") if cache is not None else None
+    checkpoint = BundleFiles(cache.parent).model if cache is not None else None
     if cache is not None and cache.is_file() and cache.with_suffix(".bin").is_file() and \
             (checkpoint is None or not checkpoint.exists() or cache.stat().st_mtime >= checkpoint.stat().st_mtime):
         return ov.Core().read_model(str(cache))
@@ -72,11 +73,11 @@ def load_or_convert(model: torch.nn.Module, in_channels: int, cache: Path | None
         converted = ov.convert_model(model.eval(), example_input=example,
                                      input=[ov.PartialShape([-1, in_channels, -1, -1])])
     if cache is not None:
-        temporary = cache.with_name(f".tmp_{os.getpid()}_{cache.name}")
+        # OpenVINO writes the .bin beside the .xml it is given, so the two temporary names pair up the same way;
+        # the .bin is renamed first, and a reader never finds a new .xml beside old weights.
         try:
-            ov.save_model(converted, str(temporary), compress_to_fp16=False)
-            os.replace(temporary.with_suffix(".bin"), cache.with_suffix(".bin"))
-            os.replace(temporary, cache)
+            with atomic_path(cache) as temporary, atomic_path(cache.with_suffix(".bin")):
+                ov.save_model(converted, str(temporary), compress_to_fp16=False)
         except OSError as err:  # a read-only model folder (an exported bundle): convert again next time
             warnings.warn(f"could not keep the OpenVINO model at {cache} ({err}); it is converted on every start")
     return converted

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import os
 import random
 import sys
 import time
@@ -12,11 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from monai.data import DataLoader
 from monai.metrics import compute_dice
 from monai.networks.utils import one_hot
 
+from bundle_contract import (FINISHED_KEYS, LOG_COLUMNS, SCORE_KEY, BundleFiles, append_event, atomic_path,
+                             mark_finished, read_progress, write_progress, write_text_atomic)
 from cache import cached_volume
 from datalist_split import read_datalist, split_by_fold
 from distributed import (Session, check_replicas_agree, gather_lists, rank_logger, rank_seed,
@@ -29,21 +29,12 @@ from slice_dataset import Augmentation, SliceDataset, SliceSampler, foreground_p
 from gpu_memory import MemorySettings, explain_out_of_memory
 from volumes import Volume, VolumeError, check_training_case
 
-LOG_COLUMNS = ["epoch", "loss", "val_dice", "learning_rate", "epoch_time_s"]
-FINISHED_KEYS = ("finished", "num_epochs", "num_steps")  # added to the last progress.yaml entry at the end
 INPUT_KEYS = ("modality", "input_variant", "num_adjacent_slices", "ct_windows_hu", "output_classes", "network")
 
 
 def atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as temporary:
+        torch.save(obj, temporary)
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -95,9 +86,9 @@ class Trainer:
         self.config = config
         self.run = run or Session()  # one process unless train.py runs under torchrun
         self.device = self.run.device
-        self.ckpt_dir = Path(config["ckpt_path"])
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        self.log = make_logger(self.ckpt_dir / "training.log") if self.run.is_main else rank_logger(self.run)
+        self.files = BundleFiles(Path(config["ckpt_path"]))
+        self.files.ckpt_path.mkdir(parents=True, exist_ok=True)
+        self.log = make_logger(self.files.text_log) if self.run.is_main else rank_logger(self.run)
         self.cache_dir = None if config["cache_in_memory"] else Path(config["cache_dir"])
         seed_everything(config["seed"], config["deterministic"])
 
@@ -184,6 +175,7 @@ class Trainer:
                 self._save_best(epoch)
             self._record(epoch, loss, dice, lr, time.time() - started)
             self._save_resume_state(epoch)
+            self._publish(epoch, loss, dice)
         if self.run.distributed:
             self.log.info(f"weights agree across {self.run.world_size} processes "
                           f"(checksum {check_replicas_agree(self.model, self.run):.6e})")
@@ -223,7 +215,7 @@ class Trainer:
     def _record(self, epoch: int, loss: float, dice: float | None, lr: float, seconds: float) -> None:
         if not self.run.is_main:  # only rank 0 writes files
             return
-        log_csv = self.ckpt_dir / "training_log.csv"
+        log_csv = self.files.training_log
         new = not log_csv.exists()
         with open(log_csv, "a", newline="") as f:
             writer = csv.writer(f)
@@ -236,26 +228,30 @@ class Trainer:
         self.log.info(f"epoch {epoch + 1}/{self.num_epochs} loss {loss:.4f}{dice_text} "
                       f"lr {lr:.2e} {seconds:.1f}s eta {remaining / 60:.1f}min")
 
+    def _publish(self, epoch: int, loss: float, dice: float | None) -> None:
+        """The epoch's event, for the driver's progress bar and pruning; last, so that a driver that stops
+        the training on it finds the epoch saved."""
+        if self.run.is_main:
+            append_event(self.files.events, epoch + 1, self.num_epochs, loss, dice)
+
     def _save_best(self, epoch: int) -> None:
         if not self.run.is_main:
             return
-        atomic_save({"state_dict": self.model.state_dict(), "epoch": epoch + 1, "best_avg_dice_score": self.best_dice,
-                     "inputs": {k: self.config[k] for k in INPUT_KEYS}}, self.ckpt_dir / "model.pt")
-        progress_file = self.ckpt_dir / "progress.yaml"
-        progress = yaml.safe_load(progress_file.read_text()) if progress_file.exists() else []
-        progress.append({"best_avg_dice_score": self.best_dice, "best_epoch": epoch + 1,
+        atomic_save({"state_dict": self.model.state_dict(), "epoch": epoch + 1, SCORE_KEY: self.best_dice,
+                     "inputs": {k: self.config[k] for k in INPUT_KEYS}}, self.files.model)
+        progress = read_progress(self.files.progress)
+        progress.append({SCORE_KEY: self.best_dice, "best_epoch": epoch + 1,
                          "input_variant": self.config["input_variant"], "fold": self.config["fold"]})
-        atomic_write_text(yaml.safe_dump(progress, sort_keys=False), progress_file)
+        write_progress(self.files.progress, progress)
 
     def _save_finished(self) -> None:
         """Mark the last progress.yaml entry (the one MONAI's get_score reads): the whole budget ran."""
         if not self.run.is_main:
             return
-        progress_file = self.ckpt_dir / "progress.yaml"
-        progress = yaml.safe_load(progress_file.read_text()) if progress_file.exists() else []
+        progress = read_progress(self.files.progress)
         if progress:
-            progress[-1].update(finished=True, num_epochs=self.num_epochs, num_steps=self.budget.total_steps)
-            atomic_write_text(yaml.safe_dump(progress, sort_keys=False), progress_file)
+            mark_finished(progress, self.num_epochs, self.budget.total_steps)
+            write_progress(self.files.progress, progress)
 
     def _save_resume_state(self, epoch: int) -> None:
         if not self.run.is_main:
@@ -263,13 +259,14 @@ class Trainer:
         atomic_save({"epoch": epoch + 1, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                      "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                      "best_dice": self.best_dice, "best_epoch": self.best_epoch, "rng": rng_states()},
-                    self.ckpt_dir / "model_last.pt")
+                    self.files.last_model)
 
     def _resume(self) -> int:
-        path = self.ckpt_dir / "model_last.pt"
+        path = self.files.last_model
         if not self.config["resume"] or not path.exists():
-            for stale in () if not self.run.is_main else ("training_log.csv", "progress.yaml", "model.pt"):
-                (self.ckpt_dir / stale).unlink(missing_ok=True)
+            for stale in () if not self.run.is_main else (self.files.training_log, self.files.progress,
+                                                          self.files.model):
+                stale.unlink(missing_ok=True)
             return 0
         state = torch.load(path, map_location=self.device, weights_only=False)
         self.model.load_state_dict(state["model"])
@@ -288,20 +285,18 @@ class Trainer:
         """Drop log rows of epochs after the checkpoint: a killed run may have logged one more, or half a row."""
         if not self.run.is_main:
             return
-        log_csv = self.ckpt_dir / "training_log.csv"
+        log_csv = self.files.training_log
         if log_csv.exists():
             rows = list(csv.reader(log_csv.open()))
             kept = [r for r in rows if len(r) == len(LOG_COLUMNS) and r[0].isdigit() and int(r[0]) <= epochs_done]
-            atomic_write_text("".join(",".join(r) + "\n" for r in [LOG_COLUMNS, *kept]), log_csv)
+            write_text_atomic(log_csv, "".join(",".join(r) + "\n" for r in [LOG_COLUMNS, *kept]))
 
     def _truncate_progress(self, epochs_done: int) -> None:
         """Drop progress.yaml entries newer than the checkpoint (killed between saving model.pt and model_last.pt)."""
         if not self.run.is_main:
             return
-        progress_file = self.ckpt_dir / "progress.yaml"
-        if progress_file.exists():
-            progress = yaml.safe_load(progress_file.read_text()) or []
-            kept = [{k: v for k, v in p.items() if k not in FINISHED_KEYS} for p in progress
-                    if p.get("best_epoch", 0) <= epochs_done]  # training goes on: not finished any more
-            if kept != progress:
-                atomic_write_text(yaml.safe_dump(kept, sort_keys=False), progress_file)
+        progress = read_progress(self.files.progress)
+        kept = [{k: v for k, v in p.items() if k not in FINISHED_KEYS} for p in progress
+                if p.get("best_epoch", 0) <= epochs_done]  # training goes on: not finished any more
+        if kept != progress:
+            write_progress(self.files.progress, kept)

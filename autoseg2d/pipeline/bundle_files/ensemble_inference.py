@@ -19,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the template's
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 
+from bundle_contract import write_mask  # noqa: E402
 from infer import InferClass  # noqa: E402
 from postprocess import apply_multiclass_postprocessing, apply_postprocessing  # noqa: E402
 
@@ -68,20 +69,8 @@ class EnsembleInference:
             source = nib.load(str(image))
             spacing = tuple(float(z) for z in source.header.get_zooms()[:3])
             mask = self.mask(self.probabilities(str(image)), spacing)
-            written.append(write_mask(mask, source, Path(output_dir) / image.name))
+            written.append(str(write_mask(mask, source.affine, source.header, Path(output_dir) / image.name)))
             volume_ml = float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
             print(f"{image.name}: hemorrhage {volume_ml:.2f} mL, {time.time() - started:.1f}s -> {written[-1]}",
                   flush=True)
         return written
-
-
-def write_mask(mask: np.ndarray, source: nib.Nifti1Image, target: Path) -> str:
-    """Write under a temporary name and rename, so a killed run leaves no half-written mask."""
-    header = source.header.copy()
-    header.set_data_dtype(np.uint8)
-    header["scl_slope"], header["scl_inter"] = 1, 0
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{os.getpid()}.tmp.{target.name}")
-    nib.save(nib.Nifti1Image(mask.astype(np.uint8), source.affine, header), str(temporary))
-    os.replace(temporary, target)
-    return str(target)
