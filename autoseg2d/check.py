@@ -10,26 +10,20 @@ so one run lists everything to fix. The per-file checks are the template's own
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.machinery
-import importlib.util
 import json
 import logging
 import os
 import shutil
-import sys
 import tempfile
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 
 from autoseg2d.atomic_files import write_json_atomic
 from autoseg2d.datalist import DatalistError, read_class_names, read_datalist, validate_folds
 from autoseg2d.pipeline.profiles import default_modality, default_num_folds
-from autoseg2d.templates import template_config, template_dir
+from autoseg2d.templates import template_config, template_module
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +39,6 @@ MAX_LABEL_ID = 20
 UINT8_LABEL_LIMIT = 256  # check_training_case bound that never fires: the data's own ids are checked here
 REPORT_NAME = "input_check.json"
 CLEANED_DATALIST_NAME = "datalist_checked.json"
-_LOADING = threading.RLock()
-TEMPLATE_PACKAGE = "segresnet2d_template"  # the name the driver imports the template's scripts under
 
 
 class InputCheckError(ValueError):
@@ -55,18 +47,6 @@ class InputCheckError(ValueError):
     def __init__(self, message: str, report: dict):
         super().__init__(message)
         self.report = report
-
-
-def template_module(name: str) -> ModuleType:
-    """A template script, imported as a module of the package TEMPLATE_PACKAGE whose folder is the template's
-    scripts/: the template is self-contained and must never import autoseg2d, and its package-relative
-    imports (planning's `from .ct_windows import`) resolve to the same folder."""
-    with _LOADING:
-        if TEMPLATE_PACKAGE not in sys.modules:
-            spec = importlib.machinery.ModuleSpec(TEMPLATE_PACKAGE, None, is_package=True)
-            spec.submodule_search_locations = [str(template_dir() / "scripts")]
-            sys.modules[TEMPLATE_PACKAGE] = importlib.util.module_from_spec(spec)
-        return importlib.import_module(f"{TEMPLATE_PACKAGE}.{name}")
 
 
 def derive_required_disk_gb(num_folds: int) -> float:

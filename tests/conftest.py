@@ -1,7 +1,10 @@
 """Shared fixtures: small synthetic head-CT sets and fast training settings.
 
 The template's scripts are put on sys.path the way a bundle's train.py sees them
-(plain sibling modules), so tests import e.g. ``inputs`` and ``volumes`` directly.
+(plain sibling modules), so tests import e.g. ``inputs`` and ``volumes`` directly. Plain
+sys.path is right here, not autoseg2d.templates' loader: the tests exercise the template as
+MONAI runs it (one scripts folder, plain names), and that loader keeps every copy it loads out
+of sys.modules, so the driver's copies and these never mix.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Training curves (loss, validation Dice, learning rate per epoch) from the trainer's log CSV.
 
-The trainer writes ``<bundle>/model/training_log.csv`` with the columns in
-:data:`LOG_COLUMNS`; ``val_dice`` is empty on epochs without validation.
+The trainer writes training_log.csv in its bundle's ckpt_path with the columns that the
+template's bundle_contract.LOG_COLUMNS names; ``val_dice`` is empty on epochs without validation.
 """
 
 from __future__ import annotations
@@ -15,31 +15,32 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from autoseg2d.atomic_files import atomic_path
+from autoseg2d.templates import CONTRACT, template_module
 
-LOG_COLUMNS = ("epoch", "loss", "val_dice", "learning_rate", "epoch_time_s")
 CURVES_PNG = "training_curves.png"
 
 
 def read_training_log(path: str | Path) -> dict[str, np.ndarray]:
     """Columns of the log as float arrays; an empty cell (no validation that epoch) becomes NaN."""
     path = Path(path)
+    columns = template_module(CONTRACT).LOG_COLUMNS
     with open(path, newline="", encoding="utf-8") as stream:
         reader = csv.DictReader(stream)
-        missing = [column for column in LOG_COLUMNS if column not in (reader.fieldnames or [])]
+        missing = [column for column in columns if column not in (reader.fieldnames or [])]
         if missing:
             raise ValueError(
-                f"training log {str(path)!r} lacks columns {missing}; expected header {','.join(LOG_COLUMNS)}."
+                f"training log {str(path)!r} lacks columns {missing}; expected header {','.join(columns)}."
             )
         rows = list(reader)
     if not rows:
         raise ValueError(f"training log {str(path)!r} has a header but no epochs yet; plot after the first epoch.")
-    columns: dict[str, np.ndarray] = {}
-    for column in LOG_COLUMNS:
+    log: dict[str, np.ndarray] = {}
+    for column in columns:
         try:
-            columns[column] = np.array([float(row[column]) if row[column].strip() else math.nan for row in rows])
+            log[column] = np.array([float(row[column]) if row[column].strip() else math.nan for row in rows])
         except ValueError as error:
             raise ValueError(f"training log {str(path)!r}, column {column!r}: {error}") from error
-    return columns
+    return log
 
 
 def plot_training_curves(log_csv: str | Path, output_png: str | Path | None = None) -> Path:

@@ -12,9 +12,8 @@ import torch
 import yaml
 from monai.apps.auto3dseg import DataAnalyzer
 
-from autoseg2d.check import template_module
 from autoseg2d.pipeline.workdir import WorkDir
-from autoseg2d.templates import template_config
+from autoseg2d.templates import template_config, template_module
 
 logger = logging.getLogger(__name__)
 

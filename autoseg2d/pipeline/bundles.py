@@ -13,14 +13,15 @@ import fcntl
 import hashlib
 import json
 import logging
-import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import yaml
@@ -30,13 +31,12 @@ from tqdm import tqdm
 from autoseg2d.evaluation.curves import plot_training_curves
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.pipeline.context import RunContext
-from autoseg2d.templates import ALGO_NAME, templates_root
+from autoseg2d.templates import ALGO_NAME, BUNDLE_CONFIG, bundle_contract, bundle_files, templates_root
 
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
-VALIDATION_LINE = re.compile(r"epoch (\d+)/(\d+) .*val_dice ([0-9.]+)")
-EPOCH_LINE = re.compile(r"epoch (\d+)/(\d+) ")
+EVENT_POLL_S = 0.5  # how often the driver reads the trainer's new events
 FAILURE_TAIL_LINES = 15  # of the trainer's output, shown when it fails
 QUIET_DURING_GENERATION = ("segresnet2d", "monai.apps.auto3dseg.bundle_gen")  # per-fold lines; notes logged once
 
@@ -112,32 +112,36 @@ def _quiet(names: tuple[str, ...]) -> Iterator[None]:
 
 
 def bundle_config(bundle: Path) -> dict:
-    return yaml.safe_load((bundle / "configs" / "hyper_parameters.yaml").read_text())
+    return yaml.safe_load((bundle / BUNDLE_CONFIG).read_text())
 
 
 def is_trained(bundle: Path) -> bool:
     """Finished when the trainer marked its last progress.yaml entry (the whole budget ran) and model.pt exists."""
-    progress_file, model = bundle / "model" / "progress.yaml", bundle / "model" / "model.pt"
-    if not (progress_file.exists() and model.exists()):
-        return False
-    progress = yaml.safe_load(progress_file.read_text()) or []
-    return bool(progress) and bool(progress[-1].get("finished"))
+    files = bundle_files(bundle)
+    contract = bundle_contract(bundle)
+    return files.model.exists() and contract.is_finished(contract.read_progress(files.progress))
 
 
 def bundle_score(bundle: Path) -> float:
-    """The best validation Dice, read like MONAI's BundleAlgo.get_score (last entry of progress.yaml)."""
-    progress = yaml.safe_load((bundle / "model" / "progress.yaml").read_text())
-    return float(progress[-1]["best_avg_dice_score"])
+    """The best validation Dice: the last progress.yaml entry, as MONAI's BundleAlgo.get_score reads it.
+
+    Not get_score itself: that resolves ckpt_path with the bundle_root written at generation time, so a
+    moved or copied work dir would read the old place (bundle_files sets bundle_root to the folder).
+    """
+    files = bundle_files(bundle)
+    contract = bundle_contract(bundle)
+    return contract.best_score(contract.read_progress(files.progress), files.progress)
 
 
 def train_command(bundle: Path, overrides: dict) -> list[str]:
-    """The current interpreter runs train.py; torchrun when several GPUs are visible (as MONAI does)."""
-    script = str(bundle / "scripts" / "train.py")
-    launcher = [sys.executable]
-    if torch.cuda.device_count() > 1:
-        launcher += ["-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={torch.cuda.device_count()}"]
-    config = str(bundle / "configs" / "hyper_parameters.yaml")
-    return [*launcher, script, "run", f"--config_file={config}", *(f"--{k}={v}" for k, v in overrides.items())]
+    """The bundle's train.py started as its algo starts it (bundle_contract.launch_command), on every visible GPU.
+
+    The driver runs this command itself instead of Segresnet2dAlgo.train (MONAI's _create_cmd and _run_cmd),
+    because train() blocks until the training ends, while pruning must stop the running process.
+    """
+    script = [str(bundle / "scripts" / "train.py"), "run", f"--config_file={bundle / BUNDLE_CONFIG}",
+              *(f"--{k}={v}" for k, v in overrides.items())]
+    return bundle_contract(bundle).launch_command(script, torch.cuda.device_count())
 
 
 def _die_with_parent() -> None:
@@ -165,35 +169,27 @@ def train_bundle(bundle: Path, label: str, *, datalist: Path, dataroot: Path,
     """Train (or continue training) one bundle with a progress bar over epochs; returns its best validation Dice.
 
     The trainer's own lines go to its training.log; the console gets the bar and one line at the end.
-    ``on_validation(epoch, dice, num_epochs)`` is called for every validation line; returning True stops
-    the run (it can be continued later) and raises TrainingStopped.
+    The bar follows the events the trainer appends to its events file while it runs (bundle_contract);
+    ``on_validation(epoch, dice, num_epochs)`` is called for every validation there; returning True stops
+    the run (it can be continued later) and raises TrainingStopped. The trainer's output is kept only
+    for its last lines, shown when it fails.
     """
     if is_trained(bundle):
         logger.info(f"{label}: already trained (best Dice {bundle_score(bundle):.4f})")
         return bundle_score(bundle)
+    files, contract = bundle_files(bundle), bundle_contract(bundle)
     overrides = {"data_list_file_path": datalist, "data_file_base_dir": dataroot}
     started, tail = time.time(), deque(maxlen=FAILURE_TAIL_LINES)
     with exclusive(bundle):
+        offset = contract.events_end(files.events)  # events of earlier runs are not this run's
         process = subprocess.Popen(train_command(bundle, overrides), stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=_die_with_parent)
+        output = threading.Thread(target=lambda: tail.extend(line.rstrip() for line in process.stdout), daemon=True)
+        output.start()
         bar = tqdm(total=int(bundle_config(bundle)["num_epochs"]), desc=label, unit="epoch", leave=False,
                    dynamic_ncols=True, disable=None)  # drawn on a terminal only, not into logs
-        stopped, epochs_done = False, 0
         try:
-            for line in process.stdout:
-                tail.append(line.rstrip())
-                epoch, match = EPOCH_LINE.search(line), VALIDATION_LINE.search(line)
-                if epoch:
-                    bar.total = int(epoch.group(2))  # the trainer's count (num_steps may set it)
-                    bar.update(int(epoch.group(1)) - epochs_done)
-                    epochs_done = int(epoch.group(1))
-                if match:
-                    bar.set_postfix_str(f"val Dice {float(match.group(3)):.3f}")
-                if match and on_validation and on_validation(int(match.group(1)), float(match.group(3)),
-                                                             int(match.group(2))):
-                    stopped = True
-                    process.terminate()  # pruned; the bundle can be continued later
-                    break
+            stopped, epochs_done = follow_events(process, contract, files.events, offset, bar, on_validation)
         except BaseException:  # the driver is interrupted (Ctrl-C, an error): the trainer stops too
             process.terminate()
             process.wait()
@@ -201,6 +197,7 @@ def train_bundle(bundle: Path, label: str, *, datalist: Path, dataroot: Path,
         finally:
             bar.close()
         code = process.wait()
+        output.join()
     minutes = (time.time() - started) / 60
     if stopped:
         logger.info(f"{label}: pruned after epoch {epochs_done} ({minutes:.1f} min)")
@@ -208,8 +205,34 @@ def train_bundle(bundle: Path, label: str, *, datalist: Path, dataroot: Path,
     if code != 0:
         last = "\n".join(f"    {line}" for line in tail)
         raise TrainingError(f"{label}: training failed (exit code {code}); its last lines:\n{last}\n"
-                            f"  full log: {bundle / 'model' / 'training.log'}")
-    plot_training_curves(bundle / "model" / "training_log.csv")
+                            f"  full log: {files.text_log}")
+    plot_training_curves(files.training_log)
     logger.info(f"{label}: best Dice {bundle_score(bundle):.4f}, {epochs_done} epochs in {minutes:.1f} min "
-                f"(log: {bundle / 'model' / 'training.log'})")
+                f"(log: {files.text_log})")
     return bundle_score(bundle)
+
+
+def follow_events(process: subprocess.Popen, contract: ModuleType, events_file: Path, offset: int, bar: tqdm,
+                  on_validation: Callable[[int, float, int], bool] | None) -> tuple[bool, int]:
+    """Read the trainer's new events until it exits; returns (stopped by on_validation, epochs done).
+
+    The process is polled before the file is read, so the events of a trainer that has just exited are
+    all read once more before returning.
+    """
+    epochs_done = 0
+    while True:
+        running = process.poll() is None
+        events, offset = contract.read_events(events_file, offset)
+        for event in events:
+            bar.total = event["num_epochs"]  # the trainer's count (num_steps may set it)
+            bar.update(event["epoch"] - epochs_done)
+            epochs_done = event["epoch"]
+            if event["val_dice"] is None:
+                continue
+            bar.set_postfix_str(f"val Dice {event['val_dice']:.3f}")
+            if on_validation and on_validation(event["epoch"], event["val_dice"], event["num_epochs"]):
+                process.terminate()  # pruned; the bundle can be continued later
+                return True, epochs_done
+        if not running:
+            return False, epochs_done
+        time.sleep(EVENT_POLL_S)

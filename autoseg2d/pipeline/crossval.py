@@ -19,6 +19,7 @@ from autoseg2d.reporting.case_report import lesion_class_names
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.pipeline.work_queue import run_queue
 from autoseg2d.pipeline.context import RunContext
+from autoseg2d.templates import bundle_files
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +31,9 @@ def validation_cases(fold: int, *, training: Sequence[dict], dataroot: Path) -> 
 
 
 def evaluate_bundle(bundle: Path, fold: int, validation: list[dict]) -> list[dict]:
-    """Per-case metrics of a fold model on its own validation cases, {image, label} each (cached in
-    model/cv_metrics.json)."""
-    cache = bundle / "model" / "cv_metrics.json"
+    """Per-case metrics of a fold model on its own validation cases, {image, label} each (cached beside its
+    checkpoints)."""
+    cache = bundle_files(bundle).cv_metrics
     if cache.exists():
         return json.loads(cache.read_text())
     inferer = load_inferer(bundle)

@@ -20,6 +20,7 @@ from monai.bundle import ConfigParser
 from autoseg2d.pipeline.bundle_metadata import bundle_readme, inference_config, metadata
 from autoseg2d.pipeline.workdir import WorkDir, WorkDirError
 from autoseg2d.reporting.case_report import lesion_class_names
+from autoseg2d.templates import bundle_contract, bundle_files
 
 BUNDLE_FILES = Path(__file__).resolve().parent / "bundle_files"
 EVALUATION = Path(__file__).resolve().parents[1] / "evaluation"
@@ -77,7 +78,7 @@ def member_files(work: WorkDir, member: dict) -> dict:
     parser = ConfigParser()
     parser.read_config(str(config_file))
     parser["bundle_root"] = str(bundle)
-    checkpoint = Path(parser.get_parsed_content("ckpt_path")) / "model.pt"
+    checkpoint = bundle_files(bundle).model
     if not checkpoint.is_file():
         raise ExportError(f"ensemble member {member['bundle']} has no trained model ({checkpoint} is missing);"
                           f" finish training first: python run_autoseg.py ensemble --work_dir {work.root}")
@@ -90,7 +91,7 @@ def write_bundle(root: Path, work: WorkDir, ensemble: dict, members: list[dict])
     for index, member in enumerate(members):
         folder = root / "models" / f"member_{index}"
         folder.mkdir(parents=True)
-        shutil.copy2(member["checkpoint"], folder / "model.pt")
+        shutil.copy2(member["checkpoint"], bundle_contract(member["path"]).BundleFiles(folder).model)
         settings = {**member["config"], **{key: "" for key in PATH_KEYS}}
         (folder / MEMBER_CONFIG).write_text(json.dumps(settings, indent=1))  # JSON is YAML; no reformatting
     (root / "configs").mkdir()

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from autoseg2d.atomic_files import atomic_path
+from autoseg2d.templates import bundle_files
 
 LEVELS = 255  # uint8 steps from probability 0 to 1
 FOLDER = "cv_probabilities"
@@ -21,7 +22,7 @@ FOLDER = "cv_probabilities"
 
 def probabilities_folder(bundle: Path) -> Path:
     """Where a bundle keeps its validation cases' maps: beside its checkpoint and cv_metrics.json."""
-    return Path(bundle) / "model" / FOLDER
+    return bundle_files(bundle).ckpt_path / FOLDER
 
 
 def foreground_file(bundle: Path, case_id: str) -> Path:

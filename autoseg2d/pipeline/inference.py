@@ -2,22 +2,22 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from autoseg2d.templates import BUNDLE_CONFIG, bundle_module
+
 
 def load_inferer(bundle: Path):
-    """InferClass of one bundle, configured by the bundle's own config file."""
-    script = bundle / "scripts" / "infer.py"
-    name = "segresnet2d_infer_" + hashlib.sha1(str(script.resolve()).encode()).hexdigest()[:12]
-    spec = importlib.util.spec_from_file_location(name, script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.InferClass(str(bundle / "configs" / "hyper_parameters.yaml"))
+    """InferClass of one bundle, configured by the bundle's own config file.
+
+    Not MONAI's BundleAlgo.get_inferer: that executes each infer.py as sys.modules["InferClass"] and lets
+    its siblings land under their plain names, so in one process every ensemble member after the first
+    would run the first bundle's modules; templates.bundle_module loads each bundle's scripts on their own.
+    """
+    return bundle_module(bundle, "infer").InferClass(str(Path(bundle) / BUNDLE_CONFIG))
 
 
 def foreground(probabilities: np.ndarray) -> np.ndarray:

@@ -43,6 +43,14 @@ FOLDS = {
 }
 
 
+def bundle_folder(path: Path) -> Path:
+    """A bundle folder as far as the places of its files go: its config names ckpt_path, as BundleGen's does."""
+    config = path / "configs" / "hyper_parameters.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("bundle_root: ''\nckpt_path: \"$@bundle_root + '/model'\"\n")
+    return path
+
+
 def write_fold_data(tmp_path: Path) -> tuple[WorkDir, dict, list[dict]]:
     """Two validation cases per fold with labels on disk; each bundle stores maps of its own fold's cases only.
     Returns the work dir, the training cases ({training, dataroot}) and the cross-validation records."""
@@ -55,7 +63,7 @@ def write_fold_data(tmp_path: Path) -> tuple[WorkDir, dict, list[dict]]:
             nib.save(nib.Nifti1Image(truth, np.diag([*SPACING_MM, 1.0])), tmp_path / f"{case}_label.nii.gz")
             entries.append({"image": f"{case}.nii.gz", "label": f"{case}_label.nii.gz", "fold": fold})
         for name, (score, make) in bundles.items():
-            bundle = work.bundles / name / f"segresnet2d_{fold}"
+            bundle = bundle_folder(work.bundles / name / f"segresnet2d_{fold}")
             for number, case in enumerate(cases):
                 lesion = make(number + 10 * fold)
                 store_foreground(bundle, case, np.stack([1 - lesion, lesion]))
@@ -145,11 +153,11 @@ def test_cross_validation_stores_the_maps_it_predicts_and_old_bundles_predict_th
     lesion = lesion_map(0.7, 0.1)
     inferer = FixedInferer(lesion)
     monkeypatch.setattr(crossval, "load_inferer", lambda bundle: inferer)
-    bundle = work.bundles / "new" / "segresnet2d_0"
+    bundle = bundle_folder(work.bundles / "new" / "segresnet2d_0")
     crossval.evaluate_bundle(bundle, 0, crossval.validation_cases(0, **data))
     np.testing.assert_array_equal(load_foreground(bundle, "f0c0"), quantize(lesion))
     assert load_foreground(bundle, "f0c0").dtype == np.uint8
-    old = work.bundles / "old" / "segresnet2d_0"
+    old = bundle_folder(work.bundles / "old" / "segresnet2d_0")
     monkeypatch.setattr(greedy_members, "load_inferer", lambda bundle: inferer)
     inferer.seen.clear()
     greedy_members.ensure_stored(old, crossval.validation_cases(0, **data))

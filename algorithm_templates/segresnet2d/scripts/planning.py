@@ -21,9 +21,9 @@ import math
 from statistics import median
 from typing import NamedTuple
 
-if __package__:  # BundleGen imports algo.py, and the driver template modules, as a package
+if __package__:  # BundleGen imports algo.py (and so this module) as a package
     from .ct_windows import WINDOW_RULES, no_windows
-else:  # a bundle's scripts run as plain files, with their folder on sys.path
+else:  # a bundle's scripts run as plain files with their folder on sys.path, as autoseg2d.templates loads them
     from ct_windows import WINDOW_RULES, no_windows
 
 
