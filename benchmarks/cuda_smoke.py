@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from autoseg2d.synthetic import write_dataset  # noqa: E402
+from autoseg2d.templates import bundle_files  # noqa: E402
 
 
 def main() -> None:
@@ -30,7 +31,7 @@ def main() -> None:
     done = subprocess.run(command, capture_output=True, text=True, timeout=240)
     print(done.stdout[-3000:], done.stderr[-3000:])
     assert done.returncode == 0
-    log = (bundle / "model" / "training.log").read_text()
+    log = bundle_files(bundle).text_log.read_text()
     assert "on cuda" in log and "epoch 6/6" in log
     assert any((bundle / "cache").glob("*.image.npy")), "memory-mapped cache not written"
     print(json.dumps({"cuda_smoke": "ok", "device": torch.cuda.get_device_name(0)}))

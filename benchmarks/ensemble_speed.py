@@ -12,6 +12,8 @@ import torch
 
 from bench_common import SLICE_PX, TEMPLATE, template_config
 from autoseg2d.synthetic import make_head_ct, write_case  # noqa: E402  (after bench_common's sys.path)
+from autoseg2d.templates import bundle_files  # noqa: E402
+from bundle_contract import BundleFiles  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
 from network import NetworkSettings, build_network  # noqa: E402
 from predictor import cpu_has_native_bf16  # noqa: E402
@@ -52,14 +54,15 @@ def random_weight_bundles(work: Path, count: int, device: torch.device) -> list[
     for index in range(count):
         bundle = work / f"member_{index}" / "segresnet2d_0"
         shutil.copytree(TEMPLATE, bundle)
-        (bundle / "model").mkdir()
+        files = bundle_files(bundle)
+        files.ckpt_path.mkdir()
         torch.manual_seed(index)
         windows = windows_for(config["modality"], config["ct_windows_hu"])
         plan = channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"])
         model = build_network(NetworkSettings.from_config(config), len(plan))
         inputs = {key: config[key] for key in ("modality", "input_variant", "num_adjacent_slices", "ct_windows_hu",
                                                "output_classes", "network")}
-        torch.save({"state_dict": model.state_dict(), "inputs": inputs}, bundle / "model" / "model.pt")
+        torch.save({"state_dict": model.state_dict(), "inputs": inputs}, files.model)
         bundles.append(bundle)
     return bundles
 
@@ -101,7 +104,7 @@ def ensemble_paths(bundles: list[Path], precision: str) -> dict:
 
 
 def bundle_cache(member) -> Path:
-    return Path(member.config["ckpt_path"]) / "model_openvino.xml"
+    return BundleFiles(Path(member.config["ckpt_path"])).openvino_model
 
 
 def convert_for_openvino(bundles: list[Path]) -> float:
