@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 EVENT_POLL_S = 0.5  # how often the driver reads the trainer's new events
 FAILURE_TAIL_LINES = 15  # of the trainer's output, shown when it fails
+OUTPUT_DRAIN_S = 10  # wait at most this for the last output after the trainer exits (a stray child may hold it)
 QUIET_DURING_GENERATION = ("segresnet2d", "monai.apps.auto3dseg.bundle_gen")  # per-fold lines; notes logged once
 
 
@@ -197,7 +198,7 @@ def train_bundle(bundle: Path, label: str, *, datalist: Path, dataroot: Path,
         finally:
             bar.close()
         code = process.wait()
-        output.join()
+        output.join(timeout=OUTPUT_DRAIN_S)
     minutes = (time.time() - started) / 60
     if stopped:
         logger.info(f"{label}: pruned after epoch {epochs_done} ({minutes:.1f} min)")
