@@ -100,15 +100,15 @@ def test_pruning_and_the_progress_follow_the_trainers_validations(bundle, ct_dat
     trainer's own epochs and Dice (training_log.csv), and only those of the run it watches."""
     monkeypatch.setattr(bundles, "EVENT_POLL_S", 0.05)
     set_config(bundle, {**FAST_TRAINING, "num_epochs": 4, "num_epochs_per_validation": 2})
-    run = {"datalist": ct_dataset, "dataroot": ct_dataset.parent}
+    data = {"datalist": ct_dataset, "dataroot": ct_dataset.parent}
     first: list = []
     with pytest.raises(TrainingStopped):
-        train_bundle(bundle, run, "trial fold 0", lambda *call: first.append(call) or True)
+        train_bundle(bundle, "trial fold 0", **data, on_validation=lambda *call: first.append(call) or True)
     assert first == [(2, pytest.approx(validations(bundle)[2], abs=1e-5), 4)]
     assert not is_trained(bundle) and max(validations(bundle)) < 4  # stopped before its end
 
     calls: list = []
-    best = train_bundle(bundle, run, "trial fold 0", lambda *call: calls.append(call) or False)
+    best = train_bundle(bundle, "trial fold 0", **data, on_validation=lambda *call: calls.append(call) or False)
     done = validations(bundle)
     assert sorted(done) == [2, 4]
     assert calls == [(4, pytest.approx(done[4], abs=1e-5), 4)]  # not epoch 2 again: that was the pruned run's
