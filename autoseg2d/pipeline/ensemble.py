@@ -29,7 +29,7 @@ from autoseg2d.pipeline.greedy_members import (curve_markdown, curve_rows, ensur
                                                members_per_fold)
 from autoseg2d.pipeline.inference import load_inferer
 from autoseg2d.pipeline.work_queue import run_queue
-from autoseg2d.atomic_files import atomic_path, write_text_atomic
+from autoseg2d.atomic_files import write_mask, write_text_atomic
 from autoseg2d.pipeline.workdir import WorkDir
 from autoseg2d.reporting.case_report import REPORT_CSV, REPORT_JSON, CaseReport, lesion_class_names
 
@@ -253,16 +253,6 @@ def make_ensemble(work: WorkDir, records: list[dict], size: int, mode: str, sele
     return ensemble
 
 
-def write_mask(mask: np.ndarray, source: Path, target: Path) -> None:
-    """uint8 mask with the source's affine and header, written to a temporary name and renamed."""
-    image = nib.load(str(source))
-    header = image.header.copy()
-    header.set_data_dtype(np.uint8)
-    header["scl_slope"], header["scl_inter"] = 1, 0
-    with atomic_path(target) as temporary:
-        nib.save(nib.Nifti1Image(mask.astype(np.uint8), image.affine, header), str(temporary))
-
-
 def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir: Path,
                    sources: dict[str, str] | None = None) -> list[dict]:
     """Predict each image into output_dir under its own file name; finished files are kept, not redone.
@@ -286,10 +276,11 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
             report.keep_case(case_name(image), image, target, sources.get(case_name(image)))
             continue
         started = time.time()
-        spacing = tuple(float(z) for z in nib.load(str(image)).header.get_zooms()[:3])
+        source = nib.load(str(image))
+        spacing = tuple(float(z) for z in source.header.get_zooms()[:3])
         probabilities, member_masks = predictor.probabilities(image, return_members=True)
         mask = predictor.mask(probabilities, spacing)
-        write_mask(mask, image, target)
+        write_mask(mask, source.affine, source.header, target)
         voxel_ml = float(np.prod(spacing)) / 1000.0
         volume_ml = float((mask > 0).sum()) * voxel_ml
         class_ml = {name: float((mask == i).sum()) * voxel_ml for i, name in enumerate(names, 1)}

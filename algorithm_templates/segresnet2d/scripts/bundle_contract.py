@@ -100,6 +100,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     carries host and process id, so DDP ranks and machines sharing a folder never collide.
     """
     target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     temporary = target.with_name(f".tmp_{socket.gethostname()}-{os.getpid()}_{target.name}")
     try:
         yield temporary
@@ -119,11 +120,9 @@ def write_mask(mask: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header, t
     header = header.copy()
     header.set_data_dtype(np.uint8)
     header["scl_slope"], header["scl_inter"] = 1, 0
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as temporary:
         nib.save(nib.Nifti1Image(np.asarray(mask).astype(np.uint8), affine, header), str(temporary))
-    return target
+    return Path(target)
 
 
 def read_progress(path: str | Path) -> list[dict]:
