@@ -117,12 +117,9 @@ def bundle_contract(bundle: Path) -> ModuleType:
     return template_module(CONTRACT)
 
 
-def bundle_files(bundle: Path):
-    """The bundle's files (bundle_contract.BundleFiles), found from its config's ckpt_path.
-
-    As MONAI's BundleAlgo.get_score, ckpt_path is asked of the config; bundle_root is set to the folder
-    itself (as the trainer's load_config does), so a moved or copied work dir reads its own files.
-    """
+def bundle_config(bundle: Path) -> ConfigParser:
+    """The bundle's config, parsed as MONAI does, with bundle_root set to the folder itself (as the
+    trainer's load_config does), so a moved or copied work dir reads its own files."""
     bundle = Path(bundle)
     config_file = bundle / BUNDLE_CONFIG
     if not config_file.is_file():
@@ -131,5 +128,11 @@ def bundle_files(bundle: Path):
     parser = ConfigParser()
     parser.read_config(str(config_file))
     parser["bundle_root"] = str(bundle)
-    ckpt_path = parser.get_parsed_content("ckpt_path", default=str(bundle))
+    return parser
+
+
+def bundle_files(bundle: Path):
+    """The bundle's files (bundle_contract.BundleFiles), found, as MONAI's BundleAlgo.get_score does, from
+    its config's ckpt_path."""
+    ckpt_path = bundle_config(bundle).get_parsed_content("ckpt_path", default=str(bundle))
     return bundle_contract(bundle).BundleFiles(Path(ckpt_path))

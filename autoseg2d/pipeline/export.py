@@ -15,19 +15,17 @@ import shutil
 import socket
 from pathlib import Path
 
-from monai.bundle import ConfigParser
-
 from autoseg2d.pipeline.bundle_metadata import bundle_readme, inference_config, metadata
 from autoseg2d.pipeline.workdir import WorkDir, WorkDirError
 from autoseg2d.reporting.case_report import lesion_class_names
-from autoseg2d.templates import bundle_contract, bundle_files
+from autoseg2d.templates import BUNDLE_CONFIG, bundle_config, bundle_contract, bundle_files
 
 BUNDLE_FILES = Path(__file__).resolve().parent / "bundle_files"
 EVALUATION = Path(__file__).resolve().parents[1] / "evaluation"
 # Repository modules the bundle needs, copied into scripts/ with their package imports made sibling imports.
 COPIED_MODULES = {"postprocess.py": ("from autoseg2d.evaluation.metrics import", "from metrics import"),
                   "metrics.py": None}
-MEMBER_CONFIG = "hyper_parameters.yaml"
+MEMBER_CONFIG = BUNDLE_CONFIG.name
 PATH_KEYS = ("bundle_root", "data_file_base_dir", "data_list_file_path")  # meaningless outside the work dir
 
 
@@ -71,13 +69,11 @@ def finished_ensemble(work: WorkDir) -> dict:
 def member_files(work: WorkDir, member: dict) -> dict:
     """A member's bundle folder, config and checkpoint, found where the bundle's own config says."""
     bundle = work.absolute(member["bundle"])
-    config_file = bundle / "configs" / MEMBER_CONFIG
+    config_file = bundle / BUNDLE_CONFIG
     if not config_file.is_file():
         raise ExportError(f"ensemble member {member['bundle']} has no {config_file}; the work dir {work.root} is"
                           " incomplete: rerun the pipeline there (run_autoseg.py ensemble) before exporting")
-    parser = ConfigParser()
-    parser.read_config(str(config_file))
-    parser["bundle_root"] = str(bundle)
+    parser = bundle_config(bundle)
     checkpoint = bundle_files(bundle).model
     if not checkpoint.is_file():
         raise ExportError(f"ensemble member {member['bundle']} has no trained model ({checkpoint} is missing);"
