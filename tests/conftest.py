@@ -47,6 +47,19 @@ def ct_dataset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def foldless(tmp_path) -> Path:
+    """6 training cases without "fold" keys (the pipeline must split them) + 1 testing case; the datalist path."""
+    import json
+
+    datalist = write_dataset(tmp_path / "data", num_train=6, num_test=1, num_folds=2, size=32, num_slices=4)
+    content = json.loads(datalist.read_text())
+    for entry in content["training"]:
+        del entry["fold"]
+    datalist.write_text(json.dumps(content))
+    return datalist
+
+
+@pytest.fixture
 def bundle(tmp_path, ct_dataset) -> Path:
     """A copy of the template with paths filled by hand (no planning), ready for train.py."""
     import shutil

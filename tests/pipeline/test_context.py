@@ -18,16 +18,6 @@ from autoseg2d.synthetic import write_dataset
 from tests.conftest import TEMPLATES
 
 
-@pytest.fixture
-def foldless(tmp_path):
-    datalist = write_dataset(tmp_path / "data", num_train=6, num_test=1, num_folds=2, size=32, num_slices=4)
-    content = json.loads(datalist.read_text())
-    for entry in content["training"]:
-        del entry["fold"]
-    datalist.write_text(json.dumps(content))
-    return datalist
-
-
 def resolve_again(work, **options):
     asked = {"datalist": None, "dataroot": None, "profile": None, "modality": None, "num_folds": None,
              "storage": None, "skip_bad": False, **options}

@@ -10,17 +10,6 @@ import yaml
 from autoseg2d.pipeline.profiles import load_profile
 from autoseg2d.pipeline.runner import run_pipeline
 from autoseg2d.pipeline.workdir import WorkDirError
-from autoseg2d.synthetic import write_dataset
-
-
-@pytest.fixture
-def foldless(tmp_path):
-    datalist = write_dataset(tmp_path / "data", num_train=6, num_test=0, num_folds=2, size=32, num_slices=4)
-    content = json.loads(datalist.read_text())
-    for entry in content["training"]:
-        del entry["fold"]
-    datalist.write_text(json.dumps(content))
-    return datalist
 
 
 def check_stage(datalist, work, **options):
