@@ -127,6 +127,7 @@ def test_a_failed_picture_write_keeps_the_old_file_and_leaves_no_temporary(tmp_p
 
     volume = tmp_path / "case_001.nii.gz"
     with atomic_path(volume) as temporary:
-        assert temporary.name.endswith(".tmp.nii.gz")  # nibabel picks NIfTI + gzip from the extension
+        # nibabel picks NIfTI + gzip from the extension, so the temporary name keeps it
+        assert temporary.name.endswith(".nii.gz") and temporary.name != volume.name
         temporary.write_bytes(b"volume")
     assert volume.read_bytes() == b"volume"
