@@ -101,6 +101,13 @@ def test_a_typo_in_the_data_source_is_an_error_with_the_suggestion(tmp_path):
         filled(make_algo(tmp_path, num_epoch=3), tmp_path)
 
 
+def test_autorunners_own_keys_in_the_data_source_are_neither_settings_nor_typos(tmp_path):
+    """AutoRunner reads num_fold, work_dir, algos, ... from the same YAML; 'num_fold' is close to our 'fold'."""
+    config = filled(make_algo(tmp_path, num_fold=3, work_dir=str(tmp_path / "w"), algos=["segresnet2d"],
+                              ensemble=False), tmp_path)
+    assert config["fold"] == 1 and "num_fold" not in config and "algos" not in config
+
+
 def test_train_drops_other_algorithms_keys_before_the_command(tmp_path, monkeypatch):
     """AutoRunner's shared dict: MONAI's names are translated, other templates' keys never reach train.py."""
     algo = Segresnet2dAlgo(template_path=str(TEMPLATES))

@@ -22,6 +22,10 @@ logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "hyper_parameters.yaml"
 DATA_SOURCE_KEYS = ("modality", "datalist", "dataroot", "name", "task", "class_names", "sigmoid", "multigpu")
+# AutoRunner's own settings, which it also reads from the data-source YAML (MONAI's auto_runner.py)
+AUTORUNNER_KEYS = ("work_dir", "num_fold", "analyze", "algo_gen", "train", "hpo", "ensemble", "not_use_cache",
+                   "allow_skip", "algos", "hpo_backend", "templates_path_or_url", "mlflow_tracking_uri",
+                   "mlflow_experiment_name")
 MONAI_EXPORT_KEYS = ("fill_with_datastats", "gpu_customization", "gpu_customization_specs")
 
 
@@ -99,7 +103,8 @@ class Segresnet2dAlgo(BundleAlgo):
                                               device=device, gpu_memory_gb=memory)
             apply_settings(config, settings, "planning.derive_settings")
 
-        extras = translate_monai_keys({k: v for k, v in data_source.items() if k not in DATA_SOURCE_KEYS},
+        extras = translate_monai_keys({k: v for k, v in data_source.items()
+                                       if k not in DATA_SOURCE_KEYS + AUTORUNNER_KEYS},
                                       str(self.data_list_file))
         unknown = [k for k in extras if k.split(KEY_SEPARATOR)[0] not in config]
         typos = {k: suggest_key(k.split(KEY_SEPARATOR)[0], config) for k in unknown}
