@@ -31,7 +31,7 @@ from tqdm import tqdm
 from autoseg2d.evaluation.curves import plot_training_curves
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.pipeline.context import RunContext
-from autoseg2d.templates import ALGO_NAME, BUNDLE_CONFIG, bundle_contract, bundle_files, templates_root
+from autoseg2d.templates import ALGO_NAME, BUNDLE_CONFIG, bundle_config, bundle_contract, bundle_files, templates_root
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +112,6 @@ def _quiet(names: tuple[str, ...]) -> Iterator[None]:
             lg.setLevel(level)
 
 
-def bundle_config(bundle: Path) -> dict:
-    return yaml.safe_load((bundle / BUNDLE_CONFIG).read_text())
-
-
 def is_trained(bundle: Path) -> bool:
     """Finished when the trainer marked its last progress.yaml entry (the whole budget ran) and model.pt exists."""
     files = bundle_files(bundle)
@@ -176,8 +172,9 @@ def train_bundle(bundle: Path, label: str, *, datalist: Path, dataroot: Path,
     for its last lines, shown when it fails.
     """
     if is_trained(bundle):
-        logger.info(f"{label}: already trained (best Dice {bundle_score(bundle):.4f})")
-        return bundle_score(bundle)
+        score = bundle_score(bundle)
+        logger.info(f"{label}: already trained (best Dice {score:.4f})")
+        return score
     files, contract = bundle_files(bundle), bundle_contract(bundle)
     overrides = {"data_list_file_path": datalist, "data_file_base_dir": dataroot}
     started, tail = time.time(), deque(maxlen=FAILURE_TAIL_LINES)
@@ -208,9 +205,9 @@ def train_bundle(bundle: Path, label: str, *, datalist: Path, dataroot: Path,
         raise TrainingError(f"{label}: training failed (exit code {code}); its last lines:\n{last}\n"
                             f"  full log: {files.text_log}")
     plot_training_curves(files.training_log)
-    logger.info(f"{label}: best Dice {bundle_score(bundle):.4f}, {epochs_done} epochs in {minutes:.1f} min "
-                f"(log: {files.text_log})")
-    return bundle_score(bundle)
+    score = bundle_score(bundle)
+    logger.info(f"{label}: best Dice {score:.4f}, {epochs_done} epochs in {minutes:.1f} min (log: {files.text_log})")
+    return score
 
 
 def follow_events(process: subprocess.Popen, contract: ModuleType, events_file: Path, offset: int, bar: tqdm,
