@@ -40,6 +40,24 @@ TINY_NETWORK = {"network#init_filters": DEMO_TRAINING["network#init_filters"], "
                 "network#dsdepth": 2}
 
 
+def configured_bundle(target: Path, datalist: Path, **settings) -> Path:
+    """A copy of the template at `target` with FAST_TRAINING, the data paths and `settings` ('a#b' reaches nested
+    keys) written into its config, as BundleGen would have; returns the config file."""
+    import shutil
+
+    import yaml
+    from bundle_config import set_nested
+
+    shutil.copytree(TEMPLATE, target)
+    config_file = target / "configs" / "hyper_parameters.yaml"
+    config = yaml.safe_load(config_file.read_text())
+    for key, value in {**FAST_TRAINING, "bundle_root": str(target), "data_list_file_path": str(datalist),
+                       "data_file_base_dir": str(datalist.parent), **settings}.items():
+        set_nested(config, key, value, str(config_file))
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    return config_file
+
+
 @pytest.fixture(scope="session")
 def ct_dataset(tmp_path_factory) -> Path:
     """8 training cases (2 folds) + 2 testing cases of 64 x 64 x 12 CT; returns the datalist path."""

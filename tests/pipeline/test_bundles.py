@@ -9,6 +9,8 @@ import sys
 import pytest
 import yaml
 
+from bundle_config import set_nested
+
 from autoseg2d.pipeline import bundles
 from autoseg2d.pipeline.bundles import (TrainingError, TrainingStopped, bundle_score, describe, is_trained,
                                         train_bundle, train_command)
@@ -35,10 +37,7 @@ def set_config(bundle, settings: dict) -> None:
     config_file = bundle / "configs" / "hyper_parameters.yaml"
     config = yaml.safe_load(config_file.read_text())
     for key, value in settings.items():
-        node, (*parents, leaf) = config, key.split("#")
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_nested(config, key, value, str(config_file))
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
 
 

@@ -183,21 +183,15 @@ def trained_members(tmp_path_factory, ct_dataset):
     from bundle_config import load_config
     from trainer import Trainer
 
-    from tests.conftest import FAST_TRAINING, TEMPLATE
+    from tests.conftest import configured_bundle
 
     root = tmp_path_factory.mktemp("members")
     a = root / "a" / "segresnet2d_0"
-    shutil.copytree(TEMPLATE, a)
-    config_file = a / "configs" / "hyper_parameters.yaml"
-    config = yaml.safe_load(config_file.read_text())
-    config.update({k: v for k, v in FAST_TRAINING.items() if "#" not in k}, bundle_root=str(a), num_epochs=15,
-                  num_epochs_per_validation=15, data_list_file_path=str(ct_dataset),
-                  data_file_base_dir=str(ct_dataset.parent))
-    config["network"].update(init_filters=8, blocks_down=[1, 1, 1, 1], dsdepth=3)
-    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    config_file = configured_bundle(a, ct_dataset, num_epochs=15, num_epochs_per_validation=15)
     Trainer(load_config(str(config_file))).fit()
     b = root / "b" / "segresnet2d_0"
     shutil.copytree(a, b)
+    config = yaml.safe_load(config_file.read_text())
     config["infer_batch_size"] = 3
     (b / "configs" / "hyper_parameters.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     cases = [{"image": ct_dataset.parent / e["image"], "label": ct_dataset.parent / e["label"]}

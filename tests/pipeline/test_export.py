@@ -11,11 +11,10 @@ import jsonschema
 import nibabel as nib
 import numpy as np
 import pytest
-import yaml
 
 from autoseg2d.pipeline.export import ExportError, export_bundle
 from autoseg2d.pipeline.runner import predict
-from tests.conftest import FAST_TRAINING, TEMPLATE
+from tests.conftest import configured_bundle
 
 POSTPROCESSING = {"threshold": 0.5, "steps": [{"name": "remove_small_components", "min_volume_ml": 0.001}],
                   "rule": "hand-made for the test", "baseline": {}, "selected": {}, "evaluated": []}
@@ -25,14 +24,8 @@ def train_member(bundle, datalist, fold: int) -> float:
     from bundle_config import load_config
     from trainer import Trainer
 
-    shutil.copytree(TEMPLATE, bundle)
-    config_file = bundle / "configs" / "hyper_parameters.yaml"
-    config = yaml.safe_load(config_file.read_text())
-    config.update({k: v for k, v in FAST_TRAINING.items() if "#" not in k}, bundle_root=str(bundle), fold=fold,
-                  data_list_file_path=str(datalist), data_file_base_dir=str(datalist.parent), num_epochs=1,
-                  val_every=1, input_variant="slices")
-    config["network"].update(init_filters=8, blocks_down=[1, 1, 1, 1], dsdepth=3)
-    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    config_file = configured_bundle(bundle, datalist, fold=fold, num_epochs=1, num_epochs_per_validation=1,
+                                    input_variant="slices")
     return Trainer(load_config(str(config_file))).fit()
 
 

@@ -10,26 +10,13 @@ from bundle_config import load_config
 from infer import InferClass, run
 from trainer import Trainer
 
-from tests.conftest import FAST_TRAINING
+from tests.conftest import configured_bundle
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, ct_dataset):
-    import shutil
-
-    import yaml
-
-    from tests.conftest import TEMPLATE
-
     target = tmp_path_factory.mktemp("infer") / "segresnet2d_0"
-    shutil.copytree(TEMPLATE, target)
-    config_file = target / "configs" / "hyper_parameters.yaml"
-    config = yaml.safe_load(config_file.read_text())
-    config.update({k: v for k, v in FAST_TRAINING.items() if "#" not in k}, bundle_root=str(target),
-                  data_list_file_path=str(ct_dataset), data_file_base_dir=str(ct_dataset.parent), num_epochs=2,
-                  num_epochs_per_validation=1)
-    config["network"].update(init_filters=8, blocks_down=[1, 1, 1, 1], dsdepth=3)
-    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    config_file = configured_bundle(target, ct_dataset, num_epochs=2, num_epochs_per_validation=1)
     Trainer(load_config(str(config_file))).fit()
     return config_file
 
