@@ -31,6 +31,7 @@ BUNDLE_CONFIG = Path("configs") / "hyper_parameters.yaml"
 CONTRACT = "bundle_contract"  # the template module that owns the bundle's file names and formats
 
 _LOADED: dict[str, dict[str, ModuleType]] = {}  # digest of a scripts folder -> its modules, by plain name
+_DIGESTS: dict[tuple, str] = {}  # a scripts folder's file state -> scripts_digest
 _LOADING = threading.RLock()
 
 
@@ -49,15 +50,23 @@ def template_dir() -> Path:
 
 
 def template_config() -> Path:
-    return template_dir() / "configs" / "hyper_parameters.yaml"
+    return template_dir() / BUNDLE_CONFIG
 
 
 def scripts_digest(scripts: Path) -> str:
-    """What makes two scripts folders the same code: the names and bytes of their .py files."""
-    digest = hashlib.sha256()
-    for path in sorted(scripts.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
-    return digest.hexdigest()
+    """What makes two scripts folders the same code: the names and bytes of their .py files.
+
+    Hashed once per folder and file state (names, sizes, modification times): lookups happen per
+    bundle and case (greedy selection, the input check), and a folder's scripts rarely change.
+    """
+    files = sorted(scripts.glob("*.py"))
+    state = (str(scripts), *((path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in files))
+    if state not in _DIGESTS:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+        _DIGESTS[state] = digest.hexdigest()
+    return _DIGESTS[state]
 
 
 def load_scripts_module(scripts: Path, name: str) -> ModuleType:
