@@ -64,10 +64,14 @@ def open_queue(storage: str, kind: str, jobs: list[str], prepare: Callable[[], N
             logger.info(f"{kind}: waiting for the machine that fills the queue {name}")
             time.sleep(POLL_S)
         return study
-    prepare()
-    for index, job in enumerate(jobs):
-        study.enqueue_trial({JOB: index}, user_attrs={JOB: job})
-    study.set_user_attr("queued", len(jobs))
+    try:
+        prepare()
+        for index, job in enumerate(jobs):
+            study.enqueue_trial({JOB: index}, user_attrs={JOB: job})
+        study.set_user_attr("queued", len(jobs))
+    except BaseException:  # a queue never filled would keep every later machine and rerun waiting forever
+        optuna.delete_study(study_name=name, storage=rdb)
+        raise
     return study
 
 

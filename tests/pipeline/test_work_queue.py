@@ -140,6 +140,22 @@ def test_a_job_that_failed_elsewhere_stops_the_others_with_its_name(tmp_path, mo
         run_queue(storage, "crossval", JOBS[:1], lambda index: 1.0)
 
 
+def test_a_queue_whose_preparation_failed_is_made_again_by_the_next_run(tmp_path, monkeypatch):
+    """Before: the study stayed without its 'queued' mark and every later run waited for it forever."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.setattr(work_queue, "POLL_S", 0.1)
+
+    def failing_prepare() -> None:
+        raise RuntimeError("BundleGen failed")
+
+    with pytest.raises(RuntimeError, match="BundleGen failed"):
+        run_queue(storage, "crossval", JOBS[:2], lambda index: 1.0, prepare=failing_prepare)
+    monkeypatch.setattr(work_queue, "POLL_S", 10)  # the old code would now wait in 10 s steps, forever
+    started = time.time()
+    assert run_queue(storage, "crossval", JOBS[:2], lambda index: index / 10) == {0: 0.0, 1: 0.1}
+    assert time.time() - started < 10
+
+
 def test_crossval_with_a_storage_trains_each_bundle_through_the_queue(tmp_path, monkeypatch):
     from autoseg2d.pipeline import crossval
     from autoseg2d.pipeline.context import RunContext
