@@ -18,7 +18,7 @@ from pathlib import Path
 from autoseg2d.pipeline.bundle_metadata import bundle_readme, inference_config, metadata
 from autoseg2d.pipeline.workdir import WorkDir, WorkDirError
 from autoseg2d.reporting.case_report import lesion_class_names
-from autoseg2d.templates import BUNDLE_CONFIG, bundle_config, bundle_contract, bundle_files
+from autoseg2d.templates import BUNDLE_CONFIG, CONTRACT, bundle_config, bundle_contract, bundle_files, template_dir
 
 BUNDLE_FILES = Path(__file__).resolve().parent / "bundle_files"
 EVALUATION = Path(__file__).resolve().parents[1] / "evaluation"
@@ -113,6 +113,9 @@ def copy_scripts(members: list[dict], scripts: Path) -> None:
                               f" template scripts ({', '.join(differing)}); one bundle can hold only one version."
                               " Rebuild the ensemble from bundles of one template version")
     shutil.copytree(source, scripts, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    contract = scripts / f"{CONTRACT}.py"
+    if not contract.is_file():  # members made before the template had it write the same files; the runner needs it
+        shutil.copy2(template_dir() / "scripts" / contract.name, contract)
     for name, rewrite in COPIED_MODULES.items():
         text = (EVALUATION / name).read_text()
         if rewrite is not None:

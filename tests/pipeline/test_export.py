@@ -14,7 +14,7 @@ import pytest
 
 from autoseg2d.pipeline.export import ExportError, export_bundle
 from autoseg2d.pipeline.runner import predict
-from tests.conftest import configured_bundle
+from tests.conftest import TEMPLATE, configured_bundle
 
 POSTPROCESSING = {"threshold": 0.5, "steps": [{"name": "remove_small_components", "min_volume_ml": 0.001}],
                   "rule": "hand-made for the test", "baseline": {}, "selected": {}, "evaluated": []}
@@ -145,3 +145,15 @@ def test_bundle_members_of_one_input_variant_read_each_scan_once(finished_work, 
     assert len(reads) == 1  # both members use the slices variant: one reading and windowing for both
     alone = np.mean([member.infer(str(scan)).numpy() for member in ensemble.members], axis=0)
     np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_members_made_before_the_bundle_contract_get_the_templates_copy(tmp_path):
+    """The exported ensemble runner imports bundle_contract; older members' scripts lack it."""
+    from autoseg2d.pipeline.export import copy_scripts
+
+    member = tmp_path / "old_member"
+    shutil.copytree(TEMPLATE / "scripts", member / "scripts")
+    (member / "scripts" / "bundle_contract.py").unlink()
+    copy_scripts([{"path": member, "bundle": "old_member"}], tmp_path / "exported")
+    assert (tmp_path / "exported" / "bundle_contract.py").read_bytes() == \
+        (TEMPLATE / "scripts" / "bundle_contract.py").read_bytes()
