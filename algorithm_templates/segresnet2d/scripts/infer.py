@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules; MONAI loads this file by path
 
 import fire  # noqa: E402
+import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from monai.data import MetaTensor  # noqa: E402
@@ -26,7 +27,7 @@ from inputs import channel_plan, windows_for  # noqa: E402
 from network import NetworkSettings, build_network, shape_divisor  # noqa: E402
 from predictor import HeadCrop, SlicePredictor, autocast_dtype, predict_together  # noqa: E402
 from runtime import OpenVINONetwork, choose_runtime  # noqa: E402
-from volumes import Volume, case_name, from_ras, load_volume, read_image  # noqa: E402
+from volumes import Volume, from_ras, load_volume  # noqa: E402
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = BUNDLE_ROOT / "configs" / "hyper_parameters.yaml"
@@ -92,8 +93,9 @@ class InferClass:
     def write_mask(self, image_file: str, output_dir: str) -> Path:
         """Write the argmax mask as uint8 NIfTI with the input's file name, affine and header."""
         probabilities = self.infer(image_file)
-        _, affine, header = read_image(image_file, case_name(image_file))
-        return write_mask(probabilities.argmax(0).numpy(), affine, header, Path(output_dir) / Path(image_file).name)
+        source = nib.load(str(image_file))  # the header only: infer() has read and checked the voxels
+        return write_mask(probabilities.argmax(0).numpy(), source.affine, source.header,
+                          Path(output_dir) / Path(image_file).name)
 
 
 def head_crop(config: dict) -> HeadCrop | None:
