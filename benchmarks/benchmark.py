@@ -254,7 +254,10 @@ def machine() -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"### {results['machine'].get('gpu', results['machine']['cpu'])} ({results['device']})", ""]
+    machine = results["machine"]
+    lines = [f"### {machine.get('gpu', machine['cpu'])} ({results['device']})", "",
+             "detected: " + ", ".join(f"{key} {value}" for key, value in machine.items() if key not in ("gpu", "cpu")),
+             ""]
     for section, value in results.items():
         if section in ("machine", "device"):
             continue

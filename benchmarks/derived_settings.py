@@ -28,7 +28,8 @@ NUM_CASES = 10
 
 
 def main() -> None:
-    defaults = yaml.safe_load((TEMPLATE / "configs" / "hyper_parameters.yaml").read_text())
+    config = yaml.safe_load((TEMPLATE / "configs" / "hyper_parameters.yaml").read_text())
+    defaults = PlanningDefaults.from_config(config)  # once: the same for every set and device
     with tempfile.TemporaryDirectory() as tmp:
         for size, slices in SETS:
             root = Path(tmp) / f"ct{size}"
@@ -40,8 +41,7 @@ def main() -> None:
             data_stats = yaml.safe_load(stats.read_text())
             by_case = yaml.safe_load((root / "datastats_by_case.yaml").read_text())
             for device, gpu_gb in (("cpu", None), ("cuda", 80.0)):
-                settings, notes = derive_settings(data_stats, by_case, PlanningDefaults.from_config(defaults), "ct",
-                                                  device, gpu_gb)
+                settings, notes = derive_settings(data_stats, by_case, defaults, "ct", device, gpu_gb)
                 print(f"\n## {NUM_CASES} generated cases of {size} x {size} x {slices}, "
                       f"{device}{f' ({gpu_gb:g} GB)' if gpu_gb else ''}")
                 print(yaml.safe_dump(settings, default_flow_style=None, sort_keys=False).strip())

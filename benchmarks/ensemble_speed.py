@@ -47,9 +47,13 @@ def rss_gib() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**30
 
 
-def random_weight_bundles(work: Path, count: int, device: torch.device) -> list[Path]:
+def random_weight_bundles(work: Path, count: int) -> list[Path]:
     """`count` copies of the template with paper-model checkpoints of random weights (variant both)."""
     config = template_config(input_variant="both")
+    windows = windows_for(config["modality"], config["ct_windows_hu"])
+    plan = channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"])
+    inputs = {key: config[key] for key in ("modality", "input_variant", "num_adjacent_slices", "ct_windows_hu",
+                                           "output_classes", "network")}
     bundles = []
     for index in range(count):
         bundle = work / f"member_{index}" / "segresnet2d_0"
@@ -57,11 +61,7 @@ def random_weight_bundles(work: Path, count: int, device: torch.device) -> list[
         files = bundle_files(bundle)
         files.ckpt_path.mkdir()
         torch.manual_seed(index)
-        windows = windows_for(config["modality"], config["ct_windows_hu"])
-        plan = channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"])
         model = build_network(NetworkSettings.from_config(config), len(plan))
-        inputs = {key: config[key] for key in ("modality", "input_variant", "num_adjacent_slices", "ct_windows_hu",
-                                               "output_classes", "network")}
         torch.save({"state_dict": model.state_dict(), "inputs": inputs}, files.model)
         bundles.append(bundle)
     return bundles
@@ -125,7 +125,7 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
     image, warmup = work / "ensemble_case.nii.gz", work / "ensemble_warmup.nii.gz"
     write_case(case, image, None)
     write_case(make_head_ct(SLICE_PX, 2, head_mm=tuple(args.head_mm), seed=1), warmup, None)
-    bundles = random_weight_bundles(work, args.ensemble_members, device)
+    bundles = random_weight_bundles(work, args.ensemble_members)
     conversion_s = convert_for_openvino(bundles) if openvino_installed() else None
     native = cpu_has_native_bf16() and device.type == "cpu"
     precisions = ["bf16" if native else "fp32"] + (["fp32"] if native and args.ensemble_fp32 else [])
