@@ -5,6 +5,9 @@ Cross-validation puts one job per bundle in the queue; every machine takes the n
 A job runs as a trial with a heartbeat: when a machine dies, its job is failed after the sweep's
 grace period by whichever machine looks next, and queued again for another one. A machine killed
 before its trial's first heartbeat leaves nothing to go stale, so such a trial counts from its start.
+A job that raised (an error, a full disk, Ctrl-C) is failed; each run queues every failed job again
+once, at its start, so fixing the cause and running the same command again retries the failed jobs
+and keeps the complete ones, while a job that fails every time fails each run once, not forever.
 """
 
 from __future__ import annotations
@@ -76,14 +79,48 @@ def open_queue(storage: str, kind: str, jobs: list[str], prepare: Callable[[], N
 
 
 def job_states(study: optuna.Study, jobs: list[str]) -> dict[str, dict[int, float | None]]:
-    """For each state (complete, waiting, running, failed): job index -> the trial's value."""
-    names = {optuna.trial.TrialState.COMPLETE: "complete", optuna.trial.TrialState.WAITING: "waiting",
-             optuna.trial.TrialState.RUNNING: "running", optuna.trial.TrialState.FAIL: "failed"}
+    """For each state (complete, running, waiting, failed): job index -> the trial's value.
+
+    A job queued again has several trials; it counts once, by its most advanced one (complete, then
+    running, then waiting), so "failed" holds only the jobs whose every trial failed.
+    """
+    names = {optuna.trial.TrialState.COMPLETE: "complete", optuna.trial.TrialState.RUNNING: "running",
+             optuna.trial.TrialState.WAITING: "waiting", optuna.trial.TrialState.FAIL: "failed"}
+    rank = list(names)
+    best: dict[int, optuna.trial.FrozenTrial] = {}
+    for trial in study.get_trials(deepcopy=False, states=tuple(names)):
+        if trial.user_attrs.get(JOB) in jobs:
+            index = jobs.index(trial.user_attrs[JOB])
+            if index not in best or rank.index(trial.state) <= rank.index(best[index].state):
+                best[index] = trial
     states: dict[str, dict[int, float | None]] = {name: {} for name in names.values()}
-    for trial in study.get_trials(deepcopy=False):
-        if trial.user_attrs.get(JOB) in jobs and trial.state in names:
-            states[names[trial.state]][jobs.index(trial.user_attrs[JOB])] = trial.value
+    for index, trial in sorted(best.items()):
+        states[names[trial.state]][index] = trial.value
     return states
+
+
+def requeue_failed(study: optuna.Study, kind: str, jobs: list[str]) -> list[int]:
+    """Queue again, once, each job whose every trial failed; return their indices.
+
+    Two machines starting together may both queue a job again; the newer copy is not run while the
+    older one runs or has completed (is_duplicate), so at worst it is one more try after the older failed.
+    """
+    failed = sorted(job_states(study, jobs)["failed"])
+    for index in failed:
+        study.enqueue_trial({JOB: index}, user_attrs={JOB: jobs[index]})
+    if failed:
+        logger.info(f"{kind}: jobs {[jobs[i] for i in failed]} failed in an earlier run; queued again")
+    return failed
+
+
+def is_duplicate(study: optuna.Study, trial: optuna.Trial) -> bool:
+    """Whether the trial's job is complete or taken by an older trial (a job queued again twice at once)."""
+    for other in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                          optuna.trial.TrialState.RUNNING)):
+        if other.user_attrs.get(JOB) == trial.user_attrs[JOB] and other.number != trial.number and (
+                other.state == optuna.trial.TrialState.COMPLETE or other.number < trial.number):
+            return True
+    return False
 
 
 def has_heartbeat(storage: optuna.storages.RDBStorage, trial_id: int) -> bool:
@@ -126,11 +163,16 @@ def run_queue(storage: str, kind: str, jobs: list[str], run_job: Callable[[int],
     """Run waiting jobs until every job is complete on some machine; return {job index: run_job's value}."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_queue(storage, kind, jobs, prepare)
+    requeue_failed(study, kind, jobs)  # here only: a job failing during this run is not retried by it
 
     def objective(trial: optuna.Trial) -> float:
         if JOB not in trial.user_attrs:  # the last waiting job went to another machine first
             raise optuna.TrialPruned()
         index = trial.suggest_int(JOB, 0, len(jobs) - 1)
+        if is_duplicate(study, trial):
+            logger.info(f"{kind}: {jobs[index]} is complete or taken by an older trial; trial {trial.number} "
+                        "is a second copy and not run")
+            raise optuna.TrialPruned()
         logger.info(f"{kind}: this machine takes {jobs[index]} (trial {trial.number})")
         return run_job(index)
 
@@ -150,6 +192,6 @@ def run_queue(storage: str, kind: str, jobs: list[str], run_job: Callable[[int],
             time.sleep(POLL_S)  # the last jobs run on other machines
         else:
             lost = sorted(set(range(len(jobs))) - set(states["complete"]))
-            raise QueueError(f"{kind}: jobs {[jobs[i] for i in lost]} failed on the machine that ran them and "
-                             f"are not queued again (queue {study.study_name}); its log says why. Fix that, then "
-                             "run again with another --storage or delete that study")
+            raise QueueError(f"{kind}: jobs {[jobs[i] for i in lost]} failed during this run on the machine that "
+                             f"ran them (queue {study.study_name}); its log says why. Fix the cause and run the "
+                             "same command again: the failed jobs are retried, the complete ones are kept")

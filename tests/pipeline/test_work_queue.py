@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -127,17 +128,99 @@ def test_a_machine_killed_before_its_first_heartbeat_has_its_job_taken_over_afte
     assert values == {i: 1.0 for i in range(len(JOBS))}
 
 
-def test_a_job_that_failed_elsewhere_stops_the_others_with_its_name(tmp_path, monkeypatch):
+def test_a_job_that_failed_elsewhere_during_the_run_stops_the_others_with_its_name(tmp_path, monkeypatch):
+    """A job another machine fails during this run is not retried by it: the run ends, saying to run again."""
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     monkeypatch.setattr(work_queue, "POLL_S", 0.1)
+    monkeypatch.setattr(work_queue, "time", PollLimit(seconds=60))  # a job retried forever fails, not hangs
+    calls = []
 
-    def broken(index: int) -> float:
-        raise RuntimeError("training failed")
+    def job(index: int) -> float:
+        calls.append(index)
+        other_machine = work_queue.open_queue(storage, "crossval", JOBS[:2], lambda: None)
+        taken = other_machine.ask()  # the next waiting job, job 1, and its training raises there
+        other_machine.tell(taken, state=work_queue.optuna.trial.TrialState.FAIL)
+        return 1.0
 
-    with pytest.raises(RuntimeError, match="training failed"):
-        run_queue(storage, "crossval", JOBS[:1], broken)
-    with pytest.raises(QueueError, match=r"jobs \['bundles/cfg/segresnet2d_0'\] failed"):
-        run_queue(storage, "crossval", JOBS[:1], lambda index: 1.0)
+    with pytest.raises(QueueError, match=r"jobs \['bundles/cfg/segresnet2d_1'\] failed .* run the same command "
+                                         r"again: the failed jobs are retried"):
+        run_queue(storage, "crossval", JOBS[:2], job)
+    assert calls == [0]
+
+
+def test_a_job_that_raised_is_retried_by_the_next_run_and_complete_jobs_are_not_run_again(
+        tmp_path, monkeypatch, caplog):
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.setattr(work_queue, "POLL_S", 0.1)
+    calls, broken = [], {1}
+
+    def job(index: int) -> float:
+        calls.append(index)
+        if index in broken:
+            raise OSError("No space left on device")
+        return index / 10
+
+    with pytest.raises(OSError, match="No space left"):
+        run_queue(storage, "crossval", JOBS[:3], job)
+    assert calls == [0, 1]
+    broken.clear()  # the user freed the disk
+    calls.clear()
+    with caplog.at_level(logging.INFO, logger=work_queue.__name__):
+        assert run_queue(storage, "crossval", JOBS[:3], job) == {0: 0.0, 1: 0.1, 2: 0.2}
+    assert sorted(calls) == [1, 2]  # job 0 completed in the first run
+    assert "jobs ['bundles/cfg/segresnet2d_1'] failed in an earlier run; queued again" in caplog.text
+    calls.clear()
+    assert run_queue(storage, "crossval", JOBS[:3], job) == {0: 0.0, 1: 0.1, 2: 0.2}
+    assert calls == []
+
+
+def test_ctrl_c_in_a_job_fails_its_trial_and_the_next_run_retries_it(tmp_path, monkeypatch):
+    """Optuna's optimize fails the trial on a KeyboardInterrupt and raises it again; it is not left running."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.setattr(work_queue, "POLL_S", 0.1)
+    calls = []
+
+    def interrupted(index: int) -> float:
+        calls.append(index)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_queue(storage, "crossval", JOBS[:2], interrupted)
+    study = work_queue.open_queue(storage, "crossval", JOBS[:2], lambda: None)
+    assert [t.state.name for t in study.get_trials()] == ["FAIL", "WAITING"]  # failed now, not after the grace
+    assert run_queue(storage, "crossval", JOBS[:2], lambda index: calls.append(index) or 1.0) == {0: 1.0, 1: 1.0}
+    assert calls == [0, 1, 0]
+
+
+def test_a_job_queued_again_counts_by_its_newest_trial_and_a_second_copy_is_not_run(tmp_path, monkeypatch):
+    """Two machines that start together may both queue a failed job again: one copy runs, the other is skipped."""
+    storage = f"sqlite:///{tmp_path / 'shared.db'}"
+    monkeypatch.setattr(work_queue, "POLL_S", 0.1)
+    fail = work_queue.optuna.trial.TrialState.FAIL
+    study = work_queue.open_queue(storage, "crossval", JOBS[:3], lambda: None)
+    for _ in range(3):  # jobs 0, 1, 2 fail on their first try
+        study.tell(study.ask(), state=fail)
+    study.enqueue_trial({work_queue.JOB: 1}, user_attrs={work_queue.JOB: JOBS[1]})
+    study.tell(study.ask(), 0.5)  # job 1 retried and complete
+    assert work_queue.job_states(study, JOBS[:3]) == {
+        "complete": {1: 0.5}, "running": {}, "waiting": {}, "failed": {0: None, 2: None}}
+    for _ in range(2):  # the race: two machines saw job 0 failed before either had queued it again
+        study.enqueue_trial({work_queue.JOB: 0}, user_attrs={work_queue.JOB: JOBS[0]})
+    assert work_queue.requeue_failed(study, "crossval", JOBS[:3]) == [2]
+    assert work_queue.requeue_failed(study, "crossval", JOBS[:3]) == []  # a machine starting later sees them queued
+    assert work_queue.job_states(study, JOBS[:3])["waiting"] == {0: None, 2: None}
+    other_machine = study.ask()  # takes job 0 (the older copy)
+    assert work_queue.job_states(study, JOBS[:3])["running"] == {0: None}
+    calls = []
+
+    def job(index: int) -> float:
+        calls.append(index)
+        if index == 2:
+            study.tell(other_machine, 0.7)  # the other machine finishes job 0 meanwhile
+        return 1.0
+
+    assert run_queue(storage, "crossval", JOBS[:3], job) == {0: 0.7, 1: 0.5, 2: 1.0}
+    assert calls == [2]  # the second copy of job 0 found it taken by the older one and was not run
 
 
 def test_a_queue_whose_preparation_failed_is_made_again_by_the_next_run(tmp_path, monkeypatch):
