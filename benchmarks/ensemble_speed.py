@@ -17,6 +17,7 @@ from bundle_contract import BundleFiles  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
 from network import NetworkSettings, build_network  # noqa: E402
 from predictor import cpu_has_native_bf16  # noqa: E402
+from quantize import Int8Request, Int8Settings, calibration_inputs, nncf_installed  # noqa: E402
 from runtime import OpenVINONetwork, openvino_installed  # noqa: E402
 from volumes import load_volume  # noqa: E402
 
@@ -67,9 +68,10 @@ def random_weight_bundles(work: Path, count: int) -> list[Path]:
     return bundles
 
 
-def ensemble_paths(bundles: list[Path], precision: str) -> dict:
+def ensemble_paths(bundles: list[Path], precision: str, calibration: Path) -> dict:
     """The ensemble before this change (each member reads and windows the scan, whole slices, PyTorch) and
-    after it (members share inputs, slices cut to the head), in PyTorch and, where installed, OpenVINO."""
+    after it (members share inputs, slices cut to the head), in PyTorch and, where installed, OpenVINO
+    (and its INT8, where NNCF is installed too, calibrated on another generated scan)."""
     from autoseg2d.pipeline.ensemble import EnsemblePredictor
     from autoseg2d.pipeline.inference import load_inferer
 
@@ -77,9 +79,10 @@ def ensemble_paths(bundles: list[Path], precision: str) -> dict:
         loaded = [load_inferer(bundle) for bundle in bundles]
         for member in loaded:
             member.predictor.dtype = None if precision == "fp32" else torch.bfloat16
-            if runtime == "openvino":
+            if runtime.startswith("openvino"):
+                int8 = int8_request(member, calibration) if runtime == "openvino_int8" else None
                 member.predictor.network = OpenVINONetwork(member.predictor.model, len(member.predictor.plan),
-                                                           bundle_cache(member), precision != "fp32")
+                                                           bundle_cache(member), precision != "fp32", int8)
             else:
                 member.predictor.network = None
             if not crop:
@@ -100,7 +103,22 @@ def ensemble_paths(bundles: list[Path], precision: str) -> dict:
         started = time.perf_counter()
         paths["new_openvino"] = ensemble(members(crop=True, runtime="openvino"))
         setup["openvino_load_s"] = round(time.perf_counter() - started, 1)
+    if openvino_installed() and nncf_installed():
+        started = time.perf_counter()
+        loaded = members(crop=True, runtime="openvino_int8")
+        paths["new_openvino_int8"] = ensemble(loaded)
+        setup["int8_quantize_s_per_member_once"] = round((time.perf_counter() - started) / len(loaded), 1)
+        setup["int8_agreement"] = [m.predictor.network.int8_report["agreement"] for m in loaded]
     return {"paths": paths, "crop": new[0].predictor, "setup": setup}
+
+
+def int8_request(member, calibration: Path) -> Int8Request:
+    """INT8 for a random-weight member: calibrated on another scan, and used whatever its agreement (random
+    weights segment nothing real; the figure is printed, the speed is what is measured)."""
+    settings = Int8Settings(Int8Settings.from_config(member.config).calibration_slices, min_agreement=0.0)
+    volume = load_volume(calibration, None, "ct")
+    return Int8Request(settings, None, lambda: calibration_inputs(member.predictor, [volume],
+                                                                  settings.calibration_slices))
 
 
 def bundle_cache(member) -> Path:
@@ -125,6 +143,8 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
     image, warmup = work / "ensemble_case.nii.gz", work / "ensemble_warmup.nii.gz"
     write_case(case, image, None)
     write_case(make_head_ct(SLICE_PX, 2, head_mm=tuple(args.head_mm), seed=1), warmup, None)
+    calibration = work / "ensemble_calibration.nii.gz"
+    write_case(make_head_ct(SLICE_PX, args.ensemble_slices, head_mm=tuple(args.head_mm), seed=2), calibration, None)
     bundles = random_weight_bundles(work, args.ensemble_members)
     conversion_s = convert_for_openvino(bundles) if openvino_installed() else None
     native = cpu_has_native_bf16() and device.type == "cpu"
@@ -132,7 +152,7 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
     scale = (DEFAULT_ENSEMBLE_MEMBERS / args.ensemble_members) * (32 / args.ensemble_slices)
     rows = []
     for precision in precisions:
-        built = ensemble_paths(bundles, precision)
+        built = ensemble_paths(bundles, precision, calibration)
         batches = list(built["crop"].batches(load_volume(image, None, "ct")))
         computed = sum(len(b.slices) * (b.rows.stop - b.rows.start) * (b.cols.stop - b.cols.start) for b in batches)
         for path in built["paths"].values():
@@ -151,8 +171,11 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
                 if name != "old":
                     row["computed_pixel_share"] = round(computed / (SLICE_PX * SLICE_PX * args.ensemble_slices), 3)
                     row["slices_skipped"] = args.ensemble_slices - sum(len(b.slices) for b in batches)
-                if name == "new_openvino":
+                if name.startswith("new_openvino"):
                     row["conversion_s_per_member_once"] = round(conversion_s, 1)
+                if name == "new_openvino_int8":
+                    row["quantize_s_per_member_once"] = built["setup"]["int8_quantize_s_per_member_once"]
+                    row["int8_agreement_with_float"] = built["setup"]["int8_agreement"]
                 rows.append(row)
                 print("ensemble", row, flush=True)
     return rows

@@ -74,6 +74,16 @@ class BundleFiles:
         return Path(self.ckpt_path) / "model_openvino.xml"
 
     @property
+    def openvino_int8_model(self) -> Path:
+        """The OpenVINO model quantized to INT8 on this bundle's training slices (quantize.py)."""
+        return Path(self.ckpt_path) / "model_openvino_int8.xml"
+
+    @property
+    def int8_report(self) -> Path:
+        """How the INT8 model agreed with the float one, and whether it is used."""
+        return Path(self.ckpt_path) / "model_openvino_int8.json"
+
+    @property
     def cv_metrics(self) -> Path:
         """The driver's per-case cross-validation metrics of this fold model."""
         return Path(self.ckpt_path) / "cv_metrics.json"
@@ -123,6 +133,20 @@ def write_mask(mask: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header, t
     with atomic_path(target) as temporary:
         nib.save(nib.Nifti1Image(np.asarray(mask).astype(np.uint8), affine, header), str(temporary))
     return Path(target)
+
+
+def save_openvino_model(model, xml_path: str | Path) -> Path:
+    """An OpenVINO model as xml_path and the .bin beside it, each written under a temporary name first.
+
+    OpenVINO writes the .bin beside the .xml it is given, so the two temporary names pair up the same
+    way; the .bin is renamed first, and a reader never finds a new .xml beside old weights.
+    """
+    import openvino as ov
+
+    xml_path = Path(xml_path)
+    with atomic_path(xml_path) as temporary, atomic_path(xml_path.with_suffix(".bin")):
+        ov.save_model(model, str(temporary), compress_to_fp16=False)
+    return xml_path
 
 
 def read_progress(path: str | Path) -> list[dict]:

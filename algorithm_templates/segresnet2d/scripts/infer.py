@@ -26,6 +26,8 @@ from gpu_memory import MemorySettings, explain_out_of_memory  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
 from network import NetworkSettings, build_network, shape_divisor  # noqa: E402
 from predictor import HeadCrop, SlicePredictor, autocast_dtype, predict_together  # noqa: E402
+from quantize import (CALIBRATION_SCANS, Int8Request, Int8Settings, QuantizationError,  # noqa: E402
+                      calibration_images, calibration_inputs)
 from runtime import OpenVINONetwork, choose_runtime  # noqa: E402
 from volumes import Volume, from_ras, load_volume  # noqa: E402
 
@@ -50,13 +52,26 @@ class InferClass:
         plan = channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"])
         model = build_network(NetworkSettings.from_config(config), len(plan)).to(self.device)
         model.load_state_dict(checkpoint["state_dict"])
-        network = None
-        if choose_runtime(config["infer_cpu_runtime"], self.device) == "openvino":
-            bf16 = autocast_dtype(self.device, config["amp"], config["infer_cpu_bf16"]) is not None
-            network = OpenVINONetwork(model, len(plan), files.openvino_model, bf16)
         self.predictor = SlicePredictor(model, plan, windows, shape_divisor(config["network"]["blocks_down"]),
                                         config["infer_batch_size"], self.device, config["amp"],
-                                        config["infer_cpu_bf16"], config["infer_tta"], head_crop(config), network)
+                                        config["infer_cpu_bf16"], config["infer_tta"], head_crop(config))
+        int8 = bool(config["infer_cpu_int8"]) and self.device.type == "cpu"
+        if choose_runtime(config["infer_cpu_runtime"], self.device) == "openvino":
+            bf16 = autocast_dtype(self.device, config["amp"], config["infer_cpu_bf16"]) is not None
+            request = Int8Request(Int8Settings.from_config(config), files, self._calibration) if int8 else None
+            self.predictor.network = OpenVINONetwork(model, len(plan), files.openvino_model, bf16, request)
+        elif int8:
+            raise QuantizationError("infer_cpu_int8 is true but PyTorch runs this CPU inference; INT8 runs in "
+                                    "OpenVINO: pip install openvino nncf (the plugin's [cpu] extra) and keep "
+                                    "infer_cpu_runtime auto or openvino, or set infer_cpu_int8 to false")
+
+    def _calibration(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """INT8 calibration and check inputs from this bundle's training scans, cut as inference cuts them."""
+        config = self.config
+        images = calibration_images(config["data_list_file_path"], config["data_file_base_dir"],
+                                    int(config["fold"]), CALIBRATION_SCANS)
+        volumes = (load_volume(image, None, config["modality"]) for image in images)
+        return calibration_inputs(self.predictor, volumes, Int8Settings.from_config(config).calibration_slices)
 
     def infer(self, image_file: str | dict) -> MetaTensor:
         """Probabilities (C, X, Y, Z) for one image path (or a datalist entry {'image': path})."""

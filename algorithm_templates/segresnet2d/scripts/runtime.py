@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from bundle_contract import BundleFiles, atomic_path
+from bundle_contract import BundleFiles, save_openvino_model
+from quantize import Int8Request, int8_or_float
 
 INFER_RUNTIMES = ("auto", "torch", "openvino")
 EXAMPLE_INPUT_PX = 64  # the size of the example slice that conversion traces; any multiple of the divisor works
@@ -47,13 +48,23 @@ class OpenVINONetwork:
     Height and width stay dynamic, so every head box is one compiled model.
     """
 
-    def __init__(self, model: torch.nn.Module, in_channels: int, cache: Path | None, bf16: bool):
+    def __init__(self, model: torch.nn.Module, in_channels: int, cache: Path | None, bf16: bool,
+                 int8: Int8Request | None = None):
         import openvino as ov
 
         converted = load_or_convert(model, in_channels, cache)
-        hint = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
-        self.compiled = ov.Core().compile_model(converted, "CPU", hint)
+        hint = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}  # INT8 keeps it for its float layers
+
+        def compile_model(ov_model):
+            return ov.Core().compile_model(ov_model, "CPU", hint)
+
+        self.compiled = compile_model(converted)
         self.precision = "openvino-" + hint["INFERENCE_PRECISION_HINT"]
+        self.int8_report = None
+        if int8 is not None:
+            quantized, self.int8_report = int8_or_float(converted, self.compiled, compile_model, int8)
+            if quantized is not None:
+                self.compiled, self.precision = quantized, "openvino-int8"
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.compiled(x.float().contiguous().numpy())[0])
@@ -73,11 +84,8 @@ def load_or_convert(model: torch.nn.Module, in_channels: int, cache: Path | None
         converted = ov.convert_model(model.eval(), example_input=example,
                                      input=[ov.PartialShape([-1, in_channels, -1, -1])])
     if cache is not None:
-        # OpenVINO writes the .bin beside the .xml it is given, so the two temporary names pair up the same way;
-        # the .bin is renamed first, and a reader never finds a new .xml beside old weights.
         try:
-            with atomic_path(cache) as temporary, atomic_path(cache.with_suffix(".bin")):
-                ov.save_model(converted, str(temporary), compress_to_fp16=False)
+            save_openvino_model(converted, cache)
         except OSError as err:  # a read-only model folder (an exported bundle): convert again next time
             warnings.warn(f"could not keep the OpenVINO model at {cache} ({err}); it is converted on every start")
     return converted

@@ -1,0 +1,157 @@
+"""INT8 inference on CPUs: the OpenVINO model quantized by NNCF, kept only where it agrees with the float one.
+
+Calibration and the agreement check use this bundle's own training scans, cut to the head's box as
+inference cuts them, so the activation ranges are those the network meets. Each scan's slices
+alternate between the two sets (calibration, check), which therefore come from the same scans but
+never share a slice. The INT8 model is used only where its foreground masks on the check slices
+agree with the float model's (Dice >= min_agreement); otherwise the float model runs and the
+report says why. Model and report are kept beside the checkpoint, like the float conversion.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from bundle_contract import BundleFiles, save_openvino_model, write_text_atomic
+from datalist_split import read_datalist, split_by_fold
+
+
+CALIBRATION_SCANS = 8  # training scans read for calibration and the check (a few seconds each at 512 x 512 x 32)
+
+
+class QuantizationError(RuntimeError):
+    """INT8 was asked for and cannot be made; the message says what is missing and the fix."""
+
+
+@dataclass(frozen=True)
+class Int8Settings:
+    calibration_slices: int  # slices whose activations set the INT8 ranges
+    min_agreement: float  # foreground Dice between INT8 and float masks needed to use INT8
+
+    @classmethod
+    def from_config(cls, config: dict) -> Int8Settings:
+        return cls(int(config["infer_int8_calibration_slices"]), float(config["infer_int8_min_agreement"]))
+
+
+def nncf_installed() -> bool:
+    return importlib.util.find_spec("nncf") is not None
+
+
+def calibration_images(datalist_path: str, base_dir: str, fold: int, count: int) -> list[str]:
+    """Up to count training images of this bundle's fold (spread over the list), [] where none can be read."""
+    try:
+        training, _ = split_by_fold(read_datalist(datalist_path), base_dir, fold, datalist_path)
+    except (OSError, ValueError):  # no datalist (an exported bundle): the caller says what to do
+        return []
+    picks = np.linspace(0, len(training) - 1, min(count, len(training))).round().astype(int)
+    return [training[index]["image"] for index in sorted(set(picks))]
+
+
+def calibration_inputs(predictor, volumes, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(calibration, check) single-slice inputs (1, C, rows, cols) from the volumes, about count of each.
+
+    Slices are taken evenly over each volume's head slices, so the skull base, the middle and the
+    vertex all appear; consecutive picks go to the two sets in turn.
+    """
+    calibration, check = [], []
+    volumes = list(volumes)
+    per_volume = max(-(-2 * count // max(len(volumes), 1)), 2)
+    for volume in volumes:
+        slices = [(batch, index) for batch in predictor.batches(volume) for index in range(len(batch.slices))]
+        picks = np.linspace(0, len(slices) - 1, min(per_volume, len(slices))).round().astype(int)
+        for order, pick in enumerate(picks):
+            batch, index = slices[pick]
+            (calibration if order % 2 == 0 else check).append(batch.x[index:index + 1].numpy())
+    return calibration[:count], check[:count]
+
+
+def foreground_agreement(reference, candidate, inputs: list[np.ndarray]) -> float:
+    """Dice of the foreground (argmax > 0) masks of two compiled models over all inputs; 1.0 where both
+    find none."""
+    overlap = total = 0
+    for x in inputs:
+        a, b = reference(x)[0].argmax(1) > 0, candidate(x)[0].argmax(1) > 0
+        overlap, total = overlap + int(np.sum(a & b)), total + int(a.sum() + b.sum())
+    return 1.0 if total == 0 else 2.0 * overlap / total
+
+
+def quantize_model(float_model, calibration: list[np.ndarray]):
+    """The float OpenVINO model with INT8 weights and activations (NNCF post-training quantization)."""
+    import nncf
+
+    logging.getLogger("nncf").setLevel(logging.ERROR)  # its progress bars and notes would flood the console
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return nncf.quantize(float_model, nncf.Dataset(calibration), subset_size=len(calibration))
+
+
+@dataclass(frozen=True)
+class Int8Request:
+    """What quantizing one member needs: the settings, where to keep the result (None: nowhere), and the
+    (calibration, check) inputs, made only when no kept conversion can be read."""
+
+    settings: Int8Settings
+    files: BundleFiles | None
+    make_inputs: Callable[[], tuple[list[np.ndarray], list[np.ndarray]]]
+
+
+def load_report(files: BundleFiles) -> dict | None:
+    """The kept report of an INT8 conversion at least as new as the checkpoint, or None."""
+    report, checkpoint = files.int8_report, files.model
+    if not report.is_file() or (checkpoint.exists() and report.stat().st_mtime < checkpoint.stat().st_mtime):
+        return None
+    return json.loads(report.read_text())
+
+
+def int8_or_float(float_model, float_compiled, compile_model, request: Int8Request):
+    """(the compiled INT8 model, or None where it disagrees with float_compiled; the report).
+
+    A kept report decides without quantizing again while it is newer than the checkpoint, unless
+    min_agreement was lowered below a rejected model's figure (that model was not kept: made again).
+    """
+    files, settings = request.files, request.settings
+    kept = load_report(files) if files is not None else None
+    if kept is not None:
+        used = kept["agreement"] >= settings.min_agreement
+        if not used:
+            return None, {**kept, "min_agreement": settings.min_agreement, "used": False}
+        if kept["used"] and files.openvino_int8_model.is_file():
+            import openvino as ov
+
+            model = ov.Core().read_model(str(files.openvino_int8_model))
+            return compile_model(model), {**kept, "min_agreement": settings.min_agreement}
+    if not nncf_installed():
+        raise QuantizationError("infer_cpu_int8 is true but the nncf package is not installed: pip install nncf "
+                                "(or the plugin's [cpu] extra), or set infer_cpu_int8 to false")
+    calibration, check = request.make_inputs()
+    if not calibration or not check:
+        raise QuantizationError("infer_cpu_int8 needs this bundle's training scans to calibrate on, and none "
+                                "could be read; check data_list_file_path and data_file_base_dir, or set "
+                                "infer_cpu_int8 to false")
+    quantized = quantize_model(float_model, calibration)
+    candidate = compile_model(quantized)
+    agreement = foreground_agreement(float_compiled, candidate, check)
+    report = {"agreement": round(agreement, 4), "min_agreement": settings.min_agreement,
+              "calibration_slices": len(calibration), "check_slices": len(check),
+              "used": agreement >= settings.min_agreement}
+    where = files.model if files is not None else "this network"
+    if not report["used"]:
+        warnings.warn(f"the INT8 model of {where} agrees with the float model on {agreement:.3f} of the "
+                      f"foreground (Dice over {len(check)} training slices), below infer_int8_min_agreement "
+                      f"{settings.min_agreement}: the float model runs")
+    if files is not None:
+        try:
+            if report["used"]:
+                save_openvino_model(quantized, files.openvino_int8_model)
+            write_text_atomic(files.int8_report, json.dumps(report, indent=1))  # after the model: see load_report
+        except OSError as err:  # a read-only model folder (an exported bundle): quantize again next time
+            warnings.warn(f"could not keep the INT8 model at {files.openvino_int8_model} ({err}); "
+                          "it is quantized on every start")
+    return (candidate if report["used"] else None), report

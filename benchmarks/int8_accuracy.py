@@ -1,0 +1,140 @@
+"""Held-out accuracy of one ensemble in each CPU precision, PyTorch fp32 being the reference.
+
+    python benchmarks/int8_accuracy.py --work_dir accuracy_work/work --datalist accuracy_work/data/datalist.json
+
+Needs a work dir whose ensemble stage ran and a datalist with labelled "testing" cases
+(benchmarks/accuracy.py writes such a pair from the hard synthetic generator). The members are
+copied to a scratch folder and brought up to this repository's template (its scripts; the config
+keeps the bundle's values for every key the template still has), so the work dir stays untouched
+and bundles made by older templates can be measured. Each precision predicts every held-out case
+with the ensemble's members and post-processing. Printed as JSON and Markdown: the four challenge
+metrics, the share of voxels whose final mask differs from fp32's, seconds per case, and each
+member's INT8 report (its agreement with the float model on training slices). OpenVINO rows need
+`pip install openvino`, the INT8 row `pip install nncf` too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from bench_common import TEMPLATE
+from autoseg2d.datalist import read_datalist  # noqa: E402  (after bench_common's sys.path)
+from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
+from autoseg2d.evaluation.report import json_safe  # noqa: E402
+from autoseg2d.pipeline.ensemble import EnsemblePredictor  # noqa: E402
+from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
+from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402
+from autoseg2d.templates import BUNDLE_CONFIG  # noqa: E402
+from predictor import cpu_bf16_units, cpu_has_native_bf16  # noqa: E402
+from quantize import nncf_installed  # noqa: E402
+from runtime import openvino_installed  # noqa: E402
+
+METRICS = (("Dice", "dice_mean"), ("RVD", "rvd_mean"), ("NSD", "nsd_mean"), ("HD mm", "hd_mm_mean"),
+           ("HD inf", "num_hd_inf"))
+
+
+def precisions() -> dict[str, dict]:
+    """Name -> the config values that select it; only those this machine can run."""
+    native = cpu_has_native_bf16()
+    found = {"torch fp32": {"infer_cpu_runtime": "torch", "infer_cpu_bf16": False}}
+    if native:
+        found["torch bf16"] = {"infer_cpu_runtime": "torch", "infer_cpu_bf16": True}
+    if openvino_installed():
+        found[f"openvino {'bf16' if native else 'f32'}"] = {"infer_cpu_runtime": "openvino", "infer_cpu_bf16": True,
+                                                            "infer_cpu_int8": False}
+        if nncf_installed():
+            found["openvino int8"] = {"infer_cpu_runtime": "openvino", "infer_cpu_bf16": True, "infer_cpu_int8": True}
+    return found
+
+
+def upgraded_copy(bundle: Path, target: Path, values: dict) -> Path:
+    """bundle copied to target with this repository's template scripts, its config values kept where the
+    template still has the key, and values applied on top."""
+    shutil.copytree(bundle, target, ignore=shutil.ignore_patterns("scripts", "cv_probabilities", "*openvino*"))
+    shutil.copytree(TEMPLATE / "scripts", target / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
+    config = yaml.safe_load((TEMPLATE / BUNDLE_CONFIG).read_text())
+    old = yaml.safe_load((bundle / BUNDLE_CONFIG).read_text())
+    config.update({key: value for key, value in old.items() if key in config and key != "bundle_root"}, **values)
+    (target / BUNDLE_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+    return target
+
+
+def ensemble_in(work: WorkDir, ensemble: dict, scratch: Path, values: dict) -> EnsemblePredictor:
+    predictor = EnsemblePredictor.__new__(EnsemblePredictor)
+    predictor.members = [load_inferer(upgraded_copy(work.absolute(m["bundle"]), scratch / f"member_{i}", values))
+                         for i, m in enumerate(ensemble["members"])]
+    predictor.mode, predictor.postprocessing = ensemble["mode"], ensemble.get("postprocessing")
+    return predictor
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", required=True, help="a pipeline work dir whose ensemble stage ran")
+    parser.add_argument("--datalist", required=True, help="datalist with labelled testing cases")
+    parser.add_argument("--dataroot", help="folder the datalist's paths are relative to (default: its folder)")
+    parser.add_argument("--calibration_slices", type=int, help="infer_int8_calibration_slices (default: the YAML's)")
+    parser.add_argument("--min_agreement", type=float, help="infer_int8_min_agreement (default: the YAML's; 0 "
+                        "uses INT8 whatever its agreement, to see its held-out accuracy)")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    work = WorkDir.create(Path(args.work_dir))
+    dataroot = Path(args.dataroot or Path(args.datalist).parent)
+    testing = read_datalist(Path(args.datalist))["testing"]
+    ensemble = json.loads(work.ensemble_file.read_text())
+    extra = {key: value for key, value in (("infer_int8_calibration_slices", args.calibration_slices),
+                                           ("infer_int8_min_agreement", args.min_agreement)) if value is not None}
+    results = {"cpu_bf16_units": cpu_bf16_units(), "members": len(ensemble["members"]),
+               "held_out_cases": len(testing), "precisions": {}}
+    reference_masks = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for index, (name, values) in enumerate(precisions().items()):
+            started = time.perf_counter()
+            predictor = ensemble_in(work, ensemble, Path(scratch) / str(index), {**values, **extra})
+            load_s = time.perf_counter() - started
+            scores, seconds, changed = [], [], []
+            for entry in testing:
+                truth, spacing = read_mask(dataroot / entry["label"])
+                started = time.perf_counter()
+                mask = (predictor.mask(predictor.probabilities(dataroot / entry["image"]), spacing) > 0)
+                seconds.append(time.perf_counter() - started)
+                reference = reference_masks.setdefault(entry["image"], mask)
+                changed.append(float(np.mean(mask != reference)))
+                scores.append(case_metrics(mask.astype("uint8"), truth, spacing, case_id=entry["image"]))
+            networks = [m.predictor.network for m in predictor.members]
+            results["precisions"][name] = {
+                "summary": summarize_metrics(scores), "cases": scores, "s_per_case": round(float(np.mean(seconds)), 2),
+                "load_s": round(load_s, 1), "voxels_changed_vs_fp32": max(changed),
+                "int8_reports": [getattr(n, "int8_report", None) for n in networks if n is not None]}
+            print(name, results["precisions"][name]["summary"], flush=True)
+    text = json.dumps(json_safe(results), indent=1)
+    print(text)
+    print(markdown(results))
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+def markdown(results: dict) -> str:
+    header = ["precision", *(name for name, _ in METRICS), "voxels changed vs fp32 (max per case)", "s per case",
+              "load s", "INT8 agreement (per member)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in results["precisions"].items():
+        values = [f"{entry['summary'][key]:.4f}" if isinstance(entry["summary"][key], float)
+                  else str(entry["summary"][key]) for _, key in METRICS]
+        reports = entry["int8_reports"]
+        agreement = ", ".join(f"{r['agreement']:.3f}{'' if r['used'] else ' (not used)'}" for r in reports if r)
+        cells = [name, *values, f"{entry['voxels_changed_vs_fp32']:.2e}", f"{entry['s_per_case']:.2f}",
+                 f"{entry['load_s']:.1f}", agreement or "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
