@@ -62,9 +62,11 @@ def calibration_inputs(predictor, volumes, count: int) -> tuple[list[np.ndarray]
     """
     calibration, check = [], []
     volumes = list(volumes)
-    per_volume = max(-(-2 * count // max(len(volumes), 1)), 2)
+    per_volume = 2 * max(-(-count // max(len(volumes), 1)), 1)  # even: both sets get as many from each volume
     for volume in volumes:
-        slices = [(batch, index) for batch in predictor.batches(volume) for index in range(len(batch.slices))]
+        # batches come largest head first; ordered by axial index, the picks reach both ends of the head
+        slices = sorted(((batch, index) for batch in predictor.batches(volume) for index in range(len(batch.slices))),
+                        key=lambda pair: pair[0].slices[pair[1]])
         picks = np.linspace(0, len(slices) - 1, min(per_volume, len(slices))).round().astype(int)
         for order, pick in enumerate(picks):
             batch, index = slices[pick]
