@@ -35,6 +35,14 @@ class Int8Settings:
     calibration_slices: int  # slices whose activations set the INT8 ranges
     min_agreement: float  # foreground Dice between INT8 and float masks needed to use INT8
 
+    def __post_init__(self):
+        if self.calibration_slices < 1:
+            raise ValueError(f"infer_int8_calibration_slices is {self.calibration_slices}; INT8 needs at least 1 "
+                             "training slice to calibrate on (the YAML's default is 32)")
+        if not 0.0 <= self.min_agreement <= 1.0:
+            raise ValueError(f"infer_int8_min_agreement is {self.min_agreement}; it is a Dice between 0 and 1 "
+                             "(0 uses INT8 whatever it agrees, 1 only where its masks equal the float ones)")
+
     @classmethod
     def from_config(cls, config: dict) -> Int8Settings:
         return cls(int(config["infer_int8_calibration_slices"]), float(config["infer_int8_min_agreement"]))
@@ -119,35 +127,35 @@ def int8_or_float(float_model, float_compiled, compile_model, request: Int8Reque
     min_agreement was lowered below a rejected model's figure (that model was not kept: made again).
     """
     files, settings = request.files, request.settings
+    where = files.model if files is not None else "this network"
     kept = load_report(files) if files is not None else None
     if kept is not None:
-        used = kept["agreement"] >= settings.min_agreement
-        if not used:
+        if kept["agreement"] < settings.min_agreement:
+            warn_refused(where, kept["agreement"], kept["check_slices"], settings.min_agreement)
             return None, {**kept, "min_agreement": settings.min_agreement, "used": False}
-        if kept["used"] and files.openvino_int8_model.is_file():
+        xml = files.openvino_int8_model
+        if kept["used"] and xml.is_file() and xml.with_suffix(".bin").is_file():
             import openvino as ov
 
-            model = ov.Core().read_model(str(files.openvino_int8_model))
+            model = ov.Core().read_model(str(xml))
             return compile_model(model), {**kept, "min_agreement": settings.min_agreement}
     if not nncf_installed():
         raise QuantizationError("infer_cpu_int8 is true but the nncf package is not installed: pip install nncf "
                                 "(or the plugin's [cpu] extra), or set infer_cpu_int8 to false")
     calibration, check = request.make_inputs()
     if not calibration or not check:
-        raise QuantizationError("infer_cpu_int8 needs this bundle's training scans to calibrate on, and none "
-                                "could be read; check data_list_file_path and data_file_base_dir, or set "
-                                "infer_cpu_int8 to false")
+        raise QuantizationError(f"infer_cpu_int8 is true but no training scans of {where} could be read to "
+                                "calibrate INT8 on (an exported bundle has none): set data_list_file_path and "
+                                "data_file_base_dir in its config to its training data, or set infer_cpu_int8 "
+                                "to false")
     quantized = quantize_model(float_model, calibration)
     candidate = compile_model(quantized)
-    agreement = foreground_agreement(float_compiled, candidate, check)
-    report = {"agreement": round(agreement, 4), "min_agreement": settings.min_agreement,
+    agreement = round(foreground_agreement(float_compiled, candidate, check), 4)  # kept reports decide on this
+    report = {"agreement": agreement, "min_agreement": settings.min_agreement,
               "calibration_slices": len(calibration), "check_slices": len(check),
               "used": agreement >= settings.min_agreement}
-    where = files.model if files is not None else "this network"
     if not report["used"]:
-        warnings.warn(f"the INT8 model of {where} agrees with the float model on {agreement:.3f} of the "
-                      f"foreground (Dice over {len(check)} training slices), below infer_int8_min_agreement "
-                      f"{settings.min_agreement}: the float model runs")
+        warn_refused(where, agreement, len(check), settings.min_agreement)
     if files is not None:
         try:
             if report["used"]:
@@ -157,3 +165,9 @@ def int8_or_float(float_model, float_compiled, compile_model, request: Int8Reque
             warnings.warn(f"could not keep the INT8 model at {files.openvino_int8_model} ({err}); "
                           "it is quantized on every start")
     return (candidate if report["used"] else None), report
+
+
+def warn_refused(where, agreement: float, check_slices: int, min_agreement: float) -> None:
+    warnings.warn(f"the INT8 model of {where} agrees with the float model on {agreement} of the foreground "
+                  f"(Dice over {check_slices} training slices), below infer_int8_min_agreement {min_agreement}: "
+                  "the float model runs (lower that key to use INT8 anyway, or set infer_cpu_int8 to false)")
