@@ -64,6 +64,19 @@ def ct_dataset(tmp_path_factory) -> Path:
     return write_dataset(tmp_path_factory.mktemp("ct"), num_train=8, num_test=2, num_folds=2, num_slices=12)
 
 
+@pytest.fixture(scope="session")
+def trained_bundle(tmp_path_factory, ct_dataset) -> Path:
+    """A bundle trained for 2 epochs on ct_dataset (fold 0), shared by the tests that only read it; returns its
+    config file."""
+    from bundle_config import load_config
+    from trainer import Trainer
+
+    config_file = configured_bundle(tmp_path_factory.mktemp("trained") / "segresnet2d_0", ct_dataset, num_epochs=2,
+                                    num_epochs_per_validation=1)
+    Trainer(load_config(str(config_file))).fit()
+    return config_file
+
+
 @pytest.fixture
 def foldless(tmp_path) -> Path:
     """6 training cases without "fold" keys (the pipeline must split them) + 1 testing case; the datalist path."""

@@ -4,21 +4,8 @@ import json
 
 import nibabel as nib
 import numpy as np
-import pytest
 import torch
-from bundle_config import load_config
 from infer import InferClass, run
-from trainer import Trainer
-
-from tests.conftest import configured_bundle
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, ct_dataset):
-    target = tmp_path_factory.mktemp("infer") / "segresnet2d_0"
-    config_file = configured_bundle(target, ct_dataset, num_epochs=2, num_epochs_per_validation=1)
-    Trainer(load_config(str(config_file))).fit()
-    return config_file
 
 
 def slices_first_copy(source, target):
@@ -30,10 +17,10 @@ def slices_first_copy(source, target):
     return target
 
 
-def test_probabilities_in_the_original_grid(trained, ct_dataset, tmp_path):
+def test_probabilities_in_the_original_grid(trained_bundle, ct_dataset, tmp_path):
     image = ct_dataset.parent / json.loads(ct_dataset.read_text())["testing"][0]["image"]
     reoriented = slices_first_copy(image, tmp_path / "case.nii.gz")
-    infer = InferClass(str(trained))
+    infer = InferClass(str(trained_bundle))
     for path in (image, reoriented):
         probabilities = infer.infer(str(path))
         assert probabilities.shape == (2, *nib.load(str(path)).shape)
@@ -45,14 +32,14 @@ def test_probabilities_in_the_original_grid(trained, ct_dataset, tmp_path):
     np.testing.assert_allclose(np.moveaxis(original, 3, 1)[:, ::-1], moved, atol=1e-5)
 
 
-def test_ensemble_keys_are_accepted(trained, ct_dataset):
+def test_ensemble_keys_are_accepted(trained_bundle, ct_dataset):
     image = ct_dataset.parent / json.loads(ct_dataset.read_text())["testing"][0]["image"]
-    infer = InferClass(str(trained), rank=0, image_save_func={"_target_": "SaveImage"})
+    infer = InferClass(str(trained_bundle), rank=0, image_save_func={"_target_": "SaveImage"})
     assert infer.infer({"image": str(image)}).shape[0] == 2
 
 
-def test_run_writes_uint8_masks_with_the_input_header(trained, ct_dataset, tmp_path):
-    written = run(str(trained), output_dir=str(tmp_path / "out"))
+def test_run_writes_uint8_masks_with_the_input_header(trained_bundle, ct_dataset, tmp_path):
+    written = run(str(trained_bundle), output_dir=str(tmp_path / "out"))
     sources = [ct_dataset.parent / e["image"] for e in json.loads(ct_dataset.read_text())["testing"]]
     assert [p.split("/")[-1] for p in written] == [s.name for s in sources]
     for path, source_path in zip(written, sources):
