@@ -5,7 +5,8 @@ bf16 autocast with channels_last, at the same accuracy (benchmarks/RESULTS.md); 
 and torch.compile did not beat PyTorch there. OpenVINO is optional (``pip install openvino``):
 without it, or on a GPU, PyTorch runs. Converting a network takes a minute or more, so the
 converted model is kept next to its checkpoint and converted again only when the checkpoint
-is newer.
+is newer. With infer_cpu_int8, an INT8 copy quantized on the bundle's training slices replaces it
+where it agrees with the float model (quantize.py).
 """
 
 from __future__ import annotations
