@@ -63,7 +63,8 @@ def calibration_images(datalist_path: str, base_dir: str, fold: int, count: int)
 
 
 def calibration_inputs(predictor, volumes, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(calibration, check) single-slice inputs (1, C, rows, cols) from the volumes, about count of each.
+    """(calibration, check) single-slice inputs (1, C, rows, cols) from the volumes, count of each
+    (fewer where the volumes have too few head slices).
 
     Slices are taken evenly over each volume's head slices, so the skull base, the middle and the
     vertex all appear; consecutive picks go to the two sets in turn.
