@@ -26,6 +26,8 @@ EVALUATION = Path(__file__).resolve().parents[1] / "evaluation"
 COPIED_MODULES = {"postprocess.py": ("from autoseg2d.evaluation.metrics import", "from metrics import"),
                   "metrics.py": None}
 MEMBER_CONFIG = BUNDLE_CONFIG.name
+# BundleFiles names of kept conversions (runtime.py, quantize.py): an OpenVINO .xml has its .bin beside it
+CONVERTED_FILES = ("openvino_model", "openvino_int8_model", "int8_report")
 PATH_KEYS = ("bundle_root", "data_file_base_dir", "data_list_file_path")  # meaningless outside the work dir
 
 
@@ -87,7 +89,9 @@ def write_bundle(root: Path, work: WorkDir, ensemble: dict, members: list[dict])
     for index, member in enumerate(members):
         folder = root / "models" / f"member_{index}"
         folder.mkdir(parents=True)
-        shutil.copy2(member["checkpoint"], bundle_contract(member["path"]).BundleFiles(folder).model)
+        files = bundle_contract(member["path"]).BundleFiles
+        shutil.copy2(member["checkpoint"], files(folder).model)
+        copy_converted(files(member["checkpoint"].parent), files(folder))
         settings = {**member["config"], **{key: "" for key in PATH_KEYS}}
         (folder / MEMBER_CONFIG).write_text(json.dumps(settings, indent=1))  # JSON is YAML; no reformatting
     (root / "configs").mkdir()
@@ -98,6 +102,22 @@ def write_bundle(root: Path, work: WorkDir, ensemble: dict, members: list[dict])
     shutil.copy2(BUNDLE_FILES / "metadata_schema.json", root / "docs" / "metadata_schema.json")
     (root / "docs" / "README.md").write_text(bundle_readme(ensemble, classes))
     shutil.copy2(BUNDLE_FILES / "LICENSE", root / "LICENSE")
+
+
+def copy_converted(source, target) -> None:
+    """The member's kept OpenVINO conversions (float, INT8 and its report), where made: the exported bundle then
+    starts without converting, and INT8 needs no training scans to calibrate on. copy2 keeps their times,
+    which say they are newer than the checkpoint."""
+    for name in CONVERTED_FILES:
+        if not hasattr(source, name):  # a contract from before that file existed
+            continue
+        kept, copy = getattr(source, name), getattr(target, name)
+        pairs = [(kept, copy)]
+        if kept.suffix == ".xml":
+            pairs.append((kept.with_suffix(".bin"), copy.with_suffix(".bin")))
+        for path, destination in pairs:
+            if path.is_file():
+                shutil.copy2(path, destination)
 
 
 def copy_scripts(members: list[dict], scripts: Path) -> None:

@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import jsonschema
 import nibabel as nib
@@ -157,3 +158,26 @@ def test_members_made_before_the_bundle_contract_get_the_templates_copy(tmp_path
     copy_scripts([{"path": member, "bundle": "old_member"}], tmp_path / "exported")
     assert (tmp_path / "exported" / "bundle_contract.py").read_bytes() == \
         (TEMPLATE / "scripts" / "bundle_contract.py").read_bytes()
+
+
+def test_kept_conversions_travel_with_their_times_and_missing_ones_are_skipped(tmp_path):
+    """An exported member starts without converting again, and INT8 needs no training scans to calibrate on."""
+    import os
+
+    from bundle_contract import BundleFiles
+
+    from autoseg2d.pipeline.export import copy_converted
+
+    source, target = BundleFiles(tmp_path / "source"), BundleFiles(tmp_path / "target")
+    Path(source.ckpt_path).mkdir()
+    Path(target.ckpt_path).mkdir()
+    kept = [source.openvino_int8_model, source.openvino_int8_model.with_suffix(".bin"), source.int8_report]
+    for path in kept:
+        path.write_text(path.name)
+        os.utime(path, (1_000_000, 1_000_000))
+    copy_converted(source, target)
+    copied = sorted(p.name for p in Path(target.ckpt_path).iterdir())
+    assert copied == sorted(p.name for p in kept)  # the float conversion was never made, so it is not there
+    for path in kept:
+        destination = Path(target.ckpt_path) / path.name
+        assert destination.read_text() == path.name and destination.stat().st_mtime == 1_000_000
