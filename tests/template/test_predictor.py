@@ -47,6 +47,24 @@ def test_precision_follows_the_hardware(monkeypatch, device, amp, cpu_bf16, nati
     assert autocast_dtype(torch.device(device), amp, cpu_bf16) == expected
 
 
+@pytest.mark.parametrize("cap, amx, avx512_bf16", [
+    ("AVX512_CORE_VNNI", False, False),  # a Cascade Lake's units: no native bf16
+    ("avx2", False, False),
+    ("AVX512_CORE_BF16", False, True),
+    ("AVX512_CORE_AMX", True, True),
+    ("DEFAULT", True, True),
+    ("", True, True),
+])
+def test_a_onednn_isa_cap_hides_the_units_it_excludes(monkeypatch, cap, amx, avx512_bf16):
+    """On a CPU with both units, ONEDNN_MAX_CPU_ISA below them makes bf16 emulated: fp32 is picked."""
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    assert predictor_module.cpu_bf16_units() == {"amx": amx, "avx512_bf16": avx512_bf16}
+    assert predictor_module.cpu_has_native_bf16() == (amx or avx512_bf16)
+
+
 def test_batching_and_channels_last_do_not_change_the_result():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1))

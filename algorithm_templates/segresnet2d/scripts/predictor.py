@@ -13,6 +13,7 @@ tissue are not run at all; the air around the box is predicted as background.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def cpu_bf16_units() -> dict[str, bool]:
-    """Which bf16 units PyTorch finds on this CPU: {"amx": ..., "avx512_bf16": ...}."""
+    """Which bf16 units PyTorch finds on this CPU and oneDNN may use: {"amx": ..., "avx512_bf16": ...}."""
     found = {}
     for unit, name in (("amx", "_is_amx_tile_supported"), ("avx512_bf16", "_is_avx512_bf16_supported")):
         check = getattr(torch.cpu, name, None)
@@ -42,7 +43,24 @@ def cpu_bf16_units() -> dict[str, bool]:
             found[unit] = bool(check()) if check is not None else False
         except RuntimeError:  # detection is best effort; fp32 is always correct
             found[unit] = False
+        found[unit] = found[unit] and onednn_allows(UNIT_ISA_MASKS[unit])
     return found
+
+
+# oneDNN's ISA bit masks (its dnnl_cpu_isa_t). ONEDNN_MAX_CPU_ISA caps what oneDNN (in PyTorch and in
+# OpenVINO) may use whatever the CPU has; under a cap below a unit, bf16 is emulated and ~10x slower.
+ONEDNN_ISA_MASKS = {"SSE41": 0x1, "AVX": 0x3, "AVX2": 0x7, "AVX2_VNNI": 0xF, "AVX2_VNNI_2": 0x1F,
+                    "AVX512_CORE": 0x27, "AVX512_CORE_VNNI": 0x67, "AVX512_CORE_BF16": 0xE7,
+                    "AVX10_1_512": 0x1EF, "AVX512_CORE_FP16": 0x1EF, "AVX10_1_512_AMX": 0xFEF,
+                    "AVX512_CORE_AMX": 0xFEF, "AVX10_1_512_AMX_FP16": 0x1FEF, "AVX512_CORE_AMX_FP16": 0x1FEF}
+UNIT_ISA_MASKS = {"amx": ONEDNN_ISA_MASKS["AVX512_CORE_AMX"], "avx512_bf16": ONEDNN_ISA_MASKS["AVX512_CORE_BF16"]}
+
+
+def onednn_allows(unit_mask: int) -> bool:
+    """False where ONEDNN_MAX_CPU_ISA (or its old name DNNL_MAX_CPU_ISA) caps oneDNN below that ISA."""
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
+    mask = ONEDNN_ISA_MASKS.get(cap.strip().upper())  # unset, DEFAULT, ALL or unknown: no cap
+    return mask is None or mask & unit_mask == unit_mask
 
 
 def autocast_dtype(device: torch.device, amp: bool, cpu_bf16: bool) -> torch.dtype | None:
