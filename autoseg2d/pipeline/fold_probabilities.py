@@ -1,14 +1,16 @@
 """Each cross-validated bundle's foreground probabilities on its own validation fold, stored compactly.
 
 Cross-validation already predicts every bundle's validation cases to score it; keeping those
-maps lets the ensemble stage choose members on out-of-fold predictions without running any
-model again. A 512 x 512 x 32 map in float32 is 32 MiB, and 45 bundles x 100 cases would not
-fit in memory; stored as uint8 (1/255 steps, at most 0.002 off) and zlib-compressed, mostly air
-and background, one case takes a few hundred KiB on disk, and a reader loads one map at a time.
+maps lets the ensemble stage choose members and post-processing on out-of-fold predictions
+without running any model again. A 512 x 512 x 32 map in float32 is 32 MiB, and 45 bundles x 100
+cases would not fit in memory; stored as uint8 (1/255 steps, at most 0.002 off) and
+zlib-compressed, mostly air and background, one case takes a few hundred KiB on disk, and a
+reader loads one map at a time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,3 +58,34 @@ def load_foreground(bundle: Path, case_id: str) -> np.ndarray:
 
 def has_foreground(bundle: Path, case_id: str) -> bool:
     return foreground_file(bundle, case_id).is_file()
+
+
+def check_grid(stored_shape: tuple, case_id: str, label: Path, label_shape: tuple) -> None:
+    """Stored maps of a case must lie in its label's grid; ones of an older dataset do not."""
+    if tuple(stored_shape) != tuple(label_shape):
+        raise ValueError(f"case {case_id!r}: stored probabilities have shape {tuple(stored_shape)}, its label "
+                         f"{label} {tuple(label_shape)}; delete the bundles' model/{FOLDER} folders to predict "
+                         "them again")
+
+
+def above_half(levels: np.ndarray) -> np.ndarray:
+    """Where stored levels stand for a probability above 0.5: a member's lesion mask (argmax of [1 - p, p]).
+
+    255 is odd, so no level is 0.5 itself; an exact tie (argmax: background) is stored as level 128 and
+    counts as lesion here, one of the voxels within 1/510 of 0.5 that the rounding can move.
+    """
+    return 2 * np.asarray(levels).astype(np.int16) > LEVELS
+
+
+def mean_foreground(bundles: Sequence[Path], case_id: str, vote: bool = False) -> np.ndarray:
+    """The bundles' stored maps of one case averaged, as probabilities (float32, one map read at a time).
+
+    vote: the fraction of bundles whose map is above 0.5, as the vote ensemble combines its members.
+    The maps are rounded to 1/255 (what that changes downstream: ensemble.out_of_fold_cases).
+    """
+    total = None
+    for bundle in bundles:
+        levels = load_foreground(bundle, case_id)
+        counted = np.where(above_half(levels), LEVELS, 0) if vote else levels.astype(np.int32)
+        total = counted if total is None else total + counted
+    return total.astype(np.float32) / (LEVELS * len(bundles))

@@ -25,7 +25,8 @@ import numpy as np
 
 from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.metrics import DICE_SMOOTHING, case_metrics, summarize_metrics
-from autoseg2d.pipeline.fold_probabilities import LEVELS, has_foreground, load_foreground, store_foreground
+from autoseg2d.pipeline.fold_probabilities import (LEVELS, above_half, check_grid, has_foreground, load_foreground,
+                                                   store_foreground)
 from autoseg2d.pipeline.inference import load_inferer, read_mask
 
 DICE_TIE = 1e-9  # Dice differences below this are ties: the smaller ensemble wins
@@ -94,13 +95,10 @@ def load_fold(bundles: Sequence[Path], cases: list[dict], vote: bool = False) ->
         case_id = case_name(case["image"])
         truth, spacing = read_mask(case["label"])
         maps = np.stack([load_foreground(bundle, case_id) for bundle in bundles])
-        if maps.shape[1:] != truth.shape:
-            raise ValueError(f"case {case_id!r}: stored probabilities have shape {maps.shape[1:]}, its label "
-                             f"{case['label']} {truth.shape}; delete the bundles' model/cv_probabilities folders "
-                             "to predict them again")
+        check_grid(maps.shape[1:], case_id, case["label"], truth.shape)
         if vote:
-            maps = np.where(2 * maps.astype(np.int16) > LEVELS, LEVELS, 0).astype(np.uint8)
-        support = np.flatnonzero(2 * maps.max(0).astype(np.int16) > LEVELS)
+            maps = np.where(above_half(maps), LEVELS, 0).astype(np.uint8)
+        support = np.flatnonzero(above_half(maps.max(0)))
         truth = truth.ravel().astype(bool)
         fold_cases.append(FoldCase(case_id, tuple(maps.shape[1:]), spacing, support,
                                    maps.reshape(len(bundles), -1)[:, support], truth[support], np.flatnonzero(truth)))
