@@ -58,6 +58,14 @@ def configured_bundle(target: Path, datalist: Path, **settings) -> Path:
     return config_file
 
 
+def bundle_folder(path: Path) -> Path:
+    """A bundle folder as far as the places of its files go: its config names ckpt_path, as BundleGen's does."""
+    config = path / "configs" / "hyper_parameters.yaml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_text("bundle_root: ''\nckpt_path: \"$@bundle_root + '/model'\"\n")
+    return path
+
+
 @pytest.fixture(scope="session")
 def ct_dataset(tmp_path_factory) -> Path:
     """8 training cases (2 folds) + 2 testing cases of 64 x 64 x 12 CT; returns the datalist path."""

@@ -25,6 +25,7 @@ from autoseg2d.evaluation.postprocess import (apply_multiclass_postprocessing, a
                                               describe_effects)
 from autoseg2d.evaluation.report import json_safe
 from autoseg2d.pipeline.crossval import validation_cases
+from autoseg2d.pipeline.fold_probabilities import check_grid, has_foreground, mean_foreground
 from autoseg2d.pipeline.greedy_members import (curve_markdown, curve_rows, ensure_stored, greedy_order, load_fold,
                                                members_per_fold)
 from autoseg2d.pipeline.inference import load_inferer
@@ -117,9 +118,14 @@ def _member(record: dict, rank: int | None, reason: str) -> dict:
 
 class EnsemblePredictor:
     def __init__(self, work: WorkDir, ensemble: dict):
-        self.members = [load_inferer(work.absolute(m["bundle"])) for m in ensemble["members"]]
+        self.bundles = [work.absolute(m["bundle"]) for m in ensemble["members"]]
+        self.members = [load_inferer(bundle) for bundle in self.bundles]
         self.mode = ensemble["mode"]
         self.postprocessing = ensemble.get("postprocessing")
+
+    def class_names(self) -> list[str]:
+        """The lesion classes' names, from the first member's bundle config (the members share their classes)."""
+        return lesion_class_names(getattr(self.members[0], "config", {}))
 
     def probabilities(self, image: Path, members: list | None = None,
                       return_members: bool = False) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
@@ -173,25 +179,41 @@ def out_of_fold_cases(predictor: EnsemblePredictor, ensemble: dict, *, training:
                       dataroot: Path) -> list[dict]:
     """Each training case predicted by the members that did not train on it (those validated on its fold).
 
-    Cases of a fold without members cannot be predicted out of fold; they are named in a warning.
+    Cross-validation stored each member's map of its own fold's cases (fold_probabilities), so a binary
+    ensemble reads a case's probabilities from its members' maps instead of running them; the maps are
+    rounded to 1/255, so the floors and scores chosen on them can differ from a rerun only for voxels
+    within 1/510 of a threshold. The members run for a case one of them lacks a map of (bundles
+    cross-validated before maps were kept), and for every case of a multi-class ensemble (the maps hold
+    "any class" only). Cases of a fold without members cannot be predicted out of fold; they are named
+    in a warning.
     """
-    cases = []
+    cases, sources = [], Counter()
+    binary = len(predictor.class_names()) == 1  # the lesion map alone; multi-class keeps every class
     member_folds = {m["fold"] for m in ensemble["members"]}
     for fold in sorted({int(e["fold"]) for e in training}):
         if fold not in member_folds:
             logger.warning(f"ensemble: fold {fold} has no member, so its cases are left out of the "
                            "post-processing choice")
             continue
-        members = [inferer for inferer, m in zip(predictor.members, ensemble["members"]) if m["fold"] == fold]
+        indices = [i for i, m in enumerate(ensemble["members"]) if m["fold"] == fold]
+        members, bundles = [predictor.members[i] for i in indices], [predictor.bundles[i] for i in indices]
         for case in validation_cases(fold, training=training, dataroot=dataroot):
             labels = nib.load(str(case["label"]))
             truth = np.asanyarray(labels.dataobj).astype(np.uint8)
-            probs = predictor.probabilities(case["image"], members)
-            binary = probs.shape[0] == 2  # the lesion map alone; multi-class keeps every class
-            cases.append({"case_id": case_name(case["image"]), "fold": fold,
-                          "prob": (probs[1] if binary else probs).astype(np.float16),
+            case_id = case_name(case["image"])
+            if binary and all(has_foreground(bundle, case_id) for bundle in bundles):
+                prob = mean_foreground(bundles, case_id, vote=predictor.mode == "vote")
+                check_grid(prob.shape, case_id, case["label"], truth.shape)
+                sources["stored"] += 1
+            else:
+                probs = predictor.probabilities(case["image"], members)
+                prob = probs[1] if binary else probs
+                sources["run"] += 1
+            cases.append({"case_id": case_id, "fold": fold, "prob": prob.astype(np.float16),
                           "truth": (truth > 0).astype(np.uint8) if binary else truth,
                           "spacing_mm": tuple(float(z) for z in labels.header.get_zooms()[:3])})
+    logger.info(f"ensemble: out-of-fold probabilities of {sources['stored']} cases from the members' stored "
+                f"cross-validation maps, {sources['run']} predicted by running the members")
     return cases
 
 
@@ -266,7 +288,7 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
     if any(image.resolve().parent == output_dir.resolve() for image in images):
         raise ValueError(f"the output folder {output_dir} holds the input images; choose another output folder")
     results, sources = [], sources or {}
-    report = CaseReport(output_dir, lesion_class_names(getattr(predictor.members[0], "config", {})))
+    report = CaseReport(output_dir, predictor.class_names())
     names = report.class_names  # of the label ids 1..N in the written masks
     bar = tqdm(images, desc="predict", unit="case", leave=False, dynamic_ncols=True, disable=None)  # on a terminal
     for index, image in enumerate(bar, 1):

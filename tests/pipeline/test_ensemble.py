@@ -10,9 +10,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.postprocess import apply_postprocessing, choose_postprocessing
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, out_of_fold_cases, predict_images, select_members
 from autoseg2d.synthetic import make_head_ct, write_case
+from tests.conftest import bundle_folder
 
 
 class FixedInferer:
@@ -137,6 +139,7 @@ def test_out_of_fold_cases_use_only_members_that_did_not_train_on_them_and_cover
     ensemble = {"mode": "mean", "members": members}
     ens = predictor("mean")
     ens.members = [FoldModel(m["fold"], folds_of_cases, lesion) for m in members]
+    ens.bundles = [bundle_folder(tmp_path / m["bundle"]) for m in members]  # no stored maps: the members run
     cases = out_of_fold_cases(ens, ensemble, training=entries, dataroot=tmp_path)
     assert sorted(c["case_id"] for c in cases) == [f"c{i}" for i in range(6)]
     assert sorted(ens.members[3].seen) == sorted(ens.members[2].seen) == ["c2.nii.gz", "c5.nii.gz"]
@@ -171,6 +174,118 @@ def test_multiclass_prediction_writes_class_ids_and_prints_ml_per_class(tmp_path
     voxel_ml = 0.45 * 0.45 * 5.0 / 1000
     assert results[0]["class_volume_ml"] == pytest.approx({"IPH": 16 * voxel_ml, "IVH": 0.0, "SAH": 4 * voxel_ml})
     assert "hemorrhage 0.02 mL (IPH 0.02, IVH 0.00, SAH 0.00)" in capsys.readouterr().out
+
+
+class CountingInferer(FixedInferer):
+    """FixedInferer that notes each case it predicts."""
+
+    def __init__(self, lesion_probability: np.ndarray):
+        super().__init__(lesion_probability)
+        self.seen = []
+
+    def infer(self, image):
+        self.seen.append(case_name(image))
+        return super().infer(image)
+
+
+class RefusingInferer:
+    config = {"output_classes": 2}
+
+    def infer(self, image):
+        raise AssertionError(f"a member ran on {image}, whose stored map was there to read")
+
+
+def member_lesion(index: int) -> np.ndarray:
+    """Member `index`'s lesion probabilities (16 x 16 x 4), some within 1e-4 and 1e-3 of 0.5 on either side."""
+    lesion = np.random.default_rng(index).uniform(0, 1, (16, 16, 4)).astype(np.float32)
+    lesion[0, :4, index % 4] = [0.4999, 0.5001, 0.499, 0.501]
+    return lesion
+
+
+def stored_ensemble(root: Path, mode: str, member_folds=(0, 0, 1), store: bool = True):
+    """Six 16 x 16 x 4 cases in two folds and one bundle folder per member (its fold from member_folds) that,
+    with store, holds its maps of its own fold's cases as cross-validation stores them. Returns the predictor
+    (CountingInferer members), the ensemble and the training cases ({training, dataroot})."""
+    from autoseg2d.pipeline.fold_probabilities import store_foreground
+
+    entries = []
+    for i in range(6):
+        write_case(make_head_ct(size=16, num_slices=4, seed=i), root / f"c{i}.nii.gz", root / f"l{i}.nii.gz")
+        entries.append({"image": f"c{i}.nii.gz", "label": f"l{i}.nii.gz", "fold": i % 2})
+    members = [{"fold": fold, "bundle": f"m{index}"} for index, fold in enumerate(member_folds)]
+    ens = predictor(mode)
+    ens.members = [CountingInferer(member_lesion(index)) for index in range(len(members))]
+    ens.bundles = [bundle_folder(root / m["bundle"]) for m in members]
+    for inferer, bundle, member in zip(ens.members, ens.bundles, members):
+        for entry in entries if store else ():
+            if entry["fold"] == member["fold"]:
+                store_foreground(bundle, case_name(entry["image"]), inferer.infer(entry["image"]).numpy())
+        inferer.seen.clear()
+    return ens, {"mode": mode, "members": members}, {"training": entries, "dataroot": root}
+
+
+def test_out_of_fold_cases_read_the_stored_maps_and_run_no_member(tmp_path):
+    from autoseg2d.pipeline.fold_probabilities import LEVELS, load_foreground
+
+    ens, ensemble, data = stored_ensemble(tmp_path, "mean")
+    ens.members = [RefusingInferer() for _ in ens.members]
+    cases = out_of_fold_cases(ens, ensemble, **data)
+    assert [c["case_id"] for c in cases] == ["c0", "c2", "c4", "c1", "c3", "c5"]
+    for case in cases:
+        bundles = [b for b, m in zip(ens.bundles, ensemble["members"]) if m["fold"] == case["fold"]]
+        mean = np.mean([load_foreground(b, case["case_id"]) / LEVELS for b in bundles], axis=0)
+        assert case["prob"].dtype == np.float16 and case["truth"].dtype == np.uint8
+        np.testing.assert_allclose(case["prob"], mean, rtol=0, atol=2 ** -11)  # float16's step below 1
+        assert case["truth"].shape == case["prob"].shape and case["spacing_mm"] == pytest.approx((0.45, 0.45, 5.0))
+
+
+def test_vote_from_the_stored_maps_equals_vote_from_running_the_members(tmp_path):
+    run, ensemble, data = stored_ensemble(tmp_path / "run", "vote", store=False)
+    stored, _, stored_data = stored_ensemble(tmp_path / "stored", "vote")
+    reference = out_of_fold_cases(run, ensemble, **data)
+    cases = out_of_fold_cases(stored, ensemble, **stored_data)
+    assert all(member.seen for member in run.members) and not any(member.seen for member in stored.members)
+    assert sorted(np.unique(np.concatenate([c["prob"].ravel() for c in cases]))) == pytest.approx([0, 0.5, 1])
+    for case, expected in zip(cases, reference):
+        assert case["case_id"] == expected["case_id"]
+        np.testing.assert_array_equal(case["prob"], expected["prob"])
+
+
+def test_a_member_without_a_stored_map_runs_its_fold_for_that_case_only(tmp_path, caplog):
+    import logging
+    import shutil
+
+    from autoseg2d.pipeline.fold_probabilities import foreground_file, probabilities_folder
+
+    ens, ensemble, data = stored_ensemble(tmp_path, "mean")
+    shutil.rmtree(probabilities_folder(ens.bundles[1]))  # fold 0's second member: cross-validated before maps
+    foreground_file(ens.bundles[2], "c3").unlink()  # fold 1's member: one case's map lost
+    with caplog.at_level(logging.INFO, logger="autoseg2d.pipeline.ensemble"):
+        cases = out_of_fold_cases(ens, ensemble, **data)
+    assert ens.members[0].seen == ens.members[1].seen == ["c0", "c2", "c4"]
+    assert ens.members[2].seen == ["c3"]
+    expected = {"c0": [0, 1], "c3": [2]}  # members run: their mean, in float32 before float16
+    for case in (c for c in cases if c["case_id"] in expected):
+        mean = np.mean([member_lesion(i) for i in expected[case["case_id"]]], axis=0)
+        np.testing.assert_array_equal(case["prob"], mean.astype(np.float16))
+    assert [r.message for r in caplog.records if "out-of-fold probabilities" in r.message] == [
+        "ensemble: out-of-fold probabilities of 2 cases from the members' stored cross-validation maps, "
+        "4 predicted by running the members"]
+
+
+def test_a_multiclass_ensemble_runs_its_members_whatever_maps_are_stored(tmp_path):
+    ens, ensemble, data = stored_ensemble(tmp_path, "mean", member_folds=(0, 1))
+    seen = []
+
+    class CountingClasses(ClassInferer):
+        def infer(self, image):
+            seen.append(case_name(image))
+            return super().infer(image)
+
+    ens.members = [CountingClasses(), CountingClasses()]
+    cases = out_of_fold_cases(ens, ensemble, **data)
+    assert sorted(seen) == [f"c{i}" for i in range(6)]
+    assert all(c["prob"].shape == (4, 16, 16, 4) and c["prob"].dtype == np.float16 for c in cases)
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +393,43 @@ def test_openvino_members_keep_the_ensemble_dice(trained_members):
             if precision == "f32":
                 np.testing.assert_array_equal(probabilities.argmax(0), reference.argmax(0))
     assert abs(np.mean(scores["bf16"]) - np.mean(scores["old"])) <= 0.002, scores
+
+
+def test_out_of_fold_cases_from_stored_maps_match_running_the_trained_members(trained_members, ct_dataset,
+                                                                              monkeypatch):
+    """The maps stored as cross-validation stores them (InferClass.infer, store_foreground) against the
+    members run again: each probability within 1/255 (plus float16), votes equal, the same post-processing."""
+    import shutil
+
+    from autoseg2d.pipeline.fold_probabilities import probabilities_folder, store_foreground
+    from autoseg2d.pipeline.inference import load_inferer
+    from autoseg2d.pipeline.workdir import WorkDir
+
+    bundles, cases = trained_members
+    bundles = bundles[1:]  # A and B: two input groups, and fewer scans to predict than [A, A, B]
+    training = [e for e in json.loads(ct_dataset.read_text())["training"] if e["fold"] == 0]  # the members' fold
+    data = {"training": training, "dataroot": ct_dataset.parent}
+    ensemble = {"mode": "mean", "members": [{"fold": 0, "bundle": str(bundle)} for bundle in bundles]}
+    ens = EnsemblePredictor(WorkDir(ct_dataset.parent), ensemble)
+    try:
+        rerun = {}
+        for mode in ("mean", "vote"):
+            ens.mode = mode
+            rerun[mode] = out_of_fold_cases(ens, ensemble, **data)
+        for bundle in bundles:
+            inferer = load_inferer(bundle)
+            for case in cases:
+                store_foreground(bundle, case_name(case["image"]), inferer.infer(str(case["image"])).numpy())
+        monkeypatch.setattr(ens, "probabilities", lambda image, members: RefusingInferer().infer(image))
+        for mode in ("mean", "vote"):
+            ens.mode = mode
+            stored = out_of_fold_cases(ens, ensemble, **data)
+            assert [c["case_id"] for c in stored] == [c["case_id"] for c in rerun[mode]] and len(stored) == 4
+            for case, expected in zip(stored, rerun[mode]):
+                difference = np.abs(case["prob"].astype(np.float32) - expected["prob"].astype(np.float32))
+                assert difference.max() <= (1 / 255 + 1e-3 if mode == "mean" else 0)
+                np.testing.assert_array_equal(case["truth"], expected["truth"])
+            assert choose_postprocessing(stored)["steps"] == choose_postprocessing(rerun[mode])["steps"]
+    finally:
+        for bundle in bundles:
+            shutil.rmtree(probabilities_folder(bundle), ignore_errors=True)

@@ -16,6 +16,7 @@ from autoseg2d.pipeline.ensemble import build_ensemble, select_greedy
 from autoseg2d.pipeline.fold_probabilities import LEVELS, load_foreground, quantize, store_foreground
 from autoseg2d.pipeline.greedy_members import load_fold, members_per_fold
 from autoseg2d.pipeline.workdir import WorkDir
+from tests.conftest import bundle_folder
 
 SHAPE = (8, 8, 2)
 SPACING_MM = (0.45, 0.45, 5.0)
@@ -41,14 +42,6 @@ FOLDS = {
         "half_b": (0.70, lambda case: lesion_map(0.2, 1.0))},
     1: {"weak": (0.65, lambda case: lesion_map(0.3, 0.3)), "good": (0.60, lambda case: lesion_map(0.9, 0.9))},
 }
-
-
-def bundle_folder(path: Path) -> Path:
-    """A bundle folder as far as the places of its files go: its config names ckpt_path, as BundleGen's does."""
-    config = path / "configs" / "hyper_parameters.yaml"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    config.write_text("bundle_root: ''\nckpt_path: \"$@bundle_root + '/model'\"\n")
-    return path
 
 
 def write_fold_data(tmp_path: Path) -> tuple[WorkDir, dict, list[dict]]:
