@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import shutil
@@ -40,7 +39,7 @@ from autoseg2d.synthetic import write_dataset  # noqa: E402
 from cache import cached_volume  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
 from network import NetworkSettings, build_loss, build_network, shape_divisor  # noqa: E402
-from predictor import SlicePredictor, cpu_bf16_units, cpu_has_native_bf16  # noqa: E402
+from predictor import SlicePredictor, cpu_bf16_units, cpu_has_native_bf16, onednn_cap  # noqa: E402
 from quantize import nncf_installed  # noqa: E402
 from runtime import openvino_installed  # noqa: E402
 from slice_dataset import Augmentation, SliceDataset, SliceSampler, foreground_pixels  # noqa: E402
@@ -247,7 +246,7 @@ def machine() -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or "?",
             "cpu_threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_native_bf16(),
             **{f"cpu_{unit}": found for unit, found in cpu_bf16_units().items()},
-            "onednn_max_cpu_isa": os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "none",
+            "onednn_max_cpu_isa": onednn_cap() or "none",
             "openvino": openvino_installed(), "nncf": nncf_installed()}
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)

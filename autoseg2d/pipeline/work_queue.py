@@ -102,8 +102,9 @@ def job_states(study: optuna.Study, jobs: list[str]) -> dict[str, dict[int, floa
 def requeue_failed(study: optuna.Study, kind: str, jobs: list[str]) -> list[int]:
     """Queue again, once, each job whose every trial failed; return their indices.
 
-    Two machines starting together may both queue a job again; the newer copy is not run while the
-    older one runs or has completed (is_duplicate), so at worst it is one more try after the older failed.
+    Machines starting together may each queue a job again; a newer copy is not run while an older one
+    runs or has completed (is_duplicate), so a job that fails every time is tried at most once per
+    machine that started in that moment, not forever.
     """
     failed = sorted(job_states(study, jobs)["failed"])
     for index in failed:

@@ -4,6 +4,7 @@ OpenVINO and NNCF are optional: the decisions are tested with fake compiled mode
 `openvino` module where a model file is written or read); one test runs both libraries for real.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -88,9 +89,10 @@ def test_calibration_images_are_spread_over_the_folds_training_cases(ct_dataset)
         assert len(calibration_images(str(ct_dataset), str(base), fold, 3)) == 3
 
 
-@pytest.mark.parametrize("path", ["", "missing.json"])
-def test_no_datalist_means_no_calibration_images(tmp_path, path):
-    assert calibration_images(str(tmp_path / path) if path else path, str(tmp_path), 0, 8) == []
+def test_no_datalist_means_no_calibration_images_and_a_broken_one_is_named(tmp_path):
+    assert calibration_images("", str(tmp_path), 0, 8) == []  # an exported bundle: the caller explains
+    with pytest.raises(QuantizationError, match=r"missing\.json.*infer_cpu_int8"):
+        calibration_images(str(tmp_path / "missing.json"), str(tmp_path), 0, 8)
 
 
 def outputs(foreground: np.ndarray) -> list[np.ndarray]:
@@ -163,7 +165,8 @@ class Quantizer:
 
 def request(files: BundleFiles | None, min_agreement: float, inputs=None) -> Int8Request:
     made = ([CHECK_INPUT] * 2, [CHECK_INPUT] * 2) if inputs is None else inputs
-    return Int8Request(Int8Settings(calibration_slices=2, min_agreement=min_agreement), files, lambda: made)
+    settings = Int8Settings(calibration_slices=2, calibration_scans=1, min_agreement=min_agreement)
+    return Int8Request(settings, files, lambda: made)
 
 
 @pytest.fixture
@@ -176,7 +179,7 @@ def files(tmp_path, fake_openvino) -> BundleFiles:
 
 
 def decide(files, min_agreement, **kwargs):
-    return int8_or_float(FLOAT, compile_fake(FLOAT), compile_fake, request(files, min_agreement, **kwargs))
+    return int8_or_float(FLOAT, lambda: compile_fake(FLOAT), compile_fake, request(files, min_agreement, **kwargs))
 
 
 def agreement_of(pixels: int) -> float:
@@ -205,13 +208,14 @@ def test_an_agreeing_int8_model_is_saved_before_its_report(files, monkeypatch):
     Quantizer(monkeypatch, pixels=10)
     compiled, report = decide(files, 0.98)
     assert report == {"agreement": 1.0, "min_agreement": 0.98, "calibration_slices": 2, "check_slices": 2,
-                      "used": True}
+                      "used": True, "checkpoint_sha256": hashlib.sha256(b"weights").hexdigest(),
+                      "calibration_slices_requested": 2, "calibration_scans": 1}
     assert compiled is not None and compiled(CHECK_INPUT)[0][0, 1].all()
     assert written == ["save_openvino_model", "write_text_atomic"]
     assert files.openvino_int8_model.read_text() == "10" and files.openvino_int8_model.with_suffix(".bin").is_file()
 
 
-def test_a_kept_model_newer_than_the_checkpoint_is_read_not_quantized_again(files, monkeypatch):
+def test_a_kept_model_of_the_same_checkpoint_is_read_not_quantized_again(files, monkeypatch):
     quantizer = Quantizer(monkeypatch, pixels=9)
     decide(files, 0.9)
     quantizer.pixels = 10  # a second quantization would give another model: the kept one must be read
@@ -228,15 +232,28 @@ def test_a_kept_model_without_its_weights_is_quantized_again(files, monkeypatch)
     assert quantizer.calls == 2 and compiled is not None and files.openvino_int8_model.with_suffix(".bin").is_file()
 
 
-def test_a_checkpoint_newer_than_the_report_is_quantized_again(files, monkeypatch):
+def test_a_retrained_checkpoint_is_quantized_again_and_a_copy_with_new_times_is_not(files, monkeypatch):
+    """The kept model belongs to the checkpoint's bytes, not its time: a copy without -p keeps it."""
     quantizer = Quantizer(monkeypatch, pixels=9)
     decide(files, 0.9)
     newer = files.int8_report.stat().st_mtime + 60
-    os.utime(files.model, (newer, newer))
+    os.utime(files.model, (newer, newer))  # what cp without -p, an unzip or a container build do
+    compiled, report = decide(files, 0.9)
+    assert quantizer.calls == 1 and report["agreement"] == agreement_of(9)
+    files.model.write_bytes(b"retrained weights")
     quantizer.pixels = 10
     compiled, report = decide(files, 0.9)
     assert quantizer.calls == 2 and report["agreement"] == 1.0 and files.openvino_int8_model.read_text() == "10"
     assert json.loads(files.int8_report.read_text())["agreement"] == 1.0
+
+
+def test_other_calibration_settings_quantize_again(files, monkeypatch):
+    quantizer = Quantizer(monkeypatch, pixels=9)
+    decide(files, 0.9)
+    more = Int8Request(Int8Settings(calibration_slices=4, calibration_scans=1, min_agreement=0.9), files,
+                       lambda: ([CHECK_INPUT] * 2, [CHECK_INPUT] * 2))
+    int8_or_float(FLOAT, lambda: compile_fake(FLOAT), compile_fake, more)
+    assert quantizer.calls == 2 and json.loads(files.int8_report.read_text())["calibration_slices_requested"] == 4
 
 
 def test_lowering_the_minimum_below_a_refused_figure_quantizes_again(files, monkeypatch):
@@ -290,9 +307,11 @@ def test_without_training_scans_the_error_names_the_datalist_key(files, monkeypa
         decide(files, 0.98, inputs=([], []))
 
 
-@pytest.mark.parametrize("key, value", [("infer_int8_calibration_slices", 0), ("infer_int8_min_agreement", 1.5)])
+@pytest.mark.parametrize("key, value", [("infer_int8_calibration_slices", 0), ("infer_int8_calibration_scans", 0),
+                                        ("infer_int8_min_agreement", 1.5)])
 def test_impossible_settings_name_their_key(key, value):
-    config = {"infer_int8_calibration_slices": 32, "infer_int8_min_agreement": 0.98, key: value}
+    config = {"infer_int8_calibration_slices": 32, "infer_int8_calibration_scans": 8, "infer_int8_min_agreement": 0.98,
+              key: value}
     with pytest.raises(ValueError, match=key):
         Int8Settings.from_config(config)
 

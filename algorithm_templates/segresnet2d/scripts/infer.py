@@ -26,8 +26,8 @@ from gpu_memory import MemorySettings, explain_out_of_memory  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
 from network import NetworkSettings, build_network, shape_divisor  # noqa: E402
 from predictor import HeadCrop, SlicePredictor, autocast_dtype, predict_together  # noqa: E402
-from quantize import (CALIBRATION_SCANS, Int8Request, Int8Settings, QuantizationError,  # noqa: E402
-                      calibration_images, calibration_inputs)
+from quantize import (Int8Request, Int8Settings, QuantizationError, calibration_images,  # noqa: E402
+                      calibration_inputs)
 from runtime import OpenVINONetwork, choose_runtime  # noqa: E402
 from volumes import Volume, from_ras, load_volume  # noqa: E402
 
@@ -67,11 +67,11 @@ class InferClass:
 
     def _calibration(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """INT8 calibration and check inputs from this bundle's training scans, cut as inference cuts them."""
-        config = self.config
+        config, settings = self.config, Int8Settings.from_config(self.config)
         images = calibration_images(config["data_list_file_path"], config["data_file_base_dir"],
-                                    int(config["fold"]), CALIBRATION_SCANS)
-        volumes = (load_volume(image, None, config["modality"]) for image in images)
-        return calibration_inputs(self.predictor, volumes, Int8Settings.from_config(config).calibration_slices)
+                                    int(config["fold"]), settings.calibration_scans)
+        volumes = (load_volume(image, None, config["modality"]) for image in images)  # one scan in memory at a time
+        return calibration_inputs(self.predictor, volumes, settings.calibration_slices, len(images))
 
     def infer(self, image_file: str | dict) -> MetaTensor:
         """Probabilities (C, X, Y, Z) for one image path (or a datalist entry {'image': path})."""

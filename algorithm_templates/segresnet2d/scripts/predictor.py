@@ -56,10 +56,14 @@ ONEDNN_ISA_MASKS = {"SSE41": 0x1, "AVX": 0x3, "AVX2": 0x7, "AVX2_VNNI": 0xF, "AV
 UNIT_ISA_MASKS = {"amx": ONEDNN_ISA_MASKS["AVX512_CORE_AMX"], "avx512_bf16": ONEDNN_ISA_MASKS["AVX512_CORE_BF16"]}
 
 
+def onednn_cap() -> str:
+    """The ISA cap oneDNN reads, ONEDNN_MAX_CPU_ISA or its old name DNNL_MAX_CPU_ISA ("" where unset)."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+
+
 def onednn_allows(unit_mask: int) -> bool:
-    """False where ONEDNN_MAX_CPU_ISA (or its old name DNNL_MAX_CPU_ISA) caps oneDNN below that ISA."""
-    cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or ""
-    mask = ONEDNN_ISA_MASKS.get(cap.strip().upper())  # unset, DEFAULT, ALL or unknown: no cap
+    """False where the oneDNN cap is below that ISA."""
+    mask = ONEDNN_ISA_MASKS.get(onednn_cap())  # unset, DEFAULT, ALL or unknown: no cap
     return mask is None or mask & unit_mask == unit_mask
 
 

@@ -10,20 +10,19 @@ report says why. Model and report are kept beside the checkpoint, like the float
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from bundle_contract import BundleFiles, save_openvino_model, write_text_atomic
 from datalist_split import read_datalist, split_by_fold
-
-
-CALIBRATION_SCANS = 8  # training scans read for calibration and the check (a few seconds each at 512 x 512 x 32)
 
 
 class QuantizationError(RuntimeError):
@@ -33,19 +32,30 @@ class QuantizationError(RuntimeError):
 @dataclass(frozen=True)
 class Int8Settings:
     calibration_slices: int  # slices whose activations set the INT8 ranges
+    calibration_scans: int  # training scans those slices (and as many check slices) are taken from
     min_agreement: float  # foreground Dice between INT8 and float masks needed to use INT8
 
     def __post_init__(self):
         if self.calibration_slices < 1:
-            raise ValueError(f"infer_int8_calibration_slices is {self.calibration_slices}; INT8 needs at least 1 "
-                             "training slice to calibrate on (the YAML's default is 32)")
+            raise ValueError(f"infer_int8_calibration_slices is {self.calibration_slices} in the bundle's "
+                             "configs/hyper_parameters.yaml; INT8 needs at least 1 training slice to calibrate on")
+        if self.calibration_scans < 1:
+            raise ValueError(f"infer_int8_calibration_scans is {self.calibration_scans} in the bundle's "
+                             "configs/hyper_parameters.yaml; INT8 needs at least 1 training scan to calibrate on")
         if not 0.0 <= self.min_agreement <= 1.0:
-            raise ValueError(f"infer_int8_min_agreement is {self.min_agreement}; it is a Dice between 0 and 1 "
+            raise ValueError(f"infer_int8_min_agreement is {self.min_agreement} in the bundle's "
+                             "configs/hyper_parameters.yaml; it is a Dice between 0 and 1 "
                              "(0 uses INT8 whatever it agrees, 1 only where its masks equal the float ones)")
 
     @classmethod
     def from_config(cls, config: dict) -> Int8Settings:
-        return cls(int(config["infer_int8_calibration_slices"]), float(config["infer_int8_min_agreement"]))
+        return cls(int(config["infer_int8_calibration_slices"]), int(config["infer_int8_calibration_scans"]),
+                   float(config["infer_int8_min_agreement"]))
+
+    def calibration(self) -> dict:
+        """What the INT8 model depends on besides the checkpoint (min_agreement only decides on it)."""
+        return {"calibration_slices_requested": self.calibration_slices,
+                "calibration_scans": self.calibration_scans}
 
 
 def nncf_installed() -> bool:
@@ -53,25 +63,32 @@ def nncf_installed() -> bool:
 
 
 def calibration_images(datalist_path: str, base_dir: str, fold: int, count: int) -> list[str]:
-    """Up to count training images of this bundle's fold (spread over the list), [] where none can be read."""
+    """Up to count training images of this bundle's fold (spread over the list); [] without a datalist (an
+    exported bundle: the caller says what to do), an error naming the file where it cannot be used."""
+    if not datalist_path:
+        return []
     try:
         training, _ = split_by_fold(read_datalist(datalist_path), base_dir, fold, datalist_path)
-    except (OSError, ValueError):  # no datalist (an exported bundle): the caller says what to do
-        return []
+    except (OSError, ValueError) as err:
+        raise QuantizationError(f"infer_cpu_int8 calibrates on the training scans of data_list_file_path "
+                                f"{datalist_path}, which cannot be used: {err}. Fix it, or set infer_cpu_int8 "
+                                "to false") from err
     picks = np.linspace(0, len(training) - 1, min(count, len(training))).round().astype(int)
     return [training[index]["image"] for index in sorted(set(picks))]
 
 
-def calibration_inputs(predictor, volumes, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def calibration_inputs(predictor, volumes, count: int,
+                       num_volumes: int | None = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """(calibration, check) single-slice inputs (1, C, rows, cols) from the volumes, count of each
     (fewer where the volumes have too few head slices).
 
     Slices are taken evenly over each volume's head slices, so the skull base, the middle and the
-    vertex all appear; consecutive picks go to the two sets in turn.
+    vertex all appear; consecutive picks go to the two sets in turn. volumes may be a generator that reads
+    each scan when it is reached (then num_volumes says how many it gives).
     """
     calibration, check = [], []
-    volumes = list(volumes)
-    per_volume = 2 * max(-(-count // max(len(volumes), 1)), 1)  # even: both sets get as many from each volume
+    num_volumes = len(volumes) if num_volumes is None else num_volumes
+    per_volume = 2 * max(-(-count // max(num_volumes, 1)), 1)  # even: both sets get as many from each volume
     for volume in volumes:
         # batches come largest head first; ordered by axial index, the picks reach both ends of the head
         slices = sorted(((batch, index) for batch in predictor.batches(volume) for index in range(len(batch.slices))),
@@ -113,23 +130,39 @@ class Int8Request:
     make_inputs: Callable[[], tuple[list[np.ndarray], list[np.ndarray]]]
 
 
-def load_report(files: BundleFiles) -> dict | None:
-    """The kept report of an INT8 conversion at least as new as the checkpoint, or None."""
-    report, checkpoint = files.int8_report, files.model
-    if not report.is_file() or (checkpoint.exists() and report.stat().st_mtime < checkpoint.stat().st_mtime):
+def checkpoint_digest(path: Path) -> str | None:
+    """sha256 of the checkpoint's bytes (None without one): what a kept INT8 model was made from. Not its
+    time, which a copy without -p, an unzip or a container build resets."""
+    if not path.is_file():
         return None
-    return json.loads(report.read_text())
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_report(files: BundleFiles, settings: Int8Settings) -> dict | None:
+    """The kept report of an INT8 conversion of this very checkpoint with these calibration settings, or None."""
+    try:
+        report = json.loads(files.int8_report.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: quantize (again)
+        return None
+    made_from = {"checkpoint_sha256": checkpoint_digest(files.model), **settings.calibration()}
+    return report if all(report.get(key) == value for key, value in made_from.items()) else None
 
 
 def int8_or_float(float_model, float_compiled, compile_model, request: Int8Request):
     """(the compiled INT8 model, or None where it disagrees with float_compiled; the report).
 
-    A kept report decides without quantizing again while it is newer than the checkpoint, unless
-    min_agreement was lowered below a rejected model's figure (that model was not kept: made again).
+    A kept report of the same checkpoint and calibration settings decides without quantizing again,
+    unless min_agreement was lowered below a rejected model's figure (that model was not kept: made
+    again). float_compiled() compiles the float model; it is called only where the float model is
+    needed (the check, or a refusal), not where a kept INT8 model runs.
     """
     files, settings = request.files, request.settings
     where = files.model if files is not None else "this network"
-    kept = load_report(files) if files is not None else None
+    kept = load_report(files, settings) if files is not None else None
     if kept is not None:
         if kept["agreement"] < settings.min_agreement:
             warn_refused(where, kept["agreement"], kept["check_slices"], settings.min_agreement)
@@ -151,10 +184,12 @@ def int8_or_float(float_model, float_compiled, compile_model, request: Int8Reque
                                 "to false")
     quantized = quantize_model(float_model, calibration)
     candidate = compile_model(quantized)
-    agreement = round(foreground_agreement(float_compiled, candidate, check), 4)  # kept reports decide on this
+    agreement = round(foreground_agreement(float_compiled(), candidate, check), 4)  # kept reports decide on this
     report = {"agreement": agreement, "min_agreement": settings.min_agreement,
               "calibration_slices": len(calibration), "check_slices": len(check),
-              "used": agreement >= settings.min_agreement}
+              "used": agreement >= settings.min_agreement,
+              "checkpoint_sha256": checkpoint_digest(files.model) if files is not None else None,
+              **settings.calibration()}
     if not report["used"]:
         warn_refused(where, agreement, len(check), settings.min_agreement)
     if files is not None:

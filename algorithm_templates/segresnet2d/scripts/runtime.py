@@ -11,6 +11,7 @@ where it agrees with the float model (quantize.py).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import warnings
 from pathlib import Path
@@ -59,13 +60,16 @@ class OpenVINONetwork:
         def compile_model(ov_model):
             return ov.Core().compile_model(ov_model, "CPU", hint)
 
-        self.compiled = compile_model(converted)
+        self._float = functools.cache(lambda: compile_model(converted))
+
         self.precision = "openvino-" + hint["INFERENCE_PRECISION_HINT"]
-        self.int8_report = None
-        if int8 is not None:
-            quantized, self.int8_report = int8_or_float(converted, self.compiled, compile_model, int8)
-            if quantized is not None:
-                self.compiled, self.precision = quantized, "openvino-int8"
+        self.int8_report, self.compiled = None, None
+        if int8 is not None:  # the float model is compiled only where INT8 needs it (its check) or is refused
+            self.compiled, self.int8_report = int8_or_float(converted, self._float, compile_model, int8)
+            if self.compiled is not None:
+                self.precision = "openvino-int8"
+        if self.compiled is None:
+            self.compiled = self._float()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.compiled(x.float().contiguous().numpy())[0])
