@@ -66,6 +66,21 @@ def bundle_folder(path: Path) -> Path:
     return path
 
 
+def trained_further(bundle: Path, *results: Path) -> Path:
+    """Write the bundle's model.pt and date `results` (files its model wrote) 1 s before it, as if the bundle
+    trained further after writing them; returns model.pt."""
+    import os
+
+    from autoseg2d.templates import bundle_files
+
+    model = bundle_files(bundle).model
+    model.write_bytes(b"weights")
+    older = model.stat().st_mtime_ns - 10 ** 9
+    for path in results:
+        os.utime(path, ns=(older, older))
+    return model
+
+
 @pytest.fixture(scope="session")
 def ct_dataset(tmp_path_factory) -> Path:
     """8 training cases (2 folds) + 2 testing cases of 64 x 64 x 12 CT; returns the datalist path."""

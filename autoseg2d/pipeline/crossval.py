@@ -13,7 +13,7 @@ from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.metrics import case_metrics, class_case_metrics
 from autoseg2d.evaluation.report import cross_validation_table, json_safe
 from autoseg2d.pipeline.bundles import bundle_path, configuration_name, describe, generate_bundles, train_bundle
-from autoseg2d.pipeline.fold_probabilities import store_foreground
+from autoseg2d.pipeline.fold_probabilities import is_current, store_foreground
 from autoseg2d.pipeline.inference import foreground, load_inferer, read_labels, read_mask
 from autoseg2d.reporting.case_report import lesion_class_names
 from autoseg2d.atomic_files import write_text_atomic
@@ -32,9 +32,9 @@ def validation_cases(fold: int, *, training: Sequence[dict], dataroot: Path) -> 
 
 def evaluate_bundle(bundle: Path, fold: int, validation: list[dict]) -> list[dict]:
     """Per-case metrics of a fold model on its own validation cases, {image, label} each (cached beside its
-    checkpoints)."""
+    checkpoints while they are of its current model, fold_probabilities.is_current)."""
     cache = bundle_files(bundle).cv_metrics
-    if cache.exists():
+    if is_current(bundle, cache):
         return json.loads(cache.read_text())
     inferer = load_inferer(bundle)
     class_names = lesion_class_names(inferer.config)

@@ -6,10 +6,14 @@ without running any model again. A 512 x 512 x 32 map in float32 is 32 MiB, and 
 cases would not fit in memory; stored as uint8 (1/255 steps, at most 0.002 off) and
 zlib-compressed, mostly air and background, one case takes a few hundred KiB on disk, and a
 reader loads one map at a time.
+
+A stored result counts only while it is of the bundle's current model (is_current): a bundle trained
+further after cross-validation has a newer model.pt, and its older maps and scores are computed again.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +24,21 @@ from autoseg2d.templates import bundle_files
 
 LEVELS = 255  # uint8 steps from probability 0 to 1
 FOLDER = "cv_probabilities"
+
+logger = logging.getLogger(__name__)
+
+
+def is_current(bundle: Path, stored: Path) -> bool:
+    """Whether `stored`, a result of the bundle's model (a map, cv_metrics.json), is there and at least as new
+    as the bundle's model.pt, so it can be reused. An older one is of a model trained further since: it is
+    logged and counts as missing, to be computed again. Without a model.pt its existence alone counts."""
+    if not stored.is_file():
+        return False
+    model = bundle_files(bundle).model
+    if not model.is_file() or stored.stat().st_mtime_ns >= model.stat().st_mtime_ns:
+        return True
+    logger.info(f"{stored} is older than {model} (trained further since), so it is computed again")
+    return False
 
 
 def probabilities_folder(bundle: Path) -> Path:
@@ -57,7 +76,8 @@ def load_foreground(bundle: Path, case_id: str) -> np.ndarray:
 
 
 def has_foreground(bundle: Path, case_id: str) -> bool:
-    return foreground_file(bundle, case_id).is_file()
+    """Whether the bundle holds a current map of the case (is_current)."""
+    return is_current(bundle, foreground_file(bundle, case_id))
 
 
 def check_grid(stored_shape: tuple, case_id: str, label: Path, label_shape: tuple) -> None:

@@ -14,7 +14,7 @@ from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.postprocess import apply_postprocessing, choose_postprocessing
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, out_of_fold_cases, predict_images, select_members
 from autoseg2d.synthetic import make_head_ct, write_case
-from tests.conftest import bundle_folder
+from tests.conftest import bundle_folder, trained_further
 
 
 class FixedInferer:
@@ -433,3 +433,24 @@ def test_out_of_fold_cases_from_stored_maps_match_running_the_trained_members(tr
     finally:
         for bundle in bundles:
             shutil.rmtree(probabilities_folder(bundle), ignore_errors=True)
+
+
+def test_a_map_older_than_its_members_model_is_predicted_again_and_current_ones_are_read(tmp_path, caplog):
+    import logging
+    import os
+
+    from autoseg2d.pipeline.fold_probabilities import foreground_file
+
+    ens, ensemble, data = stored_ensemble(tmp_path, "mean")
+    stale = foreground_file(ens.bundles[2], "c3")  # fold 1's member, trained further after c3 was stored
+    model = trained_further(ens.bundles[2], stale)
+    model_ns = model.stat().st_mtime_ns
+    for case, ns in (("c1", model_ns), ("c5", model_ns + 10 ** 9)):  # as new as the model, and newer: current
+        os.utime(foreground_file(ens.bundles[2], case), ns=(ns, ns))
+    with caplog.at_level(logging.INFO, logger="autoseg2d.pipeline.fold_probabilities"):
+        cases = out_of_fold_cases(ens, ensemble, **data)
+    assert ens.members[2].seen == ["c3"] and ens.members[0].seen == ens.members[1].seen == []
+    c3 = next(c for c in cases if c["case_id"] == "c3")
+    np.testing.assert_array_equal(c3["prob"], member_lesion(2).astype(np.float16))  # the member's own output
+    assert [r.message for r in caplog.records] == [
+        f"{stale} is older than {model} (trained further since), so it is computed again"]

@@ -16,7 +16,7 @@ from autoseg2d.pipeline.ensemble import build_ensemble, select_greedy
 from autoseg2d.pipeline.fold_probabilities import LEVELS, load_foreground, quantize, store_foreground
 from autoseg2d.pipeline.greedy_members import load_fold, members_per_fold
 from autoseg2d.pipeline.workdir import WorkDir
-from tests.conftest import bundle_folder
+from tests.conftest import bundle_folder, trained_further
 
 SHAPE = (8, 8, 2)
 SPACING_MM = (0.45, 0.45, 5.0)
@@ -157,6 +157,54 @@ def test_cross_validation_stores_the_maps_it_predicts_and_old_bundles_predict_th
     greedy_members.ensure_stored(old, crossval.validation_cases(0, **data))
     assert inferer.seen == ["f0c0", "f0c1"]  # predicted once, then read
     np.testing.assert_array_equal(load_foreground(old, "f0c1"), quantize(lesion))
+
+
+def test_cross_validation_evaluates_again_when_the_bundle_trained_further_and_reuses_a_current_result(
+        tmp_path, monkeypatch, caplog):
+    import logging
+
+    from autoseg2d.pipeline.fold_probabilities import foreground_file
+    from autoseg2d.templates import bundle_files
+
+    work, data, _ = write_fold_data(tmp_path)
+    validation = crossval.validation_cases(0, **data)
+    loads = []
+    inferers = iter([FixedInferer(lesion_map(0.7, 0.1)), FixedInferer(lesion_map(0.9, 0.9))])
+
+    def load(bundle):
+        loads.append(bundle)
+        return next(inferers)
+
+    monkeypatch.setattr(crossval, "load_inferer", load)
+    bundle = bundle_folder(work.bundles / "resumed" / "segresnet2d_0")
+    first = crossval.evaluate_bundle(bundle, 0, validation)
+    cv_metrics = bundle_files(bundle).cv_metrics
+    model = trained_further(bundle, cv_metrics, foreground_file(bundle, "f0c0"), foreground_file(bundle, "f0c1"))
+    with caplog.at_level(logging.INFO, logger="autoseg2d.pipeline.fold_probabilities"):
+        again = crossval.evaluate_bundle(bundle, 0, validation)
+    assert len(loads) == 2 and first[0]["dice"] < 0.9 and again[0]["dice"] == pytest.approx(1.0, abs=1e-4)
+    assert json.loads(cv_metrics.read_text()) == json.loads(json.dumps(again))  # rewritten with the new model's
+    np.testing.assert_array_equal(load_foreground(bundle, "f0c0"), quantize(lesion_map(0.9, 0.9)))
+    assert [r.message for r in caplog.records] == [
+        f"{cv_metrics} is older than {model} (trained further since), so it is computed again"]
+    assert crossval.evaluate_bundle(bundle, 0, validation) == again and len(loads) == 2  # now current: reused
+
+
+def test_greedy_selection_predicts_again_a_map_older_than_its_bundles_model(tmp_path, monkeypatch):
+    import os
+
+    from autoseg2d.pipeline.fold_probabilities import foreground_file
+
+    work, data, _ = write_fold_data(tmp_path)
+    bundle = work.bundles / "half_a" / "segresnet2d_0"
+    model_ns = trained_further(bundle, foreground_file(bundle, "f0c1")).stat().st_mtime_ns
+    os.utime(foreground_file(bundle, "f0c0"), ns=(model_ns, model_ns))  # as new as the model: current
+    inferer = FixedInferer(lesion_map(0.1, 0.8))
+    monkeypatch.setattr(greedy_members, "load_inferer", lambda bundle: inferer)
+    greedy_members.ensure_stored(bundle, crossval.validation_cases(0, **data))
+    assert inferer.seen == ["f0c1"]  # the current map of f0c0 is read
+    np.testing.assert_array_equal(load_foreground(bundle, "f0c1"), quantize(lesion_map(0.1, 0.8)))
+    np.testing.assert_array_equal(load_foreground(bundle, "f0c0"), quantize(lesion_map(1.0, 0.2)))
 
 
 class StoredInferer:
