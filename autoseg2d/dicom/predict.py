@@ -17,7 +17,6 @@ import numpy as np
 from autoseg2d.dicom.seg import write_dicom_seg
 from autoseg2d.dicom.series import read_series, series_folders
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, predict_images
-from autoseg2d.reporting.case_report import lesion_class_names
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +37,7 @@ def predict_dicom(predictor: EnsemblePredictor, input_dir: Path, output_dir: Pat
             logger.info(f"DICOM {folder}: {series.image_hu.shape[-1]} CT slices, checked")
         results = predict_images(predictor, images, output_dir, sources)
     if dicom_seg:
-        classes = lesion_class_names(getattr(predictor.members[0], "config", {}))
+        classes = predictor.class_names()
         for name, files in slice_files.items():
             target = output_dir / f"{name}{SEG_SUFFIX}"
             if not target.exists():

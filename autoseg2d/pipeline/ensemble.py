@@ -1,8 +1,8 @@
 """Stage 5: the best-N checkpoint ensemble, its post-processing, and case-by-case prediction.
 
-Members are loaded once; each case's probabilities are summed member by member, so memory
-holds one case at a time whatever the number of cases. Finished output files are skipped,
-so an interrupted prediction run continues where it stopped.
+Members are loaded once, when a case is first predicted; each case's probabilities are summed
+member by member, so memory holds one case at a time whatever the number of cases. Finished
+output files are skipped, so an interrupted prediction run continues where it stopped.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 import nibabel as nib
@@ -33,6 +34,7 @@ from autoseg2d.pipeline.work_queue import run_queue
 from autoseg2d.atomic_files import write_mask, write_text_atomic
 from autoseg2d.pipeline.workdir import WorkDir
 from autoseg2d.reporting.case_report import REPORT_CSV, REPORT_JSON, CaseReport, lesion_class_names
+from autoseg2d.templates import bundle_config
 
 logger = logging.getLogger(__name__)
 
@@ -119,13 +121,23 @@ def _member(record: dict, rank: int | None, reason: str) -> dict:
 class EnsemblePredictor:
     def __init__(self, work: WorkDir, ensemble: dict):
         self.bundles = [work.absolute(m["bundle"]) for m in ensemble["members"]]
-        self.members = [load_inferer(bundle) for bundle in self.bundles]
         self.mode = ensemble["mode"]
         self.postprocessing = ensemble.get("postprocessing")
 
+    @cached_property
+    def members(self) -> list:
+        """Each member's InferClass, loaded on first use: building one (its model, an OpenVINO compile, INT8
+        quantization where configured) takes seconds, and choosing post-processing from the stored
+        cross-validation maps (out_of_fold_cases) may never run a member."""
+        return [load_inferer(bundle) for bundle in self.bundles]
+
     def class_names(self) -> list[str]:
-        """The lesion classes' names, from the first member's bundle config (the members share their classes)."""
-        return lesion_class_names(getattr(self.members[0], "config", {}))
+        """The lesion classes' names (the members share their classes): from the first member's config where the
+        members are loaded (the inputs its checkpoint was trained on applied), else from its bundle's config
+        file, without loading a model."""
+        if "members" in vars(self):
+            return lesion_class_names(getattr(self.members[0], "config", {}))
+        return lesion_class_names(bundle_config(self.bundles[0]).get())
 
     def probabilities(self, image: Path, members: list | None = None,
                       return_members: bool = False) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
@@ -196,7 +208,7 @@ def out_of_fold_cases(predictor: EnsemblePredictor, ensemble: dict, *, training:
                            "post-processing choice")
             continue
         indices = [i for i, m in enumerate(ensemble["members"]) if m["fold"] == fold]
-        members, bundles = [predictor.members[i] for i in indices], [predictor.bundles[i] for i in indices]
+        bundles = [predictor.bundles[i] for i in indices]
         for case in validation_cases(fold, training=training, dataroot=dataroot):
             labels = nib.load(str(case["label"]))
             truth = np.asanyarray(labels.dataobj).astype(np.uint8)
@@ -206,7 +218,7 @@ def out_of_fold_cases(predictor: EnsemblePredictor, ensemble: dict, *, training:
                 check_grid(prob.shape, case_id, case["label"], truth.shape)
                 sources["stored"] += 1
             else:
-                probs = predictor.probabilities(case["image"], members)
+                probs = predictor.probabilities(case["image"], [predictor.members[i] for i in indices])
                 prob = probs[1] if binary else probs
                 sources["run"] += 1
             cases.append({"case_id": case_id, "fold": fold, "prob": prob.astype(np.float16),

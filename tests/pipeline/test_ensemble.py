@@ -454,3 +454,39 @@ def test_a_map_older_than_its_members_model_is_predicted_again_and_current_ones_
     np.testing.assert_array_equal(c3["prob"], member_lesion(2).astype(np.float16))  # the member's own output
     assert [r.message for r in caplog.records] == [
         f"{stale} is older than {model} (trained further since), so it is computed again"]
+
+
+def ensemble_records(ensemble: dict) -> list[dict]:
+    """Cross-validation records of stored_ensemble's members (bundle names relative to its root)."""
+    return [{"bundle": m["bundle"], "score": 0.9 - 0.1 * index, "fold": m["fold"], "seed": 0, "variant": "v"}
+            for index, m in enumerate(ensemble["members"])]
+
+
+def test_the_ensemble_stage_loads_no_member_when_every_map_is_stored_and_each_member_once_to_predict(
+        tmp_path, monkeypatch):
+    from autoseg2d.pipeline import ensemble as ensemble_module
+    from autoseg2d.pipeline.ensemble import make_ensemble
+    from autoseg2d.pipeline.workdir import WorkDir
+
+    _, stored, data = stored_ensemble(tmp_path, "mean")
+    work = WorkDir(tmp_path.resolve())
+
+    def refuse(bundle):
+        raise AssertionError(f"{bundle}'s InferClass was built, though every out-of-fold map was stored")
+
+    monkeypatch.setattr(ensemble_module, "load_inferer", refuse)
+    built = make_ensemble(work, ensemble_records(stored), 3, "mean", **data)
+    assert [m["bundle"] for m in built["members"]] == ["m0", "m1", "m2"] and built["postprocessing"]
+    loads = Counter()
+
+    def load(bundle):
+        loads[bundle.name] += 1
+        return CountingInferer(member_lesion(int(bundle.name[1:])))
+
+    monkeypatch.setattr(ensemble_module, "load_inferer", load)
+    predictor = EnsemblePredictor(work, built)
+    assert predictor.class_names() == ["hemorrhage"] and not loads  # from the bundle's config
+    results = predict_images(predictor, [tmp_path / "c0.nii.gz", tmp_path / "c1.nii.gz"], tmp_path / "out")
+    assert [r["case"] for r in results] == ["c0", "c1"] and (tmp_path / "out" / "c1.nii.gz").is_file()
+    assert loads == {"m0": 1, "m1": 1, "m2": 1}
+    assert all(member.seen == ["c0", "c1"] for member in predictor.members)
