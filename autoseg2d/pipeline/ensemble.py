@@ -309,10 +309,11 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
             tqdm.write(f"predict {index}/{len(images)} {image.name}: done before, kept")
             report.keep_case(case_name(image), image, target, sources.get(case_name(image)))
             continue
+        members = predictor.members  # loaded for the first case to predict, before its clock starts
         started = time.time()
         source = nib.load(str(image))
         spacing = tuple(float(z) for z in source.header.get_zooms()[:3])
-        probabilities, member_masks = predictor.probabilities(image, return_members=True)
+        probabilities, member_masks = predictor.probabilities(image, members, return_members=True)
         mask = predictor.mask(probabilities, spacing)
         write_mask(mask, source.affine, source.header, target)
         voxel_ml = float(np.prod(spacing)) / 1000.0
