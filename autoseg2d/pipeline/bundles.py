@@ -206,7 +206,8 @@ def train_bundle(bundle: Path, label: str, *, datalist: Path, dataroot: Path,
                             f"  full log: {files.text_log}")
     plot_training_curves(files.training_log)
     score = bundle_score(bundle)
-    logger.info(f"{label}: best Dice {score:.4f}, {epochs_done} epochs in {minutes:.1f} min (log: {files.text_log})")
+    done = f"{epochs_done} epochs" if epochs_done else "trained"  # a trainer from before the event file: no count
+    logger.info(f"{label}: best Dice {score:.4f}, {done} in {minutes:.1f} min (log: {files.text_log})")
     return score
 
 
