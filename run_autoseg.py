@@ -46,7 +46,8 @@ def evaluate(*args, **options) -> None:
 
 
 def _stage(name: str):
-    @functools.wraps(run_pipeline)
+    # not functools.wraps(run_pipeline): fire would read run_pipeline's signature through __wrapped__ and
+    # pass every option positionally to this keyword-only command
     def command(**options):
         call_with_options(run_pipeline, {**options, "until": name}, name)
 

@@ -72,3 +72,17 @@ def test_a_misspelt_option_suggests_the_right_one(tmp_path):
     demo = run_cli("--demo", "--num_clases", "3", "--work_dir", str(tmp_path / "demo"), cwd=tmp_path)
     assert demo.returncode == 1 and "did you mean --num_classes?" in demo.stderr
     assert not (tmp_path / "demo").exists()
+
+
+def test_stage_commands_run_the_pipeline_up_to_their_stage(tmp_path):
+    """`run_autoseg.py crossval ...` failed with a TypeError (every option passed positionally) before any stage."""
+    write_dataset(tmp_path)
+    nan_image(tmp_path)
+    for stage in ("analyze", "sweep", "crossval", "ensemble"):
+        result = run_cli(stage, "--datalist", "datalist.json", "--dataroot", str(tmp_path), "--work_dir",
+                         str(tmp_path / "work"), cwd=tmp_path)
+        assert result.returncode == 1, result.stderr
+        assert "NaN or inf voxels" in result.stderr and "Traceback" not in result.stderr  # the check stage ran
+    misspelt = run_cli("crossval", "--datalist", "datalist.json", "--num_fold", "3", cwd=tmp_path)
+    assert misspelt.returncode == 1
+    assert "crossval: unknown option --num_fold; did you mean --num_folds?" in misspelt.stderr
