@@ -31,6 +31,10 @@ def call_with_options(function: Callable, options: dict, command: str):
     """function(**options), refusing an unknown option with the closest known one (fire passes any --key on)."""
     known = [name for name, p in inspect.signature(function).parameters.items() if p.kind is p.KEYWORD_ONLY
              or p.kind is p.POSITIONAL_OR_KEYWORD]
+    if options.get("help") is True and "help" not in known:  # fire hands --help on to a **options command
+        print(f"{command}: {inspect.getdoc(function) or ''}\n\nOptions: {', '.join('--' + k for k in known)}",
+              flush=True)
+        return None
     unknown = [key for key in options if key not in known]
     if unknown:
         hint = difflib.get_close_matches(unknown[0], known, n=1)

@@ -86,3 +86,11 @@ def test_stage_commands_run_the_pipeline_up_to_their_stage(tmp_path):
     misspelt = run_cli("crossval", "--datalist", "datalist.json", "--num_fold", "3", cwd=tmp_path)
     assert misspelt.returncode == 1
     assert "crossval: unknown option --num_fold; did you mean --num_folds?" in misspelt.stderr
+
+
+def test_help_of_run_and_the_stage_commands_lists_their_options_and_runs_nothing(tmp_path):
+    for command in ("run", "crossval"):
+        result = run_cli(command, "--help", cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert "Options: --datalist, --dataroot, --work_dir" in result.stdout and "unknown option" not in result.stderr
+    assert not (tmp_path / "work").exists()
