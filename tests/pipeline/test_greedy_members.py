@@ -17,6 +17,7 @@ from autoseg2d.pipeline.fold_probabilities import LEVELS, load_foreground, quant
 from autoseg2d.pipeline.greedy_members import load_fold, members_per_fold
 from autoseg2d.pipeline.workdir import WorkDir
 from tests.conftest import bundle_folder, trained_further
+from tests.ensemble_fakes import FixedInferer
 
 SHAPE = (8, 8, 2)
 SPACING_MM = (0.45, 0.45, 5.0)
@@ -126,19 +127,6 @@ def test_metrics_on_the_reduced_case_equal_those_of_the_whole_scan(tmp_path):
             {k: whole[k] for k in ("dice", "nsd", "hd_mm", "pred_volume_ml")})
     vote = load_fold([work.absolute(r["bundle"]) for r in fold_0], cases, vote=True)
     assert vote[0].dice([1, 2]) < 0.01  # as masks, half_a and half_b tie on every lesion voxel: no majority
-
-
-class FixedInferer:
-    config = {"output_classes": 2}
-
-    def __init__(self, lesion: np.ndarray):
-        self.lesion, self.seen = lesion, []
-
-    def infer(self, image):
-        import torch
-
-        self.seen.append(case_name(image))
-        return torch.from_numpy(np.stack([1 - self.lesion, self.lesion]).astype(np.float32))
 
 
 def test_cross_validation_stores_the_maps_it_predicts_and_old_bundles_predict_them_once(tmp_path, monkeypatch):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from autoseg2d.pipeline.ensemble import EnsemblePredictor, predict_images
+from autoseg2d.pipeline.ensemble import predict_images
 from autoseg2d.reporting.case_report import (
     FLAG_EDGE,
     FLAG_EMPTY,
@@ -20,6 +20,7 @@ from autoseg2d.reporting.case_report import (
     lesion_class_names,
 )
 from autoseg2d.synthetic import make_head_ct, write_case
+from tests.ensemble_fakes import fake_ensemble
 
 SIZE, SLICES = 32, 6
 
@@ -84,16 +85,6 @@ def test_multi_class_rows_per_class_and_any(tmp_path):
     assert lesion_class_names({"output_classes": 3}) == ["class_1", "class_2"]
 
 
-class FixedInferer:
-    def __init__(self, lesion: np.ndarray):
-        self.lesion = lesion
-
-    def infer(self, image):
-        import torch
-
-        return torch.from_numpy(np.stack([1 - self.lesion, self.lesion]).astype(np.float32))
-
-
 def test_prediction_writes_the_report_and_a_rerun_keeps_its_rows(tmp_path):
     for i in range(2):
         write_image(tmp_path / "in" / f"c{i}.nii.gz", seed=i)
@@ -101,9 +92,7 @@ def test_prediction_writes_the_report_and_a_rerun_keeps_its_rows(tmp_path):
     lesion = np.zeros((SIZE, SIZE, SLICES), np.float32)
     lesion[10:16, 10:16, 2:4] = 0.9
     shifted = np.roll(lesion, 2, axis=0)
-    predictor = EnsemblePredictor.__new__(EnsemblePredictor)
-    predictor.members, predictor.mode, predictor.postprocessing = [FixedInferer(lesion), FixedInferer(shifted)], \
-        "mean", None
+    predictor = fake_ensemble("mean", lesion, shifted)
     out = tmp_path / "out"
     predict_images(predictor, images, out)
     first = json.loads((out / "report.json").read_text())["rows"]
