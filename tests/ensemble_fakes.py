@@ -52,5 +52,5 @@ def fake_ensemble(mode: str, *members) -> EnsemblePredictor:
     """An EnsemblePredictor of the given members (inferers, or lesion maps for FixedInferers), no bundles."""
     ensemble = EnsemblePredictor.__new__(EnsemblePredictor)
     ensemble.members = [FixedInferer(m) if isinstance(m, np.ndarray) else m for m in members]
-    ensemble.mode, ensemble.postprocessing = mode, None
+    ensemble.mode, ensemble.postprocessing, ensemble.screen = mode, None, None
     return ensemble

@@ -324,3 +324,19 @@ def apply_multiclass_postprocessing(probs: np.ndarray, spacing_mm: Sequence[floa
         rescued = keep_nonempty(np.zeros(labels.shape, bool), foreground_probability(probs), floors[0])
         labels[rescued] = probs[1:, rescued].argmax(0).astype(np.uint8) + 1
     return labels
+
+
+def rescue_would_act(probs: np.ndarray, spacing_mm: Sequence[float], choice: dict | None) -> bool:
+    """True where `choice` has the never-empty rescue and the mask before it is empty, for class probabilities
+    (C, ...): the one case where the post-processed mask depends on probabilities below 0.5 (an ensemble that
+    only estimated those, by screening, computes them first)."""
+    if not choice:
+        return False
+    multiclass = choice.get("kind") == "multiclass"
+    steps = choice["foreground"]["steps"] if multiclass else choice["steps"]
+    if not any(step["name"] == "keep_nonempty" for step in steps) or (not multiclass and probs.shape[0] != 2):
+        return False
+    kept = [step for step in steps if step["name"] != "keep_nonempty"]
+    if multiclass:
+        return not apply_multiclass_postprocessing(probs, spacing_mm, {**choice, "foreground": {"steps": kept}}).any()
+    return not apply_postprocessing(probs[1], spacing_mm, {**choice, "steps": kept}).any()

@@ -33,9 +33,11 @@ def inference_config(ensemble: dict, num_members: int) -> dict:
         "output_dir": "$@bundle_root + '/eval'",
         "ensemble_mode": ensemble["mode"],
         "ensemble_postprocessing": replayed_postprocessing(ensemble.get("postprocessing")),
+        "ensemble_screen": ensemble.get("screen"),
         "members": [f"$@bundle_root + '/models/member_{index}'" for index in range(num_members)],
         "ensemble": {"_target_": "scripts.ensemble_inference.EnsembleInference", "members": "@members",
-                     "mode": "@ensemble_mode", "postprocessing": "@ensemble_postprocessing"},
+                     "mode": "@ensemble_mode", "postprocessing": "@ensemble_postprocessing",
+                     "screen": "@ensemble_screen"},
         "run": ["$@ensemble.predict_folder(@dataset_dir, @output_dir)"],
     }
 
@@ -115,7 +117,9 @@ else on the CPU. Needs MONAI {monai.__version__}, PyTorch, nibabel, scipy, pyyam
 - `scripts/`: the template's scripts as trained, `postprocess.py` / `metrics.py` (the
   post-processing) and `ensemble_inference.py` (averaging, post-processing, writing masks).
 - `configs/inference.json`: `ensemble_mode` ({ensemble["mode"]}) and `ensemble_postprocessing`, chosen on
-  out-of-fold predictions: `{json.dumps(post)}`.
+  out-of-fold predictions: `{json.dumps(post)}`; `ensemble_screen` (members that screen every slice for the
+  others, and the probability they screen below; null: every member on every slice):
+  `{json.dumps(ensemble.get("screen"))}`.
 
 | member | input variant | fold | seed | validation Dice |
 |---|---|---|---|---|

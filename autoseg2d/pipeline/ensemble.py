@@ -23,7 +23,7 @@ from tqdm import tqdm
 from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.postprocess import (apply_multiclass_postprocessing, apply_postprocessing,
                                               choose_multiclass_postprocessing, choose_postprocessing,
-                                              describe_effects)
+                                              describe_effects, rescue_would_act)
 from autoseg2d.evaluation.report import json_safe
 from autoseg2d.pipeline.crossval import validation_cases
 from autoseg2d.pipeline.fold_probabilities import check_grid, has_foreground, mean_foreground
@@ -118,11 +118,27 @@ def _member(record: dict, rank: int | None, reason: str) -> dict:
     return {**{key: record[key] for key in MEMBER_KEYS}, "rank_in_fold": rank, "reason": reason}
 
 
+def screening_members(members: Sequence[dict]) -> list[int]:
+    """Indices of each fold's first member in the ensemble's order (its best): the members that screen every
+    slice (the template's screen.py), so every fold's view of a slice is in the screen."""
+    first: dict = {}
+    for index, member in enumerate(members):
+        first.setdefault(str(member["fold"]), index)
+    return sorted(first.values())
+
+
+def screen_settings(members: Sequence[dict], below: float | None) -> dict | None:
+    """ensemble.json's "screen": {members, below}, or None where it is off or would screen with every member."""
+    screening = screening_members(members)
+    return {"members": screening, "below": float(below)} if below and len(screening) < len(members) else None
+
+
 class EnsemblePredictor:
     def __init__(self, work: WorkDir, ensemble: dict):
         self.bundles = [work.absolute(m["bundle"]) for m in ensemble["members"]]
         self.mode = ensemble["mode"]
         self.postprocessing = ensemble.get("postprocessing")
+        self.screen = ensemble.get("screen")  # absent in ensembles built before screening: every member everywhere
 
     @cached_property
     def members(self) -> list:
@@ -158,6 +174,35 @@ class EnsemblePredictor:
                 masks[index] = mask
         mean = total / len(members)
         return (mean, masks) if return_members else mean
+
+    def predict(self, image: Path, spacing_mm: tuple) -> tuple[np.ndarray, list[np.ndarray], int]:
+        """One image's post-processed mask, the argmax masks of the members that ran on every slice (for the
+        report's agreement, in the members' order) and the number of slices the screen left to its members.
+
+        With a screen (ensemble.json "screen") its members run first on every slice, the others only on
+        slices where those see foreground; where the never-empty rescue would act, every member runs
+        everywhere first (the rescue reads probabilities below 0.5, which screening only estimates).
+        """
+        members = self.members
+        order = self._screen_order(members)
+        if order is None:
+            probabilities, masks = self.probabilities(image, members, return_members=True)
+            return self.mask(probabilities, spacing_mm), masks, 0
+        ordered = [members[i] for i in order]
+        total, masks, skipped = ordered[0].infer_screened(
+            str(image), ordered, len(self.screen["members"]), float(self.screen["below"]), self.mode == "vote",
+            True, complete_if=lambda mean: rescue_would_act(mean, spacing_mm, self.postprocessing))
+        by_member = dict(zip(order, masks))
+        whole = [by_member[i] for i in range(len(members)) if by_member[i] is not None]
+        return self.mask(total / len(members), spacing_mm), whole, skipped
+
+    def _screen_order(self, members: list) -> list[int] | None:
+        """The members' order for a screened pass (screening members first), or None where it cannot screen:
+        no screen, or members that do not all cut a scan into the same batches (screen.py needs one pass)."""
+        if not self.screen or len(input_groups(members)) != 1 or not hasattr(members[0], "infer_screened"):
+            return None
+        first = [int(i) for i in self.screen["members"]]
+        return first + [i for i in range(len(members)) if i not in first]
 
     def mask(self, probabilities: np.ndarray, spacing_mm: tuple) -> np.ndarray:
         if self.postprocessing and self.postprocessing.get("kind") == "multiclass":
@@ -230,8 +275,8 @@ def out_of_fold_cases(predictor: EnsemblePredictor, ensemble: dict, *, training:
 
 
 def build_ensemble(work: WorkDir, records: list[dict], size: int, mode: str, selection: str = "fold_balanced",
-                   tolerance: float | None = None, storage: str | None = None, *, training: Sequence[dict],
-                   dataroot: Path) -> dict:
+                   tolerance: float | None = None, storage: str | None = None, screen_below: float | None = None, *,
+                   training: Sequence[dict], dataroot: Path) -> dict:
     """Pick members and post-processing (on out-of-fold predictions of the training cases), store them in
     ensemble/ensemble.json.
 
@@ -240,14 +285,17 @@ def build_ensemble(work: WorkDir, records: list[dict], size: int, mode: str, sel
     the others wait for it to finish and read its ensemble.json.
     """
     if storage and not work.ensemble_file.exists():
-        settings = json.dumps([sorted(str(r["bundle"]) for r in records), size, mode, selection, tolerance])
+        settings = json.dumps([sorted(str(r["bundle"]) for r in records), size, mode, selection, tolerance,
+                               screen_below])
         job = f"{work.relative(work.ensemble_file)} of {hashlib.sha256(settings.encode()).hexdigest()[:10]}"
         run_queue(storage, "ensemble", [job], lambda index: float(len(build_ensemble(
-            work, records, size, mode, selection, tolerance, training=training, dataroot=dataroot)["members"])))
+            work, records, size, mode, selection, tolerance, None, screen_below, training=training,
+            dataroot=dataroot)["members"])))
     if work.ensemble_file.exists():
         logger.info(f"ensemble: reusing {work.relative(work.ensemble_file)}")
         return json.loads(work.ensemble_file.read_text())
-    ensemble = make_ensemble(work, records, size, mode, selection, tolerance, training=training, dataroot=dataroot)
+    ensemble = make_ensemble(work, records, size, mode, selection, tolerance, screen_below, training=training,
+                             dataroot=dataroot)
     if "greedy" in ensemble:
         table = curve_markdown(ensemble["greedy"]["curve"], ensemble["greedy"]["per_fold"])
         report = work.ensemble_file.parent / GREEDY_REPORT
@@ -259,15 +307,17 @@ def build_ensemble(work: WorkDir, records: list[dict], size: int, mode: str, sel
 
 
 def make_ensemble(work: WorkDir, records: list[dict], size: int, mode: str, selection: str = "fold_balanced",
-                  tolerance: float | None = None, *, training: Sequence[dict], dataroot: Path) -> dict:
-    """Members by `selection` (one of :data:`SELECTION_NAMES`) and the post-processing chosen for them."""
+                  tolerance: float | None = None, screen_below: float | None = None, *, training: Sequence[dict],
+                  dataroot: Path) -> dict:
+    """Members by `selection` (one of :data:`SELECTION_NAMES`), the post-processing chosen for them, and the
+    screen prediction runs them with (screen_settings; screen_below None or 0: off)."""
     greedy = None
     if selection == GREEDY:
         members, greedy = select_greedy(work, records, size, tolerance, mode, training=training, dataroot=dataroot)
     else:
         members = select_members(records, size, selection)
     ensemble = {"mode": mode, "selection": selection, "members": members, "postprocessing": None,
-                **({"greedy": greedy} if greedy else {})}
+                "screen": screen_settings(members, screen_below), **({"greedy": greedy} if greedy else {})}
     folds = Counter(m["fold"] for m in members)
     logger.info(f"ensemble: {len(members)} members ({mode}, {selection}), per fold "
                 + ", ".join(f"{fold}: {count}" for fold, count in sorted(folds.items(), key=lambda i: str(i[0]))))
@@ -309,12 +359,11 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
             tqdm.write(f"predict {index}/{len(images)} {image.name}: done before, kept")
             report.keep_case(case_name(image), image, target, sources.get(case_name(image)))
             continue
-        members = predictor.members  # loaded for the first case to predict, before its clock starts
+        predictor.members  # loaded for the first case to predict, before its clock starts
         started = time.time()
         source = nib.load(str(image))
         spacing = tuple(float(z) for z in source.header.get_zooms()[:3])
-        probabilities, member_masks = predictor.probabilities(image, members, return_members=True)
-        mask = predictor.mask(probabilities, spacing)
+        mask, member_masks, skipped = predictor.predict(image, spacing)
         write_mask(mask, source.affine, source.header, target)
         voxel_ml = float(np.prod(spacing)) / 1000.0
         volume_ml = float((mask > 0).sum()) * voxel_ml
@@ -323,10 +372,12 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
         seconds = time.time() - started
         report.add_case(case_name(image), image, target, mask, member_masks, seconds, sources.get(case_name(image)))
         results.append({"case": case_name(image), "volume_ml": volume_ml, "seconds": seconds, "output": str(target),
-                        **({"class_volume_ml": class_ml} if class_ml else {})})
+                        "screened_slices": skipped, **({"class_volume_ml": class_ml} if class_ml else {})})
         per_class = f" ({', '.join(f'{name} {ml:.2f}' for name, ml in class_ml.items())})" if class_ml else ""
+        screened = f", {skipped} slices left to the {len(predictor.screen['members'])} screening members" \
+            if skipped else ""
         tqdm.write(f"predict {index}/{len(images)} {image.name}: hemorrhage {volume_ml:.2f} mL{per_class}, "
-                   f"{seconds:.1f}s")
+                   f"{seconds:.1f}s{screened}")
     if report.write_contact_sheet():
         logger.info(f"predict: report and QA pictures in {output_dir} ({REPORT_CSV}, {REPORT_JSON}, qa/)")
     return results

@@ -17,7 +17,8 @@ from autoseg2d.templates import template_config
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
 PROFILE_KEYS = ("sweep_trials", "sweep_folds", "cv_top_variants", "cv_runs", "ensemble_size", "ensemble_mode",
-                "ensemble_selection", "ensemble_tolerance", "train_overrides", "search_space")
+                "ensemble_selection", "ensemble_tolerance", "ensemble_screen_below", "train_overrides",
+                "search_space")
 ENSEMBLE_MODES = ("mean", "vote")
 DEFAULTS_SECTION = "defaults"  # in profiles.yaml; not a profile
 DEFAULT_KEYS = ("profile", "num_folds")
@@ -91,12 +92,17 @@ def default_modality() -> str:
 
 
 def check_ensemble_selection(profile: dict, where: str) -> None:
-    """ensemble_selection names a strategy; ensemble_tolerance is null or a Dice difference >= 0 (greedy only)."""
+    """ensemble_selection names a strategy; ensemble_tolerance is null or a Dice difference >= 0 (greedy only);
+    ensemble_screen_below is null or a probability in [0, 0.5)."""
     from autoseg2d.pipeline.ensemble import SELECTION_NAMES  # here: the ensemble stage imports this module's users
 
     selection, tolerance = profile["ensemble_selection"], profile["ensemble_tolerance"]
     if selection not in SELECTION_NAMES:
         raise ProfileError(f"{where}: ensemble_selection '{selection}' is not one of {', '.join(SELECTION_NAMES)}")
+    below = profile["ensemble_screen_below"]
+    if below is not None and (isinstance(below, bool) or not isinstance(below, (int, float)) or not 0 <= below < 0.5):
+        raise ProfileError(f"{where}: ensemble_screen_below is {below!r}; give a probability from 0 up to (not "
+                           "including) 0.5 such as 0.05, or null (or 0) to run every member on every slice")
     if tolerance is None:
         return
     if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or tolerance < 0:

@@ -85,7 +85,8 @@ def ensemble_stage(context: RunContext, outputs: StageOutputs) -> None:
     profile = context.profile
     outputs.ensemble = build_ensemble(context.work, outputs.records, profile["ensemble_size"], profile["ensemble_mode"],
                                       profile["ensemble_selection"], profile["ensemble_tolerance"], context.storage,
-                                      training=context.training, dataroot=context.dataroot)
+                                      profile["ensemble_screen_below"], training=context.training,
+                                      dataroot=context.dataroot)
     outputs.summary["ensemble"] = str(context.work.ensemble_file)
 
 

@@ -32,7 +32,8 @@ class ThresholdInferer:
 
 def predictor() -> EnsemblePredictor:
     ensemble = EnsemblePredictor.__new__(EnsemblePredictor)
-    ensemble.members, ensemble.mode, ensemble.postprocessing = [ThresholdInferer(), ThresholdInferer()], "mean", None
+    ensemble.members, ensemble.mode = [ThresholdInferer(), ThresholdInferer()], "mean"
+    ensemble.postprocessing, ensemble.screen = None, None
     return ensemble
 
 

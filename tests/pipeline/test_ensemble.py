@@ -136,7 +136,7 @@ def ensemble_of(bundles, precision=None, crop=None) -> EnsemblePredictor:
     for member in members:  # PyTorch (not OpenVINO, where installed) in the given precision
         member.predictor.dtype, member.predictor.crop, member.predictor.network = precision, crop, None
     ensemble = EnsemblePredictor.__new__(EnsemblePredictor)
-    ensemble.members, ensemble.mode, ensemble.postprocessing = members, "mean", None
+    ensemble.members, ensemble.mode, ensemble.postprocessing, ensemble.screen = members, "mean", None, None
     return ensemble
 
 
@@ -179,6 +179,43 @@ def test_shared_inputs_head_crop_and_bf16_keep_the_ensemble_dice(trained_members
     assert max(changed) < 1e-3
     subset = shared.probabilities(cases[0]["image"], members=shared.members[2:])
     np.testing.assert_allclose(subset, old.members[2].infer(str(cases[0]["image"])).numpy(), atol=1e-5)
+
+
+def test_a_screened_ensemble_gives_the_masks_of_every_member_on_every_slice(trained_members):
+    """Three copies of one trained model: where the screening member sees no foreground the others see none
+    either, so screening must give the whole ensemble's masks while skipping slices; the report gets the masks
+    of members that ran on every slice; where the never-empty rescue would act, every member runs everywhere."""
+    from autoseg2d.pipeline.inference import read_mask
+
+    bundles, cases = trained_members
+    full, screened = ensemble_of([bundles[0]] * 3), ensemble_of([bundles[0]] * 3)
+    screened.screen = {"members": [1], "below": 0.05}
+    skipped = []
+    for case in cases:
+        _, spacing = read_mask(case["label"])
+        mask, member_masks, count = screened.predict(case["image"], spacing)
+        np.testing.assert_array_equal(mask, full.mask(full.probabilities(case["image"]), spacing))
+        assert len(member_masks) == (1 if count else 3)
+        skipped.append(count)
+    assert sum(skipped) > 0, skipped  # a test of nothing if no slice was left to the screening member
+    emptied = {"threshold": 0.5, "steps": [{"name": "remove_small_components", "min_volume_ml": 1e6},
+                                           {"name": "keep_nonempty", "floor": 0.05}]}
+    full.postprocessing = screened.postprocessing = emptied
+    case = cases[int(np.argmax(skipped))]
+    _, spacing = read_mask(case["label"])
+    mask, member_masks, count = screened.predict(case["image"], spacing)
+    assert count == 0 and len(member_masks) == 3 and mask.any()
+    np.testing.assert_array_equal(mask, full.mask(full.probabilities(case["image"]), spacing))
+
+
+def test_each_folds_first_member_screens_and_a_screen_of_every_member_is_none():
+    from autoseg2d.pipeline.ensemble import screen_settings, screening_members
+
+    members = [{"fold": f} for f in (0, 0, 1, 1, 1, 2)]
+    assert screening_members(members) == [0, 2, 5]
+    assert screen_settings(members, 0.05) == {"members": [0, 2, 5], "below": 0.05}
+    assert screen_settings(members, None) is None and screen_settings(members, 0) is None
+    assert screen_settings([{"fold": 0}, {"fold": 1}], 0.05) is None  # nobody left to skip anything
 
 
 def test_openvino_members_keep_the_ensemble_dice(trained_members):

@@ -21,34 +21,36 @@ POSTPROCESSING = {"threshold": 0.5, "steps": [{"name": "remove_small_components"
                   "rule": "hand-made for the test", "baseline": {}, "selected": {}, "evaluated": []}
 
 
-def train_member(bundle, datalist, fold: int) -> float:
+def train_member(bundle, datalist, fold: int, epochs: int = 1) -> float:
     from bundle_config import load_config
     from trainer import Trainer
 
-    config_file = configured_bundle(bundle, datalist, fold=fold, num_epochs=1, num_epochs_per_validation=1,
+    config_file = configured_bundle(bundle, datalist, fold=fold, num_epochs=epochs, num_epochs_per_validation=epochs,
                                     input_variant="slices")
     return Trainer(load_config(str(config_file))).fit()
 
 
 @pytest.fixture(scope="module")
 def finished_work(tmp_path_factory, ct_dataset):
-    """A work dir with a two-member ensemble (one per fold) and hand-set post-processing."""
+    """A work dir with a two-member ensemble (one per fold), hand-set post-processing and screen."""
     work = tmp_path_factory.mktemp("export") / "work"
     members = []
     for fold in (0, 1):
         bundle = work / "bundles" / "slices-test" / f"segresnet2d_{fold}"
-        score = train_member(bundle, ct_dataset, fold)
+        score = train_member(bundle, ct_dataset, fold, epochs=15 if fold == 0 else 1)  # 0 screens: sure of air
         members.append({"bundle": str(bundle.relative_to(work)), "score": score, "fold": fold, "seed": 0,
                         "variant": "slices"})
     (work / "ensemble").mkdir()
-    ensemble = {"mode": "mean", "members": members, "postprocessing": POSTPROCESSING}
+    ensemble = {"mode": "mean", "members": members, "postprocessing": POSTPROCESSING,
+                "screen": {"members": [0], "below": 0.05}}  # member 1 runs where member 0 sees foreground
     (work / "ensemble" / "ensemble.json").write_text(json.dumps(ensemble))
     return work
 
 
 def test_bundle_runs_without_the_repository_and_gives_the_masks_of_predict(finished_work, ct_dataset, tmp_path):
     scans = ct_dataset.parent / "imagesTs"
-    predict(str(scans), str(tmp_path / "predict"), work_dir=str(finished_work))
+    results = predict(str(scans), str(tmp_path / "predict"), work_dir=str(finished_work))
+    assert any(r["screened_slices"] for r in results)  # the bundle below must screen alike
     bundle = export_bundle(str(finished_work), str(tmp_path / "ich_bundle"))
     for name in ("configs/metadata.json", "configs/inference.json", "models/member_0/model.pt",
                  "models/member_1/model.pt", "docs/README.md", "LICENSE", "scripts/ensemble_inference.py"):

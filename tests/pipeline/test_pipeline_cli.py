@@ -25,7 +25,7 @@ TINY_PROFILE = {
     "ensemble_size": 2,
     "ensemble_mode": "mean",
     "ensemble_selection": "fold_balanced",
-    "ensemble_tolerance": None,
+    "ensemble_tolerance": None, "ensemble_screen_below": 0.05,
     "train_overrides": {**DEMO_TRAINING, "num_epochs": 15, "num_epochs_per_validation": 5, **TINY_NETWORK},
     "search_space": {"input_variant": {"choices": ["slices", "windows"]},
                      "learning_rate": {"low": 0.002, "high": 0.004, "log": True}},

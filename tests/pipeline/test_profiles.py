@@ -48,6 +48,10 @@ def test_ensemble_selection_and_tolerance_are_checked(tmp_path):
         load_profile(_ensemble_profile(tmp_path, ensemble_selection="greedy", ensemble_tolerance=-0.1))
     with pytest.raises(ProfileError, match="applies only to ensemble_selection: greedy"):
         load_profile(_ensemble_profile(tmp_path, ensemble_tolerance=0.01))
+    assert load_profile(_ensemble_profile(tmp_path, ensemble_screen_below=None))["ensemble_screen_below"] is None
+    for wrong in (0.5, -0.01, "0.05", True):
+        with pytest.raises(ProfileError, match="ensemble_screen_below is .*from 0 up to .*0.5"):
+            load_profile(_ensemble_profile(tmp_path, ensemble_screen_below=wrong))
     mine = yaml.safe_load(open(_ensemble_profile(tmp_path)))
     del mine["ensemble_selection"]
     (tmp_path / "old.yaml").write_text(yaml.safe_dump(mine))

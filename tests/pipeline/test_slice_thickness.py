@@ -14,6 +14,7 @@ from tests.conftest import TINY_NETWORK
 ONE_TRIAL = {
     "sweep_trials": 1, "sweep_folds": [0], "cv_top_variants": 1, "cv_runs": 1, "ensemble_size": 1,
     "ensemble_mode": "mean", "ensemble_selection": "fold_balanced", "ensemble_tolerance": None,
+    "ensemble_screen_below": 0.05,
     "train_overrides": {"num_epochs": 1, "batch_size": 4, "num_workers": 0, **TINY_NETWORK},
     "search_space": {"input_variant": {"choices": ["slices"]}},
 }

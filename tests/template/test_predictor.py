@@ -183,7 +183,7 @@ def test_models_predicted_together_sum_what_each_predicts_alone():
     votes, _ = predictor_module.predict_together(predictors, head_volume(), vote=True)
     np.testing.assert_array_equal(votes[1], sum(p.argmax(0) for p in alone))
     other = SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 4, torch.device("cpu"), **FP32_NO_TTA, crop=crop)
-    with pytest.raises(ValueError, match=r"predictors \[1\] build other inputs"):
+    with pytest.raises(ValueError, match=r"predictors \[1\] cut a volume into other batches"):
         predictor_module.predict_together([predictors[0], other], head_volume())
 
 

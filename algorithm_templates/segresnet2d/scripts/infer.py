@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules; MONAI loads this file by path
@@ -29,6 +30,7 @@ from predictor import HeadCrop, SlicePredictor, autocast_dtype, predict_together
 from quantize import (Int8Request, Int8Settings, QuantizationError, calibration_images,  # noqa: E402
                       calibration_inputs)
 from runtime import OpenVINONetwork, choose_runtime  # noqa: E402
+from screen import Screen, screened_together  # noqa: E402
 from volumes import Volume, from_ras, load_volume  # noqa: E402
 
 BUNDLE_ROOT = Path(__file__).resolve().parents[1]
@@ -86,24 +88,49 @@ class InferClass:
 
     @property
     def shared_inputs(self) -> tuple:
-        """InferClasses with equal values can be predicted together (infer_together): same reading and inputs."""
-        return self.config["modality"], self.predictor.input_key
+        """InferClasses with equal values can be predicted together (infer_together): they read the image alike
+        and cut it into the same batches (each still builds its own input variant's channels)."""
+        return self.config["modality"], self.predictor.batch_key
 
     def infer_together(self, image_file: str | dict, members: list[InferClass], vote: bool = False,
                        member_masks: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Several bundles' models over one image, which is read and windowed once for all of them.
+        """Several bundles' models over one image, which is read once for all of them and windowed once per
+        input variant.
 
         Returns the sum of their probabilities (with vote, of their one-hot masks), (C, X, Y, Z) in
         the file's grid, and with member_masks each member's argmax mask (X, Y, Z) uint8.
         """
-        unlike = [index for index, m in enumerate(members) if m.shared_inputs != self.shared_inputs]
-        if unlike:
-            raise ValueError(f"members {unlike} read or window the image differently from this bundle; "
-                             "group members by InferClass.shared_inputs")
-        _, volume = self.read(image_file)
+        volume = self._read_for(image_file, members)
         with explain_out_of_memory("inference", MemorySettings.from_config(self.config)):
             total, masks = predict_together([m.predictor for m in members], volume, vote, member_masks)
         return from_ras(total, volume.affine), [from_ras(mask[None], volume.affine)[0] for mask in masks]
+
+    def infer_screened(self, image_file: str | dict, members: list[InferClass], screen_members: int,
+                       screen_below: float, vote: bool = False, member_masks: bool = False,
+                       complete_if: Callable[[np.ndarray], bool] | None = None
+                       ) -> tuple[np.ndarray, list[np.ndarray | None], int]:
+        """infer_together with a screening pass (screen.py): members after the first `screen_members` run only on
+        the slices where those reach a mean foreground probability of `screen_below`.
+
+        `complete_if(mean probabilities (C, X, Y, Z))` True runs the skipped slices through every member
+        as well. Returns the summed probabilities, each member's mask (None for a member that skipped
+        slices: it has no whole mask) and the number of slices the later members skipped.
+        """
+        volume = self._read_for(image_file, members)
+        asked = None if complete_if is None else \
+            (lambda summed: complete_if(from_ras(summed / len(members), volume.affine)))
+        with explain_out_of_memory("inference", MemorySettings.from_config(self.config)):
+            screen = Screen(screen_members, screen_below)
+            result = screened_together([m.predictor for m in members], volume, screen, vote, member_masks, asked)
+        masks = [None if mask is None else from_ras(mask[None], volume.affine)[0] for mask in result.masks]
+        return from_ras(result.total, volume.affine), masks, len(result.skipped)
+
+    def _read_for(self, image_file: str | dict, members: list[InferClass]) -> Volume:
+        unlike = [index for index, m in enumerate(members) if m.shared_inputs != self.shared_inputs]
+        if unlike:
+            raise ValueError(f"members {unlike} read the image or cut it into batches differently from this "
+                             "bundle; group members by InferClass.shared_inputs")
+        return self.read(image_file)[1]
 
     def write_mask(self, image_file: str, output_dir: str) -> Path:
         """Write the argmax mask as uint8 NIfTI with the input's file name, affine and header."""

@@ -14,7 +14,7 @@ tissue are not run at all; the air around the box is predicted as background.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -141,19 +141,28 @@ class SlicePredictor:
         return "fp32" if self.dtype is None else str(self.dtype).replace("torch.", "")
 
     @property
+    def batch_key(self) -> tuple:
+        """Predictors with equal keys cut a volume into the same batches and boxes (boxes), so an ensemble runs
+        its members on the same batches, whatever channels each builds in them."""
+        return self.divisor, self.batch_size, self.crop
+
+    @property
     def input_key(self) -> tuple:
-        """Predictors with equal keys build the same batches, so an ensemble builds them once for all."""
-        return tuple(self.plan), tuple(self.windows), self.divisor, self.batch_size, self.crop
+        """Predictors with equal keys build the same batches, channels included, so those are built once for all."""
+        return tuple(self.plan), tuple(self.windows), self.batch_key
 
     def batches(self, volume: Volume) -> Iterator[SliceBatch]:
         """The network inputs for a volume: slices in batches, each batch cut to the box of its slices' heads."""
+        for slices, rows, cols in self.boxes(volume):
+            yield self.make_batch(volume.image, slices, rows, cols)
+
+    def boxes(self, volume: Volume) -> Iterator[tuple[list[int], slice, slice]]:
+        """(slices, rows, cols) of each batch: which axial slices it holds and the box they are cut to."""
         height, width, depth = volume.image.shape
         if self.crop is None:
-            groups = [list(range(start, min(start + self.batch_size, depth)))
-                      for start in range(0, depth, self.batch_size)]
-            for slices in groups:
-                yield self._batch(volume.image, slices, slice(0, height + (-height % self.divisor)),
-                                  slice(0, width + (-width % self.divisor)))
+            whole = slice(0, height + (-height % self.divisor)), slice(0, width + (-width % self.divisor))
+            for start in range(0, depth, self.batch_size):
+                yield list(range(start, min(start + self.batch_size, depth))), *whole
             return
         tissue = volume.image > self.crop.threshold_hu
         row_extent, col_extent = tissue_extent(tissue.any(axis=1)), tissue_extent(tissue.any(axis=0))
@@ -167,9 +176,9 @@ class SlicePredictor:
                                 self.divisor, height)
             cols = aligned_span(col_extent[slices, 0].min(), col_extent[slices, 1].max(), self.crop.margin_px,
                                 self.divisor, width)
-            yield self._batch(volume.image, slices, rows, cols)
+            yield slices, rows, cols
 
-    def _batch(self, image: np.ndarray, slices: list[int], rows: slice, cols: slice) -> SliceBatch:
+    def make_batch(self, image: np.ndarray, slices: list[int], rows: slice, cols: slice) -> SliceBatch:
         """Window only the box; the part of it beyond the image (padding to the divisor) is zero, like air."""
         region = image[rows, cols]
         x = torch.from_numpy(np.stack([make_channels(region, z, self.plan, self.windows) for z in slices]))
@@ -232,21 +241,32 @@ def paste(output: np.ndarray, batch: SliceBatch, values: np.ndarray) -> None:
 
 
 def predict_together(predictors: Sequence[SlicePredictor], volume: Volume, vote: bool = False,
-                     keep_masks: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Several models over one volume on the same batches: the inputs are cut and windowed once for all.
+                     keep_masks: bool = False, only: Collection[int] | None = None
+                     ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Several models over one volume on the same batches: each box is cut once, and windowed once per input
+    variant among them (models of one variant share their channels).
 
     Returns the sum over models of their probabilities (with vote, of their one-hot argmax),
-    (C, H, W, D), and with keep_masks each model's argmax class mask (H, W, D) uint8.
+    (C, H, W, D), and with keep_masks each model's argmax class mask (H, W, D) uint8. With `only`,
+    just those axial slices are run (in the boxes a whole pass cuts them to, so their values are the
+    whole pass's); every other slice is background.
     """
     lead = predictors[0]
-    unlike = [index for index, p in enumerate(predictors) if p.input_key != lead.input_key]
+    unlike = [index for index, p in enumerate(predictors) if p.batch_key != lead.batch_key]
     if unlike:
-        raise ValueError(f"predictors {unlike} build other inputs than predictor 0 (input variant, windows,"
-                         " divisor, batch size or head crop differ); predict them in a group of their own")
+        raise ValueError(f"predictors {unlike} cut a volume into other batches than predictor 0 (divisor, batch "
+                         "size or head crop differ); predict them in a group of their own")
     total, masks = None, [np.zeros(volume.image.shape, np.uint8) for _ in predictors] if keep_masks else []
-    for batch in lead.batches(volume):
-        batch_total = None
+    for slices, rows, cols in lead.boxes(volume):
+        if only is not None:
+            slices = [z for z in slices if z in only]
+            if not slices:
+                continue
+        inputs, batch_total = {}, None  # input_key -> SliceBatch: one windowing per variant
         for index, predictor in enumerate(predictors):
+            if predictor.input_key not in inputs:
+                inputs[predictor.input_key] = predictor.make_batch(volume.image, slices, rows, cols)
+            batch = inputs[predictor.input_key]
             probabilities = predictor.batch_probabilities(batch)
             if vote or keep_masks:
                 labels = probabilities.argmax(1)
@@ -258,6 +278,6 @@ def predict_together(predictors: Sequence[SlicePredictor], volume: Volume, vote:
         if total is None:
             total = background(batch_total.shape[1], volume.image.shape) * len(predictors)
         paste(total, batch, batch_total)
-    if total is None:  # no slice holds any head tissue
+    if total is None:  # no slice holds any head tissue (or none of `only` does)
         total = background(lead.num_classes(), volume.image.shape) * len(predictors)
     return total, masks
