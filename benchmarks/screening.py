@@ -1,0 +1,153 @@
+"""Ensemble screening: held-out accuracy and the work the members do, every member on every slice vs screened.
+
+    python benchmarks/screening.py --work_dir accuracy_work/work --datalist accuracy_work/data/datalist.json
+
+Needs a work dir whose ensemble stage ran and a datalist with labelled "testing" cases
+(benchmarks/accuracy.py writes such a pair from the hard synthetic generator). The members are the
+ensemble's plus, with --all_bundles, every other trained bundle of the work dir (sweep trials of
+other input variants), copied to a scratch folder with this repository's template scripts
+(int8_accuracy.upgraded_copy). Each held-out case is predicted by every configuration in turn, so
+drifting machine speed hits them alike: "every member" (no screen), the product's screen (each
+fold's first member screens, ensemble_screen_below) and a harsher one (only the first
+--stress_members screen). Printed as JSON and Markdown: the four challenge metrics with the
+ensemble's post-processing, voxels and cases whose final mask differs from every member's, the
+share of head slices the later members still ran, seconds per case, and what that share means
+for the paper's 18 members (5 screening): (5 + 13 x share) / 18 of the work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from bench_common import TEMPLATE  # noqa: F401  (puts the repository and the template on sys.path)
+from autoseg2d.datalist import read_datalist  # noqa: E402
+from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
+from autoseg2d.evaluation.report import json_safe  # noqa: E402
+from autoseg2d.pipeline.ensemble import EnsemblePredictor, screening_members  # noqa: E402
+from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
+from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402
+from autoseg2d.templates import BUNDLE_CONFIG  # noqa: E402
+from int8_accuracy import upgraded_copy  # noqa: E402
+from predictor import cpu_bf16_units  # noqa: E402
+
+METRICS = (("Dice", "dice_mean"), ("RVD", "rvd_mean"), ("NSD", "nsd_mean"), ("HD mm", "hd_mm_mean"),
+           ("HD inf", "num_hd_inf"))
+PAPER_MEMBERS, PAPER_FOLDS = 18, 5
+
+
+def members_of(work: WorkDir, ensemble: dict, all_bundles: bool) -> list[dict]:
+    """The ensemble's members, then (all_bundles) the work dir's other trained bundles, by fold."""
+    members = [dict(m) for m in ensemble["members"]]
+    if all_bundles:
+        known = {work.absolute(m["bundle"]) for m in members}
+        for model in sorted(work.root.glob("bundles/*/segresnet2d_*/model/model.pt")):
+            bundle = model.parents[1]
+            if bundle not in known:
+                fold = yaml.safe_load((bundle / BUNDLE_CONFIG).read_text())["fold"]
+                members.append({"bundle": str(bundle), "fold": int(fold)})
+    return members
+
+
+def predictor_of(work: WorkDir, ensemble: dict, members: list[dict], scratch: Path) -> EnsemblePredictor:
+    predictor = EnsemblePredictor.__new__(EnsemblePredictor)
+    predictor.bundles = [work.absolute(m["bundle"]) for m in members]
+    predictor.members = [load_inferer(upgraded_copy(bundle, scratch / f"member_{i}", {}))
+                         for i, bundle in enumerate(predictor.bundles)]
+    predictor.mode, predictor.postprocessing = ensemble["mode"], ensemble.get("postprocessing")
+    predictor.screen = None
+    return predictor
+
+
+def head_slices(predictor: EnsemblePredictor, image: Path) -> int:
+    """Slices with head tissue: the ones any member runs on."""
+    member = predictor.members[0]
+    return sum(len(slices) for slices, _, _ in member.predictor.boxes(member.read(str(image))[1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", required=True, help="a pipeline work dir whose ensemble stage ran")
+    parser.add_argument("--datalist", required=True, help="datalist with labelled testing cases")
+    parser.add_argument("--dataroot", help="folder the datalist's paths are relative to (default: its folder)")
+    parser.add_argument("--all_bundles", action="store_true", help="every trained bundle of the work dir is a member")
+    parser.add_argument("--below", type=float, default=0.05, help="ensemble_screen_below")
+    parser.add_argument("--stress_members", type=int, default=2, help="screening members of the harsher screen")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+    work = WorkDir.create(Path(args.work_dir))
+    dataroot = Path(args.dataroot or Path(args.datalist).parent)
+    testing = read_datalist(Path(args.datalist))["testing"]
+    ensemble = json.loads(work.ensemble_file.read_text())
+    members = members_of(work, ensemble, args.all_bundles)
+    stress = {"members": list(range(args.stress_members)), "below": args.below}
+    screens = {"every member": None,
+               "screen: each fold's first": {"members": screening_members(members), "below": args.below},
+               f"screen: first {args.stress_members}": stress}
+    rows = {name: {"scores": [], "seconds": [], "skipped": [], "changed": [], "screen": screen}
+            for name, screen in screens.items()}
+    with tempfile.TemporaryDirectory() as scratch:
+        predictor = predictor_of(work, ensemble, members, Path(scratch))
+        heads = []
+        for entry in testing:
+            truth, spacing = read_mask(dataroot / entry["label"])
+            heads.append(head_slices(predictor, dataroot / entry["image"]))
+            reference = None
+            for name, row in rows.items():
+                predictor.screen = row["screen"]
+                started = time.perf_counter()
+                mask, _, skipped = predictor.predict(dataroot / entry["image"], spacing)
+                row["seconds"].append(time.perf_counter() - started)
+                reference = mask if reference is None else reference
+                row["changed"].append(int(np.count_nonzero((mask > 0) != (reference > 0))))
+                row["skipped"].append(skipped)
+                row["scores"].append(case_metrics((mask > 0).astype("uint8"), truth, spacing, case_id=entry["image"]))
+            print(entry["image"], {name: (row["skipped"][-1], row["changed"][-1]) for name, row in rows.items()},
+                  flush=True)
+    results = {"cpu_bf16_units": cpu_bf16_units(), "members": len(members),
+               "members_per_fold": {str(f): sum(m["fold"] == f for m in members)
+                                    for f in sorted({m["fold"] for m in members})},
+               "held_out_cases": len(testing), "head_slices": heads, "below": args.below,
+               "postprocessing": [s["name"] for s in (ensemble.get("postprocessing") or {}).get("steps", [])],
+               "rows": {}}
+    for name, row in rows.items():
+        screening = len(row["screen"]["members"]) if row["screen"] else len(members)
+        later = len(members) - screening
+        kept = 1.0 - sum(row["skipped"]) / max(sum(heads), 1) if later else 1.0
+        results["rows"][name] = {
+            "screening_members": screening, "summary": summarize_metrics(row["scores"]), "cases": row["scores"],
+            "later_members_ran_share": round(kept, 4), "s_per_case": round(float(np.mean(row["seconds"])), 2),
+            "member_slice_runs_share": round((screening + later * kept) / len(members), 4),
+            "paper_work_share": round((PAPER_FOLDS + (PAPER_MEMBERS - PAPER_FOLDS) * kept) / PAPER_MEMBERS, 4),
+            "voxels_changed": int(sum(row["changed"])), "cases_changed": int(sum(c > 0 for c in row["changed"]))}
+    text = json.dumps(json_safe(results), indent=1)
+    print(text)
+    print(markdown(results))
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+def markdown(results: dict) -> str:
+    header = ["members", "screening", *(name for name, _ in METRICS), "cases / voxels changed",
+              "later members ran (share of head slices)", "member-slice runs", "s per case",
+              "18-member work (5 screening)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, entry in results["rows"].items():
+        values = [f"{entry['summary'][key]:.4f}" if isinstance(entry["summary"][key], float)
+                  else str(entry["summary"][key]) for _, key in METRICS]
+        changed = f"{entry['cases_changed']} / {entry['voxels_changed']}"
+        cells = [name, str(entry["screening_members"]), *values, changed,
+                 f"{entry['later_members_ran_share']:.3f}", f"{entry['member_slice_runs_share']:.3f}",
+                 f"{entry['s_per_case']:.2f}", f"{entry['paper_work_share']:.3f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
