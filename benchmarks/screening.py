@@ -32,6 +32,7 @@ from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa
 from autoseg2d.evaluation.report import json_safe  # noqa: E402
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, screening_members  # noqa: E402
 from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
+from autoseg2d.pipeline.profiles import default_profile_name, load_profile  # noqa: E402
 from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402
 from autoseg2d.templates import BUNDLE_CONFIG  # noqa: E402
 from int8_accuracy import upgraded_copy  # noqa: E402
@@ -77,7 +78,8 @@ def main() -> None:
     parser.add_argument("--datalist", required=True, help="datalist with labelled testing cases")
     parser.add_argument("--dataroot", help="folder the datalist's paths are relative to (default: its folder)")
     parser.add_argument("--all_bundles", action="store_true", help="every trained bundle of the work dir is a member")
-    parser.add_argument("--below", type=float, default=0.05, help="ensemble_screen_below")
+    parser.add_argument("--below", type=float, default=load_profile(default_profile_name())["ensemble_screen_below"],
+                        help="ensemble_screen_below (default: the default profile's)")
     parser.add_argument("--stress_members", type=int, default=2, help="screening members of the harsher screen")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()

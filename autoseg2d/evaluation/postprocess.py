@@ -326,15 +326,19 @@ def apply_multiclass_postprocessing(probs: np.ndarray, spacing_mm: Sequence[floa
     return labels
 
 
-def rescue_would_act(probs: np.ndarray, spacing_mm: Sequence[float], choice: dict | None) -> bool:
-    """True where `choice` has the never-empty rescue and the mask before it is empty, for class probabilities
-    (C, ...): the one case where the post-processed mask depends on probabilities below 0.5 (an ensemble that
-    only estimated those, by screening, computes them first)."""
+def reads_low_probabilities(probs: np.ndarray, spacing_mm: Sequence[float], choice: dict | None) -> bool:
+    """True where the mask `choice` makes of class probabilities (C, ...) depends on values below 0.5: its
+    never-empty rescue would act (the mask before it is empty), or its threshold is below 0.5. An ensemble that
+    only estimated those values (screening) computes them before post-processing."""
     if not choice:
         return False
     multiclass = choice.get("kind") == "multiclass"
+    if not multiclass and probs.shape[0] != 2:
+        return False  # argmax only: no threshold, no rescue
     steps = choice["foreground"]["steps"] if multiclass else choice["steps"]
-    if not any(step["name"] == "keep_nonempty" for step in steps) or (not multiclass and probs.shape[0] != 2):
+    if not multiclass and choice["threshold"] < PROBABILITY_THRESHOLD:
+        return True
+    if not any(step["name"] == "keep_nonempty" for step in steps):
         return False
     kept = [step for step in steps if step["name"] != "keep_nonempty"]
     if multiclass:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.postprocess import (apply_multiclass_postprocessing, apply_postprocessing,
                                               choose_multiclass_postprocessing, choose_postprocessing,
-                                              describe_effects, rescue_would_act)
+                                              describe_effects, reads_low_probabilities)
 from autoseg2d.evaluation.report import json_safe
 from autoseg2d.pipeline.crossval import validation_cases
 from autoseg2d.pipeline.fold_probabilities import check_grid, has_foreground, mean_foreground
@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 MEMBER_KEYS = ("bundle", "score", "fold", "seed", "variant")
 GREEDY = "greedy"  # chosen on the out-of-fold predictions (select_greedy), not on the records alone
 GREEDY_REPORT = "member_selection.md"
+SCREEN_SOURCE = "ensemble/ensemble.json (its \"screen\")"
 
 
 def select_members(records: list[dict], size: int, strategy: str = "fold_balanced") -> list[dict]:
@@ -184,25 +185,26 @@ class EnsemblePredictor:
         everywhere first (the rescue reads probabilities below 0.5, which screening only estimates).
         """
         members = self.members
-        order = self._screen_order(members)
-        if order is None:
+        if not self._can_screen(members):
             probabilities, masks = self.probabilities(image, members, return_members=True)
             return self.mask(probabilities, spacing_mm), masks, 0
-        ordered = [members[i] for i in order]
-        total, masks, skipped = ordered[0].infer_screened(
-            str(image), ordered, len(self.screen["members"]), float(self.screen["below"]), self.mode == "vote",
-            True, complete_if=lambda mean: rescue_would_act(mean, spacing_mm, self.postprocessing))
-        by_member = dict(zip(order, masks))
-        whole = [by_member[i] for i in range(len(members)) if by_member[i] is not None]
+        total, masks, skipped = members[0].infer_screened(
+            str(image), members, self.screen, self.mode == "vote", member_masks=True, where=SCREEN_SOURCE,
+            complete_if=lambda mean: reads_low_probabilities(mean, spacing_mm, self.postprocessing))
+        whole = [mask for mask in masks if mask is not None]
         return self.mask(total / len(members), spacing_mm), whole, skipped
 
-    def _screen_order(self, members: list) -> list[int] | None:
-        """The members' order for a screened pass (screening members first), or None where it cannot screen:
-        no screen, or members that do not all cut a scan into the same batches (screen.py needs one pass)."""
-        if not self.screen or len(input_groups(members)) != 1 or not hasattr(members[0], "infer_screened"):
-            return None
-        first = [int(i) for i in self.screen["members"]]
-        return first + [i for i in range(len(members)) if i not in first]
+    def _can_screen(self, members: list) -> bool:
+        """A screen is set and the members can run it: all one template's, cutting a scan into the same batches
+        (screen.py needs one pass of them all); otherwise every member runs everywhere, said once."""
+        if not self.screen:
+            return False
+        able = len(input_groups(members)) == 1 and hasattr(members[0], "infer_screened")
+        if not able and not getattr(self, "_said_unscreened", False):
+            logger.info("predict: the members do not all cut a scan into the same batches (inference batch size, "
+                        "divisor or head crop differ), so every member runs on every slice (no screen)")
+            self._said_unscreened = True
+        return able
 
     def mask(self, probabilities: np.ndarray, spacing_mm: tuple) -> np.ndarray:
         if self.postprocessing and self.postprocessing.get("kind") == "multiclass":
@@ -289,13 +291,13 @@ def build_ensemble(work: WorkDir, records: list[dict], size: int, mode: str, sel
                                screen_below])
         job = f"{work.relative(work.ensemble_file)} of {hashlib.sha256(settings.encode()).hexdigest()[:10]}"
         run_queue(storage, "ensemble", [job], lambda index: float(len(build_ensemble(
-            work, records, size, mode, selection, tolerance, None, screen_below, training=training,
+            work, records, size, mode, selection, tolerance, screen_below=screen_below, training=training,
             dataroot=dataroot)["members"])))
     if work.ensemble_file.exists():
         logger.info(f"ensemble: reusing {work.relative(work.ensemble_file)}")
         return json.loads(work.ensemble_file.read_text())
-    ensemble = make_ensemble(work, records, size, mode, selection, tolerance, screen_below, training=training,
-                             dataroot=dataroot)
+    ensemble = make_ensemble(work, records, size, mode, selection, tolerance, screen_below=screen_below,
+                             training=training, dataroot=dataroot)
     if "greedy" in ensemble:
         table = curve_markdown(ensemble["greedy"]["curve"], ensemble["greedy"]["per_fold"])
         report = work.ensemble_file.parent / GREEDY_REPORT
@@ -359,7 +361,7 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
             tqdm.write(f"predict {index}/{len(images)} {image.name}: done before, kept")
             report.keep_case(case_name(image), image, target, sources.get(case_name(image)))
             continue
-        predictor.members  # loaded for the first case to predict, before its clock starts
+        _ = predictor.members  # loaded for the first case to predict, before its clock starts
         started = time.time()
         source = nib.load(str(image))
         spacing = tuple(float(z) for z in source.header.get_zooms()[:3])

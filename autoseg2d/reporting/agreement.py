@@ -25,6 +25,8 @@ def member_agreement(ensemble_mask: np.ndarray, member_masks: Sequence[np.ndarra
     """Members' volumes (mL), their spread (max - min) and Dice against the ensemble, for one class or any (None).
 
     With fewer than two members agreement is not measured (NaN): one model cannot disagree with itself.
+    members_compared says how many were compared (a screened ensemble passes only the members that ran on
+    every slice).
     """
     def select(mask):
         mask = np.asarray(mask)
@@ -32,7 +34,7 @@ def member_agreement(ensemble_mask: np.ndarray, member_masks: Sequence[np.ndarra
 
     if len(member_masks) < 2:
         return {"member_volumes_ml": [], "member_volume_spread_ml": math.nan, "member_dice": [],
-                "member_dice_mean": math.nan}
+                "member_dice_mean": math.nan, "members_compared": len(member_masks)}
     shapes = {np.shape(m) for m in member_masks}
     if shapes != {np.shape(ensemble_mask)}:
         raise ValueError(f"member masks {sorted(shapes)} and the ensemble mask {np.shape(ensemble_mask)} differ in "
@@ -41,7 +43,7 @@ def member_agreement(ensemble_mask: np.ndarray, member_masks: Sequence[np.ndarra
     volumes = [volume_ml(select(m), spacing_mm) for m in member_masks]
     dices = [dice_score(select(m), ensemble) for m in member_masks]
     return {"member_volumes_ml": volumes, "member_volume_spread_ml": max(volumes) - min(volumes),
-            "member_dice": dices, "member_dice_mean": float(np.mean(dices))}
+            "member_dice": dices, "member_dice_mean": float(np.mean(dices)), "members_compared": len(member_masks)}
 
 
 def low_agreement(agreement: dict, threshold: float = LOW_AGREEMENT_DICE) -> bool:

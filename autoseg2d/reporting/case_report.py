@@ -37,7 +37,8 @@ QA_SLICES_AROUND = 2  # slices drawn on each side of the slice with the largest 
 ANY_CLASS = "any"
 COLUMNS = ("case", "class", "volume_ml", "num_bleeds", "largest_bleed_ml", "largest_bleed_first_slice",
            "largest_bleed_last_slice", "abc2_ml", "abc_a_mm", "abc_b_mm", "abc_c_mm", "member_volume_spread_ml",
-           "member_dice_mean", "flags", "spacing_mm", "num_slices", "seconds", "input", "mask", "qa_picture")
+           "member_dice_mean", "members_compared", "flags", "spacing_mm", "num_slices", "seconds", "input", "mask",
+           "qa_picture")
 FLAG_EMPTY, FLAG_LOW_AGREEMENT, FLAG_EDGE, FLAG_SKULL = "empty", "low agreement", "touches scan edge", "touches skull"
 
 

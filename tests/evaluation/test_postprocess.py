@@ -16,7 +16,7 @@ from autoseg2d.evaluation.postprocess import (
     describe_effects,
     keep_nonempty,
     remove_small_components,
-    rescue_would_act,
+    reads_low_probabilities,
 )
 
 SPACING_MM = (1.0, 1.0, 2.0)  # one voxel = 0.002 mL
@@ -152,25 +152,29 @@ def test_multiclass_cleaning_is_chosen_per_class_and_the_rescue_keeps_the_most_p
         assert np.array_equal(apply_multiclass_postprocessing(case["prob"], SPACING_MM, choice), case["truth"])
 
 
-def test_the_rescue_would_act_only_on_a_mask_that_is_empty_before_it():
-    """An ensemble that only estimated probabilities below 0.5 (screening) must know when the rescue reads them."""
+def binary(prob: np.ndarray) -> np.ndarray:
+    return np.stack([1 - prob, prob])
+
+
+def test_probabilities_below_one_half_are_read_by_the_rescue_of_an_empty_mask_or_a_lower_threshold():
+    """An ensemble that only estimated probabilities below 0.5 (screening) must know when the mask reads them."""
     lesion = np.where(_blob(2, 6), 0.9, 0.2).astype(np.float32)  # a 40-voxel blob (0.08 mL)
     faint = np.full(SHAPE, 0.2, np.float32)
     rescue = {"threshold": 0.5, "steps": [{"name": "remove_small_components", "min_volume_ml": 0.1},
                                           {"name": "keep_nonempty", "floor": 0.1}]}
     clean_only = {"threshold": 0.5, "steps": [{"name": "remove_small_components", "min_volume_ml": 0.01}]}
-    binary = lambda prob: np.stack([1 - prob, prob])  # noqa: E731
-    assert rescue_would_act(binary(faint), SPACING_MM, rescue)
-    assert rescue_would_act(binary(lesion), SPACING_MM, rescue)  # cleaning (0.1 mL) empties it: rescued
-    assert not rescue_would_act(binary(lesion), SPACING_MM, {**rescue, "steps": rescue["steps"][1:]})
-    assert not rescue_would_act(binary(faint), SPACING_MM, clean_only)
-    assert not rescue_would_act(binary(faint), SPACING_MM, None)
+    assert reads_low_probabilities(binary(faint), SPACING_MM, rescue)
+    assert reads_low_probabilities(binary(lesion), SPACING_MM, rescue)  # cleaning (0.1 mL) empties it: rescued
+    assert not reads_low_probabilities(binary(lesion), SPACING_MM, {**rescue, "steps": rescue["steps"][1:]})
+    assert not reads_low_probabilities(binary(faint), SPACING_MM, clean_only)
+    assert not reads_low_probabilities(binary(faint), SPACING_MM, None)
+    assert reads_low_probabilities(binary(lesion), SPACING_MM, {**clean_only, "threshold": 0.3})
     multiclass = {"kind": "multiclass", "per_class": {"1": {"threshold": 0.5, "steps": []},
                                                       "2": {"threshold": 0.5, "steps": []}},
                   "foreground": {"threshold": 0.5, "steps": [{"name": "keep_nonempty", "floor": 0.05}]}}
     three = np.stack([1 - faint, faint / 2, faint / 2])
-    assert rescue_would_act(three, SPACING_MM, multiclass)
+    assert reads_low_probabilities(three, SPACING_MM, multiclass)
     three[:, _blob(2, 6)] = np.array([0.1, 0.8, 0.1])[:, None]
-    assert not rescue_would_act(three, SPACING_MM, multiclass)
-    assert not rescue_would_act(np.stack([1 - faint, faint / 2, faint / 2]), SPACING_MM,
-                                {**multiclass, "foreground": {"threshold": 0.5, "steps": []}})
+    assert not reads_low_probabilities(three, SPACING_MM, multiclass)
+    without_rescue = {**multiclass, "foreground": {"threshold": 0.5, "steps": []}}
+    assert not reads_low_probabilities(np.stack([1 - faint, faint / 2, faint / 2]), SPACING_MM, without_rescue)

@@ -12,6 +12,7 @@ import pytest
 from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.postprocess import choose_postprocessing
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, out_of_fold_cases, predict_images, select_members
+from autoseg2d.pipeline.inference import read_mask
 from autoseg2d.synthetic import make_head_ct, write_case
 from tests.ensemble_fakes import ClassInferer, RefusingInferer, fake_ensemble
 
@@ -185,8 +186,6 @@ def test_a_screened_ensemble_gives_the_masks_of_every_member_on_every_slice(trai
     """Three copies of one trained model: where the screening member sees no foreground the others see none
     either, so screening must give the whole ensemble's masks while skipping slices; the report gets the masks
     of members that ran on every slice; where the never-empty rescue would act, every member runs everywhere."""
-    from autoseg2d.pipeline.inference import read_mask
-
     bundles, cases = trained_members
     full, screened = ensemble_of([bundles[0]] * 3), ensemble_of([bundles[0]] * 3)
     screened.screen = {"members": [1], "below": 0.05}
@@ -206,6 +205,28 @@ def test_a_screened_ensemble_gives_the_masks_of_every_member_on_every_slice(trai
     mask, member_masks, count = screened.predict(case["image"], spacing)
     assert count == 0 and len(member_masks) == 3 and mask.any()
     np.testing.assert_array_equal(mask, full.mask(full.probabilities(case["image"]), spacing))
+
+
+def test_a_screened_ensemble_reports_the_masks_of_its_screening_members_in_order(trained_members, trained_bundle):
+    """Distinct members, the screening one in the middle: on a case with slices skipped, the report gets that
+    member's own mask (the others skipped slices: no whole mask); the predicted mask is post-processed."""
+    bundles, cases = trained_members
+    other = trained_bundle.parents[1]  # another model (2 epochs), cut into the same batches
+    screened = ensemble_of([other, bundles[0], other])
+    screened.screen = {"members": [1], "below": 0.25}
+    alone = ensemble_of([bundles[0]]).members[0]
+    counts = []
+    for case in cases:
+        spacing = read_mask(case["label"])[1]
+        mask, member_masks, count = screened.predict(case["image"], spacing)
+        counts.append(count)
+        if count:
+            assert len(member_masks) == 1
+            np.testing.assert_array_equal(member_masks[0], alone.infer(str(case["image"])).numpy().argmax(0))
+    assert any(counts), counts
+    screened.screen = {"members": [1, 1], "below": 0.25}
+    with pytest.raises(ValueError, match=r"screen members \[1, 1\] are not distinct.*ensemble/ensemble.json"):
+        screened.predict(cases[0]["image"], read_mask(cases[0]["label"])[1])
 
 
 def test_each_folds_first_member_screens_and_a_screen_of_every_member_is_none():

@@ -51,6 +51,9 @@ def test_bundle_runs_without_the_repository_and_gives_the_masks_of_predict(finis
     scans = ct_dataset.parent / "imagesTs"
     results = predict(str(scans), str(tmp_path / "predict"), work_dir=str(finished_work))
     assert any(r["screened_slices"] for r in results)  # the bundle below must screen alike
+    rows = {row["case"]: row for row in json.loads((tmp_path / "predict" / "report.json").read_text())["rows"]}
+    for result in results:  # agreement of the members with a whole mask: member 0 alone where 1 skipped slices
+        assert rows[result["case"]]["members_compared"] == (1 if result["screened_slices"] else 2)
     bundle = export_bundle(str(finished_work), str(tmp_path / "ich_bundle"))
     for name in ("configs/metadata.json", "configs/inference.json", "models/member_0/model.pt",
                  "models/member_1/model.pt", "docs/README.md", "LICENSE", "scripts/ensemble_inference.py"):
@@ -64,6 +67,7 @@ def test_bundle_runs_without_the_repository_and_gives_the_masks_of_predict(finis
          "--output_dir", str(tmp_path / "bundle_masks")], cwd=tmp_path, capture_output=True, text=True, timeout=300,
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "slices left to the screening members" in result.stdout  # it screened, as predict did
     for scan in sorted(scans.iterdir()):
         ours = nib.load(str(tmp_path / "predict" / scan.name))
         theirs = nib.load(str(tmp_path / "bundle_masks" / scan.name))

@@ -272,7 +272,7 @@ import json, os, sys, time
 from autoseg2d.pipeline import ensemble, sweep, work_queue
 from autoseg2d.pipeline.workdir import WorkDir
 sweep.HEARTBEAT_INTERVAL_S, sweep.GRACE_PERIOD_S, work_queue.POLL_S = 1, 2, 0.2
-def make(work, records, size, mode, selection, tolerance, training, dataroot):
+def make(work, records, size, mode, selection, tolerance, screen_below, *, training, dataroot):
     (work.root / f"built_{os.getpid()}").write_text("")
     time.sleep(2)
     return {"mode": mode, "selection": selection, "members": records[:size], "built_by": os.getpid()}

@@ -14,7 +14,8 @@ CROP = HeadCrop(threshold_hu=-500, margin_px=4)
 
 
 class Brightness(torch.nn.Module):
-    """Foreground logit gain * (centre channel - level) at each pixel; counts the slices it is run on."""
+    """Foreground logit gain * (centre channel - level) at each pixel plus the centre channel's mean over the
+    whole input (so the box a slice is cut to shows in every pixel); counts the slices it is run on."""
 
     def __init__(self, level: float, gain: float = 40.0):
         super().__init__()
@@ -23,13 +24,16 @@ class Brightness(torch.nn.Module):
     def forward(self, x):
         self.slices_seen += x.shape[0]
         centre = x[:, x.shape[1] // 2: x.shape[1] // 2 + 1]
-        return torch.cat([torch.zeros_like(centre), self.gain * (centre - self.level)], dim=1)
+        logit = self.gain * (centre - self.level) + centre.mean(dim=(-2, -1), keepdim=True)
+        return torch.cat([torch.zeros_like(centre), logit], dim=1)
 
 
 def head_with_bleed() -> Volume:
-    """Air slices 0 and 5; head tissue (40 HU) on slices 1..4; a bright spot (80 HU) on slice 2 only."""
+    """Air slices 0 and 5; head tissue (40 HU) on slices 1..4, widest on slice 1 (so slice 2 shares its larger
+    box in a batch of two); a bright spot (80 HU) on slice 2 only."""
     image = np.full((64, 64, 6), -1000, np.int16)
     image[20:36, 10:50, 1:5] = 40
+    image[8:56, 4:60, 1] = 40
     image[24:30, 20:30, 2] = 80
     return Volume("h", image, None, np.eye(4))
 
@@ -41,11 +45,11 @@ def predictors(*models, plan=PLAN, windows=WINDOW) -> list[SlicePredictor]:
 
 def test_later_members_run_only_where_the_screen_sees_foreground():
     """Two screening members see the bright spot (slice 2) only; three later members, which would call all
-    head tissue foreground, run on slice 2 alone. Slice 2 is the whole ensemble's; the skipped slices carry
-    the screening members' mean; air slices are nobody's."""
+    head tissue foreground, run on slice 2 alone, in the box it shares with slice 1 in a whole pass. Slice 2 is
+    the whole ensemble's; the skipped slices carry the screening members' mean; air slices are nobody's."""
     screening, later = [Brightness(0.6), Brightness(0.6)], [Brightness(0.3) for _ in range(3)]
     volume = head_with_bleed()
-    result = screened_together(predictors(*screening, *later), volume, Screen(members=2, below=0.05),
+    result = screened_together(predictors(*screening, *later), volume, Screen(members=(0, 1), below=0.05),
                                keep_masks=True)
     assert result.skipped == [1, 3, 4]
     assert [m.slices_seen for m in later] == [1, 1, 1] and [m.slices_seen for m in screening] == [4, 4]
@@ -70,7 +74,7 @@ def test_complete_if_runs_the_skipped_slices_and_gives_the_whole_ensemble():
         asked.append(total.copy())
         return True
 
-    result = screened_together(predictors(*screening, *later), volume, Screen(members=1, below=0.05),
+    result = screened_together(predictors(*screening, *later), volume, Screen(members=(0,), below=0.05),
                                keep_masks=True, complete_if=complete)
     full, full_masks = predict_together(predictors(*screening, *later), volume, keep_masks=True)
     np.testing.assert_allclose(result.total, full, atol=1e-5)
@@ -82,18 +86,38 @@ def test_complete_if_runs_the_skipped_slices_and_gives_the_whole_ensemble():
 
 def test_nothing_is_skipped_when_the_screen_sees_foreground_everywhere_or_screens_with_every_member():
     volume = head_with_bleed()
-    result = screened_together(predictors(Brightness(0.3), Brightness(0.6)), volume, Screen(1, 0.05))
+    result = screened_together(predictors(Brightness(0.3), Brightness(0.6)), volume, Screen((0,), 0.05))
     assert result.skipped == []
     full, _ = predict_together(predictors(Brightness(0.3), Brightness(0.6)), volume)
     np.testing.assert_allclose(result.total, full, atol=1e-6)
-    alone = screened_together(predictors(Brightness(0.6)), volume, Screen(3, 0.05), keep_masks=True)
+    alone = screened_together(predictors(Brightness(0.6)), volume, Screen((0,), 0.05), keep_masks=True)
     assert alone.skipped == [] and alone.masks[0] is not None
 
 
-@pytest.mark.parametrize("members, below", [(0, 0.05), (2, 0.0), (2, 0.5)])
-def test_a_screen_needs_a_member_and_a_probability_below_one_half(members, below):
-    with pytest.raises(ValueError, match="at least one screening member and a probability between 0 and 0.5"):
-        Screen(members, below)
+def test_screening_members_need_not_come_first_and_masks_stay_in_the_members_order():
+    volume = head_with_bleed()
+    models = [Brightness(0.3), Brightness(0.6), Brightness(0.3)]
+    result = screened_together(predictors(*models), volume, Screen(members=(1,), below=0.05), keep_masks=True)
+    alone = predictors(Brightness(0.6))[0].predict_slices_last(volume)
+    assert result.skipped == [1, 3, 4] and [m.slices_seen for m in models] == [1, 4, 1]
+    assert result.masks[0] is None and result.masks[2] is None
+    np.testing.assert_array_equal(result.masks[1], alone.argmax(0))
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"members": [0, 0], "below": 0.05}, r"\[0, 0\] are not distinct member indices 0..2"),
+    ({"members": [3], "below": 0.05}, "not distinct member indices 0..2"),
+    ({"members": [-1], "below": 0.05}, "not distinct member indices"),
+    ({"members": [], "below": 0.05}, "not distinct member indices"),
+    ({"members": [True], "below": 0.05}, "not distinct member indices"),
+    ({"members": [0]}, "below None is not a probability between 0 and 0.5"),
+    ({"members": [0], "below": 0.5}, "below 0.5 is not a probability"),
+    ({"members": [0], "below": 0}, "below 0 is not a probability"),
+])
+def test_a_bad_screen_entry_names_its_file_and_the_fix(settings, message):
+    with pytest.raises(ValueError, match=message + r".*fix it in ensemble.json or set \"screen\" to null"):
+        Screen.from_settings(settings, 3, "ensemble.json")
+    assert Screen.from_settings({"members": [2, 0], "below": 0.25}, 3, "x") == Screen((2, 0), 0.25)
 
 
 def test_members_of_several_input_variants_share_one_pass():

@@ -105,23 +105,22 @@ class InferClass:
             total, masks = predict_together([m.predictor for m in members], volume, vote, member_masks)
         return from_ras(total, volume.affine), [from_ras(mask[None], volume.affine)[0] for mask in masks]
 
-    def infer_screened(self, image_file: str | dict, members: list[InferClass], screen_members: int,
-                       screen_below: float, vote: bool = False, member_masks: bool = False,
-                       complete_if: Callable[[np.ndarray], bool] | None = None
-                       ) -> tuple[np.ndarray, list[np.ndarray | None], int]:
-        """infer_together with a screening pass (screen.py): members after the first `screen_members` run only on
-        the slices where those reach a mean foreground probability of `screen_below`.
+    def infer_screened(self, image_file: str | dict, members: list[InferClass], screen: dict, vote: bool = False,
+                       member_masks: bool = False, complete_if: Callable[[np.ndarray], bool] | None = None,
+                       where: str = "the ensemble's screen") -> tuple[np.ndarray, list[np.ndarray | None], int]:
+        """infer_together with a screening pass (screen.py): `screen` = {members: indices of the screening
+        members, below: probability}, as an ensemble file stores it (`where` names that file in errors).
 
         `complete_if(mean probabilities (C, X, Y, Z))` True runs the skipped slices through every member
-        as well. Returns the summed probabilities, each member's mask (None for a member that skipped
-        slices: it has no whole mask) and the number of slices the later members skipped.
+        as well. Returns the summed probabilities, each member's mask in the members' order (None for a
+        member that skipped slices: it has no whole mask) and the number of slices skipped.
         """
+        settings = Screen.from_settings(screen, len(members), where)
         volume = self._read_for(image_file, members)
         asked = None if complete_if is None else \
             (lambda summed: complete_if(from_ras(summed / len(members), volume.affine)))
         with explain_out_of_memory("inference", MemorySettings.from_config(self.config)):
-            screen = Screen(screen_members, screen_below)
-            result = screened_together([m.predictor for m in members], volume, screen, vote, member_masks, asked)
+            result = screened_together([m.predictor for m in members], volume, settings, vote, member_masks, asked)
         masks = [None if mask is None else from_ras(mask[None], volume.affine)[0] for mask in result.masks]
         return from_ras(result.total, volume.affine), masks, len(result.skipped)
 

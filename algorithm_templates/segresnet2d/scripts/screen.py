@@ -1,10 +1,12 @@
 """An ensemble's screening pass: a few members look at every slice, the others only where those saw something.
 
 Most slices of a head CT hold no hemorrhage, and on them every member says so. The screening
-members (one per fold: ``Screen.members``) run on every slice; a slice where their mean
-foreground probability (1 - P(background)) stays below ``Screen.below`` at every pixel is left
-to them: the other members skip it, and its probabilities are the screening members' mean. On
-every other slice all members run, so there the result is the whole ensemble's.
+members (the driver picks each fold's first: ``Screen.members``) run on every slice; a slice where
+their mean foreground probability (1 - P(background); in a vote ensemble, the share of them voting
+foreground) stays below ``Screen.below`` at every pixel is left to them: the other members skip
+it, and its probabilities are the screening members' mean. On every other slice all members run,
+on the inputs and boxes a pass of every member would give them, so there the result is the whole
+ensemble's (to the last bits where smaller batches round differently in reduced precision).
 
 What this can change: with N members of which j screen, a screened-out slice becomes foreground
 in the whole ensemble's mean only where the other N - j members average above
@@ -28,21 +30,30 @@ from volumes import Volume
 
 @dataclass(frozen=True)
 class Screen:
-    """The first `members` predictors screen every slice; slices they see below `below` everywhere are theirs."""
+    """Which members screen (their indices among the ensemble's) and the probability they screen below."""
 
-    members: int
+    members: tuple[int, ...]
     below: float
 
-    def __post_init__(self):
-        if int(self.members) < 1 or not 0.0 < float(self.below) < 0.5:
-            raise ValueError(f"a screen needs at least one screening member and a probability between 0 and 0.5 "
-                             f"(exclusive) to screen below; got members={self.members}, below={self.below}")
+    @classmethod
+    def from_settings(cls, settings: dict, num_members: int, where: str) -> Screen:
+        """An ensemble's "screen" entry {members: [indices], below: probability}, checked; `where` names its file."""
+        members, below = settings.get("members"), settings.get("below")
+        fix = f"fix it in {where} or set \"screen\" to null there (every member on every slice)"
+        indices = isinstance(members, list) and bool(members) and all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < num_members for i in members)
+        if not indices or len(set(members)) != len(members):
+            raise ValueError(f"screen members {members!r} are not distinct member indices 0..{num_members - 1} "
+                             f"(the screening members of {num_members}); {fix}")
+        if isinstance(below, bool) or not isinstance(below, (int, float)) or not 0.0 < below < 0.5:
+            raise ValueError(f"screen below {below!r} is not a probability between 0 and 0.5 (exclusive); {fix}")
+        return cls(tuple(members), float(below))
 
 
 @dataclass
 class ScreenedResult:
-    """Summed probabilities (C, H, W, D) as if every member had run, the masks of the members that ran on every
-    slice (None for the others, whose masks would be partial), and the axial slices the others skipped."""
+    """Summed probabilities (C, H, W, D) as if every member had run, each member's mask in the members' order (None
+    for a member that skipped slices: its mask would be partial), and the axial slices skipped."""
 
     total: np.ndarray
     masks: list[np.ndarray | None]
@@ -52,31 +63,37 @@ class ScreenedResult:
 def screened_together(predictors: Sequence[SlicePredictor], volume: Volume, screen: Screen, vote: bool = False,
                       keep_masks: bool = False, complete_if: Callable[[np.ndarray], bool] | None = None
                       ) -> ScreenedResult:
-    """The predictors' summed probabilities (or votes) over `volume`, the later ones only on slices the first
-    `screen.members` do not screen out.
+    """The predictors' summed probabilities (or votes) over `volume`, the non-screening ones only on the slices
+    the screening ones (`screen.members`) do not screen out.
 
     `complete_if(total)` is asked once the screened result stands; True runs the skipped slices through the
-    later members too, so the result equals predict_together's.
+    other members too, so every member has then run on the same inputs in the same boxes as predict_together.
     """
-    count, first = len(predictors), min(screen.members, len(predictors))
-    total, masks = predict_together(predictors[:first], volume, vote, keep_masks)
-    if first == count:
-        return ScreenedResult(total, list(masks), [])
-    foreground = 1.0 - total[0] / first  # (H, W, D): the screening members' mean of "any class"
+    count = len(predictors)
+    first = list(screen.members)
+    later = [i for i in range(count) if i not in screen.members]
+    total, screen_masks = predict_together([predictors[i] for i in first], volume, vote, keep_masks)
+    masks: list = [None] * count if keep_masks else []
+    for index, mask in zip(first, screen_masks):
+        masks[index] = mask
+    if not later:
+        return ScreenedResult(total, masks, [])
+    foreground = 1.0 - total[0] / len(first)  # (H, W, D): the screening members' mean of "any class" (vote: share)
     peak = foreground.reshape(-1, foreground.shape[-1]).max(axis=0)
     head = sorted(z for slices, _, _ in predictors[0].boxes(volume) for z in slices)  # air only: nobody runs
     kept = [z for z in head if peak[z] >= screen.below]
     skipped = [z for z in head if peak[z] < screen.below]
-    rest, rest_masks = predict_together(predictors[first:], volume, vote, keep_masks, only=set(kept))
-    estimate = total[..., skipped] * ((count - first) / first)  # the screening members' mean, for the others
+    others = [predictors[i] for i in later]
+    rest, rest_masks = predict_together(others, volume, vote, keep_masks, only=set(kept))
+    estimate = total[..., skipped] * (len(later) / len(first))  # the screening members' mean, for the others
     rest[..., skipped] = estimate
-    result = ScreenedResult(total + rest, [*masks, *rest_masks], skipped)
+    result = ScreenedResult(total + rest, masks, skipped)
     if skipped and complete_if is not None and complete_if(result.total):
-        late, late_masks = predict_together(predictors[first:], volume, vote, keep_masks, only=set(skipped))
+        late, late_masks = predict_together(others, volume, vote, keep_masks, only=set(skipped))
         result.total[..., skipped] += late[..., skipped] - estimate
         for mask, late_mask in zip(rest_masks, late_masks):
             mask[..., skipped] = late_mask[..., skipped]
         result.skipped = []
-    if result.skipped:
-        result.masks[first:] = [None] * len(rest_masks) if keep_masks else []
+    for index, mask in zip(later, rest_masks):
+        masks[index] = None if result.skipped else mask
     return result

@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 
 from bundle_contract import write_mask  # noqa: E402
 from infer import InferClass  # noqa: E402
-from postprocess import apply_multiclass_postprocessing, apply_postprocessing, rescue_would_act  # noqa: E402
+from postprocess import apply_multiclass_postprocessing, apply_postprocessing, reads_low_probabilities  # noqa: E402
 
 BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -38,9 +38,6 @@ class EnsembleInference:
         self.members = [InferClass(str(Path(m) / MEMBER_CONFIG), ckpt_path=str(m), bundle_root=str(m))
                         for m in members]
         self.mode, self.postprocessing, self.screen = mode, postprocessing or None, screen or None
-        if self.screen and not set(map(int, self.screen["members"])) <= set(range(len(self.members))):
-            raise ValueError(f"ensemble_screen members {self.screen['members']} are not all among the "
-                             f"{len(self.members)} members (configs/inference.json); fix them or set it to null")
 
     def probabilities(self, image: str) -> np.ndarray:
         """Mean class probabilities (or vote fractions), (C, X, Y, Z); members that read and window a scan
@@ -54,16 +51,16 @@ class EnsembleInference:
             total = summed if total is None else total + summed
         return total / len(self.members)
 
-    def predict(self, image: str, spacing_mm: tuple) -> np.ndarray:
-        """The post-processed mask; with a screen as the driver's EnsemblePredictor.predict runs it (screen.py)."""
-        if not self.screen or len({member.shared_inputs for member in self.members}) != 1:
-            return self.mask(self.probabilities(image), spacing_mm)
-        first = [int(i) for i in self.screen["members"]]
-        ordered = [self.members[i] for i in first + [i for i in range(len(self.members)) if i not in first]]
-        total, _, _ = ordered[0].infer_screened(
-            str(image), ordered, len(first), float(self.screen["below"]), self.mode == "vote",
-            complete_if=lambda mean: rescue_would_act(mean, spacing_mm, self.postprocessing))
-        return self.mask(total / len(self.members), spacing_mm)
+    def predict(self, image: str, spacing_mm: tuple) -> tuple[np.ndarray, int]:
+        """The post-processed mask and the slices the screen left to its members; with a screen as the driver's
+        EnsemblePredictor.predict runs it (screen.py)."""
+        members = self.members
+        if not self.screen or len({m.shared_inputs for m in members}) != 1 or not hasattr(members[0], "infer_screened"):
+            return self.mask(self.probabilities(image), spacing_mm), 0
+        total, _, skipped = members[0].infer_screened(
+            str(image), members, self.screen, self.mode == "vote", where="configs/inference.json (ensemble_screen)",
+            complete_if=lambda mean: reads_low_probabilities(mean, spacing_mm, self.postprocessing))
+        return self.mask(total / len(members), spacing_mm), skipped
 
     def mask(self, probabilities: np.ndarray, spacing_mm: tuple) -> np.ndarray:
         if self.postprocessing and self.postprocessing.get("kind") == "multiclass":
@@ -84,9 +81,10 @@ class EnsembleInference:
             started = time.time()
             source = nib.load(str(image))
             spacing = tuple(float(z) for z in source.header.get_zooms()[:3])
-            mask = self.predict(str(image), spacing)
+            mask, skipped = self.predict(str(image), spacing)
             written.append(str(write_mask(mask, source.affine, source.header, Path(output_dir) / image.name)))
             volume_ml = float(np.count_nonzero(mask)) * float(np.prod(spacing)) / 1000.0
-            print(f"{image.name}: hemorrhage {volume_ml:.2f} mL, {time.time() - started:.1f}s -> {written[-1]}",
-                  flush=True)
+            screened = f" ({skipped} slices left to the screening members)" if skipped else ""
+            print(f"{image.name}: hemorrhage {volume_ml:.2f} mL, {time.time() - started:.1f}s{screened} -> "
+                  f"{written[-1]}", flush=True)
         return written
