@@ -12,7 +12,8 @@ TTA), dice (Dice of reduced-precision vs fp32 predictions of a briefly trained m
 analyzer (DataAnalyzer + BundleGen time for generated 512 x 512 x 30 cases), ensemble (s per
 512 x 512 x 32 scan of the 18-member ensemble before and after members shared their inputs and
 slices were cut to the head, in PyTorch and OpenVINO where installed; measured on fewer members
-of random weights and scaled). Timings are
+of random weights and scaled; plus, per runtime, the members on --ensemble-screen-share of the
+head slices against all of them, and the screened 18-member scan from those). Timings are
 wall-clock medians after warm-up; nothing here is a test.
 """
 
@@ -293,6 +294,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ensemble-slices", type=int, default=32, help="slices of the measured scan")
     parser.add_argument("--ensemble-repeats", type=int, default=1)
     parser.add_argument("--ensemble-fp32", action="store_true", help="also fp32 where bf16 is native")
+    parser.add_argument("--ensemble-screen-share", type=float, default=0.4,
+                        help="share of head slices the later members run on in the screened rows")
     parser.add_argument("--head-mm", type=float, nargs=2, default=[160.0, 190.0],
                         help="width and length of the generated head (mm) at its widest slice")
     parser.add_argument("--out", help="also write the JSON here, and the Markdown next to it")

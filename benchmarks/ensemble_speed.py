@@ -93,25 +93,26 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path) -> di
 
     def ensemble(loaded: list):
         predictor = EnsemblePredictor.__new__(EnsemblePredictor)
-        predictor.members, predictor.mode, predictor.postprocessing = loaded, "mean", None
+        predictor.members, predictor.mode, predictor.postprocessing, predictor.screen = loaded, "mean", None, None
         return predictor.probabilities
 
     old = members(crop=False, runtime="torch")
     new = members(crop=True, runtime="torch")
     paths = {"old": lambda image: sum(m.infer(str(image)).numpy() for m in old) / len(old),
              "new_torch": ensemble(new)}
-    setup = {}
+    loaded_by_path, setup = {"new_torch": new}, {}
     if openvino_installed():
         started = time.perf_counter()
-        paths["new_openvino"] = ensemble(members(crop=True, runtime="openvino"))
+        loaded_by_path["new_openvino"] = members(crop=True, runtime="openvino")
+        paths["new_openvino"] = ensemble(loaded_by_path["new_openvino"])
         setup["openvino_load_s"] = round(time.perf_counter() - started, 1)
     if openvino_installed() and nncf_installed():
         started = time.perf_counter()
         loaded = members(crop=True, runtime="openvino_int8")
-        paths["new_openvino_int8"] = ensemble(loaded)
+        paths["new_openvino_int8"], loaded_by_path["new_openvino_int8"] = ensemble(loaded), loaded
         setup["int8_quantize_s_per_member_once"] = round((time.perf_counter() - started) / len(loaded), 1)
         setup["int8_agreement"] = [m.predictor.network.int8_report["agreement"] for m in loaded]
-    return {"paths": paths, "crop": new[0].predictor, "setup": setup}
+    return {"paths": paths, "crop": new[0].predictor, "setup": setup, "members": loaded_by_path}
 
 
 def int8_request(member, calibration: Path) -> Int8Request:
@@ -184,7 +185,43 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
         row = stored_maps_row(bundles, image, probabilities, precision, scale)
         rows.append(row)
         print("ensemble", row, flush=True)
+        for name, loaded in built["members"].items():
+            row = screened_row(name, loaded, image, args.ensemble_screen_share, precision, scale)
+            rows.append(row)
+            print("ensemble", row, flush=True)
     return rows
+
+
+SCREENING_MEMBERS = 5  # each fold's first member of the default ensemble (5 folds) screens every slice
+
+
+def screened_row(name: str, loaded: list, image: Path, share: float, precision: str, scale: float) -> dict:
+    """What screening costs the members that run only on kept slices: the members over a middle block of
+    `share` of the head slices (a bleed spans neighbouring slices) against all of them, alternating, and the
+    18-member scan from both (5 members on every slice, 13 on the share). Random weights cannot say which
+    slices a trained screen keeps (benchmarks/screening.py measures the share on trained members)."""
+    from predictor import predict_together
+
+    volume = load_volume(image, None, "ct")
+    predictors = [m.predictor for m in loaded]
+    head = sorted(z for slices, _, _ in predictors[0].boxes(volume) for z in slices)
+    count = max(1, round(share * len(head)))
+    kept = set(head[(len(head) - count) // 2:][:count])
+    timings = {"all": [], "kept": []}
+    for _ in range(2):
+        for key, only in (("all", None), ("kept", kept)):
+            started = time.perf_counter()
+            predict_together(predictors, volume, only=only)
+            timings[key].append(time.perf_counter() - started)
+    every, some = min(timings["all"]), min(timings["kept"])  # the second pass: shapes seen by both
+    later = DEFAULT_ENSEMBLE_MEMBERS - SCREENING_MEMBERS
+    per_member = scale / DEFAULT_ENSEMBLE_MEMBERS  # measured seconds of all measured members -> one of 18
+    return {"path": f"{name}_later_members_on_kept_slices", "precision": precision, "members": len(loaded),
+            "head_slices": len(head), "kept_slices": len(kept), "measured_all_s": round(every, 1),
+            "measured_kept_s": round(some, 1), "kept_vs_proportional": round(some / (every * len(kept) / len(head)), 2),
+            "s_per_512x512x32_scan_18_members_screened": round(
+                (SCREENING_MEMBERS * every + later * some) * per_member, 1),
+            "s_per_512x512x32_scan_18_members_unscreened": round(every * scale, 1)}
 
 
 def stored_maps_row(bundles: list[Path], image: Path, probabilities, precision: str, scale: float) -> dict:
