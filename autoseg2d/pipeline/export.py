@@ -16,7 +16,7 @@ import socket
 from pathlib import Path
 
 from autoseg2d.pipeline.bundle_metadata import bundle_readme, inference_config, metadata
-from autoseg2d.pipeline.workdir import WorkDir, WorkDirError
+from autoseg2d.pipeline.workdir import DEFAULT_WORK_DIR, WorkDir, WorkDirError
 from autoseg2d.reporting.case_report import lesion_class_names
 from autoseg2d.templates import BUNDLE_CONFIG, CONTRACT, bundle_config, bundle_contract, bundle_files, template_dir
 
@@ -35,7 +35,7 @@ class ExportError(WorkDirError):
     pass
 
 
-def export_bundle(work_dir: str = "work", output: str = "ich_bundle") -> str:
+def export_bundle(work_dir: str = DEFAULT_WORK_DIR, output: str = "ich_bundle") -> str:
     """Write the work dir's finished ensemble to OUTPUT as a MONAI bundle; returns OUTPUT.
 
     Run it with: python -m monai.bundle run --config_file OUTPUT/configs/inference.json

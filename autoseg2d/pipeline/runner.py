@@ -25,7 +25,7 @@ from autoseg2d.pipeline.context import RunContext, resolve_context
 from autoseg2d.pipeline.crossval import run_crossval
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, build_ensemble, predict_images
 from autoseg2d.pipeline.sweep import best_per_variant, run_sweep
-from autoseg2d.pipeline.workdir import WorkDir, WorkDirError
+from autoseg2d.pipeline.workdir import DEFAULT_WORK_DIR, WorkDir, WorkDirError
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def _announce(name: str) -> None:
     logger.info(f"=== stage {STAGE_NAMES.index(name) + 1}/{len(STAGE_NAMES)}: {name} ===")
 
 
-def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_dir: str = "work",
+def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_dir: str = DEFAULT_WORK_DIR,
                  profile: str | None = None, modality: str | None = None, num_folds: int | None = None,
                  storage: str | None = None, skip_bad: bool = False, until: str = "predict") -> dict:
     """Run the stages up to `until`; rerunning continues where the last run stopped."""
@@ -133,7 +133,7 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
     return outputs.summary
 
 
-def predict(input: str, output: str, work_dir: str = "work", dicom_seg: bool = False) -> list[dict]:
+def predict(input: str, output: str, work_dir: str = DEFAULT_WORK_DIR, dicom_seg: bool = False) -> list[dict]:
     """Apply a finished ensemble to every NIfTI file in `input`, or to the DICOM CT series there (one series'
     slices, or one folder per series); masks go to `output` under the same names (<series folder>.nii.gz for
     DICOM) beside report.csv, report.json and qa/ pictures. --dicom_seg also writes <series folder>.seg.dcm."""

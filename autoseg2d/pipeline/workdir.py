@@ -14,6 +14,9 @@ from pathlib import Path
 from autoseg2d.atomic_files import write_text_atomic
 
 
+DEFAULT_WORK_DIR = "work"  # what the commands use without --work_dir
+
+
 class WorkDirError(ValueError):
     pass
 
