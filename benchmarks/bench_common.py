@@ -19,3 +19,26 @@ def template_config(**changes) -> dict:
     network = {**config["network"], **changes.pop("network", {})}
     config.update(changes, network=network)
     return config
+
+
+# The challenge metrics a held-out table shows: (column, summarize_metrics key).
+HELD_OUT_METRICS = (("Dice", "dice_mean"), ("RVD", "rvd_mean"), ("NSD", "nsd_mean"), ("HD mm", "hd_mm_mean"),
+                    ("HD inf", "num_hd_inf"))
+
+
+def metric_cells(summary: dict, metrics=HELD_OUT_METRICS) -> list[str]:
+    """A summarize_metrics summary as Markdown cells: floats to 4 decimals, counts as they are."""
+    return [f"{summary[key]:.4f}" if isinstance(summary[key], float) else str(summary[key]) for _, key in metrics]
+
+
+def publish(results: dict, table: str, out: str | None) -> None:
+    """Print a benchmark's JSON and Markdown; with `out`, also write the JSON there."""
+    import json
+
+    from autoseg2d.evaluation.report import json_safe
+
+    text = json.dumps(json_safe(results), indent=1)
+    print(text)
+    print(table)
+    if out:
+        Path(out).write_text(text + "\n")

@@ -25,10 +25,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from bench_common import TEMPLATE
+from bench_common import HELD_OUT_METRICS, TEMPLATE, metric_cells, publish
 from autoseg2d.datalist import read_datalist  # noqa: E402  (after bench_common's sys.path)
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
-from autoseg2d.evaluation.report import json_safe  # noqa: E402
 from autoseg2d.pipeline.ensemble import EnsemblePredictor  # noqa: E402
 from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
 from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402
@@ -36,9 +35,6 @@ from autoseg2d.templates import BUNDLE_CONFIG  # noqa: E402
 from predictor import cpu_bf16_units, cpu_has_native_bf16  # noqa: E402
 from quantize import nncf_installed  # noqa: E402
 from runtime import openvino_installed  # noqa: E402
-
-METRICS = (("Dice", "dice_mean"), ("RVD", "rvd_mean"), ("NSD", "nsd_mean"), ("HD mm", "hd_mm_mean"),
-           ("HD inf", "num_hd_inf"))
 
 
 def precisions() -> dict[str, dict]:
@@ -114,20 +110,15 @@ def main() -> None:
                 "load_s": round(load_s, 1), "voxels_changed_vs_fp32": max(changed),
                 "int8_reports": [getattr(n, "int8_report", None) for n in networks if n is not None]}
             print(name, results["precisions"][name]["summary"], flush=True)
-    text = json.dumps(json_safe(results), indent=1)
-    print(text)
-    print(markdown(results))
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    publish(results, markdown(results), args.out)
 
 
 def markdown(results: dict) -> str:
-    header = ["precision", *(name for name, _ in METRICS), "voxels changed vs fp32 (max per case)", "s per case",
-              "load s", "INT8 agreement (per member)"]
+    header = ["precision", *(name for name, _ in HELD_OUT_METRICS), "voxels changed vs fp32 (max per case)",
+              "s per case", "load s", "INT8 agreement (per member)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in results["precisions"].items():
-        values = [f"{entry['summary'][key]:.4f}" if isinstance(entry["summary"][key], float)
-                  else str(entry["summary"][key]) for _, key in METRICS]
+        values = metric_cells(entry["summary"])
         reports = entry["int8_reports"]
         agreement = ", ".join(f"{r['agreement']:.3f}{'' if r['used'] else ' (not used)'}" for r in reports if r)
         cells = [name, *values, f"{entry['voxels_changed_vs_fp32']:.2e}", f"{entry['s_per_case']:.2f}",

@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from bench_common import TEMPLATE  # noqa: F401  (puts the repository and the template on sys.path)
+from bench_common import HELD_OUT_METRICS, metric_cells, publish  # (puts the repository on sys.path)
 from autoseg2d.datalist import read_datalist  # noqa: E402
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
-from autoseg2d.evaluation.report import json_safe  # noqa: E402
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, screening_members  # noqa: E402
 from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
 from autoseg2d.pipeline.profiles import default_profile_name, load_profile  # noqa: E402
@@ -38,8 +37,6 @@ from autoseg2d.templates import BUNDLE_CONFIG  # noqa: E402
 from int8_accuracy import upgraded_copy  # noqa: E402
 from predictor import cpu_bf16_units  # noqa: E402
 
-METRICS = (("Dice", "dice_mean"), ("RVD", "rvd_mean"), ("NSD", "nsd_mean"), ("HD mm", "hd_mm_mean"),
-           ("HD inf", "num_hd_inf"))
 PAPER_MEMBERS, PAPER_FOLDS = 18, 5
 
 
@@ -128,21 +125,16 @@ def main() -> None:
             "member_slice_runs_share": round((screening + later * kept) / len(members), 4),
             "paper_work_share": round((PAPER_FOLDS + (PAPER_MEMBERS - PAPER_FOLDS) * kept) / PAPER_MEMBERS, 4),
             "voxels_changed": int(sum(row["changed"])), "cases_changed": int(sum(c > 0 for c in row["changed"]))}
-    text = json.dumps(json_safe(results), indent=1)
-    print(text)
-    print(markdown(results))
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    publish(results, markdown(results), args.out)
 
 
 def markdown(results: dict) -> str:
-    header = ["members", "screening", *(name for name, _ in METRICS), "cases / voxels changed",
+    header = ["members", "screening", *(name for name, _ in HELD_OUT_METRICS), "cases / voxels changed",
               "later members ran (share of head slices)", "member-slice runs", "s per case",
               "18-member work (5 screening)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in results["rows"].items():
-        values = [f"{entry['summary'][key]:.4f}" if isinstance(entry["summary"][key], float)
-                  else str(entry["summary"][key]) for _, key in METRICS]
+        values = metric_cells(entry["summary"])
         changed = f"{entry['cases_changed']} / {entry['voxels_changed']}"
         cells = [name, str(entry["screening_members"]), *values, changed,
                  f"{entry['later_members_ran_share']:.3f}", f"{entry['member_slice_runs_share']:.3f}",
