@@ -42,3 +42,23 @@ def publish(results: dict, table: str, out: str | None) -> None:
     print(table)
     if out:
         Path(out).write_text(text + "\n")
+
+
+def add_held_out_arguments(parser) -> None:
+    """--work_dir, --datalist, --dataroot and --out: the benchmarks that score a finished ensemble's held-out cases."""
+    parser.add_argument("--work_dir", required=True, help="a pipeline work dir whose ensemble stage ran")
+    parser.add_argument("--datalist", required=True, help="datalist with labelled testing cases")
+    parser.add_argument("--dataroot", help="folder the datalist's paths are relative to (default: its folder)")
+    parser.add_argument("--out", help="also write the JSON here")
+
+
+def held_out_inputs(args) -> tuple:
+    """(work dir, dataroot, testing entries, ensemble.json) named by add_held_out_arguments' options."""
+    import json
+
+    from autoseg2d.datalist import read_datalist
+    from autoseg2d.pipeline.workdir import WorkDir
+
+    work = WorkDir.create(Path(args.work_dir))
+    dataroot = Path(args.dataroot or Path(args.datalist).parent)
+    return work, dataroot, read_datalist(Path(args.datalist))["testing"], json.loads(work.ensemble_file.read_text())

@@ -16,7 +16,6 @@ member's INT8 report (its agreement with the float model on training slices). Op
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
@@ -25,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from bench_common import HELD_OUT_METRICS, TEMPLATE, metric_cells, publish
-from autoseg2d.datalist import read_datalist  # noqa: E402  (after bench_common's sys.path)
+from bench_common import HELD_OUT_METRICS, TEMPLATE, add_held_out_arguments, held_out_inputs, metric_cells, publish
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.pipeline.ensemble import EnsemblePredictor  # noqa: E402
 from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
@@ -73,18 +71,12 @@ def ensemble_in(work: WorkDir, ensemble: dict, scratch: Path, values: dict) -> E
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work_dir", required=True, help="a pipeline work dir whose ensemble stage ran")
-    parser.add_argument("--datalist", required=True, help="datalist with labelled testing cases")
-    parser.add_argument("--dataroot", help="folder the datalist's paths are relative to (default: its folder)")
+    add_held_out_arguments(parser)
     parser.add_argument("--calibration_slices", type=int, help="infer_int8_calibration_slices (default: the YAML's)")
     parser.add_argument("--min_agreement", type=float, help="infer_int8_min_agreement (default: the YAML's; 0 "
                         "uses INT8 whatever its agreement, to see its held-out accuracy)")
-    parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
-    work = WorkDir.create(Path(args.work_dir))
-    dataroot = Path(args.dataroot or Path(args.datalist).parent)
-    testing = read_datalist(Path(args.datalist))["testing"]
-    ensemble = json.loads(work.ensemble_file.read_text())
+    work, dataroot, testing, ensemble = held_out_inputs(args)
     extra = {key: value for key, value in (("infer_int8_calibration_slices", args.calibration_slices),
                                            ("infer_int8_min_agreement", args.min_agreement)) if value is not None}
     results = {"cpu_bf16_units": cpu_bf16_units(), "members": len(ensemble["members"]),

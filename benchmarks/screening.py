@@ -18,7 +18,6 @@ for the paper's 18 members (5 screening): (5 + 13 x share) / 18 of the work.
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -26,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from bench_common import HELD_OUT_METRICS, metric_cells, publish  # (puts the repository on sys.path)
-from autoseg2d.datalist import read_datalist  # noqa: E402
+# bench_common first: it puts the repository and the template's scripts on sys.path
+from bench_common import HELD_OUT_METRICS, add_held_out_arguments, held_out_inputs, metric_cells, publish
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, screening_members  # noqa: E402
 from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
@@ -71,19 +70,13 @@ def head_slices(predictor: EnsemblePredictor, image: Path) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work_dir", required=True, help="a pipeline work dir whose ensemble stage ran")
-    parser.add_argument("--datalist", required=True, help="datalist with labelled testing cases")
-    parser.add_argument("--dataroot", help="folder the datalist's paths are relative to (default: its folder)")
+    add_held_out_arguments(parser)
     parser.add_argument("--all_bundles", action="store_true", help="every trained bundle of the work dir is a member")
     parser.add_argument("--below", type=float, default=load_profile(default_profile_name())["ensemble_screen_below"],
                         help="ensemble_screen_below (default: the default profile's)")
     parser.add_argument("--stress_members", type=int, default=2, help="screening members of the harsher screen")
-    parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
-    work = WorkDir.create(Path(args.work_dir))
-    dataroot = Path(args.dataroot or Path(args.datalist).parent)
-    testing = read_datalist(Path(args.datalist))["testing"]
-    ensemble = json.loads(work.ensemble_file.read_text())
+    work, dataroot, testing, ensemble = held_out_inputs(args)
     members = members_of(work, ensemble, args.all_bundles)
     stress = {"members": list(range(args.stress_members)), "below": args.below}
     screens = {"every member": None,
