@@ -57,9 +57,17 @@ def built_in_profiles() -> dict:
             if name != DEFAULTS_SECTION}
 
 
+# Keys that change only how a finished ensemble predicts (ensemble.json records their effect), not the sweep,
+# the models or the members: left out of the profile's identity, so editing them (or a release adding one)
+# does not make a work dir "another run".
+PREDICTION_ONLY_KEYS = ("ensemble_screen_below",)
+
+
 def profile_sha256(settings: dict) -> str:
-    """The loaded profile's content hash: run.json records it, so an edited profile file is another profile."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    """The loaded profile's content hash: run.json records it, so an edited profile file is another profile
+    (PREDICTION_ONLY_KEYS aside)."""
+    identity = {key: value for key, value in settings.items() if key not in PREDICTION_ONLY_KEYS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def driver_defaults() -> dict:

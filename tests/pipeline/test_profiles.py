@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from autoseg2d.pipeline.profiles import ProfileError, load_profile
+from autoseg2d.pipeline.profiles import ProfileError, load_profile, profile_sha256
 
 
 @pytest.mark.parametrize("name", ["gpu", "cpu", "demo"])
@@ -57,3 +57,13 @@ def test_ensemble_selection_and_tolerance_are_checked(tmp_path):
     (tmp_path / "old.yaml").write_text(yaml.safe_dump(mine))
     with pytest.raises(ProfileError, match="lacks ensemble_selection"):
         load_profile(str(tmp_path / "old.yaml"))
+
+
+def test_the_screen_setting_is_not_part_of_the_runs_identity():
+    """A work dir made before screening existed (run.json's profile hash without the key), or one whose
+    profile's ensemble_screen_below was edited, is the same run: the key changes only how a finished ensemble
+    predicts. Any other key still makes another run."""
+    gpu = load_profile("gpu")
+    without = {key: value for key, value in gpu.items() if key != "ensemble_screen_below"}
+    assert profile_sha256(without) == profile_sha256(gpu) == profile_sha256({**gpu, "ensemble_screen_below": None})
+    assert profile_sha256({**gpu, "ensemble_size": 17}) != profile_sha256(gpu)
