@@ -204,9 +204,12 @@ def screened_row(name: str, loaded: list, image: Path, share: float, precision: 
 
     volume = load_volume(image, None, "ct")
     predictors = [m.predictor for m in loaded]
-    head = sorted(z for slices, _, _ in predictors[0].boxes(volume) for z in slices)
+    pixels = {z: (rows.stop - rows.start) * (cols.stop - cols.start)
+              for slices, rows, cols in predictors[0].boxes(volume) for z in slices}
+    head = sorted(pixels)
     count = max(1, round(share * len(head)))
     kept = set(head[(len(head) - count) // 2:][:count])
+    pixel_share = sum(pixels[z] for z in kept) / sum(pixels.values())  # middle slices sit in the largest boxes
     timings = {"all": [], "kept": []}
     for _ in range(2):
         for key, only in (("all", None), ("kept", kept)):
@@ -218,7 +221,9 @@ def screened_row(name: str, loaded: list, image: Path, share: float, precision: 
     per_member = scale / DEFAULT_ENSEMBLE_MEMBERS  # measured seconds of all measured members -> one of 18
     return {"path": f"{name}_later_members_on_kept_slices", "precision": precision, "members": len(loaded),
             "head_slices": len(head), "kept_slices": len(kept), "measured_all_s": round(every, 1),
-            "measured_kept_s": round(some, 1), "kept_vs_proportional": round(some / (every * len(kept) / len(head)), 2),
+            "kept_pixel_share": round(pixel_share, 3), "measured_kept_s": round(some, 1),
+            "kept_vs_proportional": round(some / (every * len(kept) / len(head)), 2),
+            "kept_vs_pixel_share": round(some / (every * pixel_share), 2),
             "s_per_512x512x32_scan_18_members_screened": round(
                 (SCREENING_MEMBERS * every + later * some) * per_member, 1),
             "s_per_512x512x32_scan_18_members_unscreened": round(every * scale, 1)}
