@@ -77,10 +77,12 @@ def check_work_dir(work_dir: str | Path, num_folds: int) -> list[str]:
     return []
 
 
-def check_config(overrides: dict, config_file: str | Path | None = None) -> list[str]:
-    """Unknown keys, wrong types and unknown choices among config overrides (the template's own checks)."""
+def check_config(overrides: dict, config_file: str | Path | None = None, modality: str | None = None) -> list[str]:
+    """Unknown keys, wrong types and unknown choices among config overrides (the template's own checks), for the
+    run's modality (the bundles get it; CT windows matter only for CT)."""
     bundle_config, inputs = template_module("bundle_config"), template_module("inputs")
     config_file = config_file or template_config()
+    overrides = {**overrides, **({"modality": modality} if modality else {})}
     problems = []
     for key, value in overrides.items():
         try:
@@ -188,7 +190,7 @@ def check_inputs(
     if content is not None:
         _check_datalist(content, dataroot, modality, num_folds, output_classes, skip_bad, report)
     if config_overrides:
-        errors.extend(check_config(config_overrides))
+        errors.extend(check_config(config_overrides, modality=modality))
     if work_dir is not None:
         errors.extend(check_work_dir(work_dir, report.get("num_folds") or num_folds or default_num_folds()))
     skipped = [f for f in report["cases"] if f["status"] == "skipped"]

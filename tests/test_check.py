@@ -352,3 +352,11 @@ def test_the_driver_loads_planning_without_the_template_on_sys_path():
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "5.0"
+
+
+def test_ct_windows_are_checked_only_where_the_run_is_ct(data):
+    """The config check uses the run's modality, as the bundles will: CT windows mean nothing to an MRI run."""
+    wrong = {"ct_windows_hu": [[80, 40]]}
+    assert "ct_windows_hu entry [80.0, 40.0] must have high > low" in problems(data, config_overrides=wrong)
+    report = check_inputs(str(data / "datalist.json"), str(data), modality="mri", config_overrides=wrong)
+    assert report["errors"] == []
