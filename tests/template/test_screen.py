@@ -94,6 +94,17 @@ def test_nothing_is_skipped_when_the_screen_sees_foreground_everywhere_or_screen
     assert alone.skipped == [] and alone.masks[0] is not None
 
 
+def test_a_scan_the_screen_sees_nothing_on_runs_no_later_member_at_all():
+    image = head_with_bleed().image.copy()
+    image[image == 80] = 40  # no bright spot: nothing for the screening member to see
+    volume = Volume("normal", image, None, np.eye(4))
+    screening, later = Brightness(0.6), Brightness(0.3)
+    result = screened_together(predictors(screening, later), volume, Screen((0,), 0.05), keep_masks=True)
+    assert result.skipped == [1, 2, 3, 4] and later.slices_seen == 0 and result.masks[1] is None
+    alone, _ = predict_together(predictors(Brightness(0.6)), volume)
+    np.testing.assert_allclose(result.total, alone * 2, atol=1e-5)
+
+
 def test_screening_members_need_not_come_first_and_masks_stay_in_the_members_order():
     volume = head_with_bleed()
     models = [Brightness(0.3), Brightness(0.6), Brightness(0.3)]

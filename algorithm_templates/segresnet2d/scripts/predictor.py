@@ -248,8 +248,8 @@ def predict_together(predictors: Sequence[SlicePredictor], volume: Volume, vote:
 
     Returns the sum over models of their probabilities (with vote, of their one-hot argmax),
     (C, H, W, D), and with keep_masks each model's argmax class mask (H, W, D) uint8. With `only`,
-    just those axial slices are run (in the boxes a whole pass cuts them to, so their values are the
-    whole pass's); every other slice is background.
+    just those axial slices are run, in the boxes a whole pass cuts them to (the same inputs; only the
+    batches are smaller); every other slice is background.
     """
     lead = predictors[0]
     unlike = [index for index, p in enumerate(predictors) if p.batch_key != lead.batch_key]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from predictor import SlicePredictor, predict_together
+from predictor import SlicePredictor, background, predict_together
 from volumes import Volume
 
 
@@ -84,7 +84,11 @@ def screened_together(predictors: Sequence[SlicePredictor], volume: Volume, scre
     kept = [z for z in head if peak[z] >= screen.below]
     skipped = [z for z in head if peak[z] < screen.below]
     others = [predictors[i] for i in later]
-    rest, rest_masks = predict_together(others, volume, vote, keep_masks, only=set(kept))
+    if kept:
+        rest, rest_masks = predict_together(others, volume, vote, keep_masks, only=set(kept))
+    else:  # nothing to run (a scan without a bleed): no pass at all, not even predict_together's blank one
+        rest = background(total.shape[0], volume.image.shape) * len(others)
+        rest_masks = [np.zeros(volume.image.shape, np.uint8) for _ in others] if keep_masks else []
     estimate = total[..., skipped] * (len(later) / len(first))  # the screening members' mean, for the others
     rest[..., skipped] = estimate
     result = ScreenedResult(total + rest, masks, skipped)
