@@ -58,3 +58,55 @@ def test_openvino_computes_what_torch_does_and_keeps_the_converted_model(tmp_pat
     monkeypatch.setattr(openvino, "convert_model", no_conversion)
     again = runtime_module.OpenVINONetwork(model, 3, cache, bf16=False)
     np.testing.assert_allclose(again(x).numpy(), network(x).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("streams, expected", [
+    ("auto", {"PERFORMANCE_HINT": "THROUGHPUT"}),
+    (1, {"NUM_STREAMS": "1"}),
+    (4, {"NUM_STREAMS": "4"}),
+])
+def test_streams_are_openvinos_throughput_hint_or_a_count(streams, expected):
+    assert runtime_module.stream_properties(streams) == expected
+
+
+@pytest.mark.parametrize("streams", [0, -1, "2", "many", True, 1.5, None])
+def test_a_bad_stream_count_names_the_key_and_the_fix(streams):
+    with pytest.raises(ValueError, match=r"infer_cpu_streams .* set it to auto"):
+        runtime_module.stream_properties(streams)
+
+
+def test_batches_split_over_streams_give_the_one_stream_logits(tmp_path):
+    pytest.importorskip("openvino")
+    from network import NetworkSettings, build_network
+
+    from tests.conftest import FAST_TRAINING
+
+    settings = NetworkSettings(FAST_TRAINING["network#init_filters"], tuple(FAST_TRAINING["network#blocks_down"]),
+                               FAST_TRAINING["network#dsdepth"], norm="batch", out_channels=2)
+    torch.manual_seed(0)
+    model = build_network(settings, 3).eval()
+    torch.save({}, tmp_path / "model.pt")
+    one = runtime_module.OpenVINONetwork(model, 3, tmp_path / "model_openvino.xml", bf16=False, streams=1)
+    three = runtime_module.OpenVINONetwork(model, 3, tmp_path / "model_openvino.xml", bf16=False, streams=3)
+    whole = runtime_module.OpenVINONetwork(model, 3, tmp_path / "model_openvino.xml", bf16=False, streams=1,
+                                           slices_per_request=None)
+    assert one.compiled.streams == 1 and three.compiled.streams >= 2  # OpenVINO caps it at the cores
+    parts, queue = [], three.compiled.queue
+
+    class Recording:  # the real queue, noting the slices of each part it is given
+        set_callback, wait_all = queue.set_callback, queue.wait_all
+
+        @staticmethod
+        def start_async(inputs, index):
+            parts.append(len(inputs[0]))
+            queue.start_async(inputs, index)
+
+    three.compiled.queue = Recording()
+    for size in (7, 2, 1):  # 7: more parts than streams, the last one short; 2: one whole part; 1: one slice
+        x = torch.rand(size, 3, 48, 32)
+        parts.clear()
+        np.testing.assert_array_equal(three(x).numpy(), whole(x).numpy())
+        assert sum(parts) == size and max(parts) <= runtime_module.SLICES_PER_REQUEST  # memory: small parts
+        np.testing.assert_array_equal(one(x).numpy(), whole(x).numpy())
+        with torch.no_grad():
+            np.testing.assert_allclose(three(x).numpy(), model(x).numpy(), atol=1e-4)

@@ -61,7 +61,8 @@ class InferClass:
         if choose_runtime(config["infer_cpu_runtime"], self.device) == "openvino":
             bf16 = autocast_dtype(self.device, config["amp"], config["infer_cpu_bf16"]) is not None
             request = Int8Request(Int8Settings.from_config(config), files, self._calibration) if int8 else None
-            self.predictor.network = OpenVINONetwork(model, len(plan), files.openvino_model, bf16, request)
+            self.predictor.network = OpenVINONetwork(model, len(plan), files.openvino_model, bf16, request,
+                                                     config["infer_cpu_streams"])
         elif int8:
             raise QuantizationError("infer_cpu_int8 is true but PyTorch runs this CPU inference; INT8 runs in "
                                     "OpenVINO: pip install openvino nncf (the plugin's [cpu] extra) and keep "
