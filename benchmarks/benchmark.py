@@ -13,7 +13,8 @@ analyzer (DataAnalyzer + BundleGen time for generated 512 x 512 x 30 cases), ens
 512 x 512 x 32 scan of the 18-member ensemble before and after members shared their inputs and
 slices were cut to the head, in PyTorch and OpenVINO where installed; measured on fewer members
 of random weights and scaled; plus, per runtime, the members on --ensemble-screen-share of the
-head slices against all of them, and the screened 18-member scan from those). Timings are
+head slices against all of them, and the screened 18-member scan from those; --ensemble-paths picks
+paths, so --ensemble-members 18 can measure one path directly). Timings are
 wall-clock medians after warm-up; nothing here is a test.
 """
 
@@ -34,7 +35,7 @@ import torch
 import yaml
 
 from bench_common import REPO, SLICE_PX, TEMPLATE, template_config  # noqa: F401  (puts the template on sys.path)
-from ensemble_speed import bench_ensemble  # noqa: E402
+from ensemble_speed import ENSEMBLE_PATHS, bench_ensemble  # noqa: E402
 from autoseg2d.datalist import read_datalist  # noqa: E402
 from autoseg2d.synthetic import write_dataset  # noqa: E402
 from cache import cached_volume  # noqa: E402
@@ -293,9 +294,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ensemble-members", type=int, default=2, help="members measured (18 is extrapolated)")
     parser.add_argument("--ensemble-slices", type=int, default=32, help="slices of the measured scan")
     parser.add_argument("--ensemble-repeats", type=int, default=1)
+    parser.add_argument("--ensemble-paths", type=lambda text: text.split(","), default=list(ENSEMBLE_PATHS),
+                        help=f"comma-separated ensemble paths to measure, of {','.join(ENSEMBLE_PATHS)} "
+                             "(those this machine can run)")
     parser.add_argument("--ensemble-fp32", action="store_true", help="also fp32 where bf16 is native")
-    parser.add_argument("--ensemble-screen-share", type=float, default=0.4,
-                        help="share of head slices the later members run on in the screened rows")
+    parser.add_argument("--ensemble-screen-share", type=float, nargs="+", default=[0.4],
+                        help="shares of head slices the later members run on in the screened rows (one row each)")
     parser.add_argument("--head-mm", type=float, nargs=2, default=[160.0, 190.0],
                         help="width and length of the generated head (mm) at its widest slice")
     parser.add_argument("--out", help="also write the JSON here, and the Markdown next to it")
@@ -309,6 +313,9 @@ def main(argv: list[str] | None = None) -> dict:
                    "infer": lambda: bench_infer(args, device, work), "dice": lambda: bench_dice(args, device, work),
                    "analyzer": lambda: bench_analyzer(args, work),
                    "ensemble": lambda: bench_ensemble(args, device, work)}
+        unknown_paths = [p for p in args.ensemble_paths if p not in ENSEMBLE_PATHS]
+        if unknown_paths:
+            parser.error(f"unknown ensemble paths {unknown_paths}; choose from {', '.join(ENSEMBLE_PATHS)}")
         unknown = [s for s in sections if s not in runners]
         if unknown:
             parser.error(f"unknown sections {unknown}; choose from {', '.join(runners)}")

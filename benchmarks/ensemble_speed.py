@@ -20,7 +20,7 @@ from inputs import channel_plan, windows_for  # noqa: E402
 from network import NetworkSettings, build_network  # noqa: E402
 from predictor import cpu_has_native_bf16  # noqa: E402
 from quantize import Int8Request, Int8Settings, calibration_inputs, nncf_installed  # noqa: E402
-from runtime import OpenVINONetwork, openvino_installed  # noqa: E402
+from runtime import SLICES_PER_REQUEST, STREAMS_AUTO, OpenVINONetwork, openvino_installed  # noqa: E402
 from volumes import load_volume  # noqa: E402
 
 DEFAULT_ENSEMBLE_MEMBERS = 18  # the gpu profile's ensemble_size
@@ -70,21 +70,27 @@ def random_weight_bundles(work: Path, count: int) -> list[Path]:
     return bundles
 
 
-def ensemble_paths(bundles: list[Path], precision: str, calibration: Path) -> dict:
-    """The ensemble before this change (each member reads and windows the scan, whole slices, PyTorch) and
-    after it (members share inputs, slices cut to the head), in PyTorch and, where installed, OpenVINO
-    (and its INT8, where NNCF is installed too, calibrated on another generated scan)."""
+ENSEMBLE_PATHS = ("old", "new_torch", "new_openvino_whole_batch", "new_openvino", "new_openvino_int8")
+
+
+def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wanted=ENSEMBLE_PATHS) -> dict:
+    """The ensemble before the shared passes (each member reads and windows the scan, whole slices, PyTorch)
+    and after them (members share inputs, slices cut to the head), in PyTorch and, where installed, OpenVINO:
+    each batch whole on one stream (before infer_cpu_streams) and in parts over OpenVINO's streams (now), and
+    its INT8 where NNCF is installed too (calibrated on another generated scan). Only the `wanted` paths are
+    loaded (an 18-member path alone fits in memory where all of them would not)."""
     from autoseg2d.pipeline.ensemble import EnsemblePredictor
     from autoseg2d.pipeline.inference import load_inferer
 
-    def members(crop: bool, runtime: str) -> list:
+    def members(crop: bool, runtime: str, streams=STREAMS_AUTO, slices_per_request=SLICES_PER_REQUEST) -> list:
         loaded = [load_inferer(bundle) for bundle in bundles]
         for member in loaded:
             member.predictor.dtype = None if precision == "fp32" else torch.bfloat16
             if runtime.startswith("openvino"):
                 int8 = int8_request(member, calibration) if runtime == "openvino_int8" else None
                 member.predictor.network = OpenVINONetwork(member.predictor.model, len(member.predictor.plan),
-                                                           bundle_cache(member), precision != "fp32", int8)
+                                                           bundle_cache(member), precision != "fp32", int8, streams,
+                                                           slices_per_request)
             else:
                 member.predictor.network = None
             if not crop:
@@ -96,23 +102,27 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path) -> di
         predictor.members, predictor.mode, predictor.postprocessing, predictor.screen = loaded, "mean", None, None
         return predictor.probabilities
 
-    old = members(crop=False, runtime="torch")
-    new = members(crop=True, runtime="torch")
-    paths = {"old": lambda image: sum(m.infer(str(image)).numpy() for m in old) / len(old),
-             "new_torch": ensemble(new)}
-    loaded_by_path, setup = {"new_torch": new}, {}
+    builders = {"new_torch": lambda: members(crop=True, runtime="torch")}
     if openvino_installed():
-        started = time.perf_counter()
-        loaded_by_path["new_openvino"] = members(crop=True, runtime="openvino")
-        paths["new_openvino"] = ensemble(loaded_by_path["new_openvino"])
-        setup["openvino_load_s"] = round(time.perf_counter() - started, 1)
-    if openvino_installed() and nncf_installed():
-        started = time.perf_counter()
-        loaded = members(crop=True, runtime="openvino_int8")
-        paths["new_openvino_int8"], loaded_by_path["new_openvino_int8"] = ensemble(loaded), loaded
-        setup["int8_quantize_s_per_member_once"] = round((time.perf_counter() - started) / len(loaded), 1)
-        setup["int8_agreement"] = [m.predictor.network.int8_report["agreement"] for m in loaded]
-    return {"paths": paths, "crop": new[0].predictor, "setup": setup, "members": loaded_by_path}
+        builders["new_openvino_whole_batch"] = lambda: members(crop=True, runtime="openvino", streams=1,
+                                                               slices_per_request=None)
+        builders["new_openvino"] = lambda: members(crop=True, runtime="openvino")
+        if nncf_installed():
+            builders["new_openvino_int8"] = lambda: members(crop=True, runtime="openvino_int8")
+    paths, loaded_by_path, setup = {}, {}, {}
+    if "old" in wanted:
+        old = members(crop=False, runtime="torch")
+        paths["old"] = lambda image: sum(m.infer(str(image)).numpy() for m in old) / len(old)
+    for name, build in builders.items():
+        if name in wanted:
+            started = time.perf_counter()
+            loaded_by_path[name] = build()
+            paths[name] = ensemble(loaded_by_path[name])
+            setup[f"{name}_load_s_per_member"] = round((time.perf_counter() - started) / len(bundles), 1)
+    if "new_openvino_int8" in loaded_by_path:
+        setup["int8_agreement"] = [m.predictor.network.int8_report["agreement"]
+                                   for m in loaded_by_path["new_openvino_int8"]]
+    return {"paths": paths, "crop": load_inferer(bundles[0]).predictor, "setup": setup, "members": loaded_by_path}
 
 
 def int8_request(member, calibration: Path) -> Int8Request:
@@ -156,7 +166,10 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
     scale = (DEFAULT_ENSEMBLE_MEMBERS / args.ensemble_members) * (32 / args.ensemble_slices)
     rows = []
     for precision in precisions:
-        built = ensemble_paths(bundles, precision, calibration)
+        built = ensemble_paths(bundles, precision, calibration, args.ensemble_paths)
+        if not built["paths"]:
+            raise SystemExit(f"none of the ensemble paths {args.ensemble_paths} can run here (OpenVINO or NNCF "
+                             "not installed?)")
         batches = list(built["crop"].batches(load_volume(image, None, "ct")))
         computed = sum(len(b.slices) * (b.rows.stop - b.rows.start) * (b.cols.stop - b.cols.start) for b in batches)
         for path in built["paths"].values():
@@ -168,17 +181,19 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
                     started = time.perf_counter()
                     probabilities = path(image)
                     seconds = time.perf_counter() - started
+                held = rss_gib() - before  # what the members keep after the pass (OpenVINO's request memory)
                 row = {"path": name, "precision": precision, "repeat": repeat, "members": args.ensemble_members,
                        "slices": args.ensemble_slices, "measured_s": round(seconds, 1),
                        "s_per_512x512x32_scan_18_members": round(seconds * scale, 1),
-                       "peak_rss_gib": round(memory.peak, 2), "peak_above_start_gib": round(memory.peak - before, 2)}
+                       "peak_rss_gib": round(memory.peak, 2), "peak_above_start_gib": round(memory.peak - before, 2),
+                       "held_after_gib_per_member": round(held / args.ensemble_members, 2)}
                 if name != "old":
                     row["computed_pixel_share"] = round(computed / (SLICE_PX * SLICE_PX * args.ensemble_slices), 3)
                     row["slices_skipped"] = args.ensemble_slices - sum(len(b.slices) for b in batches)
                 if name.startswith("new_openvino"):
                     row["conversion_s_per_member_once"] = round(conversion_s, 1)
                 if name == "new_openvino_int8":
-                    row["quantize_s_per_member_once"] = built["setup"]["int8_quantize_s_per_member_once"]
+                    row["quantize_s_per_member_once"] = built["setup"]["new_openvino_int8_load_s_per_member"]
                     row["int8_agreement_with_float"] = built["setup"]["int8_agreement"]
                 rows.append(row)
                 print("ensemble", row, flush=True)
@@ -186,19 +201,20 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
         rows.append(row)
         print("ensemble", row, flush=True)
         for name, loaded in built["members"].items():
-            row = screened_row(name, loaded, image, args.ensemble_screen_share, precision, scale)
-            rows.append(row)
-            print("ensemble", row, flush=True)
+            for row in screened_rows(name, loaded, image, args.ensemble_screen_share, precision, scale):
+                rows.append(row)
+                print("ensemble", row, flush=True)
     return rows
 
 
 SCREENING_MEMBERS = 5  # each fold's first member of the default ensemble (5 folds) screens every slice
 
 
-def screened_row(name: str, loaded: list, image: Path, share: float, precision: str, scale: float) -> dict:
+def screened_rows(name: str, loaded: list, image: Path, shares: list[float], precision: str,
+                  scale: float) -> list[dict]:
     """What screening costs the members that run only on kept slices: the members over a middle block of
-    `share` of the head slices (a bleed spans neighbouring slices) against all of them, alternating, and the
-    18-member scan from both (5 members on every slice, 13 on the share). Random weights cannot say which
+    each `share` of the head slices (a bleed spans neighbouring slices) against all of them, alternating, and
+    the 18-member scan from both (5 members on every slice, 13 on the share). Random weights cannot say which
     slices a trained screen keeps (benchmarks/screening.py measures the share on trained members)."""
     from predictor import predict_together
 
@@ -207,26 +223,33 @@ def screened_row(name: str, loaded: list, image: Path, share: float, precision: 
     pixels = {z: (rows.stop - rows.start) * (cols.stop - cols.start)
               for slices, rows, cols in predictors[0].boxes(volume) for z in slices}
     head = sorted(pixels)
-    count = max(1, round(share * len(head)))
-    kept = set(head[(len(head) - count) // 2:][:count])
-    pixel_share = sum(pixels[z] for z in kept) / sum(pixels.values())  # middle slices sit in the largest boxes
-    timings = {"all": [], "kept": []}
+    kept_by_share = {}
+    for share in shares:
+        count = max(1, round(share * len(head)))
+        kept_by_share[share] = set(head[(len(head) - count) // 2:][:count])
+    timings = {key: [] for key in ["all", *shares]}
     for _ in range(2):
-        for key, only in (("all", None), ("kept", kept)):
+        for key, only in (("all", None), *kept_by_share.items()):
             started = time.perf_counter()
             predict_together(predictors, volume, only=only)
             timings[key].append(time.perf_counter() - started)
-    every, some = min(timings["all"]), min(timings["kept"])  # the second pass: shapes seen by both
+    every = min(timings["all"])  # the second pass: shapes seen
     later = DEFAULT_ENSEMBLE_MEMBERS - SCREENING_MEMBERS
     per_member = scale / DEFAULT_ENSEMBLE_MEMBERS  # measured seconds of all measured members -> one of 18
-    return {"path": f"{name}_later_members_on_kept_slices", "precision": precision, "members": len(loaded),
-            "head_slices": len(head), "kept_slices": len(kept), "measured_all_s": round(every, 1),
-            "kept_pixel_share": round(pixel_share, 3), "measured_kept_s": round(some, 1),
-            "kept_vs_proportional": round(some / (every * len(kept) / len(head)), 2),
-            "kept_vs_pixel_share": round(some / (every * pixel_share), 2),
-            "s_per_512x512x32_scan_18_members_screened": round(
-                (SCREENING_MEMBERS * every + later * some) * per_member, 1),
-            "s_per_512x512x32_scan_18_members_unscreened": round(every * scale, 1)}
+    rows = []
+    for share, kept in kept_by_share.items():
+        some = min(timings[share])
+        pixel_share = sum(pixels[z] for z in kept) / sum(pixels.values())  # middle slices sit in the largest boxes
+        rows.append({"path": f"{name}_later_members_on_kept_slices", "precision": precision,
+                     "members": len(loaded), "head_slices": len(head), "kept_slices": len(kept),
+                     "measured_all_s": round(every, 1), "kept_pixel_share": round(pixel_share, 3),
+                     "measured_kept_s": round(some, 1),
+                     "kept_vs_proportional": round(some / (every * len(kept) / len(head)), 2),
+                     "kept_vs_pixel_share": round(some / (every * pixel_share), 2),
+                     "s_per_512x512x32_scan_18_members_screened": round(
+                         (SCREENING_MEMBERS * every + later * some) * per_member, 1),
+                     "s_per_512x512x32_scan_18_members_unscreened": round(every * scale, 1)})
+    return rows
 
 
 def stored_maps_row(bundles: list[Path], image: Path, probabilities, precision: str, scale: float) -> dict:
