@@ -8,10 +8,10 @@ converted model is kept next to its checkpoint and converted again only when the
 is newer. With infer_cpu_int8, an INT8 copy quantized on the bundle's training slices replaces it
 where it agrees with the float model (quantize.py).
 
-OpenVINO runs each batch in parts of a few slices over its parallel "streams" (infer_cpu_streams: auto
-lets it pick, as its THROUGHPUT hint does): on the 2-core Xeon, 2 streams of one core each ran the paper
-network 1.25-1.7x faster than whole batches on one stream on both cores, with identical outputs (each slice
-is computed on its own), and small parts bound the memory each member keeps (SLICES_PER_REQUEST).
+OpenVINO runs each batch in parts of a few slices over its parallel "streams" (infer_cpu_streams: 0 lets
+it pick, as its THROUGHPUT hint does): on the 2-core Xeon, 2 streams of one core each ran the paper network
+1.1-1.6x faster than whole batches on one stream on both cores (benchmarks/RESULTS.md), with the same
+outputs (each slice is computed on its own), and small parts bound the memory each member keeps.
 """
 
 from __future__ import annotations
@@ -28,10 +28,11 @@ from bundle_contract import BundleFiles, save_openvino_model
 from quantize import Int8Request, int8_or_float
 
 INFER_RUNTIMES = ("auto", "torch", "openvino")
-STREAMS_AUTO = "auto"
+STREAMS_AUTO = 0  # infer_cpu_streams: OpenVINO picks the streams for the CPU
 # Each infer request keeps the memory of the largest part it has run, for the process's life: ~0.08 GiB a
 # slice of a 416 x 480 box for the paper network. Whole 16-slice batches kept 1.3 GiB a member, and 18
 # members were killed for memory on a 24 GiB machine; parts of 2 slices on 2 streams keep ~0.35 GiB, as fast.
+# (A member holds about streams x 2 slices: on many cores, where OpenVINO picks many streams, more.)
 SLICES_PER_REQUEST = 2
 EXAMPLE_INPUT_PX = 64  # the size of the example slice that conversion traces; any multiple of the divisor works
 
@@ -55,42 +56,58 @@ def choose_runtime(name: str, device: torch.device) -> str:
     return name
 
 
-def stream_properties(streams) -> dict[str, str]:
-    """OpenVINO compile properties for infer_cpu_streams: "auto" (its THROUGHPUT hint picks the streams for this
-    CPU) or a number of streams (1: every batch on all cores at once, the LATENCY behaviour)."""
-    if streams == STREAMS_AUTO:
-        return {"PERFORMANCE_HINT": "THROUGHPUT"}
-    if isinstance(streams, bool) or not isinstance(streams, int) or streams < 1:
-        raise ValueError(f"infer_cpu_streams {streams!r} is neither auto nor a number of streams >= 1; set it to "
-                         "auto (OpenVINO picks) or e.g. 1 (one stream on all cores)")
-    return {"NUM_STREAMS": str(streams)}
+def stream_properties(streams: int) -> dict[str, str]:
+    """OpenVINO compile properties for infer_cpu_streams: 0 (its THROUGHPUT hint picks the streams for this CPU)
+    or a number of streams (1: every part on all cores at once, the LATENCY behaviour)."""
+    if isinstance(streams, bool) or not isinstance(streams, int) or streams < 0:
+        raise ValueError(f"infer_cpu_streams {streams!r} in the bundle's configs/hyper_parameters.yaml is not a "
+                         "number of streams; set it to 0 (OpenVINO picks for this CPU) or e.g. 1 (one stream on "
+                         "all cores)")
+    return {"PERFORMANCE_HINT": "THROUGHPUT"} if streams == STREAMS_AUTO else {"NUM_STREAMS": str(streams)}
 
 
 class StreamedModel:
     """A compiled OpenVINO model called on a batch (N, C, H, W) -> [logits]: the batch runs in parts of at most
-    `slices_per_request` slices (None: the whole batch), as many at once as OpenVINO has streams, each part on
-    the next free request."""
+    `slices_per_request` slices (None: the whole batch), one per stream at a time, each request taking the
+    next part once its previous one is copied out."""
 
     def __init__(self, compiled, slices_per_request: int | None = SLICES_PER_REQUEST):
-        import openvino as ov
-
         self.compiled, self.slices_per_request = compiled, slices_per_request
-        self.streams = max(int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")), 1)
-        self.queue = ov.AsyncInferQueue(compiled, self.streams)
+        count = max(int(compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")), 1)
+        self.requests = [compiled.create_infer_request() for _ in range(count)]
 
     def __call__(self, x: np.ndarray) -> list[np.ndarray]:
+        if len(x) == 0:
+            raise ValueError("an empty batch has no slices to run")
         part = self.slices_per_request or len(x)
         starts = range(0, len(x), part)
         outputs: list = [None] * len(starts)
-
-        def keep(request, index):  # the request reuses its output buffer for its next part
-            outputs[index] = request.get_output_tensor(0).data.copy()
-
-        self.queue.set_callback(keep)
-        for index, start in enumerate(starts):
-            self.queue.start_async({0: x[start:start + part]}, index)
-        self.queue.wait_all()
+        running: list[int] = []  # parts started, oldest first; part i runs on request i % len(requests)
+        try:
+            for index, start in enumerate(starts):
+                if len(running) == len(self.requests):
+                    self._collect(running.pop(0), outputs)
+                self.requests[index % len(self.requests)].start_async({0: x[start:start + part]})
+                running.append(index)
+            while running:
+                self._collect(running.pop(0), outputs)
+        except BaseException:
+            for index in running:  # leave no request busy, so the next call can start them
+                try:
+                    self.requests[index % len(self.requests)].wait()
+                except Exception:  # noqa: BLE001  (the first error is the one raised)
+                    pass
+            raise
         return [np.concatenate(outputs) if len(outputs) > 1 else outputs[0]]
+
+    def _collect(self, index: int, outputs: list) -> None:
+        request = self.requests[index % len(self.requests)]
+        request.wait()
+        outputs[index] = request.get_output_tensor(0).data.copy()  # the request reuses this buffer next part
+
+    @property
+    def streams(self) -> int:
+        return len(self.requests)
 
 
 class OpenVINONetwork:
@@ -104,9 +121,10 @@ class OpenVINONetwork:
                  slices_per_request: int | None = SLICES_PER_REQUEST):
         import openvino as ov
 
+        properties = stream_properties(streams)  # checked before a conversion that can take a minute
         converted = load_or_convert(model, in_channels, cache)
         hint = {"INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}  # INT8 keeps it for its float layers
-        properties = {**hint, **stream_properties(streams)}
+        properties.update(hint)
 
         def compile_model(ov_model):
             return StreamedModel(ov.Core().compile_model(ov_model, "CPU", properties), slices_per_request)
