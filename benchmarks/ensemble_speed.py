@@ -122,7 +122,8 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
     if "new_openvino_int8" in loaded_by_path:
         setup["int8_agreement"] = [m.predictor.network.int8_report["agreement"]
                                    for m in loaded_by_path["new_openvino_int8"]]
-    return {"paths": paths, "crop": load_inferer(bundles[0]).predictor, "setup": setup, "members": loaded_by_path}
+    crop = next(iter(loaded_by_path.values()))[0].predictor if loaded_by_path else load_inferer(bundles[0]).predictor
+    return {"paths": paths, "crop": crop, "setup": setup, "members": loaded_by_path}
 
 
 def int8_request(member, calibration: Path) -> Int8Request:
