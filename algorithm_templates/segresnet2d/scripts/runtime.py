@@ -9,9 +9,9 @@ is newer. With infer_cpu_int8, an INT8 copy quantized on the bundle's training s
 where it agrees with the float model (quantize.py).
 
 OpenVINO runs each batch in parts of a few slices over its parallel "streams" (infer_cpu_streams: 0 lets
-it pick, as its THROUGHPUT hint does): on the 2-core Xeon, 2 streams of one core each ran the paper network
-1.1-1.6x faster than whole batches on one stream on both cores (benchmarks/RESULTS.md), with the same
-outputs (each slice is computed on its own), and small parts bound the memory each member keeps.
+it pick, as its THROUGHPUT hint does). Small parts bound the memory each member keeps; on the 2-core Xeon,
+2 streams of one core each ran the paper network 0.9-1.6x as fast as whole batches on one stream on both
+cores, faster in most runs (benchmarks/RESULTS.md), with the same outputs (each slice is computed alone).
 """
 
 from __future__ import annotations
