@@ -7,6 +7,7 @@ OpenVINO and NNCF are optional: the decisions are tested with fake compiled mode
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import types
@@ -320,6 +321,11 @@ def test_int8_with_pytorch_on_a_cpu_says_how_to_get_openvino(trained_bundle, mon
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(QuantizationError, match=r"pip install openvino nncf.*infer_cpu_runtime auto or openvino"):
         InferClass(str(trained_bundle), infer_cpu_int8=True, infer_cpu_runtime="torch")
+
+
+def test_a_bad_stream_count_is_refused_where_pytorch_runs_too(trained_bundle):
+    with pytest.raises(ValueError, match=rf"infer_cpu_streams -1 in {re.escape(str(trained_bundle))} .*set it to 0"):
+        InferClass(str(trained_bundle), infer_cpu_streams=-1, infer_cpu_runtime="torch")
 
 
 def test_int8_inference_keeps_its_model_and_report(trained_bundle, ct_dataset, tmp_path, monkeypatch):

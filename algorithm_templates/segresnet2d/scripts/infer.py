@@ -29,7 +29,7 @@ from network import NetworkSettings, build_network, shape_divisor  # noqa: E402
 from predictor import HeadCrop, SlicePredictor, autocast_dtype, predict_together  # noqa: E402
 from quantize import (Int8Request, Int8Settings, QuantizationError, calibration_images,  # noqa: E402
                       calibration_inputs)
-from runtime import OpenVINONetwork, choose_runtime  # noqa: E402
+from runtime import OpenVINONetwork, choose_runtime, stream_properties  # noqa: E402
 from screen import Screen, screened_together  # noqa: E402
 from volumes import Volume, from_ras, load_volume  # noqa: E402
 
@@ -58,6 +58,8 @@ class InferClass:
                                         config["infer_batch_size"], self.device, config["amp"],
                                         config["infer_cpu_bf16"], config["infer_tta"], head_crop(config))
         int8 = bool(config["infer_cpu_int8"]) and self.device.type == "cpu"
+        # checked wherever it runs, not only where OpenVINO is
+        stream_properties(config["infer_cpu_streams"], f"{config['bundle_root']}/configs/hyper_parameters.yaml")
         if choose_runtime(config["infer_cpu_runtime"], self.device) == "openvino":
             bf16 = autocast_dtype(self.device, config["amp"], config["infer_cpu_bf16"]) is not None
             request = Int8Request(Int8Settings.from_config(config), files, self._calibration) if int8 else None

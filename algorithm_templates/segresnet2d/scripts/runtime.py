@@ -56,13 +56,12 @@ def choose_runtime(name: str, device: torch.device) -> str:
     return name
 
 
-def stream_properties(streams: int) -> dict[str, str]:
+def stream_properties(streams: int, where: str = "the bundle's configs/hyper_parameters.yaml") -> dict[str, str]:
     """OpenVINO compile properties for infer_cpu_streams: 0 (its THROUGHPUT hint picks the streams for this CPU)
-    or a number of streams (1: every part on all cores at once, the LATENCY behaviour)."""
+    or a number of streams (1: every part on all cores at once, the LATENCY behaviour). `where` names its file."""
     if isinstance(streams, bool) or not isinstance(streams, int) or streams < 0:
-        raise ValueError(f"infer_cpu_streams {streams!r} in the bundle's configs/hyper_parameters.yaml is not a "
-                         "number of streams; set it to 0 (OpenVINO picks for this CPU) or e.g. 1 (one stream on "
-                         "all cores)")
+        raise ValueError(f"infer_cpu_streams {streams!r} in {where} is not a number of streams; set it to 0 "
+                         "(OpenVINO picks for this CPU) or e.g. 1 (one stream on all cores)")
     return {"PERFORMANCE_HINT": "THROUGHPUT"} if streams == STREAMS_AUTO else {"NUM_STREAMS": str(streams)}
 
 
