@@ -94,7 +94,7 @@ class StreamedModel:
             for index in running:  # leave no request busy, so the next call can start them
                 try:
                     self.requests[index % len(self.requests)].wait()
-                except Exception:  # noqa: BLE001  (the first error is the one raised)
+                except Exception:  # the first error is the one raised
                     pass
             raise
         return [np.concatenate(outputs) if len(outputs) > 1 else outputs[0]]
