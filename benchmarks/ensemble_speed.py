@@ -70,22 +70,19 @@ def random_weight_bundles(work: Path, count: int) -> list[Path]:
     return bundles
 
 
-ENSEMBLE_PATHS = ("old", "new_torch", "new_openvino_whole_batch", "new_openvino_batch16", "new_openvino",
-                  "new_openvino_int8")
+ENSEMBLE_PATHS = ("old", "new_torch", "new_openvino_whole_batch", "new_openvino", "new_openvino_int8")
 
 
 def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wanted=ENSEMBLE_PATHS) -> dict:
     """The ensemble before the shared passes (each member reads and windows the scan, whole slices, PyTorch)
     and after them (members share inputs, slices cut to the head), in PyTorch and, where installed, OpenVINO:
-    each batch whole on one stream (before infer_cpu_streams), batches of infer_batch_size in parts over
-    OpenVINO's streams (before batches filled the streams once), batches that fill them (now), and
+    each batch whole on one stream (before infer_cpu_streams) and in parts over OpenVINO's streams (now), and
     its INT8 where NNCF is installed too (calibrated on another generated scan). Only the `wanted` paths are
     loaded (an 18-member path alone fits in memory where all of them would not)."""
     from autoseg2d.pipeline.ensemble import EnsemblePredictor
     from autoseg2d.pipeline.inference import load_inferer
 
-    def members(crop: bool, runtime: str, streams=STREAMS_AUTO, slices_per_request=SLICES_PER_REQUEST,
-                fill_streams: bool = True) -> list:
+    def members(crop: bool, runtime: str, streams=STREAMS_AUTO, slices_per_request=SLICES_PER_REQUEST) -> list:
         loaded = [load_inferer(bundle) for bundle in bundles]
         for member in loaded:
             member.predictor.dtype = None if precision == "fp32" else torch.bfloat16
@@ -94,8 +91,6 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
                 member.predictor.network = OpenVINONetwork(member.predictor.model, len(member.predictor.plan),
                                                            bundle_cache(member), precision != "fp32", int8, streams,
                                                            slices_per_request)
-                if not fill_streams:  # batches of infer_batch_size, whatever the streams take at once
-                    member.predictor.network.slices_per_pass = None
             else:
                 member.predictor.network = None
             if not crop:
@@ -111,7 +106,6 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
     if openvino_installed():
         builders["new_openvino_whole_batch"] = lambda: members(crop=True, runtime="openvino", streams=1,
                                                                slices_per_request=None)
-        builders["new_openvino_batch16"] = lambda: members(crop=True, runtime="openvino", fill_streams=False)
         builders["new_openvino"] = lambda: members(crop=True, runtime="openvino")
         if nncf_installed():
             builders["new_openvino_int8"] = lambda: members(crop=True, runtime="openvino_int8")
@@ -128,7 +122,8 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
     if "new_openvino_int8" in loaded_by_path:
         setup["int8_agreement"] = [m.predictor.network.int8_report["agreement"]
                                    for m in loaded_by_path["new_openvino_int8"]]
-    return {"paths": paths, "setup": setup, "members": loaded_by_path}
+    crop = next(iter(loaded_by_path.values()))[0].predictor if loaded_by_path else load_inferer(bundles[0]).predictor
+    return {"paths": paths, "crop": crop, "setup": setup, "members": loaded_by_path}
 
 
 def int8_request(member, calibration: Path) -> Int8Request:
@@ -176,8 +171,8 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
         if not built["paths"]:
             raise SystemExit(f"none of the ensemble paths {args.ensemble_paths} can run here (OpenVINO or NNCF "
                              "not installed?)")
-        volume = load_volume(image, None, "ct")
-        boxes = {name: list(loaded[0].predictor.boxes(volume)) for name, loaded in built["members"].items()}
+        batches = list(built["crop"].batches(load_volume(image, None, "ct")))
+        computed = sum(len(b.slices) * (b.rows.stop - b.rows.start) * (b.cols.stop - b.cols.start) for b in batches)
         for path in built["paths"].values():
             path(warmup)  # oneDNN and OpenVINO pick their kernels on the first calls
         for repeat in range(args.ensemble_repeats):
@@ -193,12 +188,9 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
                        "s_per_512x512x32_scan_18_members": round(seconds * scale, 1),
                        "peak_rss_gib": round(memory.peak, 2), "peak_above_start_gib": round(memory.peak - before, 2),
                        "held_after_gib_per_member": round(held / args.ensemble_members, 2)}
-                if name != "old":  # each path's own batches: their boxes fit closer where they hold fewer slices
-                    computed = sum(len(slices) * (rows.stop - rows.start) * (cols.stop - cols.start)
-                                   for slices, rows, cols in boxes[name])
+                if name != "old":
                     row["computed_pixel_share"] = round(computed / (SLICE_PX * SLICE_PX * args.ensemble_slices), 3)
-                    row["slices_per_batch"] = built["members"][name][0].predictor.slices_per_batch
-                    row["slices_skipped"] = args.ensemble_slices - sum(len(slices) for slices, _, _ in boxes[name])
+                    row["slices_skipped"] = args.ensemble_slices - sum(len(b.slices) for b in batches)
                 if name.startswith("new_openvino"):
                     row["conversion_s_per_member_once"] = round(conversion_s, 1)
                 if name == "new_openvino_int8":

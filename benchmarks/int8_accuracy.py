@@ -10,9 +10,7 @@ and bundles made by older templates can be measured. Each precision predicts eve
 with the ensemble's members and post-processing. Printed as JSON and Markdown: the four challenge
 metrics, the share of voxels whose final mask differs from fp32's, seconds per case, and each
 member's INT8 report (its agreement with the float model on training slices). OpenVINO rows need
-`pip install openvino`, the INT8 row `pip install nncf` too. One more OpenVINO row cuts the scan into
-batches of infer_batch_size, as before batches held only the slices that fill OpenVINO's streams (whose
-head boxes fit closer): the same members, so any difference is the boxes' context.
+`pip install openvino`, the INT8 row `pip install nncf` too.
 """
 
 from __future__ import annotations
@@ -37,19 +35,15 @@ from quantize import nncf_installed  # noqa: E402
 from runtime import openvino_installed  # noqa: E402
 
 
-FILL_STREAMS = "fill_streams"  # not a config key: False gives OpenVINO batches of infer_batch_size (before)
-
-
 def precisions() -> dict[str, dict]:
-    """Name -> the config values that select it (and FILL_STREAMS); only those this machine can run."""
+    """Name -> the config values that select it; only those this machine can run."""
     native = cpu_has_native_bf16()
     found = {"torch fp32": {"infer_cpu_runtime": "torch", "infer_cpu_bf16": False}}
     if native:
         found["torch bf16"] = {"infer_cpu_runtime": "torch", "infer_cpu_bf16": True}
     if openvino_installed():
-        openvino = f"openvino {'bf16' if native else 'f32'}"
-        found[openvino] = {"infer_cpu_runtime": "openvino", "infer_cpu_bf16": True, "infer_cpu_int8": False}
-        found[f"{openvino}, batches of infer_batch_size (before)"] = {**found[openvino], FILL_STREAMS: False}
+        found[f"openvino {'bf16' if native else 'f32'}"] = {"infer_cpu_runtime": "openvino", "infer_cpu_bf16": True,
+                                                            "infer_cpu_int8": False}
         if nncf_installed():
             found["openvino int8"] = {"infer_cpu_runtime": "openvino", "infer_cpu_bf16": True, "infer_cpu_int8": True}
     return found
@@ -68,14 +62,9 @@ def upgraded_copy(bundle: Path, target: Path, values: dict) -> Path:
 
 
 def ensemble_in(work: WorkDir, ensemble: dict, scratch: Path, values: dict) -> EnsemblePredictor:
-    values = dict(values)
-    fill_streams = values.pop(FILL_STREAMS, True)
     predictor = EnsemblePredictor.__new__(EnsemblePredictor)
     predictor.members = [load_inferer(upgraded_copy(work.absolute(m["bundle"]), scratch / f"member_{i}", values))
                          for i, m in enumerate(ensemble["members"])]
-    if not fill_streams:
-        for member in predictor.members:
-            member.predictor.network.slices_per_pass = None  # SlicePredictor.slices_per_batch: infer_batch_size
     predictor.mode, predictor.postprocessing = ensemble["mode"], ensemble.get("postprocessing")
     return predictor
 

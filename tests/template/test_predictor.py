@@ -147,51 +147,6 @@ def test_head_boxes_lie_on_the_divisor_grid_and_cover_the_head_plus_margin():
     assert tuple(batch.x.shape) == (4, 3, 24, 56)
 
 
-def shrinking_head_volume(size=64, depth=8, step=4) -> Volume:
-    """A head whose box shrinks slice by slice (wide at slice 0, narrow at the top), like skull base to vertex."""
-    image = np.full((size, size, depth), -1000, np.int16)
-    for z in range(depth):
-        image[8:56 - step * z, 4 + z:60 - z, z] = 40
-    return Volume("s", image, None, np.eye(4))
-
-
-class StreamsNetwork:
-    """Another engine's network (runtime.OpenVINONetwork's interface): the model's logits, and how many slices
-    fill its streams once."""
-
-    def __init__(self, model, slices_per_pass):
-        self.model, self.slices_per_pass = model, slices_per_pass
-
-    def __call__(self, x):
-        return self.model(x)
-
-
-@pytest.mark.parametrize("fill, expected", [(None, 16), (4, 4), (32, 16)])
-def test_batches_hold_the_slices_that_fill_the_networks_streams(fill, expected):
-    crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=4)
-    predictor = SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 16, torch.device("cpu"), **FP32_NO_TTA,
-                               crop=crop, network=StreamsNetwork(CountingPointwise(), fill))
-    assert predictor.slices_per_batch == expected and predictor.batch_key[1] == expected
-    boxes = list(predictor.boxes(shrinking_head_volume(depth=20, step=2)))
-    assert max(len(slices) for slices, _, _ in boxes) == expected
-    assert sorted(z for slices, _, _ in boxes for z in slices) == list(range(20))  # each slice once
-
-
-def test_batches_that_fill_the_streams_compute_fewer_pixels_and_the_same_values_inside_their_boxes():
-    torch.manual_seed(0)
-    model = CountingPointwise()  # pointwise: the box's context cannot change its output
-    crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=4)
-    volume = shrinking_head_volume()
-    predictors = {fill: SlicePredictor(model, PLAN, WINDOWS, 8, 8, torch.device("cpu"), **FP32_NO_TTA, crop=crop,
-                                       network=StreamsNetwork(model, fill)) for fill in (None, 2)}
-    pixels = {fill: sum(len(slices) * (rows.stop - rows.start) * (cols.stop - cols.start)
-                        for slices, rows, cols in p.boxes(volume)) for fill, p in predictors.items()}
-    assert pixels[2] < 0.9 * pixels[None]  # one 8-slice box fits the widest slice; 2-slice boxes fit theirs
-    small, large = (predictors[fill].predict_slices_last(volume) for fill in (2, None))
-    for slices, rows, cols in predictors[2].boxes(volume):  # inside the tighter boxes, the same values
-        np.testing.assert_allclose(small[:, rows, cols][..., slices], large[:, rows, cols][..., slices], atol=1e-6)
-
-
 def test_crop_skips_air_slices_and_keeps_the_prediction_inside_the_box():
     torch.manual_seed(0)
     model = CountingPointwise()

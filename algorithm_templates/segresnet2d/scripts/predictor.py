@@ -141,18 +141,10 @@ class SlicePredictor:
         return "fp32" if self.dtype is None else str(self.dtype).replace("torch.", "")
 
     @property
-    def slices_per_batch(self) -> int:
-        """batch_size (infer_batch_size), or fewer where the network fills its streams with fewer (OpenVINO:
-        streams x parts). Each batch's box fits all its slices, so smaller batches compute fewer pixels: 4
-        instead of 16 cut the pixels of a generated 512 x 512 x 32 head by 11 % (benchmarks/RESULTS.md)."""
-        fill = getattr(self.network, "slices_per_pass", None)
-        return min(self.batch_size, fill) if fill else self.batch_size
-
-    @property
     def batch_key(self) -> tuple:
         """Predictors with equal keys cut a volume into the same batches and boxes (boxes), so an ensemble runs
         its members on the same batches, whatever channels each builds in them."""
-        return self.divisor, self.slices_per_batch, self.crop
+        return self.divisor, self.batch_size, self.crop
 
     @property
     def input_key(self) -> tuple:
@@ -167,11 +159,10 @@ class SlicePredictor:
     def boxes(self, volume: Volume) -> Iterator[tuple[list[int], slice, slice]]:
         """(slices, rows, cols) of each batch: which axial slices it holds and the box they are cut to."""
         height, width, depth = volume.image.shape
-        per_batch = self.slices_per_batch
         if self.crop is None:
             whole = slice(0, height + (-height % self.divisor)), slice(0, width + (-width % self.divisor))
-            for start in range(0, depth, per_batch):
-                yield list(range(start, min(start + per_batch, depth))), *whole
+            for start in range(0, depth, self.batch_size):
+                yield list(range(start, min(start + self.batch_size, depth))), *whole
             return
         tissue = volume.image > self.crop.threshold_hu
         row_extent, col_extent = tissue_extent(tissue.any(axis=1)), tissue_extent(tissue.any(axis=0))
@@ -179,8 +170,8 @@ class SlicePredictor:
         # slices of air only skip the network; the others go largest head first, so each batch's box fits
         # slices of about one size (the skull base and vertex need much smaller boxes than the middle)
         occupied = sorted((z for z in range(depth) if row_extent[z, 0] >= 0), key=lambda z: -area[z])
-        for start in range(0, len(occupied), per_batch):
-            slices = occupied[start:start + per_batch]
+        for start in range(0, len(occupied), self.batch_size):
+            slices = occupied[start:start + self.batch_size]
             rows = aligned_span(row_extent[slices, 0].min(), row_extent[slices, 1].max(), self.crop.margin_px,
                                 self.divisor, height)
             cols = aligned_span(col_extent[slices, 0].min(), col_extent[slices, 1].max(), self.crop.margin_px,

@@ -108,18 +108,11 @@ class StreamedModel:
     def streams(self) -> int:
         return len(self.requests)
 
-    @property
-    def slices_per_pass(self) -> int | None:
-        """Slices that keep every stream busy once (None: any batch runs whole on one)."""
-        return self.streams * self.slices_per_request if self.slices_per_request else None
-
 
 class OpenVINONetwork:
     """The network compiled by OpenVINO for this CPU, called like the torch model: (N, C, H, W) -> logits.
 
-    Height and width stay dynamic, so every head box is one compiled model. slices_per_pass tells the
-    predictor how many slices fill the streams once: batches of that many get boxes that fit their slices
-    closely (SlicePredictor.slices_per_batch).
+    Height and width stay dynamic, so every head box is one compiled model.
     """
 
     def __init__(self, model: torch.nn.Module, in_channels: int, cache: Path | None, bf16: bool,
@@ -146,7 +139,6 @@ class OpenVINONetwork:
                 self.precision = "openvino-int8"
         if self.compiled is None:
             self.compiled = float_model()
-        self.slices_per_pass = self.compiled.slices_per_pass
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(self.compiled(x.float().contiguous().numpy())[0])
