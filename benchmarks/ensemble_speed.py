@@ -83,7 +83,7 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
     from autoseg2d.pipeline.inference import load_inferer
 
     def members(crop: bool, runtime: str, streams=STREAMS_AUTO, slices_per_request=SLICES_PER_REQUEST) -> list:
-        loaded = [load_inferer(bundle) for bundle in bundles]
+        loaded = [load_inferer(bundle, infer_cpu_runtime="torch") for bundle in bundles]  # engine attached below
         for member in loaded:
             member.predictor.dtype = None if precision == "fp32" else torch.bfloat16
             if runtime.startswith("openvino"):
@@ -122,7 +122,7 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
     if "new_openvino_int8" in loaded_by_path:
         setup["int8_agreement"] = [m.predictor.network.int8_report["agreement"]
                                    for m in loaded_by_path["new_openvino_int8"]]
-    crop = next(iter(loaded_by_path.values()))[0].predictor if loaded_by_path else load_inferer(bundles[0]).predictor
+    crop = next(iter(loaded_by_path.values()))[0].predictor if loaded_by_path else None  # None: only "old"
     return {"paths": paths, "crop": crop, "setup": setup, "members": loaded_by_path}
 
 
@@ -146,7 +146,7 @@ def convert_for_openvino(bundles: list[Path]) -> float:
 
     started = time.perf_counter()
     for bundle in bundles:
-        member = load_inferer(bundle)
+        member = load_inferer(bundle, infer_cpu_runtime="torch")  # converted once, here
         OpenVINONetwork(member.predictor.model, len(member.predictor.plan), bundle_cache(member), True)
     return (time.perf_counter() - started) / len(bundles)
 
@@ -171,7 +171,7 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
         if not built["paths"]:
             raise SystemExit(f"none of the ensemble paths {args.ensemble_paths} can run here (OpenVINO or NNCF "
                              "not installed?)")
-        batches = list(built["crop"].batches(load_volume(image, None, "ct")))
+        batches = list(built["crop"].batches(load_volume(image, None, "ct"))) if built["crop"] else []
         computed = sum(len(b.slices) * (b.rows.stop - b.rows.start) * (b.cols.stop - b.cols.start) for b in batches)
         for path in built["paths"].values():
             path(warmup)  # oneDNN and OpenVINO pick their kernels on the first calls

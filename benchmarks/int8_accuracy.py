@@ -39,9 +39,8 @@ from runtime import openvino_installed  # noqa: E402
 def precisions() -> dict[str, dict]:
     """Name -> the config values that select it; only those this machine can run."""
     native = cpu_has_native_bf16()
-    found = {"torch fp32, whole slices (no head crop)": {"infer_cpu_runtime": "torch", "infer_cpu_bf16": False,
-                                                         "infer_crop_to_head": False},
-             "torch fp32": {"infer_cpu_runtime": "torch", "infer_cpu_bf16": False}}
+    fp32 = {"infer_cpu_runtime": "torch", "infer_cpu_bf16": False}
+    found = {"torch fp32, whole slices (no head crop)": {**fp32, "infer_crop_to_head": False}, "torch fp32": fp32}
     if native:
         found["torch bf16"] = {"infer_cpu_runtime": "torch", "infer_cpu_bf16": True}
     if openvino_installed():

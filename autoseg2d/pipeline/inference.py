@@ -10,14 +10,14 @@ import numpy as np
 from autoseg2d.templates import BUNDLE_CONFIG, bundle_module
 
 
-def load_inferer(bundle: Path):
-    """InferClass of one bundle, configured by the bundle's own config file.
+def load_inferer(bundle: Path, **override):
+    """InferClass of one bundle, configured by the bundle's own config file (and `override`, as its CLI takes them).
 
     Not MONAI's BundleAlgo.get_inferer: that executes each infer.py as sys.modules["InferClass"] and lets
     its siblings land under their plain names, so in one process every ensemble member after the first
     would run the first bundle's modules; templates.bundle_module loads each bundle's scripts on their own.
     """
-    return bundle_module(bundle, "infer").InferClass(str(Path(bundle) / BUNDLE_CONFIG))
+    return bundle_module(bundle, "infer").InferClass(str(Path(bundle) / BUNDLE_CONFIG), **override)
 
 
 def foreground(probabilities: np.ndarray) -> np.ndarray:

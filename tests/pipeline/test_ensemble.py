@@ -133,12 +133,20 @@ def trained_members(tmp_path_factory, ct_dataset):
 def ensemble_of(bundles, precision=None, crop=None) -> EnsemblePredictor:
     from autoseg2d.pipeline.inference import load_inferer
 
-    members = [load_inferer(bundle) for bundle in bundles]
-    for member in members:  # PyTorch (not OpenVINO, where installed) in the given precision
-        member.predictor.dtype, member.predictor.crop, member.predictor.network = precision, crop, None
+    members = [load_inferer(bundle, infer_cpu_runtime="torch") for bundle in bundles]  # not OpenVINO, where installed
+    for member in members:  # in the given precision
+        member.predictor.dtype, member.predictor.crop = precision, crop
     ensemble = EnsemblePredictor.__new__(EnsemblePredictor)
     ensemble.members, ensemble.mode, ensemble.postprocessing, ensemble.screen = members, "mean", None, None
     return ensemble
+
+
+def test_a_member_loads_with_overrides_of_its_config(trained_members):
+    from autoseg2d.pipeline.inference import load_inferer
+
+    bundles, _ = trained_members
+    member = load_inferer(bundles[0], infer_tta=True, infer_cpu_runtime="torch")
+    assert member.config["infer_tta"] is True and len(member.predictor.flips) == 4 and member.predictor.network is None
 
 
 def test_shared_inputs_head_crop_and_bf16_keep_the_ensemble_dice(trained_members):
