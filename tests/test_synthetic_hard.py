@@ -139,6 +139,15 @@ def test_normal_test_cases_have_empty_labels_and_are_marked(tmp_path):
     assert metadata[testing[1]["image"]]["lesions"] == [] and metadata[testing[1]["image"]]["mimics"]
 
 
+def test_a_bleed_under_half_a_voxel_everywhere_is_still_labelled():
+    """Seed [1, 53]'s only bleed (0.1 mL, intraventricular) fills no voxel to half: labelled only where the
+    fraction reached 0.5, the case came out empty although not normal (an infinite HD in every benchmark)."""
+    case = make_hard_head_ct([1, 53], size_px=128)
+    (lesion,) = case.info["lesions"]
+    assert not case.info["normal"] and lesion["drawn_ml"] == pytest.approx(0.1)
+    assert case.ct.label.any() and 0 < lesion["volume_ml"] < 3 * lesion["drawn_ml"]
+
+
 def test_more_normal_test_cases_than_test_cases_is_refused(tmp_path):
     with pytest.raises(ValueError, match="num_normal_test=3 must be between 0 and num_test=2"):
         write_hard_dataset(tmp_path, num_test=2, num_normal_test=3)
