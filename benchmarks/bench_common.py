@@ -31,6 +31,24 @@ def metric_cells(summary: dict, metrics=HELD_OUT_METRICS) -> list[str]:
     return [f"{summary[key]:.4f}" if isinstance(summary[key], float) else str(summary[key]) for _, key in metrics]
 
 
+def paired_difference(values: list[float], reference: list[float], resamples: int = 2000) -> dict:
+    """Mean per-case difference values - reference, its 95 % bootstrap interval over cases, and how many cases
+    moved each way: a held-out change means something only where the interval leaves 0."""
+    import numpy as np
+
+    difference = np.asarray(values, dtype=float) - np.asarray(reference, dtype=float)
+    picks = np.random.default_rng(0).integers(0, len(difference), size=(resamples, len(difference)))
+    low, high = np.percentile(difference[picks].mean(axis=1), [2.5, 97.5])
+    return {"mean": float(difference.mean()), "ci95": [float(low), float(high)],
+            "worse": int((difference < 0).sum()), "better": int((difference > 0).sum())}
+
+
+def difference_cell(change: dict) -> str:
+    """A paired_difference as one Markdown cell: mean [95 % interval], cases worse / better."""
+    low, high = change["ci95"]
+    return f"{change['mean']:+.4f} [{low:+.4f}, {high:+.4f}], {change['worse']} / {change['better']}"
+
+
 def publish(results: dict, table: str, out: str | None) -> None:
     """Print a benchmark's JSON and Markdown; with `out`, also write the JSON there."""
     import json

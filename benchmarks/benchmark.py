@@ -10,8 +10,8 @@ persistent workers, measured after a warm-up epoch),
 infer (s per 512^2 slice and per volume, fp32 vs reduced precision, with and without flip
 TTA), dice (Dice of reduced-precision vs fp32 predictions of a briefly trained model),
 analyzer (DataAnalyzer + BundleGen time for generated 512 x 512 x 30 cases), ensemble (s per
-512 x 512 x 32 scan of the 18-member ensemble before and after members shared their inputs and
-slices were cut to the head, in PyTorch and OpenVINO where installed; measured on fewer members
+512 x 512 x 32 scan of the 18-member ensemble before and after members shared their inputs, in
+PyTorch and OpenVINO where installed, with whole slices and (opt-in) the head crop; measured on fewer members
 of random weights and scaled; plus, per runtime, the members on --ensemble-screen-share of the
 head slices against all of them, and the screened 18-member scan from those; --ensemble-paths picks
 paths, so --ensemble-members 18 can measure one path directly). Timings are

@@ -70,20 +70,24 @@ def random_weight_bundles(work: Path, count: int) -> list[Path]:
     return bundles
 
 
-ENSEMBLE_PATHS = ("old", "new_torch", "new_openvino_whole_batch", "new_openvino", "new_openvino_int8")
+ENSEMBLE_PATHS = ("old", "new_torch", "new_openvino_whole_batch", "new_openvino", "new_openvino_head_crop",
+                  "new_openvino_int8")
 
 
 def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wanted=ENSEMBLE_PATHS) -> dict:
-    """The ensemble before the shared passes (each member reads and windows the scan, whole slices, PyTorch)
-    and after them (members share inputs, slices cut to the head), in PyTorch and, where installed, OpenVINO:
-    each batch whole on one stream (before infer_cpu_streams) and in parts over OpenVINO's streams (now), and
-    its INT8 where NNCF is installed too (calibrated on another generated scan). Only the `wanted` paths are
-    loaded (an 18-member path alone fits in memory where all of them would not)."""
+    """The ensemble before the shared passes (each member reads and windows the scan, PyTorch) and after them
+    (members share inputs), in PyTorch and, where installed, OpenVINO: each batch whole on one stream (before
+    infer_cpu_streams) and in parts over OpenVINO's streams (now), those with slices cut to the head's box
+    (infer_crop_to_head, opt-in), and INT8 where NNCF is installed too (calibrated on another generated scan).
+    All but the head-crop path run whole slices, the template's default. Only the `wanted` paths are loaded
+    (an 18-member path alone fits in memory where all of them would not)."""
     from autoseg2d.pipeline.ensemble import EnsemblePredictor
     from autoseg2d.pipeline.inference import load_inferer
 
-    def members(crop: bool, runtime: str, streams=STREAMS_AUTO, slices_per_request=SLICES_PER_REQUEST) -> list:
-        loaded = [load_inferer(bundle, infer_cpu_runtime="torch") for bundle in bundles]  # engine attached below
+    def members(runtime: str, crop: bool = False, streams=STREAMS_AUTO, slices_per_request=SLICES_PER_REQUEST
+                ) -> list:
+        loaded = [load_inferer(bundle, infer_cpu_runtime="torch", infer_crop_to_head=crop)  # engine attached below
+                  for bundle in bundles]
         for member in loaded:
             member.predictor.dtype = None if precision == "fp32" else torch.bfloat16
             if runtime.startswith("openvino"):
@@ -93,8 +97,6 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
                                                            slices_per_request)
             else:
                 member.predictor.network = None
-            if not crop:
-                member.predictor.crop = None
         return loaded
 
     def ensemble(loaded: list):
@@ -102,16 +104,16 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
         predictor.members, predictor.mode, predictor.postprocessing, predictor.screen = loaded, "mean", None, None
         return predictor.probabilities
 
-    builders = {"new_torch": lambda: members(crop=True, runtime="torch")}
+    builders = {"new_torch": lambda: members("torch")}
     if openvino_installed():
-        builders["new_openvino_whole_batch"] = lambda: members(crop=True, runtime="openvino", streams=1,
-                                                               slices_per_request=None)
-        builders["new_openvino"] = lambda: members(crop=True, runtime="openvino")
+        builders["new_openvino_whole_batch"] = lambda: members("openvino", streams=1, slices_per_request=None)
+        builders["new_openvino"] = lambda: members("openvino")
+        builders["new_openvino_head_crop"] = lambda: members("openvino", crop=True)
         if nncf_installed():
-            builders["new_openvino_int8"] = lambda: members(crop=True, runtime="openvino_int8")
+            builders["new_openvino_int8"] = lambda: members("openvino_int8")
     paths, loaded_by_path, setup = {}, {}, {}
     if "old" in wanted:
-        old = members(crop=False, runtime="torch")
+        old = members("torch")
         paths["old"] = lambda image: sum(m.infer(str(image)).numpy() for m in old) / len(old)
     for name, build in builders.items():
         if name in wanted:
@@ -122,8 +124,17 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
     if "new_openvino_int8" in loaded_by_path:
         setup["int8_agreement"] = [m.predictor.network.int8_report["agreement"]
                                    for m in loaded_by_path["new_openvino_int8"]]
-    crop = next(iter(loaded_by_path.values()))[0].predictor if loaded_by_path else None  # None: only "old"
-    return {"paths": paths, "crop": crop, "setup": setup, "members": loaded_by_path}
+    return {"paths": paths, "setup": setup, "members": loaded_by_path}
+
+
+def computed_share(predictor, image: Path) -> dict:
+    """The share of the scan's pixels a path's network computes (its boxes, padded to the divisor) and the
+    slices it skips (air only, with the head crop)."""
+    volume = load_volume(image, None, "ct")
+    boxes = list(predictor.boxes(volume))
+    pixels = sum(len(slices) * (rows.stop - rows.start) * (cols.stop - cols.start) for slices, rows, cols in boxes)
+    return {"computed_pixel_share": round(pixels / volume.image.size, 3),
+            "slices_skipped": volume.num_slices - sum(len(slices) for slices, _, _ in boxes)}
 
 
 def int8_request(member, calibration: Path) -> Int8Request:
@@ -171,8 +182,6 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
         if not built["paths"]:
             raise SystemExit(f"none of the ensemble paths {args.ensemble_paths} can run here (OpenVINO or NNCF "
                              "not installed?)")
-        batches = list(built["crop"].batches(load_volume(image, None, "ct"))) if built["crop"] else []
-        computed = sum(len(b.slices) * (b.rows.stop - b.rows.start) * (b.cols.stop - b.cols.start) for b in batches)
         for path in built["paths"].values():
             path(warmup)  # oneDNN and OpenVINO pick their kernels on the first calls
         for repeat in range(args.ensemble_repeats):
@@ -189,8 +198,7 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
                        "peak_rss_gib": round(memory.peak, 2), "peak_above_start_gib": round(memory.peak - before, 2),
                        "held_after_gib_per_member": round(held / args.ensemble_members, 2)}
                 if name != "old":
-                    row["computed_pixel_share"] = round(computed / (SLICE_PX * SLICE_PX * args.ensemble_slices), 3)
-                    row["slices_skipped"] = args.ensemble_slices - sum(len(b.slices) for b in batches)
+                    row.update(computed_share(built["members"][name][0].predictor, image))
                 if name.startswith("new_openvino"):
                     row["conversion_s_per_member_once"] = round(conversion_s, 1)
                 if name == "new_openvino_int8":

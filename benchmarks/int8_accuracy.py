@@ -1,17 +1,21 @@
-"""Held-out accuracy of one ensemble in each CPU precision, PyTorch fp32 on whole slices being the reference.
+"""Held-out accuracy of one ensemble in each CPU precision and with the head crop, against PyTorch fp32 on whole
+slices (the template's default).
 
     python benchmarks/int8_accuracy.py --work_dir accuracy_work/work --datalist accuracy_work/data/datalist.json
+    python benchmarks/int8_accuracy.py ... --datalist fresh/datalist.json --margins 16 32   # more held-out cases
 
 Needs a work dir whose ensemble stage ran and a datalist with labelled "testing" cases
-(benchmarks/accuracy.py writes such a pair from the hard synthetic generator). The members are
-copied to a scratch folder and brought up to this repository's template (its scripts; the config
-keeps the bundle's values for every key the template still has), so the work dir stays untouched
-and bundles made by older templates can be measured. Each precision predicts every held-out case
-with the ensemble's members and post-processing; the first row runs whole slices (infer_crop_to_head
-false), so the next shows what the head crop itself changes. Printed as JSON and Markdown: the four challenge
-metrics, the share of voxels whose final mask differs from the first row's, seconds per case, and each
-member's INT8 report (its agreement with the float model on training slices). OpenVINO rows need
-`pip install openvino`, the INT8 row `pip install nncf` too.
+(benchmarks/accuracy.py writes such a pair from the hard synthetic generator; benchmarks/fresh_cases.py
+writes more held-out cases from it). The members are copied to a scratch folder and brought up to this
+repository's template (its scripts; the config keeps the bundle's values for every key the template still
+has, then each row sets its own), so the work dir stays untouched and bundles made by older templates can
+be measured. Each row predicts every held-out case with the ensemble's members and post-processing: whole
+slices in PyTorch fp32 (the reference), bf16, OpenVINO, INT8, then PyTorch fp32 with the head crop
+(infer_crop_to_head) at each --margins. Printed as JSON and Markdown: the four challenge metrics, each row's
+per-case Dice against the first row's (mean, 95 % bootstrap interval, cases worse / better), the share of
+voxels whose final mask differs from the first row's, seconds per case, and each member's INT8 report (its
+agreement with the float model on training slices). OpenVINO rows need `pip install openvino`, the INT8 row
+`pip install nncf` too.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from bench_common import HELD_OUT_METRICS, TEMPLATE, add_held_out_arguments, held_out_inputs, metric_cells, publish
+from bench_common import (HELD_OUT_METRICS, TEMPLATE, add_held_out_arguments, difference_cell, held_out_inputs,
+                          metric_cells, paired_difference, publish)
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.pipeline.ensemble import EnsemblePredictor  # noqa: E402
 from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
@@ -36,18 +41,23 @@ from quantize import nncf_installed  # noqa: E402
 from runtime import openvino_installed  # noqa: E402
 
 
-def precisions() -> dict[str, dict]:
-    """Name -> the config values that select it; only those this machine can run."""
+def precisions(margins: list[int]) -> dict[str, dict]:
+    """Row name -> the config values that select it; only those this machine can run. Every row sets the head
+    crop, since a bundle's own config may have it either way."""
     native = cpu_has_native_bf16()
-    fp32 = {"infer_cpu_runtime": "torch", "infer_cpu_bf16": False}
-    found = {"torch fp32, whole slices (no head crop)": {**fp32, "infer_crop_to_head": False}, "torch fp32": fp32}
+    whole = {"infer_crop_to_head": False}
+    found = {"torch fp32": {**whole, "infer_cpu_runtime": "torch", "infer_cpu_bf16": False}}
     if native:
-        found["torch bf16"] = {"infer_cpu_runtime": "torch", "infer_cpu_bf16": True}
+        found["torch bf16"] = {**whole, "infer_cpu_runtime": "torch", "infer_cpu_bf16": True}
     if openvino_installed():
-        found[f"openvino {'bf16' if native else 'f32'}"] = {"infer_cpu_runtime": "openvino", "infer_cpu_bf16": True,
-                                                            "infer_cpu_int8": False}
+        found[f"openvino {'bf16' if native else 'f32'}"] = {**whole, "infer_cpu_runtime": "openvino",
+                                                            "infer_cpu_bf16": True, "infer_cpu_int8": False}
         if nncf_installed():
-            found["openvino int8"] = {"infer_cpu_runtime": "openvino", "infer_cpu_bf16": True, "infer_cpu_int8": True}
+            found["openvino int8"] = {**whole, "infer_cpu_runtime": "openvino", "infer_cpu_bf16": True,
+                                      "infer_cpu_int8": True}
+    for margin in margins:
+        found[f"torch fp32, head crop margin {margin} px"] = {**found["torch fp32"], "infer_crop_to_head": True,
+                                                              "infer_head_margin_px": margin}
     return found
 
 
@@ -77,15 +87,17 @@ def main() -> None:
     parser.add_argument("--calibration_slices", type=int, help="infer_int8_calibration_slices (default: the YAML's)")
     parser.add_argument("--min_agreement", type=float, help="infer_int8_min_agreement (default: the YAML's; 0 "
                         "uses INT8 whatever its agreement, to see its held-out accuracy)")
+    parser.add_argument("--margins", type=int, nargs="*", default=[16],
+                        help="infer_head_margin_px of the head-crop rows (none: no such row)")
     args = parser.parse_args()
     work, dataroot, testing, ensemble = held_out_inputs(args)
     extra = {key: value for key, value in (("infer_int8_calibration_slices", args.calibration_slices),
                                            ("infer_int8_min_agreement", args.min_agreement)) if value is not None}
     results = {"cpu_bf16_units": cpu_bf16_units(), "members": len(ensemble["members"]),
-               "held_out_cases": len(testing), "precisions": {}}
-    reference_masks = {}
+               "held_out_cases": len(testing), "rows": {}}
+    reference_masks, reference_dice = {}, None
     with tempfile.TemporaryDirectory() as scratch:
-        for index, (name, values) in enumerate(precisions().items()):
+        for index, (name, values) in enumerate(precisions(args.margins).items()):
             started = time.perf_counter()
             predictor = ensemble_in(work, ensemble, Path(scratch) / str(index), {**values, **extra})
             load_s = time.perf_counter() - started
@@ -99,23 +111,28 @@ def main() -> None:
                 changed.append(float(np.mean(mask != reference)))
                 scores.append(case_metrics(mask.astype("uint8"), truth, spacing, case_id=entry["image"]))
             networks = [m.predictor.network for m in predictor.members]
-            results["precisions"][name] = {
+            reference_dice = reference_dice or [s["dice"] for s in scores]
+            results["rows"][name] = {
                 "summary": summarize_metrics(scores), "cases": scores, "s_per_case": round(float(np.mean(seconds)), 2),
-                "load_s": round(load_s, 1), "voxels_changed_vs_whole_slices_fp32": max(changed),
+                "load_s": round(load_s, 1), "voxels_changed_vs_first_row": max(changed),
+                "dice_vs_first_row": paired_difference([s["dice"] for s in scores], reference_dice),
                 "int8_reports": [getattr(n, "int8_report", None) for n in networks if n is not None]}
-            print(name, results["precisions"][name]["summary"], flush=True)
+            print(name, results["rows"][name]["summary"], flush=True)
     publish(results, markdown(results), args.out)
 
 
 def markdown(results: dict) -> str:
-    header = ["precision", *(name for name, _ in HELD_OUT_METRICS), "voxels changed vs the first row (max per case)",
+    header = ["inference", *(name for name, _ in HELD_OUT_METRICS),
+              "Dice vs the first row: mean [95 % interval], cases worse / better",
+              "voxels changed vs the first row (max per case)",
               "s per case", "load s", "INT8 agreement (per member)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name, entry in results["precisions"].items():
+    for name, entry in results["rows"].items():
         values = metric_cells(entry["summary"])
         reports = entry["int8_reports"]
         agreement = ", ".join(f"{r['agreement']:.3f}{'' if r['used'] else ' (not used)'}" for r in reports if r)
-        cells = [name, *values, f"{entry['voxels_changed_vs_whole_slices_fp32']:.2e}", f"{entry['s_per_case']:.2f}",
+        cells = [name, *values, difference_cell(entry["dice_vs_first_row"]),
+                 f"{entry['voxels_changed_vs_first_row']:.2e}", f"{entry['s_per_case']:.2f}",
                  f"{entry['load_s']:.1f}", agreement or "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

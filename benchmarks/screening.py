@@ -26,7 +26,8 @@ import numpy as np
 import yaml
 
 # bench_common first: it puts the repository and the template's scripts on sys.path
-from bench_common import HELD_OUT_METRICS, add_held_out_arguments, held_out_inputs, metric_cells, publish
+from bench_common import (HELD_OUT_METRICS, add_held_out_arguments, held_out_inputs, metric_cells, publish,
+                          template_config)
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, screening_members  # noqa: E402
 from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
@@ -37,6 +38,8 @@ from int8_accuracy import upgraded_copy  # noqa: E402
 from predictor import cpu_bf16_units  # noqa: E402
 
 PAPER_MEMBERS, PAPER_FOLDS = 18, 5
+# the template's crop setting, not the bundles' own: bundles trained before its default became false keep true
+TEMPLATE_INFERENCE = {"infer_crop_to_head": template_config()["infer_crop_to_head"]}
 
 
 def members_of(work: WorkDir, ensemble: dict, all_bundles: bool) -> list[dict]:
@@ -55,7 +58,7 @@ def members_of(work: WorkDir, ensemble: dict, all_bundles: bool) -> list[dict]:
 def predictor_of(work: WorkDir, ensemble: dict, members: list[dict], scratch: Path) -> EnsemblePredictor:
     predictor = EnsemblePredictor.__new__(EnsemblePredictor)
     predictor.bundles = [work.absolute(m["bundle"]) for m in members]
-    predictor.members = [load_inferer(upgraded_copy(bundle, scratch / f"member_{i}", {}))
+    predictor.members = [load_inferer(upgraded_copy(bundle, scratch / f"member_{i}", TEMPLATE_INFERENCE))
                          for i, bundle in enumerate(predictor.bundles)]
     predictor.mode, predictor.postprocessing = ensemble["mode"], ensemble.get("postprocessing")
     predictor.screen = None
