@@ -5,7 +5,9 @@ import json
 import nibabel as nib
 import numpy as np
 import torch
-from infer import InferClass, run
+import pytest
+from infer import InferClass, head_crop, run
+from predictor import HeadCrop
 
 
 def slices_first_copy(source, target):
@@ -30,6 +32,15 @@ def test_probabilities_in_the_original_grid(trained_bundle, ct_dataset, tmp_path
     original = infer.infer(str(image)).numpy()
     moved = infer.infer(str(reoriented)).numpy()
     np.testing.assert_allclose(np.moveaxis(original, 3, 1)[:, ::-1], moved, atol=1e-5)
+
+
+@pytest.mark.parametrize("skip_air, crop, expected", [
+    (True, False, HeadCrop(-500.0, None)), (True, True, HeadCrop(-500.0, 16)), (False, True, HeadCrop(-500.0, 16)),
+    (False, False, None)])
+def test_the_config_picks_whole_slices_air_slices_out_or_the_head_box(trained_bundle, skip_air, crop, expected):
+    infer = InferClass(str(trained_bundle), infer_skip_air_slices=skip_air, infer_crop_to_head=crop,
+                       infer_head_margin_px=16)
+    assert head_crop(infer.config) == expected == infer.predictor.crop
 
 
 def test_ensemble_keys_are_accepted(trained_bundle, ct_dataset):

@@ -161,6 +161,24 @@ def test_crop_skips_air_slices_and_keeps_the_prediction_inside_the_box():
     assert (result[0, :16] == 1).all() and (result[1, 40:] == 0).all() and (result[0, ..., [0, 5]] == 1).all()
 
 
+def test_without_a_margin_whole_slices_run_and_only_air_slices_are_left_out():
+    """infer_skip_air_slices without the crop: the slices with tissue get exactly the whole-slice answer."""
+    torch.manual_seed(0)
+    model = CountingPointwise()
+    expected = SlicePredictor(model, PLAN, WINDOWS, 8, 16, torch.device("cpu"), **FP32_NO_TTA).predict_slices_last(
+        head_volume())
+    model.slices_seen = 0
+    skip = predictor_module.HeadCrop(threshold_hu=-500, margin_px=None)
+    predictor = SlicePredictor(model, PLAN, WINDOWS, 8, 3, torch.device("cpu"), **FP32_NO_TTA, crop=skip)
+    assert list(predictor.boxes(head_volume())) == [([1, 2, 3], slice(0, 64), slice(0, 64)),
+                                                    ([4], slice(0, 64), slice(0, 64))]
+    result = predictor.predict_slices_last(head_volume())
+    assert model.slices_seen == 4
+    np.testing.assert_array_equal(result[..., 1:5], expected[..., 1:5])
+    assert (result[0, ..., [0, 5]] == 1).all() and (result[1, ..., [0, 5]] == 0).all()
+    assert not np.allclose(expected[..., 0], result[..., 0])  # the model says something on air: it was not run
+
+
 def test_a_volume_without_head_tissue_is_all_background():
     model = CountingPointwise()
     crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=4)

@@ -143,9 +143,10 @@ class InferClass:
 
 
 def head_crop(config: dict) -> HeadCrop | None:
-    if not config["infer_crop_to_head"]:
+    if not (config["infer_crop_to_head"] or config["infer_skip_air_slices"]):
         return None
-    return HeadCrop(float(config["infer_head_threshold_hu"]), int(config["infer_head_margin_px"]))
+    margin = int(config["infer_head_margin_px"]) if config["infer_crop_to_head"] else None
+    return HeadCrop(float(config["infer_head_threshold_hu"]), margin)
 
 
 def run(config_file: str | list[str] | None = None, output_dir: str | None = None, files: str | list | None = None,

@@ -6,9 +6,9 @@ it natively: AMP on CUDA, bf16 autocast on CPUs with AMX or AVX-512 bf16. On oth
 bf16 is emulated and slower than fp32 (measured: benchmarks/RESULTS.md), so fp32 is kept.
 On CPUs, OpenVINO can run the network instead (runtime.py), in the same precision.
 
-With a ``HeadCrop`` the network sees only the head: each batch of slices is cut to the box
-around the tissue of its slices (a 512 px field of view is mostly air), and slices without
-tissue are not run at all; the air around the box is predicted as background.
+With a ``HeadCrop`` slices without head tissue are not run at all (background), and with its
+margin_px each batch of slices is also cut to the box around the tissue of its slices (a 512 px
+field of view is mostly air); the air around the box is predicted as background.
 """
 
 from __future__ import annotations
@@ -78,11 +78,12 @@ def autocast_dtype(device: torch.device, amp: bool, cpu_bf16: bool) -> torch.dty
 
 @dataclass(frozen=True)
 class HeadCrop:
-    """Where the head is: voxels above threshold_hu (air is -1000 HU, fat -100), plus margin_px of air around
-    it, so the network sees the head's edge with some of the background it was trained with."""
+    """Where the head is: voxels above threshold_hu (air is -1000 HU, fat -100). Slices without any skip the
+    network; with margin_px the others are cut to the head's box plus that much air, so the network sees the
+    head's edge with some of the background it was trained with (None: whole slices)."""
 
     threshold_hu: float
-    margin_px: int
+    margin_px: int | None
 
 
 @dataclass
@@ -159,24 +160,30 @@ class SlicePredictor:
     def boxes(self, volume: Volume) -> Iterator[tuple[list[int], slice, slice]]:
         """(slices, rows, cols) of each batch: which axial slices it holds and the box they are cut to."""
         height, width, depth = volume.image.shape
+        whole = slice(0, height + (-height % self.divisor)), slice(0, width + (-width % self.divisor))
         if self.crop is None:
-            whole = slice(0, height + (-height % self.divisor)), slice(0, width + (-width % self.divisor))
-            for start in range(0, depth, self.batch_size):
-                yield list(range(start, min(start + self.batch_size, depth))), *whole
+            yield from self.in_batches(list(range(depth)), *whole)
             return
         tissue = volume.image > self.crop.threshold_hu
         row_extent, col_extent = tissue_extent(tissue.any(axis=1)), tissue_extent(tissue.any(axis=0))
+        occupied = [z for z in range(depth) if row_extent[z, 0] >= 0]  # slices of air only skip the network
+        if self.crop.margin_px is None:
+            yield from self.in_batches(occupied, *whole)
+            return
+        # the largest head first, so each batch's box fits slices of about one size (the skull base and vertex
+        # need much smaller boxes than the middle)
         area = (row_extent[:, 1] - row_extent[:, 0]) * (col_extent[:, 1] - col_extent[:, 0])
-        # slices of air only skip the network; the others go largest head first, so each batch's box fits
-        # slices of about one size (the skull base and vertex need much smaller boxes than the middle)
-        occupied = sorted((z for z in range(depth) if row_extent[z, 0] >= 0), key=lambda z: -area[z])
-        for start in range(0, len(occupied), self.batch_size):
-            slices = occupied[start:start + self.batch_size]
+        occupied.sort(key=lambda z: -area[z])
+        for slices, _, _ in self.in_batches(occupied, *whole):
             rows = aligned_span(row_extent[slices, 0].min(), row_extent[slices, 1].max(), self.crop.margin_px,
                                 self.divisor, height)
             cols = aligned_span(col_extent[slices, 0].min(), col_extent[slices, 1].max(), self.crop.margin_px,
                                 self.divisor, width)
             yield slices, rows, cols
+
+    def in_batches(self, slices: list[int], rows: slice, cols: slice) -> Iterator[tuple[list[int], slice, slice]]:
+        for start in range(0, len(slices), self.batch_size):
+            yield slices[start:start + self.batch_size], rows, cols
 
     def make_batch(self, image: np.ndarray, slices: list[int], rows: slice, cols: slice) -> SliceBatch:
         """Window only the box; the part of it beyond the image (padding to the divisor) is zero, like air."""
