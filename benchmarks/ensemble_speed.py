@@ -79,15 +79,16 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
     (members share inputs), in PyTorch and, where installed, OpenVINO: each batch whole on one stream (before
     infer_cpu_streams) and in parts over OpenVINO's streams (now), those with slices cut to the head's box
     (infer_crop_to_head, opt-in), and INT8 where NNCF is installed too (calibrated on another generated scan).
-    All but the head-crop path run whole slices, the template's default. Only the `wanted` paths are loaded
+    The new paths but the head crop run whole slices without the air-only ones (the template's default), the
+    old one every slice. Only the `wanted` paths are loaded
     (an 18-member path alone fits in memory where all of them would not)."""
     from autoseg2d.pipeline.ensemble import EnsemblePredictor
     from autoseg2d.pipeline.inference import load_inferer
 
-    def members(runtime: str, crop: bool = False, streams=STREAMS_AUTO, slices_per_request=SLICES_PER_REQUEST
-                ) -> list:
-        loaded = [load_inferer(bundle, infer_cpu_runtime="torch", infer_crop_to_head=crop)  # engine attached below
-                  for bundle in bundles]
+    def members(runtime: str, crop: bool = False, skip_air: bool = True, streams=STREAMS_AUTO,
+                slices_per_request=SLICES_PER_REQUEST) -> list:
+        loaded = [load_inferer(bundle, infer_cpu_runtime="torch", infer_crop_to_head=crop,  # engine attached below
+                               infer_skip_air_slices=skip_air) for bundle in bundles]
         for member in loaded:
             member.predictor.dtype = None if precision == "fp32" else torch.bfloat16
             if runtime.startswith("openvino"):
@@ -113,7 +114,7 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
             builders["new_openvino_int8"] = lambda: members("openvino_int8")
     paths, loaded_by_path, setup = {}, {}, {}
     if "old" in wanted:
-        old = members("torch")
+        old = members("torch", skip_air=False)
         paths["old"] = lambda image: sum(m.infer(str(image)).numpy() for m in old) / len(old)
     for name, build in builders.items():
         if name in wanted:

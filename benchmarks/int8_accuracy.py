@@ -1,5 +1,5 @@
-"""Held-out accuracy of one ensemble in each CPU precision and with the head crop, against PyTorch fp32 on whole
-slices (the template's default).
+"""Held-out accuracy of one ensemble in each CPU precision and with the head crop, against PyTorch fp32 on every
+slice whole (the path before the head crop).
 
     python benchmarks/int8_accuracy.py --work_dir accuracy_work/work --datalist accuracy_work/data/datalist.json
     python benchmarks/int8_accuracy.py ... --datalist fresh/datalist.json --margins 16 32   # more held-out cases
@@ -9,13 +9,15 @@ Needs a work dir whose ensemble stage ran and a datalist with labelled "testing"
 writes more held-out cases from it). The members are copied to a scratch folder and brought up to this
 repository's template (its scripts; the config keeps the bundle's values for every key the template still
 has, then each row sets its own), so the work dir stays untouched and bundles made by older templates can
-be measured. Each row predicts every held-out case with the ensemble's members and post-processing: whole
-slices in PyTorch fp32 (the reference), bf16, OpenVINO, INT8, then PyTorch fp32 with the head crop
-(infer_crop_to_head) at each --margins. Printed as JSON and Markdown: the four challenge metrics, each row's
-per-case Dice against the first row's (mean, 95 % bootstrap interval, cases worse / better), the share of
-voxels whose final mask differs from the first row's, seconds per case, and each member's INT8 report (its
-agreement with the float model on training slices). OpenVINO rows need `pip install openvino`, the INT8 row
-`pip install nncf` too.
+be measured. Each row predicts every held-out case with the ensemble's members and post-processing: every
+slice whole in PyTorch fp32 (the reference: the path before the head crop), whole slices without the air-only
+ones (infer_skip_air_slices, the default) in fp32, bf16, OpenVINO and INT8, then PyTorch fp32 with the head crop
+(infer_crop_to_head) at each --margins, and PyTorch fp32 on whole slices with --air_pad_px of air added
+around each slice (a wider field of view: how far an equally valid input moves the answer). Printed as JSON
+and Markdown: the four challenge metrics, each row's per-case Dice against the first row's (mean, 95 %
+bootstrap interval, cases worse / better), the share of voxels whose final mask differs from the first
+row's, seconds per case, and each member's INT8 report (its agreement with the float model on training
+slices). OpenVINO rows need `pip install openvino`, the INT8 row `pip install nncf` too.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import yaml
 
@@ -43,10 +46,12 @@ from runtime import openvino_installed  # noqa: E402
 
 def precisions(margins: list[int]) -> dict[str, dict]:
     """Row name -> the config values that select it; only those this machine can run. Every row sets the head
-    crop, since a bundle's own config may have it either way."""
+    crop and the skipping of air-only slices, since a bundle's own config may have them either way."""
     native = cpu_has_native_bf16()
-    whole = {"infer_crop_to_head": False}
-    found = {"torch fp32": {**whole, "infer_cpu_runtime": "torch", "infer_cpu_bf16": False}}
+    whole = {"infer_crop_to_head": False, "infer_skip_air_slices": True}
+    fp32 = {**whole, "infer_cpu_runtime": "torch", "infer_cpu_bf16": False}
+    found = {"torch fp32, every slice (air-only ones too)": {**fp32, "infer_skip_air_slices": False},
+             "torch fp32": fp32}
     if native:
         found["torch bf16"] = {**whole, "infer_cpu_runtime": "torch", "infer_cpu_bf16": True}
     if openvino_installed():
@@ -56,9 +61,26 @@ def precisions(margins: list[int]) -> dict[str, dict]:
             found["openvino int8"] = {**whole, "infer_cpu_runtime": "openvino", "infer_cpu_bf16": True,
                                       "infer_cpu_int8": True}
     for margin in margins:
-        found[f"torch fp32, head crop margin {margin} px"] = {**found["torch fp32"], "infer_crop_to_head": True,
+        found[f"torch fp32, head crop margin {margin} px"] = {**fp32, "infer_crop_to_head": True,
                                                               "infer_head_margin_px": margin}
     return found
+
+
+AIR_HU = -1024
+
+
+def with_air(image: Path, pad_px: int, target: Path) -> Path:
+    """The scan with pad_px of air on each side of every axial slice (first two array axes, as the generators
+    write them), same header, written to target."""
+    source = nib.load(str(image))
+    voxels = np.pad(np.asanyarray(source.dataobj), ((pad_px, pad_px), (pad_px, pad_px), (0, 0)),
+                    constant_values=AIR_HU)
+    nib.save(nib.Nifti1Image(voxels, source.affine, source.header), str(target))
+    return target
+
+
+def unpadded(mask: np.ndarray, pad_px: int) -> np.ndarray:
+    return mask[pad_px:mask.shape[0] - pad_px, pad_px:mask.shape[1] - pad_px]
 
 
 def upgraded_copy(bundle: Path, target: Path, values: dict) -> Path:
@@ -89,26 +111,34 @@ def main() -> None:
                         "uses INT8 whatever its agreement, to see its held-out accuracy)")
     parser.add_argument("--margins", type=int, nargs="*", default=[16],
                         help="infer_head_margin_px of the head-crop rows (none: no such row)")
+    parser.add_argument("--air_pad_px", type=int, nargs="*", default=[],
+                        help="rows of PyTorch fp32 whole slices with this much air added on every side")
     args = parser.parse_args()
     work, dataroot, testing, ensemble = held_out_inputs(args)
     extra = {key: value for key, value in (("infer_int8_calibration_slices", args.calibration_slices),
                                            ("infer_int8_min_agreement", args.min_agreement)) if value is not None}
     results = {"cpu_bf16_units": cpu_bf16_units(), "members": len(ensemble["members"]),
                "held_out_cases": len(testing), "rows": {}}
+    rows = [(name, values, 0) for name, values in precisions(args.margins).items()]
+    rows += [(f"torch fp32, {pad} px more air around each slice", rows[0][1], pad) for pad in args.air_pad_px]
     reference_masks, reference_dice = {}, None
     with tempfile.TemporaryDirectory() as scratch:
-        for index, (name, values) in enumerate(precisions(args.margins).items()):
+        for index, (name, values, pad) in enumerate(rows):
             started = time.perf_counter()
             predictor = ensemble_in(work, ensemble, Path(scratch) / str(index), {**values, **extra})
             load_s = time.perf_counter() - started
             scores, seconds, changed = [], [], []
             for entry in testing:
                 truth, spacing = read_mask(dataroot / entry["label"])
+                image = dataroot / entry["image"]
+                if pad:
+                    image = with_air(image, pad, Path(scratch) / f"air_{pad}.nii.gz")
+                    truth = np.pad(truth, ((pad, pad), (pad, pad), (0, 0)))
                 started = time.perf_counter()
-                mask = (predictor.mask(predictor.probabilities(dataroot / entry["image"]), spacing) > 0)
+                mask = (predictor.mask(predictor.probabilities(image), spacing) > 0)
                 seconds.append(time.perf_counter() - started)
                 reference = reference_masks.setdefault(entry["image"], mask)
-                changed.append(float(np.mean(mask != reference)))
+                changed.append(float(np.mean(unpadded(mask, pad) != reference)))
                 scores.append(case_metrics(mask.astype("uint8"), truth, spacing, case_id=entry["image"]))
             networks = [m.predictor.network for m in predictor.members]
             reference_dice = reference_dice or [s["dice"] for s in scores]

@@ -38,8 +38,8 @@ from int8_accuracy import upgraded_copy  # noqa: E402
 from predictor import cpu_bf16_units  # noqa: E402
 
 PAPER_MEMBERS, PAPER_FOLDS = 18, 5
-# the template's crop setting, not the bundles' own: bundles trained before its default became false keep true
-TEMPLATE_INFERENCE = {"infer_crop_to_head": template_config()["infer_crop_to_head"]}
+# the template's settings, not the bundles' own: bundles trained before the crop's default became false keep true
+TEMPLATE_INFERENCE = {key: template_config()[key] for key in ("infer_crop_to_head", "infer_skip_air_slices")}
 
 
 def members_of(work: WorkDir, ensemble: dict, all_bundles: bool) -> list[dict]:
