@@ -313,10 +313,12 @@ def make_hard_head_ct(seed: int | list[int], size_px: int = 128, num_classes: in
     for volume_ml in draw_lesion_volumes_ml(rng, count):
         kind = kinds[int(rng.choice(len(kinds), p=weights / weights.sum()))]
         box, fraction = _add_lesion(rng, kind, head, grid, float(volume_ml), image)
-        voxels = (fraction >= 0.5) & ~mimic[box]
-        if not voxels.any() and fraction.any():  # under half a voxel everywhere, still visible: an annotator
-            fullest = np.sort(fraction, axis=None)[-max(1, round(float(fraction.sum())))]  # marks about its volume
-            voxels = (fraction >= fullest) & ~mimic[box]
+        visible = np.where(mimic[box], 0.0, fraction)
+        voxels = visible >= 0.5
+        if not voxels.any() and visible.any():
+            # under half a voxel everywhere, yet visible: an annotator marks about its volume of its fullest voxels
+            fullest = np.sort(visible, axis=None)[-max(1, round(float(visible.sum())))]
+            voxels = (visible >= fullest) & (visible > 0)
         label[box][voxels] = 1 if num_classes == 1 else kinds.index(kind) + 1
         lesions.append({"kind": kind, "drawn_ml": round(float(volume_ml), 3),
                         "volume_ml": round(float(voxels.sum()) * grid.pixel_mm ** 2 * SLICE_MM / 1000, 3)})

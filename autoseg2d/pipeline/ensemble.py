@@ -202,7 +202,8 @@ class EnsemblePredictor:
         able = len(input_groups(members)) == 1 and hasattr(members[0], "infer_screened")
         if not able and not getattr(self, "_said_unscreened", False):
             logger.info("predict: the members do not all cut a scan into the same batches (inference batch size, "
-                        "divisor or head crop differ), so every member runs on every slice (no screen)")
+                        "divisor, head crop or skipping of air-only slices differ: bundles made before and after "
+                        "a template change?), so every member runs on every slice (no screen)")
             self._said_unscreened = True
         return able
 

@@ -4,8 +4,8 @@ import json
 
 import nibabel as nib
 import numpy as np
-import torch
 import pytest
+import torch
 from infer import InferClass, head_crop, run
 from predictor import HeadCrop
 

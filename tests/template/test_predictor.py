@@ -179,9 +179,10 @@ def test_without_a_margin_whole_slices_run_and_only_air_slices_are_left_out():
     assert not np.allclose(expected[..., 0], result[..., 0])  # the model says something on air: it was not run
 
 
-def test_a_volume_without_head_tissue_is_all_background():
+@pytest.mark.parametrize("margin_px", [4, None], ids=["head_box", "whole_slices"])
+def test_a_volume_without_head_tissue_is_all_background(margin_px):
     model = CountingPointwise()
-    crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=4)
+    crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=margin_px)
     predictor = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), **FP32_NO_TTA, crop=crop)
     air = Volume("air", np.full((16, 16, 3), -1000, np.int16), None, np.eye(4))
     result = predictor.predict_slices_last(air)

@@ -125,6 +125,7 @@ class FakeModel:
 
 FLOAT = FakeModel(10)
 CHECK_INPUT = np.zeros((1, 3, 1, 10), np.float32)
+WHOLE = repr(HeadCrop(threshold_hu=-500, margin_px=None))  # how the slices were cut (infer_skip_air_slices)
 
 
 def compile_fake(model: FakeModel):
@@ -166,7 +167,8 @@ class Quantizer:
 
 def request(files: BundleFiles | None, min_agreement: float, inputs=None) -> Int8Request:
     made = ([CHECK_INPUT] * 2, [CHECK_INPUT] * 2) if inputs is None else inputs
-    settings = Int8Settings(calibration_slices=2, calibration_scans=1, min_agreement=min_agreement)
+    settings = Int8Settings(calibration_slices=2, calibration_scans=1, min_agreement=min_agreement,
+                            slices_cut=WHOLE)
     return Int8Request(settings, files, lambda: made)
 
 
@@ -210,7 +212,7 @@ def test_an_agreeing_int8_model_is_saved_before_its_report(files, monkeypatch):
     compiled, report = decide(files, 0.98)
     assert report == {"agreement": 1.0, "min_agreement": 0.98, "calibration_slices": 2, "check_slices": 2,
                       "used": True, "checkpoint_sha256": hashlib.sha256(b"weights").hexdigest(),
-                      "calibration_slices_requested": 2, "calibration_scans": 1}
+                      "calibration_slices_requested": 2, "calibration_scans": 1, "slices_cut": WHOLE}
     assert compiled is not None and compiled(CHECK_INPUT)[0][0, 1].all()
     assert written == ["save_openvino_model", "write_text_atomic"]
     assert files.openvino_int8_model.read_text() == "10" and files.openvino_int8_model.with_suffix(".bin").is_file()
@@ -251,10 +253,15 @@ def test_a_retrained_checkpoint_is_quantized_again_and_a_copy_with_new_times_is_
 def test_other_calibration_settings_quantize_again(files, monkeypatch):
     quantizer = Quantizer(monkeypatch, pixels=9)
     decide(files, 0.9)
-    more = Int8Request(Int8Settings(calibration_slices=4, calibration_scans=1, min_agreement=0.9), files,
-                       lambda: ([CHECK_INPUT] * 2, [CHECK_INPUT] * 2))
+    more = Int8Request(Int8Settings(calibration_slices=4, calibration_scans=1, min_agreement=0.9, slices_cut=WHOLE),
+                       files, lambda: ([CHECK_INPUT] * 2, [CHECK_INPUT] * 2))
     int8_or_float(FLOAT, lambda: compile_fake(FLOAT), compile_fake, more)
     assert quantizer.calls == 2 and json.loads(files.int8_report.read_text())["calibration_slices_requested"] == 4
+    boxes = Int8Request(Int8Settings(calibration_slices=4, calibration_scans=1, min_agreement=0.9,
+                                     slices_cut=repr(HeadCrop(threshold_hu=-500, margin_px=16))),
+                        files, lambda: ([CHECK_INPUT] * 2, [CHECK_INPUT] * 2))
+    int8_or_float(FLOAT, lambda: compile_fake(FLOAT), compile_fake, boxes)  # checked on whole slices, not boxes
+    assert quantizer.calls == 3 and "margin_px=16" in json.loads(files.int8_report.read_text())["slices_cut"]
 
 
 def test_lowering_the_minimum_below_a_refused_figure_quantizes_again(files, monkeypatch):
@@ -314,7 +321,7 @@ def test_impossible_settings_name_their_key(key, value):
     config = {"infer_int8_calibration_slices": 32, "infer_int8_calibration_scans": 8, "infer_int8_min_agreement": 0.98,
               key: value}
     with pytest.raises(ValueError, match=key):
-        Int8Settings.from_config(config)
+        Int8Settings.from_config(config, slices_cut=WHOLE)
 
 
 def test_int8_with_pytorch_on_a_cpu_says_how_to_get_openvino(trained_bundle, monkeypatch):

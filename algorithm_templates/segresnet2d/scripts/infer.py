@@ -62,7 +62,7 @@ class InferClass:
         stream_properties(config["infer_cpu_streams"], f"{config['bundle_root']}/configs/hyper_parameters.yaml")
         if choose_runtime(config["infer_cpu_runtime"], self.device) == "openvino":
             bf16 = autocast_dtype(self.device, config["amp"], config["infer_cpu_bf16"]) is not None
-            request = Int8Request(Int8Settings.from_config(config), files, self._calibration) if int8 else None
+            request = Int8Request(self._int8_settings(), files, self._calibration) if int8 else None
             self.predictor.network = OpenVINONetwork(model, len(plan), files.openvino_model, bf16, request,
                                                      config["infer_cpu_streams"])
         elif int8:
@@ -70,9 +70,12 @@ class InferClass:
                                     "OpenVINO: pip install openvino nncf (the plugin's [cpu] extra) and keep "
                                     "infer_cpu_runtime auto or openvino, or set infer_cpu_int8 to false")
 
+    def _int8_settings(self) -> Int8Settings:
+        return Int8Settings.from_config(self.config, slices_cut=repr(self.predictor.crop))
+
     def _calibration(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """INT8 calibration and check inputs from this bundle's training scans, cut as inference cuts them."""
-        config, settings = self.config, Int8Settings.from_config(self.config)
+        config, settings = self.config, self._int8_settings()
         images = calibration_images(config["data_list_file_path"], config["data_file_base_dir"],
                                     int(config["fold"]), settings.calibration_scans)
         volumes = (load_volume(image, None, config["modality"]) for image in images)  # one scan in memory at a time
@@ -143,6 +146,8 @@ class InferClass:
 
 
 def head_crop(config: dict) -> HeadCrop | None:
+    """How inference finds the head (CT only: SlicePredictor drops it for other modalities). A head box leaves
+    air-only slices out too: they have no box."""
     if not (config["infer_crop_to_head"] or config["infer_skip_air_slices"]):
         return None
     margin = int(config["infer_head_margin_px"]) if config["infer_crop_to_head"] else None

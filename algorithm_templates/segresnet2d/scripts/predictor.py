@@ -153,7 +153,7 @@ class SlicePredictor:
         return tuple(self.plan), tuple(self.windows), self.batch_key
 
     def batches(self, volume: Volume) -> Iterator[SliceBatch]:
-        """The network inputs for a volume: slices in batches, each batch cut to the box of its slices' heads."""
+        """The network inputs for a volume: slices in batches, each cut as boxes() says."""
         for slices, rows, cols in self.boxes(volume):
             yield self.make_batch(volume.image, slices, rows, cols)
 
@@ -162,28 +162,28 @@ class SlicePredictor:
         height, width, depth = volume.image.shape
         whole = slice(0, height + (-height % self.divisor)), slice(0, width + (-width % self.divisor))
         if self.crop is None:
-            yield from self.in_batches(list(range(depth)), *whole)
+            yield from ((slices, *whole) for slices in self.in_batches(list(range(depth))))
             return
         tissue = volume.image > self.crop.threshold_hu
         row_extent, col_extent = tissue_extent(tissue.any(axis=1)), tissue_extent(tissue.any(axis=0))
         occupied = [z for z in range(depth) if row_extent[z, 0] >= 0]  # slices of air only skip the network
         if self.crop.margin_px is None:
-            yield from self.in_batches(occupied, *whole)
+            yield from ((slices, *whole) for slices in self.in_batches(occupied))
             return
         # the largest head first, so each batch's box fits slices of about one size (the skull base and vertex
         # need much smaller boxes than the middle)
         area = (row_extent[:, 1] - row_extent[:, 0]) * (col_extent[:, 1] - col_extent[:, 0])
         occupied.sort(key=lambda z: -area[z])
-        for slices, _, _ in self.in_batches(occupied, *whole):
+        for slices in self.in_batches(occupied):
             rows = aligned_span(row_extent[slices, 0].min(), row_extent[slices, 1].max(), self.crop.margin_px,
                                 self.divisor, height)
             cols = aligned_span(col_extent[slices, 0].min(), col_extent[slices, 1].max(), self.crop.margin_px,
                                 self.divisor, width)
             yield slices, rows, cols
 
-    def in_batches(self, slices: list[int], rows: slice, cols: slice) -> Iterator[tuple[list[int], slice, slice]]:
+    def in_batches(self, slices: list[int]) -> Iterator[list[int]]:
         for start in range(0, len(slices), self.batch_size):
-            yield slices[start:start + self.batch_size], rows, cols
+            yield slices[start:start + self.batch_size]
 
     def make_batch(self, image: np.ndarray, slices: list[int], rows: slice, cols: slice) -> SliceBatch:
         """Window only the box; the part of it beyond the image (padding to the divisor) is zero, like air."""
@@ -262,7 +262,7 @@ def predict_together(predictors: Sequence[SlicePredictor], volume: Volume, vote:
     unlike = [index for index, p in enumerate(predictors) if p.batch_key != lead.batch_key]
     if unlike:
         raise ValueError(f"predictors {unlike} cut a volume into other batches than predictor 0 (divisor, batch "
-                         "size or head crop differ); predict them in a group of their own")
+                         "size, head crop or skipping of air-only slices differ); predict them in a group of their own")
     total, masks = None, [np.zeros(volume.image.shape, np.uint8) for _ in predictors] if keep_masks else []
     for slices, rows, cols in lead.boxes(volume):
         if only is not None:

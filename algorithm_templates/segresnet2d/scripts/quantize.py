@@ -1,7 +1,8 @@
 """INT8 inference on CPUs: the OpenVINO model quantized by NNCF, kept only where it agrees with the float one.
 
-Calibration and the agreement check use this bundle's own training scans, cut to the head's box as
-inference cuts them, so the activation ranges are those the network meets. Each scan's slices
+Calibration and the agreement check use this bundle's own training scans, cut as inference cuts them
+(whole slices, or the head's box with infer_crop_to_head), so the activation ranges are those the
+network meets; a kept INT8 model is reused only for the same cut. Each scan's slices
 alternate between the two sets (calibration, check), which therefore come from the same scans but
 never share a slice. The INT8 model is used only where its foreground masks on the check slices
 agree with the float model's (Dice >= min_agreement); otherwise the float model runs and the
@@ -34,6 +35,7 @@ class Int8Settings:
     calibration_slices: int  # slices whose activations set the INT8 ranges
     calibration_scans: int  # training scans those slices (and as many check slices) are taken from
     min_agreement: float  # foreground Dice between INT8 and float masks needed to use INT8
+    slices_cut: str  # how inference cuts the slices those come from (the predictor's HeadCrop): whole or boxes
 
     def __post_init__(self):
         if self.calibration_slices < 1:
@@ -48,14 +50,14 @@ class Int8Settings:
                              "(0 uses INT8 whatever it agrees, 1 only where its masks equal the float ones)")
 
     @classmethod
-    def from_config(cls, config: dict) -> Int8Settings:
+    def from_config(cls, config: dict, slices_cut: str) -> Int8Settings:
         return cls(int(config["infer_int8_calibration_slices"]), int(config["infer_int8_calibration_scans"]),
-                   float(config["infer_int8_min_agreement"]))
+                   float(config["infer_int8_min_agreement"]), slices_cut)
 
     def calibration(self) -> dict:
         """What the INT8 model depends on besides the checkpoint (min_agreement only decides on it)."""
         return {"calibration_slices_requested": self.calibration_slices,
-                "calibration_scans": self.calibration_scans}
+                "calibration_scans": self.calibration_scans, "slices_cut": self.slices_cut}
 
 
 def nncf_installed() -> bool:
