@@ -85,10 +85,11 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
     from autoseg2d.pipeline.ensemble import EnsemblePredictor
     from autoseg2d.pipeline.inference import load_inferer
 
-    def members(runtime: str, crop: bool = False, skip_air: bool = True, streams=STREAMS_AUTO,
-                slices_per_request=SLICES_PER_REQUEST) -> list:
-        loaded = [load_inferer(bundle, infer_cpu_runtime="torch", infer_crop_to_head=crop,  # engine attached below
-                               infer_skip_air_slices=skip_air) for bundle in bundles]
+    def members(runtime: str, cut: dict | None = None, streams=STREAMS_AUTO, slices_per_request=SLICES_PER_REQUEST
+                ) -> list:
+        """Members on `runtime`, cutting slices as the template's config says unless `cut` sets its keys."""
+        loaded = [load_inferer(bundle, infer_cpu_runtime="torch", **(cut or {}))  # engine attached below
+                  for bundle in bundles]
         for member in loaded:
             member.predictor.dtype = None if precision == "fp32" else torch.bfloat16
             if runtime.startswith("openvino"):
@@ -109,12 +110,12 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
     if openvino_installed():
         builders["new_openvino_whole_batch"] = lambda: members("openvino", streams=1, slices_per_request=None)
         builders["new_openvino"] = lambda: members("openvino")
-        builders["new_openvino_head_crop"] = lambda: members("openvino", crop=True)
+        builders["new_openvino_head_crop"] = lambda: members("openvino", cut={"infer_crop_to_head": True})
         if nncf_installed():
             builders["new_openvino_int8"] = lambda: members("openvino_int8")
     paths, loaded_by_path, setup = {}, {}, {}
     if "old" in wanted:
-        old = members("torch", skip_air=False)
+        old = members("torch", cut={"infer_crop_to_head": False, "infer_skip_air_slices": False})
         paths["old"] = lambda image: sum(m.infer(str(image)).numpy() for m in old) / len(old)
     for name, build in builders.items():
         if name in wanted:
@@ -130,7 +131,7 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
 
 def computed_share(predictor, image: Path) -> dict:
     """The share of the scan's pixels a path's network computes (its boxes, padded to the divisor) and the
-    slices it skips (air only, with the head crop)."""
+    slices it skips (air only: infer_skip_air_slices, or the head crop)."""
     volume = load_volume(image, None, "ct")
     boxes = list(predictor.boxes(volume))
     pixels = sum(len(slices) * (rows.stop - rows.start) * (cols.stop - cols.start) for slices, rows, cols in boxes)
@@ -141,8 +142,9 @@ def computed_share(predictor, image: Path) -> dict:
 def int8_request(member, calibration: Path) -> Int8Request:
     """INT8 for a random-weight member: calibrated on another scan, and used whatever its agreement (random
     weights segment nothing real; the figure is printed, the speed is what is measured)."""
-    configured = Int8Settings.from_config(member.config)
-    settings = Int8Settings(configured.calibration_slices, configured.calibration_scans, min_agreement=0.0)
+    configured = Int8Settings.from_config(member.config, slices_cut=repr(member.predictor.crop))
+    settings = Int8Settings(configured.calibration_slices, configured.calibration_scans, min_agreement=0.0,
+                            slices_cut=configured.slices_cut)
     volume = load_volume(calibration, None, "ct")
     return Int8Request(settings, None, lambda: calibration_inputs(member.predictor, [volume],
                                                                   settings.calibration_slices))

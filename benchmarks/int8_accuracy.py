@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 from bench_common import (HELD_OUT_METRICS, TEMPLATE, add_held_out_arguments, difference_cell, held_out_inputs,
-                          metric_cells, paired_difference, publish)
+                          metric_cells, paired_difference, publish, template_config)
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.pipeline.ensemble import EnsemblePredictor  # noqa: E402
 from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
@@ -42,16 +42,21 @@ from autoseg2d.templates import BUNDLE_CONFIG  # noqa: E402
 from predictor import cpu_bf16_units, cpu_has_native_bf16  # noqa: E402
 from quantize import nncf_installed  # noqa: E402
 from runtime import openvino_installed  # noqa: E402
+from slice_dataset import AIR_HU  # noqa: E402
 
 
-def precisions(margins: list[int]) -> dict[str, dict]:
-    """Row name -> the config values that select it; only those this machine can run. Every row sets the head
-    crop and the skipping of air-only slices, since a bundle's own config may have them either way."""
+REFERENCE = {"infer_crop_to_head": False, "infer_skip_air_slices": False, "infer_cpu_runtime": "torch",
+             "infer_cpu_bf16": False}  # every slice whole in fp32: the path before the head crop
+
+
+def inference_rows(margins: list[int]) -> dict[str, dict]:
+    """Row name -> the config values that select it, the reference first; only those this machine can run. Every
+    row sets how slices are cut (as the template does unless the row says otherwise), since a bundle's own
+    config may have it either way."""
     native = cpu_has_native_bf16()
-    whole = {"infer_crop_to_head": False, "infer_skip_air_slices": True}
+    whole = {key: template_config()[key] for key in ("infer_crop_to_head", "infer_skip_air_slices")}
     fp32 = {**whole, "infer_cpu_runtime": "torch", "infer_cpu_bf16": False}
-    found = {"torch fp32, every slice (air-only ones too)": {**fp32, "infer_skip_air_slices": False},
-             "torch fp32": fp32}
+    found = {"torch fp32, every slice (air-only ones too)": REFERENCE, "torch fp32": fp32}
     if native:
         found["torch bf16"] = {**whole, "infer_cpu_runtime": "torch", "infer_cpu_bf16": True}
     if openvino_installed():
@@ -66,13 +71,13 @@ def precisions(margins: list[int]) -> dict[str, dict]:
     return found
 
 
-AIR_HU = -1024
-
-
 def with_air(image: Path, pad_px: int, target: Path) -> Path:
-    """The scan with pad_px of air on each side of every axial slice (first two array axes, as the generators
-    write them), same header, written to target."""
+    """The scan with pad_px of air on each side of every axial slice, same header, written to target."""
     source = nib.load(str(image))
+    if nib.aff2axcodes(source.affine)[2] not in ("S", "I"):
+        raise SystemExit(f"{image}: --air_pad_px pads the first two array axes, but this file stores its axial "
+                         f"slices along another axis ({''.join(nib.aff2axcodes(source.affine))}); reorient it "
+                         "to axial-last (RAS) or leave --air_pad_px out")
     voxels = np.pad(np.asanyarray(source.dataobj), ((pad_px, pad_px), (pad_px, pad_px), (0, 0)),
                     constant_values=AIR_HU)
     nib.save(nib.Nifti1Image(voxels, source.affine, source.header), str(target))
@@ -119,8 +124,8 @@ def main() -> None:
                                            ("infer_int8_min_agreement", args.min_agreement)) if value is not None}
     results = {"cpu_bf16_units": cpu_bf16_units(), "members": len(ensemble["members"]),
                "held_out_cases": len(testing), "rows": {}}
-    rows = [(name, values, 0) for name, values in precisions(args.margins).items()]
-    rows += [(f"torch fp32, {pad} px more air around each slice", rows[0][1], pad) for pad in args.air_pad_px]
+    rows = [(name, values, 0) for name, values in inference_rows(args.margins).items()]
+    rows += [(f"torch fp32, {pad} px more air around each slice", REFERENCE, pad) for pad in args.air_pad_px]
     reference_masks, reference_dice = {}, None
     with tempfile.TemporaryDirectory() as scratch:
         for index, (name, values, pad) in enumerate(rows):
