@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,8 +35,6 @@ def metric_cells(summary: dict, metrics=HELD_OUT_METRICS) -> list[str]:
 def paired_difference(values: list[float], reference: list[float], resamples: int = 2000) -> dict:
     """Mean per-case difference values - reference, its 95 % bootstrap interval over cases, and how many cases
     moved each way: a held-out change means something only where the interval leaves 0."""
-    import numpy as np
-
     difference = np.asarray(values, dtype=float) - np.asarray(reference, dtype=float)
     picks = np.random.default_rng(0).integers(0, len(difference), size=(resamples, len(difference)))
     low, high = np.percentile(difference[picks].mean(axis=1), [2.5, 97.5])

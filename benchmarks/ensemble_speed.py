@@ -21,7 +21,7 @@ from network import NetworkSettings, build_network  # noqa: E402
 from predictor import cpu_has_native_bf16  # noqa: E402
 from quantize import Int8Request, Int8Settings, calibration_inputs, nncf_installed  # noqa: E402
 from runtime import SLICES_PER_REQUEST, STREAMS_AUTO, OpenVINONetwork, openvino_installed  # noqa: E402
-from volumes import load_volume  # noqa: E402
+from volumes import Volume, load_volume  # noqa: E402
 
 DEFAULT_ENSEMBLE_MEMBERS = 18  # the gpu profile's ensemble_size
 
@@ -129,10 +129,9 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
     return {"paths": paths, "setup": setup, "members": loaded_by_path}
 
 
-def computed_share(predictor, image: Path) -> dict:
+def computed_share(predictor, volume: Volume) -> dict:
     """The share of the scan's pixels a path's network computes (its boxes, padded to the divisor) and the
     slices it skips (air only: infer_skip_air_slices, or the head crop)."""
-    volume = load_volume(image, None, "ct")
     boxes = list(predictor.boxes(volume))
     pixels = sum(len(slices) * (rows.stop - rows.start) * (cols.stop - cols.start) for slices, rows, cols in boxes)
     return {"computed_pixel_share": round(pixels / volume.image.size, 3),
@@ -185,6 +184,8 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
         if not built["paths"]:
             raise SystemExit(f"none of the ensemble paths {args.ensemble_paths} can run here (OpenVINO or NNCF "
                              "not installed?)")
+        volume = load_volume(image, None, "ct")
+        shares = {name: computed_share(loaded[0].predictor, volume) for name, loaded in built["members"].items()}
         for path in built["paths"].values():
             path(warmup)  # oneDNN and OpenVINO pick their kernels on the first calls
         for repeat in range(args.ensemble_repeats):
@@ -201,7 +202,7 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
                        "peak_rss_gib": round(memory.peak, 2), "peak_above_start_gib": round(memory.peak - before, 2),
                        "held_after_gib_per_member": round(held / args.ensemble_members, 2)}
                 if name != "old":
-                    row.update(computed_share(built["members"][name][0].predictor, image))
+                    row.update(shares[name])
                 if name.startswith("new_openvino"):
                     row["conversion_s_per_member_once"] = round(conversion_s, 1)
                 if name == "new_openvino_int8":
@@ -213,7 +214,7 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
         rows.append(row)
         print("ensemble", row, flush=True)
         for name, loaded in built["members"].items():
-            for row in screened_rows(name, loaded, image, args.ensemble_screen_share, precision, scale):
+            for row in screened_rows(name, loaded, volume, args.ensemble_screen_share, precision, scale):
                 rows.append(row)
                 print("ensemble", row, flush=True)
     return rows
@@ -222,7 +223,7 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
 SCREENING_MEMBERS = 5  # each fold's first member of the default ensemble (5 folds) screens every slice
 
 
-def screened_rows(name: str, loaded: list, image: Path, shares: list[float], precision: str,
+def screened_rows(name: str, loaded: list, volume: Volume, shares: list[float], precision: str,
                   scale: float) -> list[dict]:
     """What screening costs the members that run only on kept slices: the members over a middle block of
     each `share` of the head slices (a bleed spans neighbouring slices) against all of them, alternating, and
@@ -230,7 +231,6 @@ def screened_rows(name: str, loaded: list, image: Path, shares: list[float], pre
     slices a trained screen keeps (benchmarks/screening.py measures the share on trained members)."""
     from predictor import predict_together
 
-    volume = load_volume(image, None, "ct")
     predictors = [m.predictor for m in loaded]
     pixels = {z: (rows.stop - rows.start) * (cols.stop - cols.start)
               for slices, rows, cols in predictors[0].boxes(volume) for z in slices}

@@ -4,20 +4,20 @@ slice whole (the path before the head crop).
     python benchmarks/int8_accuracy.py --work_dir accuracy_work/work --datalist accuracy_work/data/datalist.json
     python benchmarks/int8_accuracy.py ... --datalist fresh/datalist.json --margins 16 32   # more held-out cases
 
-Needs a work dir whose ensemble stage ran and a datalist with labelled "testing" cases
-(benchmarks/accuracy.py writes such a pair from the hard synthetic generator; benchmarks/fresh_cases.py
-writes more held-out cases from it). The members are copied to a scratch folder and brought up to this
-repository's template (its scripts; the config keeps the bundle's values for every key the template still
-has, then each row sets its own), so the work dir stays untouched and bundles made by older templates can
-be measured. Each row predicts every held-out case with the ensemble's members and post-processing: every
-slice whole in PyTorch fp32 (the reference: the path before the head crop), whole slices without the air-only
-ones (infer_skip_air_slices, the default) in fp32, bf16, OpenVINO and INT8, then PyTorch fp32 with the head crop
-(infer_crop_to_head) at each --margins, and PyTorch fp32 on whole slices with --air_pad_px of air added
-around each slice (a wider field of view: how far an equally valid input moves the answer). Printed as JSON
-and Markdown: the four challenge metrics, each row's per-case Dice against the first row's (mean, 95 %
-bootstrap interval, cases worse / better), the share of voxels whose final mask differs from the first
-row's, seconds per case, and each member's INT8 report (its agreement with the float model on training
-slices). OpenVINO rows need `pip install openvino`, the INT8 row `pip install nncf` too.
+Needs a work dir whose ensemble stage ran and a datalist with labelled "testing" cases (benchmarks/accuracy.py
+writes such a pair from the hard synthetic generator; benchmarks/fresh_cases.py writes more held-out cases from
+it). The members are copied to a scratch folder and brought up to this repository's template (its scripts; the
+config keeps the bundle's values for every key the template still has but how slices are cut, then each row
+sets its own), so the work dir stays untouched and bundles made by older templates can be measured. Each row
+predicts every held-out case with the ensemble's members and post-processing: every slice whole in PyTorch fp32
+(the reference: the path before the head crop), whole slices without the air-only ones (infer_skip_air_slices,
+the default) in fp32, bf16, OpenVINO and INT8, then PyTorch fp32 with the head crop (infer_crop_to_head) at
+each --margins, and PyTorch fp32 on whole slices with --air_pad_px of air added around each slice (a wider
+field of view: how far an equally valid input moves the answer). Printed as JSON and Markdown: the four
+challenge metrics, each row's per-case Dice against the first row's (mean, 95 % bootstrap interval, cases worse
+/ better), the share of voxels whose final mask differs from the first row's, seconds per case, and each
+member's INT8 report (its agreement with the float model on training slices). OpenVINO rows need `pip install
+openvino`, the INT8 row `pip install nncf` too.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 import yaml
 
 from bench_common import (HELD_OUT_METRICS, TEMPLATE, add_held_out_arguments, difference_cell, held_out_inputs,
-                          metric_cells, paired_difference, publish, template_config)
+                          metric_cells, paired_difference, publish)
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.pipeline.ensemble import EnsemblePredictor  # noqa: E402
 from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
@@ -50,21 +50,18 @@ REFERENCE = {"infer_crop_to_head": False, "infer_skip_air_slices": False, "infer
 
 
 def inference_rows(margins: list[int]) -> dict[str, dict]:
-    """Row name -> the config values that select it, the reference first; only those this machine can run. Every
-    row sets how slices are cut (as the template does unless the row says otherwise), since a bundle's own
-    config may have it either way."""
+    """Row name -> the config values that select it, the reference first; only those this machine can run. Rows
+    cut slices as the template does (upgraded_copy) unless they say otherwise."""
     native = cpu_has_native_bf16()
-    whole = {key: template_config()[key] for key in ("infer_crop_to_head", "infer_skip_air_slices")}
-    fp32 = {**whole, "infer_cpu_runtime": "torch", "infer_cpu_bf16": False}
+    fp32 = {"infer_cpu_runtime": "torch", "infer_cpu_bf16": False}
     found = {"torch fp32, every slice (air-only ones too)": REFERENCE, "torch fp32": fp32}
     if native:
-        found["torch bf16"] = {**whole, "infer_cpu_runtime": "torch", "infer_cpu_bf16": True}
+        found["torch bf16"] = {"infer_cpu_runtime": "torch", "infer_cpu_bf16": True}
     if openvino_installed():
-        found[f"openvino {'bf16' if native else 'f32'}"] = {**whole, "infer_cpu_runtime": "openvino",
-                                                            "infer_cpu_bf16": True, "infer_cpu_int8": False}
+        found[f"openvino {'bf16' if native else 'f32'}"] = {"infer_cpu_runtime": "openvino", "infer_cpu_bf16": True,
+                                                            "infer_cpu_int8": False}
         if nncf_installed():
-            found["openvino int8"] = {**whole, "infer_cpu_runtime": "openvino", "infer_cpu_bf16": True,
-                                      "infer_cpu_int8": True}
+            found["openvino int8"] = {"infer_cpu_runtime": "openvino", "infer_cpu_bf16": True, "infer_cpu_int8": True}
     for margin in margins:
         found[f"torch fp32, head crop margin {margin} px"] = {**fp32, "infer_crop_to_head": True,
                                                               "infer_head_margin_px": margin}
@@ -88,14 +85,20 @@ def unpadded(mask: np.ndarray, pad_px: int) -> np.ndarray:
     return mask[pad_px:mask.shape[0] - pad_px, pad_px:mask.shape[1] - pad_px]
 
 
+# how slices are cut is this template's, not the bundle's: bundles made before the head crop's default became
+# false keep true in their config
+TEMPLATE_CUT_KEYS = ("bundle_root", "infer_crop_to_head", "infer_skip_air_slices")
+
+
 def upgraded_copy(bundle: Path, target: Path, values: dict) -> Path:
     """bundle copied to target with this repository's template scripts, its config values kept where the
-    template still has the key, and values applied on top."""
+    template still has the key (but bundle_root and how slices are cut), and values applied on top."""
     shutil.copytree(bundle, target, ignore=shutil.ignore_patterns("scripts", "cv_probabilities", "*openvino*"))
     shutil.copytree(TEMPLATE / "scripts", target / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
     config = yaml.safe_load((TEMPLATE / BUNDLE_CONFIG).read_text())
     old = yaml.safe_load((bundle / BUNDLE_CONFIG).read_text())
-    config.update({key: value for key, value in old.items() if key in config and key != "bundle_root"}, **values)
+    config.update({key: value for key, value in old.items() if key in config and key not in TEMPLATE_CUT_KEYS},
+                  **values)
     (target / BUNDLE_CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
     return target
 

@@ -26,8 +26,7 @@ import numpy as np
 import yaml
 
 # bench_common first: it puts the repository and the template's scripts on sys.path
-from bench_common import (HELD_OUT_METRICS, add_held_out_arguments, held_out_inputs, metric_cells, publish,
-                          template_config)
+from bench_common import HELD_OUT_METRICS, add_held_out_arguments, held_out_inputs, metric_cells, publish
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, screening_members  # noqa: E402
 from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
@@ -38,8 +37,6 @@ from int8_accuracy import upgraded_copy  # noqa: E402
 from predictor import cpu_bf16_units  # noqa: E402
 
 PAPER_MEMBERS, PAPER_FOLDS = 18, 5
-# the template's settings, not the bundles' own: bundles trained before the crop's default became false keep true
-TEMPLATE_INFERENCE = {key: template_config()[key] for key in ("infer_crop_to_head", "infer_skip_air_slices")}
 
 
 def members_of(work: WorkDir, ensemble: dict, all_bundles: bool) -> list[dict]:
@@ -58,7 +55,7 @@ def members_of(work: WorkDir, ensemble: dict, all_bundles: bool) -> list[dict]:
 def predictor_of(work: WorkDir, ensemble: dict, members: list[dict], scratch: Path) -> EnsemblePredictor:
     predictor = EnsemblePredictor.__new__(EnsemblePredictor)
     predictor.bundles = [work.absolute(m["bundle"]) for m in members]
-    predictor.members = [load_inferer(upgraded_copy(bundle, scratch / f"member_{i}", TEMPLATE_INFERENCE))
+    predictor.members = [load_inferer(upgraded_copy(bundle, scratch / f"member_{i}", {}))
                          for i, bundle in enumerate(predictor.bundles)]
     predictor.mode, predictor.postprocessing = ensemble["mode"], ensemble.get("postprocessing")
     predictor.screen = None

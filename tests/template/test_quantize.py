@@ -260,7 +260,7 @@ def test_other_calibration_settings_quantize_again(files, monkeypatch):
     boxes = Int8Request(Int8Settings(calibration_slices=4, calibration_scans=1, min_agreement=0.9,
                                      slices_cut=repr(HeadCrop(threshold_hu=-500, margin_px=16))),
                         files, lambda: ([CHECK_INPUT] * 2, [CHECK_INPUT] * 2))
-    int8_or_float(FLOAT, lambda: compile_fake(FLOAT), compile_fake, boxes)  # checked on whole slices, not boxes
+    int8_or_float(FLOAT, lambda: compile_fake(FLOAT), compile_fake, boxes)  # the kept one was made on whole slices
     assert quantizer.calls == 3 and "margin_px=16" in json.loads(files.int8_report.read_text())["slices_cut"]
 
 
