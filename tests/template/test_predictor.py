@@ -179,6 +179,28 @@ def test_without_a_margin_whole_slices_run_and_only_air_slices_are_left_out():
     assert not np.allclose(expected[..., 0], result[..., 0])  # the model says something on air: it was not run
 
 
+@pytest.mark.parametrize("crop, expected", [
+    (None, [([1, 4], slice(0, 64), slice(0, 64)), ([5], slice(0, 64), slice(0, 64))]),
+    (predictor_module.HeadCrop(threshold_hu=-500, margin_px=None), [([1, 4], slice(0, 64), slice(0, 64))]),
+    # the whole pass's batches [1, 2], [3, 4], each in its own box: the same boxes, only the asked-for slices
+    (predictor_module.HeadCrop(threshold_hu=-500, margin_px=4), [([1], slice(16, 40), slice(0, 56)),
+                                                                 ([4], slice(16, 40), slice(0, 56))]),
+], ids=["every_slice", "whole_slices", "head_box"])
+def test_some_slices_only_fill_whole_batches_where_a_batch_does_not_change_their_input(crop, expected):
+    """A screened pass runs later members on scattered slices (1, 4 and the air slice 5 here). Whole slices
+    are packed into full batches of 2, so OpenVINO's streams get full parts; a head box depends on the slices
+    batched with it, so those keep the whole pass's boxes. The answers on those slices are the whole pass's."""
+    torch.manual_seed(0)
+    model = CountingPointwise()
+    predictor = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), **FP32_NO_TTA, crop=crop)
+    volume = head_volume()
+    assert list(predictor.boxes(volume, only={1, 4, 5, 9})) == expected  # 9 is beyond the volume: ignored
+    everything, _ = predictor_module.predict_together([predictor], volume)
+    some, _ = predictor_module.predict_together([predictor], volume, only={1, 4, 5})
+    np.testing.assert_allclose(some[..., [1, 4]], everything[..., [1, 4]], atol=1e-6)
+    assert (some[0, ..., [0, 2, 3]] == 1).all()
+
+
 @pytest.mark.parametrize("margin_px", [4, None], ids=["head_box", "whole_slices"])
 def test_a_volume_without_head_tissue_is_all_background(margin_px):
     model = CountingPointwise()

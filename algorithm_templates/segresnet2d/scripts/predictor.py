@@ -157,19 +157,26 @@ class SlicePredictor:
         for slices, rows, cols in self.boxes(volume):
             yield self.make_batch(volume.image, slices, rows, cols)
 
-    def boxes(self, volume: Volume) -> Iterator[tuple[list[int], slice, slice]]:
-        """(slices, rows, cols) of each batch: which axial slices it holds and the box they are cut to."""
+    def boxes(self, volume: Volume, only: Collection[int] | None = None) -> Iterator[tuple[list[int], slice, slice]]:
+        """(slices, rows, cols) of each batch: which axial slices it holds and the box they are cut to.
+
+        With `only`, just those slices. Whole slices are then packed into full batches (a slice's input and
+        answer do not depend on the slices beside it in a batch), head boxes keep the batches and boxes of
+        a pass over every slice (a box fits the slices of its batch).
+        """
         height, width, depth = volume.image.shape
         whole = slice(0, height + (-height % self.divisor)), slice(0, width + (-width % self.divisor))
+        wanted = set(range(depth)) if only is None else set(only) & set(range(depth))
         if self.crop is None:
-            yield from ((slices, *whole) for slices in self.in_batches(list(range(depth))))
+            yield from ((slices, *whole) for slices in self.in_batches(sorted(wanted)))
             return
         tissue = volume.image > self.crop.threshold_hu
         row_extent, col_extent = tissue_extent(tissue.any(axis=1)), tissue_extent(tissue.any(axis=0))
-        occupied = [z for z in range(depth) if row_extent[z, 0] >= 0]  # slices of air only skip the network
-        if self.crop.margin_px is None:
+        if self.crop.margin_px is None:  # slices of air only skip the network
+            occupied = sorted(z for z in wanted if row_extent[z, 0] >= 0)
             yield from ((slices, *whole) for slices in self.in_batches(occupied))
             return
+        occupied = [z for z in range(depth) if row_extent[z, 0] >= 0]
         # the largest head first, so each batch's box fits slices of about one size (the skull base and vertex
         # need much smaller boxes than the middle)
         area = (row_extent[:, 1] - row_extent[:, 0]) * (col_extent[:, 1] - col_extent[:, 0])
@@ -179,7 +186,9 @@ class SlicePredictor:
                                 self.divisor, height)
             cols = aligned_span(col_extent[slices, 0].min(), col_extent[slices, 1].max(), self.crop.margin_px,
                                 self.divisor, width)
-            yield slices, rows, cols
+            kept = [z for z in slices if z in wanted]
+            if kept:
+                yield kept, rows, cols
 
     def in_batches(self, slices: list[int]) -> Iterator[list[int]]:
         for start in range(0, len(slices), self.batch_size):
@@ -255,8 +264,8 @@ def predict_together(predictors: Sequence[SlicePredictor], volume: Volume, vote:
 
     Returns the sum over models of their probabilities (with vote, of their one-hot argmax),
     (C, H, W, D), and with keep_masks each model's argmax class mask (H, W, D) uint8. With `only`,
-    just those axial slices are run, in the boxes a whole pass cuts them to (the same inputs; only the
-    batches are smaller); every other slice is background.
+    just those axial slices are run, on the inputs a whole pass gives them (SlicePredictor.boxes);
+    every other slice is background.
     """
     lead = predictors[0]
     unlike = [index for index, p in enumerate(predictors) if p.batch_key != lead.batch_key]
@@ -264,11 +273,7 @@ def predict_together(predictors: Sequence[SlicePredictor], volume: Volume, vote:
         raise ValueError(f"predictors {unlike} cut a volume into other batches than predictor 0 (divisor, batch "
                          "size, head crop or skipping of air-only slices differ); predict them in a group of their own")
     total, masks = None, [np.zeros(volume.image.shape, np.uint8) for _ in predictors] if keep_masks else []
-    for slices, rows, cols in lead.boxes(volume):
-        if only is not None:
-            slices = [z for z in slices if z in only]
-            if not slices:
-                continue
+    for slices, rows, cols in lead.boxes(volume, only):
         inputs, batch_total = {}, None  # input_key -> SliceBatch: one windowing per variant
         for index, predictor in enumerate(predictors):
             if predictor.input_key not in inputs:
