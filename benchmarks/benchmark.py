@@ -14,7 +14,8 @@ analyzer (DataAnalyzer + BundleGen time for generated 512 x 512 x 30 cases), ens
 PyTorch and OpenVINO where installed, with whole slices and (opt-in) the head crop; measured on fewer members
 of random weights and scaled; plus, per runtime, the members on --ensemble-screen-share of the
 head slices against all of them, and the screened 18-member scan from those; --ensemble-paths picks
-paths, so --ensemble-members 18 can measure one path directly). Timings are
+paths, so --ensemble-members 18 can measure one path directly), floor (the paper network's FLOPs and
+each of its convolutions timed alone: how fast any runtime could run the 18-member scan here). Timings are
 wall-clock medians after warm-up; nothing here is a test.
 """
 
@@ -35,6 +36,7 @@ import torch
 import yaml
 
 from bench_common import REPO, SLICE_PX, TEMPLATE, template_config  # noqa: F401  (puts the template on sys.path)
+from compute_floor import bench_floor  # noqa: E402
 from ensemble_speed import ENSEMBLE_PATHS, bench_ensemble  # noqa: E402
 from autoseg2d.datalist import read_datalist  # noqa: E402
 from autoseg2d.synthetic import write_dataset  # noqa: E402
@@ -300,6 +302,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ensemble-fp32", action="store_true", help="also fp32 where bf16 is native")
     parser.add_argument("--ensemble-screen-share", type=float, nargs="+", default=[0.4],
                         help="shares of head slices the later members run on in the screened rows (one row each)")
+    parser.add_argument("--floor-repeats", type=int, default=3, help="timed calls per convolution (median)")
     parser.add_argument("--head-mm", type=float, nargs=2, default=[160.0, 190.0],
                         help="width and length of the generated head (mm) at its widest slice")
     parser.add_argument("--out", help="also write the JSON here, and the Markdown next to it")
@@ -312,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
         runners = {"train": lambda: bench_train(args, device), "loader": lambda: bench_loader(args, device, work),
                    "infer": lambda: bench_infer(args, device, work), "dice": lambda: bench_dice(args, device, work),
                    "analyzer": lambda: bench_analyzer(args, work),
-                   "ensemble": lambda: bench_ensemble(args, device, work)}
+                   "ensemble": lambda: bench_ensemble(args, device, work), "floor": lambda: bench_floor(args, device)}
         unknown_paths = [p for p in args.ensemble_paths if p not in ENSEMBLE_PATHS]
         if unknown_paths:
             parser.error(f"unknown ensemble paths {unknown_paths}; choose from {', '.join(ENSEMBLE_PATHS)}")
