@@ -13,6 +13,27 @@ TEMPLATE = REPO / "algorithm_templates" / "segresnet2d"
 sys.path[:0] = [str(REPO), str(TEMPLATE / "scripts")]
 
 SLICE_PX = 512
+SCAN_SLICES = 32  # the issue's 512 x 512 x 32 scan, to which the speed benchmarks scale their figures
+
+
+def default_ensemble() -> tuple[int, int]:
+    """(members, screening members) of the default profile's ensemble: its ensemble_size, and one screening
+    member per fold (each fold's first) of the default num_folds."""
+    from autoseg2d.pipeline.profiles import default_profile_name, driver_defaults, load_profile
+
+    return int(load_profile(default_profile_name())["ensemble_size"]), int(driver_defaults()["num_folds"])
+
+
+def kept_slices(share: float, head_slices: int) -> int:
+    """How many of a scan's head slices a share of them is, as the screened rows keep them (at least one)."""
+    return max(1, round(share * head_slices))
+
+
+def screened_work(kept_share: float) -> float:
+    """The share of the default ensemble's member-slice runs a screened scan does: the screening members on every
+    head slice, the others on kept_share of them."""
+    members, screening = default_ensemble()
+    return (screening + (members - screening) * kept_share) / members
 
 
 def template_config(**changes) -> dict:

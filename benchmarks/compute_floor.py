@@ -1,15 +1,15 @@
-"""The floor section of benchmark.py: how fast any runtime could run the default ensemble on this machine.
+"""The floor section of benchmark.py: what the default ensemble's convolutions cost on this CPU, layer by layer.
 
-The paper network (variant both) is run once at 512 x 512 with a hook on every convolution, which is where
-its FLOPs are (torch's FlopCounterMode counts them). Each distinct convolution (kind, channels, kernel,
-stride, input size) is then timed alone in PyTorch (oneDNN, channels_last) on batches of 2 slices, the
-parts OpenVINO runs, in bf16 where the CPU has native bf16 units and in fp32. Two floors per 18-member
-512 x 512 x 32 scan follow:
-- layer by layer: every convolution at the throughput it reached alone (batch norm, ReLU and the data
-  movement between layers counted as free);
-- at the best: every FLOP at the fastest throughput any of them reached.
-A runtime near the first has little left to gain; only less work (fewer pixels, slices or members) goes
-below the second. Both are also given for the screened scan (5 members on every slice, 13 on a share).
+The paper network (variant both) is run once at 512 x 512 with a hook on every convolution; torch's
+FlopCounterMode counts their FLOPs (it counts no elementwise operations: batch norm and ReLU are left
+out, as OpenVINO folds them into the convolutions). Each distinct convolution is then timed alone in
+PyTorch (oneDNN, channels_last, a bf16 copy on bf16 input where the CPU has native bf16 units, and
+fp32) on batches of 2 slices, the parts OpenVINO runs. Per 18-member 512 x 512 x 32 scan this gives
+- at the best convolution: every FLOP at the fastest throughput any of them reached here, an empirical
+  reference for what these cores do on this network's layers (not a hardware limit), unscreened and
+  screened at each --ensemble-screen-share;
+- PyTorch's convolutions: each at its own measured throughput, an estimate of what the PyTorch path's
+  convolutions take (OpenVINO's kernels beat it on the 32-channel layers).
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_common import SLICE_PX, template_config
-from ensemble_speed import DEFAULT_ENSEMBLE_MEMBERS, SCREENING_MEMBERS
+from bench_common import SCAN_SLICES, SLICE_PX, default_ensemble, kept_slices, screened_work, template_config
 from inputs import channel_plan, windows_for  # noqa: E402  (after bench_common's sys.path)
 from network import NetworkSettings, build_network  # noqa: E402
 from predictor import cpu_has_native_bf16  # noqa: E402
 from runtime import SLICES_PER_REQUEST  # noqa: E402
 
-SCAN_SLICES = 32
 CONVOLUTIONS = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def paper_network() -> tuple[torch.nn.Module, int]:
@@ -40,15 +39,21 @@ def paper_network() -> tuple[torch.nn.Module, int]:
     return build_network(NetworkSettings.from_config(config), channels).eval(), channels
 
 
+def convolution_key(module: torch.nn.Module, height: int, width: int) -> tuple:
+    """Everything that sets a convolution's cost: two calls with the same key are timed once."""
+    return (type(module).__name__, module.in_channels, module.out_channels, module.kernel_size, module.stride,
+            module.padding, module.dilation, module.groups, getattr(module, "output_padding", None),
+            module.bias is not None, height, width)
+
+
 def distinct_convolutions(model: torch.nn.Module, channels: int, size: int = SLICE_PX) -> list[dict]:
-    """Each distinct convolution of one size x size pass: the module, its input shape, how often it runs."""
+    """Each distinct convolution of one size x size pass: the module, its input size, how often it runs."""
     calls: dict[tuple, dict] = {}
 
     def record(module, inputs, _output):
         height, width = inputs[0].shape[-2:]
-        key = (type(module).__name__, module.in_channels, module.out_channels, module.kernel_size, module.stride,
-               height, width)
-        calls.setdefault(key, {"module": module, "key": key, "count": 0})["count"] += 1
+        key = convolution_key(module, height, width)
+        calls.setdefault(key, {"module": module, "size": (height, width), "count": 0})["count"] += 1
 
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, CONVOLUTIONS)]
     try:
@@ -61,11 +66,13 @@ def distinct_convolutions(model: torch.nn.Module, channels: int, size: int = SLI
 
 
 def time_convolution(layer: dict, precision: str, repeats: int) -> dict:
-    """FLOPs per slice and the throughput of one convolution alone, on a batch of SLICES_PER_REQUEST slices."""
-    kind, c_in, c_out, kernel, stride, height, width = layer["key"]
-    module = copy.deepcopy(layer["module"]).to(memory_format=torch.channels_last)
-    x = torch.randn(SLICES_PER_REQUEST, c_in, height, width).to(memory_format=torch.channels_last)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    """FLOPs per slice and the throughput of one convolution alone, on a batch of SLICES_PER_REQUEST slices,
+    its weights and input already in the precision (as in a network run in it)."""
+    dtype = PRECISIONS[precision]
+    module = copy.deepcopy(layer["module"]).to(dtype=dtype, memory_format=torch.channels_last)
+    x = torch.randn(SLICES_PER_REQUEST, module.in_channels, *layer["size"], dtype=dtype)
+    x = x.to(memory_format=torch.channels_last)
+    with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:
             module(x)
         seconds = []
@@ -75,38 +82,39 @@ def time_convolution(layer: dict, precision: str, repeats: int) -> dict:
             seconds.append(time.perf_counter() - started)
     flops = counter.get_total_flops() / SLICES_PER_REQUEST
     per_slice_s = statistics.median(seconds) / SLICES_PER_REQUEST
-    return {"precision": precision, "layer": f"{kind} {c_in}->{c_out} k{kernel[0]} s{stride[0]} at {height}x{width}",
+    m = module
+    name = f"{type(m).__name__} {m.in_channels}->{m.out_channels} k{m.kernel_size[0]} s{m.stride[0]}"
+    return {"precision": precision, "layer": f"{name} at {layer['size'][0]}x{layer['size'][1]}",
             "per_pass": layer["count"], "gflop_per_slice": round(flops * layer["count"] / 1e9, 2),
             "gflop_per_s": round(flops / per_slice_s / 1e9, 1), "flops": flops * layer["count"],
             "seconds": per_slice_s * layer["count"]}
 
 
 def bench_floor(args, device: torch.device) -> list[dict]:
-    """Per precision: the convolutions' rows (where the time goes) and a summary row with both floors."""
+    """Per precision: the convolutions' rows (where the time goes) and a summary row for the 18-member scan."""
     if device.type != "cpu":
         raise SystemExit("the floor section measures CPU kernels; run it with --device cpu")
     model, channels = paper_network()
     layers = distinct_convolutions(model, channels)
-    precisions = (["bf16"] if cpu_has_native_bf16() else []) + ["fp32"]
-    slices = DEFAULT_ENSEMBLE_MEMBERS * SCAN_SLICES
+    members, _ = default_ensemble()
+    slices = members * SCAN_SLICES
     rows = []
-    for precision in precisions:
+    for precision in (["bf16"] if cpu_has_native_bf16() else []) + ["fp32"]:
         for layer in layers:  # one call each first: oneDNN picks its kernels
             time_convolution(layer, precision, repeats=1)
         timed = [time_convolution(layer, precision, repeats=args.floor_repeats) for layer in layers]
         flops, seconds = sum(t["flops"] for t in timed), sum(t["seconds"] for t in timed)
         best = max(timed, key=lambda t: t["gflop_per_s"])
-        summary = {"precision": precision, "layer": "whole network (convolutions)",
+        at_best = flops * slices / (best["gflop_per_s"] * 1e9)
+        summary = {"precision": precision, "layer": "whole network (its convolutions)",
                    "gflop_per_slice": round(flops / 1e9, 1), "gflop_per_s": round(flops / seconds / 1e9, 1),
                    "best_gflop_per_s": best["gflop_per_s"], "best_layer": best["layer"],
                    "tflop_per_scan_18_members": round(flops * slices / 1e12, 1),
-                   "floor_layer_by_layer_s_per_scan_18_members": round(seconds * slices, 1),
-                   "floor_at_best_s_per_scan_18_members": round(flops * slices / (best["gflop_per_s"] * 1e9), 1)}
-        later = DEFAULT_ENSEMBLE_MEMBERS - SCREENING_MEMBERS
-        for share in args.ensemble_screen_share:  # 5 screening members on every slice, 13 on the share
-            work = (SCREENING_MEMBERS + later * share) / DEFAULT_ENSEMBLE_MEMBERS
-            summary[f"floor_at_best_screened_{share:g}_s"] = round(summary["floor_at_best_s_per_scan_18_members"]
-                                                                   * work, 1)
+                   "at_best_convolution_s_per_scan_18_members": round(at_best, 1),
+                   "pytorch_convolutions_s_per_scan_18_members": round(seconds * slices, 1)}
+        for share in args.ensemble_screen_share:  # kept as the ensemble section's screened rows keep them
+            kept = kept_slices(share, SCAN_SLICES) / SCAN_SLICES
+            summary[f"at_best_convolution_screened_{share:g}_s"] = round(at_best * screened_work(kept), 1)
         rows += [{k: v for k, v in t.items() if k not in ("flops", "seconds")} for t in timed] + [summary]
         for row in rows[-len(timed) - 1:]:
             print("floor", row, flush=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from bench_common import SLICE_PX, TEMPLATE, template_config
+from bench_common import SCAN_SLICES, SLICE_PX, TEMPLATE, default_ensemble, kept_slices, screened_work, template_config
 from autoseg2d.synthetic import make_head_ct, write_case  # noqa: E402  (after bench_common's sys.path)
 from autoseg2d.datalist import case_name  # noqa: E402
 from autoseg2d.pipeline.fold_probabilities import mean_foreground, store_foreground  # noqa: E402
@@ -22,8 +22,6 @@ from predictor import cpu_has_native_bf16  # noqa: E402
 from quantize import Int8Request, Int8Settings, calibration_inputs, nncf_installed  # noqa: E402
 from runtime import SLICES_PER_REQUEST, STREAMS_AUTO, OpenVINONetwork, openvino_installed  # noqa: E402
 from volumes import Volume, load_volume  # noqa: E402
-
-DEFAULT_ENSEMBLE_MEMBERS = 18  # the gpu profile's ensemble_size
 
 
 class PeakRss:
@@ -177,7 +175,7 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
     conversion_s = convert_for_openvino(bundles) if openvino_installed() else None
     native = cpu_has_native_bf16() and device.type == "cpu"
     precisions = ["bf16" if native else "fp32"] + (["fp32"] if native and args.ensemble_fp32 else [])
-    scale = (DEFAULT_ENSEMBLE_MEMBERS / args.ensemble_members) * (32 / args.ensemble_slices)
+    scale = (default_ensemble()[0] / args.ensemble_members) * (SCAN_SLICES / args.ensemble_slices)
     rows = []
     for precision in precisions:
         built = ensemble_paths(bundles, precision, calibration, args.ensemble_paths)
@@ -220,17 +218,16 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
     return rows
 
 
-SCREENING_MEMBERS = 5  # each fold's first member of the default ensemble (5 folds) screens every slice
-
-
 def screened_rows(name: str, loaded: list, volume: Volume, shares: list[float], precision: str,
                   scale: float) -> list[dict]:
     """What screening costs the members that run only on kept slices: the members over a middle block of
     each `share` of the head slices (a bleed spans neighbouring slices) against all of them, alternating, and
-    the 18-member scan from both (5 members on every slice, 13 on the share). The kept slices run packed into
-    full batches where a batch does not change their input (whole slices), and as before, in the batches of a
-    pass over every slice (one predict_together per batch), side by side. Random weights cannot say which
-    slices a trained screen keeps (benchmarks/screening.py measures the share on trained members)."""
+    the default ensemble's screened scan from both (bench_common.screened_work: its screening members on every
+    slice, the others on the share). The kept slices run packed into full batches where a batch does not change
+    their input (whole slices), and as before, in the batches of a pass over every slice (emulated: one
+    predict_together per batch, each allocating its own output volume, so slightly slower than the old code).
+    Random weights cannot say which slices a trained screen keeps (benchmarks/screening.py measures the share
+    on trained members)."""
     from predictor import predict_together
 
     predictors = [m.predictor for m in loaded]
@@ -239,7 +236,7 @@ def screened_rows(name: str, loaded: list, volume: Volume, shares: list[float], 
     head = sorted(pixels)
     kept_by_share = {}
     for share in shares:
-        count = max(1, round(share * len(head)))
+        count = kept_slices(share, len(head))
         kept_by_share[share] = set(head[(len(head) - count) // 2:][:count])
 
     def in_whole_pass_batches(kept):  # how screening batched kept slices before: a whole pass's batches
@@ -258,8 +255,6 @@ def screened_rows(name: str, loaded: list, volume: Volume, shares: list[float], 
             run()
             timings[key].append(time.perf_counter() - started)
     every = min(timings["all"])  # the second pass: shapes seen
-    later = DEFAULT_ENSEMBLE_MEMBERS - SCREENING_MEMBERS
-    per_member = scale / DEFAULT_ENSEMBLE_MEMBERS  # measured seconds of all measured members -> one of 18
     rows = []
     for share, kept in kept_by_share.items():
         some, before = min(timings[share]), min(timings[share, "before"])
@@ -270,10 +265,10 @@ def screened_rows(name: str, loaded: list, volume: Volume, shares: list[float], 
                      "measured_kept_s": round(some, 1), "measured_kept_in_whole_pass_batches_s": round(before, 1),
                      "kept_vs_proportional": round(some / (every * len(kept) / len(head)), 2),
                      "kept_vs_pixel_share": round(some / (every * pixel_share), 2),
-                     "s_per_512x512x32_scan_18_members_screened": round(
-                         (SCREENING_MEMBERS * every + later * some) * per_member, 1),
+                     # the later members' cost on the kept slices, as a share of a whole pass's
+                     "s_per_512x512x32_scan_18_members_screened": round(every * scale * screened_work(some / every), 1),
                      "s_per_512x512x32_scan_18_members_screened_whole_pass_batches": round(
-                         (SCREENING_MEMBERS * every + later * before) * per_member, 1),
+                         every * scale * screened_work(before / every), 1),
                      "s_per_512x512x32_scan_18_members_unscreened": round(every * scale, 1)})
     return rows
 

@@ -12,7 +12,7 @@ fold's first member screens, ensemble_screen_below) and a harsher one (only the 
 --stress_members screen). Printed as JSON and Markdown: the four challenge metrics with the
 ensemble's post-processing, voxels and cases whose final mask differs from every member's, the
 share of head slices the later members still ran, seconds per case, and what that share means
-for the paper's 18 members (5 screening): (5 + 13 x share) / 18 of the work.
+for the default ensemble (bench_common.screened_work; the paper's 18 members, 5 screening).
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import numpy as np
 import yaml
 
 # bench_common first: it puts the repository and the template's scripts on sys.path
-from bench_common import HELD_OUT_METRICS, add_held_out_arguments, held_out_inputs, metric_cells, publish
+from bench_common import (HELD_OUT_METRICS, add_held_out_arguments, held_out_inputs, metric_cells, publish,
+                          screened_work)
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, screening_members  # noqa: E402
 from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
@@ -35,8 +36,6 @@ from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402
 from autoseg2d.templates import BUNDLE_CONFIG  # noqa: E402
 from int8_accuracy import upgraded_copy  # noqa: E402
 from predictor import cpu_bf16_units  # noqa: E402
-
-PAPER_MEMBERS, PAPER_FOLDS = 18, 5
 
 
 def members_of(work: WorkDir, ensemble: dict, all_bundles: bool) -> list[dict]:
@@ -116,7 +115,7 @@ def main() -> None:
             "screening_members": screening, "summary": summarize_metrics(row["scores"]), "cases": row["scores"],
             "later_members_ran_share": round(kept, 4), "s_per_case": round(float(np.mean(row["seconds"])), 2),
             "member_slice_runs_share": round((screening + later * kept) / len(members), 4),
-            "paper_work_share": round((PAPER_FOLDS + (PAPER_MEMBERS - PAPER_FOLDS) * kept) / PAPER_MEMBERS, 4),
+            "paper_work_share": round(screened_work(kept), 4),
             "voxels_changed": int(sum(row["changed"])), "cases_changed": int(sum(c > 0 for c in row["changed"]))}
     publish(results, markdown(results), args.out)
 

@@ -182,8 +182,9 @@ def test_without_a_margin_whole_slices_run_and_only_air_slices_are_left_out():
 @pytest.mark.parametrize("crop, expected", [
     (None, [([1, 4], slice(0, 64), slice(0, 64)), ([5], slice(0, 64), slice(0, 64))]),
     (predictor_module.HeadCrop(threshold_hu=-500, margin_px=None), [([1, 4], slice(0, 64), slice(0, 64))]),
-    # the whole pass's batches [1, 2], [3, 4], each in its own box: the same boxes, only the asked-for slices
-    (predictor_module.HeadCrop(threshold_hu=-500, margin_px=4), [([1], slice(16, 40), slice(0, 56)),
+    # a whole pass batches the widest slices first, [2, 1] and [3, 4]: slice 1 keeps the box it shares with the
+    # wide slice 2 (alone it would get rows 16..40, cols 0..56, like slice 4)
+    (predictor_module.HeadCrop(threshold_hu=-500, margin_px=4), [([1], slice(0, 64), slice(0, 64)),
                                                                  ([4], slice(16, 40), slice(0, 56))]),
 ], ids=["every_slice", "whole_slices", "head_box"])
 def test_some_slices_only_fill_whole_batches_where_a_batch_does_not_change_their_input(crop, expected):
@@ -191,14 +192,17 @@ def test_some_slices_only_fill_whole_batches_where_a_batch_does_not_change_their
     are packed into full batches of 2, so OpenVINO's streams get full parts; a head box depends on the slices
     batched with it, so those keep the whole pass's boxes. The answers on those slices are the whole pass's."""
     torch.manual_seed(0)
-    model = CountingPointwise()
-    predictor = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), **FP32_NO_TTA, crop=crop)
+    predictor = SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 2, torch.device("cpu"), **FP32_NO_TTA,
+                               crop=crop)
     volume = head_volume()
-    assert list(predictor.boxes(volume, only={1, 4, 5, 9})) == expected  # 9 is beyond the volume: ignored
+    volume.image[8:56, 4:60, 2] = 40  # slice 2's head is the widest
+    assert list(predictor.boxes(volume, only=[4, 1, 5, 4, 9])) == expected  # 9 is beyond the volume: ignored
+    assert list(predictor.boxes(volume, only=[])) == []
+    asked = sorted({z for slices, _, _ in expected for z in slices})
     everything, _ = predictor_module.predict_together([predictor], volume)
     some, _ = predictor_module.predict_together([predictor], volume, only={1, 4, 5})
-    np.testing.assert_allclose(some[..., [1, 4]], everything[..., [1, 4]], atol=1e-6)
-    assert (some[0, ..., [0, 2, 3]] == 1).all()
+    np.testing.assert_allclose(some[..., asked], everything[..., asked], atol=1e-6)
+    assert (some[0, ..., [0, 2, 3]] == 1).all() and (some[1, ..., [0, 2, 3]] == 0).all()
 
 
 @pytest.mark.parametrize("margin_px", [4, None], ids=["head_box", "whole_slices"])

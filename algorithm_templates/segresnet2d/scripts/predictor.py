@@ -160,9 +160,10 @@ class SlicePredictor:
     def boxes(self, volume: Volume, only: Collection[int] | None = None) -> Iterator[tuple[list[int], slice, slice]]:
         """(slices, rows, cols) of each batch: which axial slices it holds and the box they are cut to.
 
-        With `only`, just those slices. Whole slices are then packed into full batches (a slice's input and
-        answer do not depend on the slices beside it in a batch), head boxes keep the batches and boxes of
-        a pass over every slice (a box fits the slices of its batch).
+        With `only`, just those slices. Whole slices are then packed into full batches: a slice's input does
+        not depend on the slices beside it, nor its answer (per slice in eval mode; up to the last bits where
+        PyTorch picks other kernels for another batch size). Head boxes keep the batches and boxes of a pass
+        over every slice, as a box fits the slices of its batch.
         """
         height, width, depth = volume.image.shape
         whole = slice(0, height + (-height % self.divisor)), slice(0, width + (-width % self.divisor))

@@ -6,7 +6,7 @@ their mean foreground probability (1 - P(background); in a vote ensemble, the sh
 foreground) stays below ``Screen.below`` at every pixel is left to them: the other members skip
 it, and its probabilities are the screening members' mean. On every other slice all members run,
 on the inputs and boxes a pass of every member would give them, so there the result is the whole
-ensemble's (to the last bits where smaller batches round differently in reduced precision).
+ensemble's (to the last bits where other batches round differently in reduced precision).
 
 What this can change: with N members of which j screen, a screened-out slice becomes foreground
 in the whole ensemble's mean only where the other N - j members average above
