@@ -68,13 +68,14 @@ def random_weight_bundles(work: Path, count: int) -> list[Path]:
     return bundles
 
 
-ENSEMBLE_PATHS = ("old", "new_torch", "new_openvino_whole_batch", "new_openvino", "new_openvino_head_crop",
-                  "new_openvino_int8")
+ENSEMBLE_PATHS = ("old", "new_torch_whole_batch", "new_torch", "new_openvino_whole_batch", "new_openvino",
+                  "new_openvino_head_crop", "new_openvino_int8")
 
 
 def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wanted=ENSEMBLE_PATHS) -> dict:
-    """The ensemble before the shared passes (each member reads and windows the scan, PyTorch) and after them
-    (members share inputs), in PyTorch and, where installed, OpenVINO: each batch whole on one stream (before
+    """The ensemble before the shared passes (each member reads and windows the scan, PyTorch on whole batches)
+    and after them (members share inputs), in PyTorch (whole batches as before, and calls of at most one
+    512 x 512 slice now) and, where installed, OpenVINO: each batch whole on one stream (before
     infer_cpu_streams) and in parts over OpenVINO's streams (now), those with slices cut to the head's box
     (infer_crop_to_head, opt-in), and INT8 where NNCF is installed too (calibrated on another generated scan).
     The new paths but the head crop run whole slices without the air-only ones (the template's default), the
@@ -83,13 +84,15 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
     from autoseg2d.pipeline.ensemble import EnsemblePredictor
     from autoseg2d.pipeline.inference import load_inferer
 
-    def members(runtime: str, cut: dict | None = None, streams=STREAMS_AUTO, slices_per_request=SLICES_PER_REQUEST
-                ) -> list:
+    def members(runtime: str, cut: dict | None = None, streams=STREAMS_AUTO, slices_per_request=SLICES_PER_REQUEST,
+                whole_torch_batches: bool = False) -> list:
         """Members on `runtime`, cutting slices as the template's config says unless `cut` sets its keys."""
         loaded = [load_inferer(bundle, infer_cpu_runtime="torch", **(cut or {}))  # engine attached below
                   for bundle in bundles]
         for member in loaded:
             member.predictor.dtype = None if precision == "fp32" else torch.bfloat16
+            if whole_torch_batches:  # as before PyTorch got a batch in calls of bounded size
+                member.predictor.pixels_per_call = None
             if runtime.startswith("openvino"):
                 int8 = int8_request(member, calibration) if runtime == "openvino_int8" else None
                 member.predictor.network = OpenVINONetwork(member.predictor.model, len(member.predictor.plan),
@@ -104,7 +107,8 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
         predictor.members, predictor.mode, predictor.postprocessing, predictor.screen = loaded, "mean", None, None
         return predictor.probabilities
 
-    builders = {"new_torch": lambda: members("torch")}
+    builders = {"new_torch_whole_batch": lambda: members("torch", whole_torch_batches=True),
+                "new_torch": lambda: members("torch")}
     if openvino_installed():
         builders["new_openvino_whole_batch"] = lambda: members("openvino", streams=1, slices_per_request=None)
         builders["new_openvino"] = lambda: members("openvino")
@@ -113,7 +117,8 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
             builders["new_openvino_int8"] = lambda: members("openvino_int8")
     paths, loaded_by_path, setup = {}, {}, {}
     if "old" in wanted:
-        old = members("torch", cut={"infer_crop_to_head": False, "infer_skip_air_slices": False})
+        old = members("torch", cut={"infer_crop_to_head": False, "infer_skip_air_slices": False},
+                      whole_torch_batches=True)
         paths["old"] = lambda image: sum(m.infer(str(image)).numpy() for m in old) / len(old)
     for name, build in builders.items():
         if name in wanted:

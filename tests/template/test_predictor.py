@@ -76,6 +76,39 @@ def test_batching_and_channels_last_do_not_change_the_result():
     assert one.shape == (2, 40, 40, 5)  # padded to 40 -> 40 (divisor 8), cropped back
 
 
+class CallSizes(torch.nn.Module):
+    """A small convolutional network that records how many slices each call gets."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 2, 1))
+        self.calls = []
+
+    def forward(self, x):
+        self.calls.append(x.shape[0])
+        return self.net(x)
+
+
+def test_pytorch_on_a_cpu_gets_a_batch_in_calls_of_a_bounded_size_with_the_whole_batch_answer():
+    """Batches stay infer_batch_size slices (their windowing and boxes); on a CPU the network sees them in calls
+    of at most TORCH_CPU_PIXELS_PER_CALL pixels (faster there: cache), with the answer a whole-batch call gives;
+    small slices still go whole, and a GPU gets the whole batch."""
+    torch.manual_seed(0)
+    model = CallSizes()
+    predictor = SlicePredictor(model, PLAN, WINDOWS, 8, 4, torch.device("cpu"), **FP32_NO_TTA)
+    whole = predictor.predict_slices_last(volume())
+    assert model.calls == [4, 1]  # 40 x 40 slices: a batch of 4 is far below one 512 x 512 slice
+    model.calls.clear()
+    predictor.pixels_per_call = 2 * 40 * 40  # what a 512 x 512 slice is to the default
+    parts = predictor.predict_slices_last(volume())
+    assert model.calls == [2, 2, 1]
+    np.testing.assert_allclose(parts, whole, atol=1e-6)
+    assert predictor_module.TORCH_CPU_PIXELS_PER_CALL // (512 * 512) == 1
+    gpu = SlicePredictor(CallSizes(), PLAN, WINDOWS, 8, 4, torch.device("cuda"), amp=False, cpu_bf16=False,
+                         tta=False)
+    assert gpu.pixels_per_call is None
+
+
 def test_flip_tta_averages_the_mirrored_predictions():
     torch.manual_seed(0)
     model = Ramp()
