@@ -96,14 +96,23 @@ def test_pytorch_on_a_cpu_gets_a_batch_in_calls_of_a_bounded_size_with_the_whole
     torch.manual_seed(0)
     model = CallSizes()
     predictor = SlicePredictor(model, PLAN, WINDOWS, 8, 4, torch.device("cpu"), **FP32_NO_TTA)
-    whole = predictor.predict_slices_last(volume())
+    predictor.predict_slices_last(volume())
     assert model.calls == [4, 1]  # 40 x 40 slices: a batch of 4 is far below one 512 x 512 slice
     model.calls.clear()
-    predictor.pixels_per_call = 2 * 40 * 40  # what a 512 x 512 slice is to the default
+    predictor.pixels_per_call = 2 * 40 * 40  # two of these slices per call
+    predictor.flips = predictor_module.TTA_FLIP_DIMS  # flipped copies are cut the same way
     parts = predictor.predict_slices_last(volume())
-    assert model.calls == [2, 2, 1]
-    np.testing.assert_allclose(parts, whole, atol=1e-6)
-    assert predictor_module.TORCH_CPU_PIXELS_PER_CALL // (512 * 512) == 1
+    assert model.calls == [2, 2, 2, 2, 2, 2, 2, 2, 1, 1, 1, 1]
+    predictor.pixels_per_call = None
+    np.testing.assert_allclose(parts, predictor.predict_slices_last(volume()), atol=1e-6)
+    big = SlicePredictor(CallSizes(), PLAN, WINDOWS, 8, 4, torch.device("cpu"), **FP32_NO_TTA)
+    big.predict_slices_last(volume(size=512, depth=2))
+    assert big.model.calls == [1, 1]  # the default: one 512 x 512 slice per call
+    network = CallSizes()
+    other_engine = SlicePredictor(CallSizes(), PLAN, WINDOWS, 8, 4, torch.device("cpu"), **FP32_NO_TTA,
+                                  network=network)
+    other_engine.predict_slices_last(volume())
+    assert network.calls == [4, 1]  # OpenVINO and the like cut their own parts
     gpu = SlicePredictor(CallSizes(), PLAN, WINDOWS, 8, 4, torch.device("cuda"), amp=False, cpu_bf16=False,
                          tta=False)
     assert gpu.pixels_per_call is None

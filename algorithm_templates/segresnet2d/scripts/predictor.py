@@ -27,10 +27,11 @@ from volumes import Volume, from_ras
 
 # Flip test-time augmentation: the identity plus mirrors along height, width and both.
 TTA_FLIP_DIMS: tuple[tuple[int, ...], ...] = ((), (-2,), (-1,), (-2, -1))
-# PyTorch on a CPU gets a batch in calls of at most this many pixels (one 512 x 512 slice; 16 slices of 128 x 128):
-# a call's first-level activations (16 MiB in bf16) then stay in cache, where 16 slices of 512 x 512 (256 MiB) go
-# to memory. 1.5x (fp32) to 2x (bf16) faster on 2 EPYC cores, the same outputs to the bit (benchmarks/RESULTS.md).
-# A GPU takes the whole batch; OpenVINO cuts its own parts.
+# PyTorch on a CPU gets a batch in calls of at most this many pixels, or one slice (a 512 x 512 slice; 16 of
+# 128 x 128): likely because a call's activations then stay closer to cache (16 slices of 512 x 512 hold 256 MiB in
+# each bf16 first-level activation), it ran much faster on 2 EPYC cores, with outputs equal in a probe (may differ
+# in the last bits, as boxes() says; figures in benchmarks/RESULTS.md). A GPU takes the whole batch; OpenVINO
+# cuts its own parts.
 TORCH_CPU_PIXELS_PER_CALL = 512 * 512
 
 
@@ -236,7 +237,7 @@ class SlicePredictor:
             if self.network is not None:
                 logits = self.network(flipped)
             else:
-                parts = flipped.split(self._slices_per_call(flipped)) if self.pixels_per_call else [flipped]
+                parts = flipped.split(self._slices_per_call(flipped))
                 with self._autocast():
                     logits = torch.cat([self.model(part) for part in parts])
             probs = torch.softmax(logits.float(), dim=1)
@@ -245,6 +246,8 @@ class SlicePredictor:
         return total / len(self.flips)
 
     def _slices_per_call(self, x: torch.Tensor) -> int:
+        if self.pixels_per_call is None:
+            return len(x)
         return max(1, self.pixels_per_call // (x.shape[-2] * x.shape[-1]))
 
     def _autocast(self):

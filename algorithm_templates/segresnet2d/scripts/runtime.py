@@ -1,7 +1,9 @@
 """Which engine runs the network at inference: PyTorch, or OpenVINO on CPUs where it is installed.
 
 On a 2-core Xeon with AMX, OpenVINO's bf16 ran the paper network 3.2x faster than PyTorch's
-bf16 autocast with channels_last, at the same accuracy (benchmarks/RESULTS.md); ONNX Runtime
+bf16 autocast with channels_last on whole 16-slice batches, at the same accuracy; since PyTorch
+gets a CPU batch in calls of one 512 x 512 slice, the gap on 2 EPYC cores is 1.1-1.5x
+(benchmarks/RESULTS.md). ONNX Runtime
 and torch.compile did not beat PyTorch there. OpenVINO is optional (``pip install openvino``):
 without it, or on a GPU, PyTorch runs. Converting a network takes a minute or more, so the
 converted model is kept next to its checkpoint and converted again only when the checkpoint
