@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -16,6 +17,7 @@ SLICE_PX = 512
 SCAN_SLICES = 32  # the issue's 512 x 512 x 32 scan, to which the speed benchmarks scale their figures
 
 
+@functools.cache  # profiles.yaml read once, not on every screened row
 def default_ensemble() -> tuple[int, int]:
     """(members, screening members) of the default profile's ensemble: its ensemble_size, and one screening
     member per fold (each fold's first) of the default num_folds."""

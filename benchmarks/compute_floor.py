@@ -82,8 +82,8 @@ def time_convolution(layer: dict, precision: str, repeats: int) -> dict:
             seconds.append(time.perf_counter() - started)
     flops = counter.get_total_flops() / SLICES_PER_REQUEST
     per_slice_s = statistics.median(seconds) / SLICES_PER_REQUEST
-    m = module
-    name = f"{type(m).__name__} {m.in_channels}->{m.out_channels} k{m.kernel_size[0]} s{m.stride[0]}"
+    name = (f"{type(module).__name__} {module.in_channels}->{module.out_channels} k{module.kernel_size[0]} "
+            f"s{module.stride[0]}")
     return {"precision": precision, "layer": f"{name} at {layer['size'][0]}x{layer['size'][1]}",
             "per_pass": layer["count"], "gflop_per_slice": round(flops * layer["count"] / 1e9, 2),
             "gflop_per_s": round(flops / per_slice_s / 1e9, 1), "flops": flops * layer["count"],
@@ -100,7 +100,7 @@ def bench_floor(args, device: torch.device) -> list[dict]:
     slices = members * SCAN_SLICES
     rows = []
     for precision in (["bf16"] if cpu_has_native_bf16() else []) + ["fp32"]:
-        for layer in layers:  # one call each first: oneDNN picks its kernels
+        for layer in layers:  # a whole untimed round first: 4-5 % faster after it than after the counted call alone
             time_convolution(layer, precision, repeats=1)
         timed = [time_convolution(layer, precision, repeats=args.floor_repeats) for layer in layers]
         flops, seconds = sum(t["flops"] for t in timed), sum(t["seconds"] for t in timed)

@@ -26,8 +26,8 @@ import numpy as np
 import yaml
 
 # bench_common first: it puts the repository and the template's scripts on sys.path
-from bench_common import (HELD_OUT_METRICS, add_held_out_arguments, held_out_inputs, metric_cells, publish,
-                          screened_work)
+from bench_common import (HELD_OUT_METRICS, add_held_out_arguments, default_ensemble, held_out_inputs, metric_cells,
+                          publish, screened_work)
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, screening_members  # noqa: E402
 from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
@@ -123,7 +123,7 @@ def main() -> None:
 def markdown(results: dict) -> str:
     header = ["members", "screening", *(name for name, _ in HELD_OUT_METRICS), "cases / voxels changed",
               "later members ran (share of head slices)", "member-slice runs", "s per case",
-              "18-member work (5 screening)"]
+              "{}-member work ({} screening)".format(*default_ensemble())]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in results["rows"].items():
         values = metric_cells(entry["summary"])
