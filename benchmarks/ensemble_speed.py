@@ -18,7 +18,7 @@ from autoseg2d.templates import bundle_files  # noqa: E402
 from bundle_contract import BundleFiles  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
 from network import NetworkSettings, build_network  # noqa: E402
-from predictor import cpu_has_native_bf16  # noqa: E402
+from predictor import autocast_dtype  # noqa: E402
 from quantize import Int8Request, Int8Settings, calibration_inputs, nncf_installed  # noqa: E402
 from runtime import SLICES_PER_REQUEST, STREAMS_AUTO, OpenVINONetwork, openvino_installed  # noqa: E402
 from volumes import Volume, load_volume  # noqa: E402
@@ -41,6 +41,19 @@ class PeakRss:
     def __exit__(self, *exc):
         self.running = False
         self.thread.join()
+
+
+# The precisions the ensemble rows run in, as the predictor's dtype (None: fp32).
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def ensemble_precisions(device: torch.device, also_fp32: bool) -> list[str]:
+    """The template's own precision on `device` (its amp / infer_cpu_bf16 through the predictor's choice: fp16
+    on a GPU, bf16 on a CPU with native bf16, else fp32), then fp32 too where asked and different."""
+    config = template_config()
+    chosen = autocast_dtype(device, config["amp"], config["infer_cpu_bf16"])
+    default = next(name for name, dtype in PRECISION_DTYPES.items() if dtype == chosen)
+    return [default] + (["fp32"] if also_fp32 and default != "fp32" else [])
 
 
 def rss_gib() -> float:
@@ -90,7 +103,7 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
         loaded = [load_inferer(bundle, infer_cpu_runtime="torch", **(cut or {}))  # engine attached below
                   for bundle in bundles]
         for member in loaded:
-            member.predictor.dtype = None if precision == "fp32" else torch.bfloat16
+            member.predictor.dtype = PRECISION_DTYPES[precision]
             if whole_torch_batches:  # as before PyTorch got a batch in calls of bounded size
                 member.predictor.pixels_per_call = None
             if runtime.startswith("openvino"):
@@ -109,7 +122,7 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
 
     builders = {"new_torch_whole_batch": lambda: members("torch", whole_torch_batches=True),
                 "new_torch": lambda: members("torch")}
-    if openvino_installed():
+    if openvino_installed() and not torch.cuda.is_available():  # members run on the GPU where there is one
         builders["new_openvino_whole_batch"] = lambda: members("openvino", streams=1, slices_per_request=None)
         builders["new_openvino"] = lambda: members("openvino")
         builders["new_openvino_head_crop"] = lambda: members("openvino", cut={"infer_crop_to_head": True})
@@ -170,6 +183,11 @@ def convert_for_openvino(bundles: list[Path]) -> float:
 def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
     """Seconds per 512 x 512 x S scan for M members of random weights, the paths alternating, scaled to the
     default ensemble (18 members, 32 slices) by members x slices."""
+    members_on = "cuda" if torch.cuda.is_available() else "cpu"  # where InferClass puts every member
+    if device.type != members_on:
+        raise SystemExit(f"--device {device.type}: the ensemble's members run on {members_on} here (InferClass "
+                         f"takes the GPU where there is one); for the CPU on a GPU machine run with "
+                         f"CUDA_VISIBLE_DEVICES= set empty")
     case = make_head_ct(SLICE_PX, args.ensemble_slices, head_mm=tuple(args.head_mm), seed=0)
     image, warmup = work / "ensemble_case.nii.gz", work / "ensemble_warmup.nii.gz"
     write_case(case, image, None)
@@ -177,9 +195,8 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
     calibration = work / "ensemble_calibration.nii.gz"
     write_case(make_head_ct(SLICE_PX, args.ensemble_slices, head_mm=tuple(args.head_mm), seed=2), calibration, None)
     bundles = random_weight_bundles(work, args.ensemble_members)
-    conversion_s = convert_for_openvino(bundles) if openvino_installed() else None
-    native = cpu_has_native_bf16() and device.type == "cpu"
-    precisions = ["bf16" if native else "fp32"] + (["fp32"] if native and args.ensemble_fp32 else [])
+    conversion_s = convert_for_openvino(bundles) if openvino_installed() and members_on == "cpu" else None
+    precisions = ensemble_precisions(device, args.ensemble_fp32)
     scale = (default_ensemble()[0] / args.ensemble_members) * (SCAN_SLICES / args.ensemble_slices)
     rows = []
     for precision in precisions:
@@ -194,16 +211,20 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
         for repeat in range(args.ensemble_repeats):
             for name, path in built["paths"].items():
                 before = rss_gib()
+                if members_on == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
                 with PeakRss() as memory:
                     started = time.perf_counter()
                     probabilities = path(image)
                     seconds = time.perf_counter() - started
                 held = rss_gib() - before  # what the members keep after the pass (OpenVINO's request memory)
                 row = {"path": name, "precision": precision, "repeat": repeat, "members": args.ensemble_members,
-                       "slices": args.ensemble_slices, "measured_s": round(seconds, 1),
+                       "slices": args.ensemble_slices, "measured_s": round(seconds, 2),
                        "s_per_512x512x32_scan_18_members": round(seconds * scale, 1),
                        "peak_rss_gib": round(memory.peak, 2), "peak_above_start_gib": round(memory.peak - before, 2),
                        "held_after_gib_per_member": round(held / args.ensemble_members, 2)}
+                if members_on == "cuda":
+                    row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
                 if name != "old":
                     row.update(shares[name])
                 if name.startswith("new_openvino"):

@@ -25,3 +25,30 @@ def test_the_floor_counts_each_convolution_of_the_paper_network_once():
     convolutions = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))]
     assert sum(layer["count"] for layer in layers) == len(convolutions)
     assert len(layers) < len(convolutions)  # the repeated blocks of a level share one timing
+
+
+def test_the_ensemble_rows_run_in_the_precision_the_template_picks_on_each_device(monkeypatch):
+    """A GPU runs the template's amp (fp16), not fp32; a CPU bf16 only where it is native."""
+    import predictor
+    from ensemble_speed import PRECISION_DTYPES, ensemble_precisions
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert ensemble_precisions(cuda, also_fp32=False) == ["fp16"]
+    assert ensemble_precisions(cuda, also_fp32=True) == ["fp16", "fp32"]
+    monkeypatch.setattr(predictor, "cpu_has_native_bf16", lambda: True)
+    assert ensemble_precisions(cpu, also_fp32=True) == ["bf16", "fp32"]
+    monkeypatch.setattr(predictor, "cpu_has_native_bf16", lambda: False)
+    assert ensemble_precisions(cpu, also_fp32=True) == ["fp32"]
+    assert PRECISION_DTYPES["fp16"] == predictor.autocast_dtype(cuda, amp=True, cpu_bf16=True)
+
+
+def test_the_ensemble_section_refuses_a_device_its_members_would_not_run_on(monkeypatch, tmp_path):
+    """InferClass takes the GPU where there is one, so --device cpu there would time the GPU as the CPU."""
+    from types import SimpleNamespace
+
+    from ensemble_speed import bench_ensemble
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(SystemExit, match="CUDA_VISIBLE_DEVICES"):
+        bench_ensemble(SimpleNamespace(), torch.device("cpu"), tmp_path)
+    assert not any(tmp_path.iterdir())  # refused before writing a case or a bundle
