@@ -6,7 +6,8 @@
 # Markdown) for benchmarks/RESULTS.md. The timeouts add up to under 10 minutes, one device call.
 # Prepare here, once (the image has Python 3.12, torch and numpy; it reaches no registry):
 #   pip download -d .whl --no-deps --only-binary :all: --python-version 3.12 \
-#     --platform manylinux2014_x86_64 monai fire nibabel optuna sqlalchemy alembic mako colorlog greenlet
+#     --platform manylinux2014_x86_64 monai fire termcolor nibabel pydicom optuna sqlalchemy alembic mako \
+#     colorlog greenlet   (14 MiB; the carried tree may hold 64 MiB in all)
 # then call the device tool's run with carry [".whl"] and the command `bash benchmarks/gpu_run.sh`.
 set -u
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
