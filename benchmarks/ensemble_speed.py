@@ -17,7 +17,7 @@ from autoseg2d.pipeline.fold_probabilities import mean_foreground, store_foregro
 from autoseg2d.templates import bundle_files  # noqa: E402
 from bundle_contract import BundleFiles  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
-from network import NetworkSettings, build_network  # noqa: E402
+from network import NetworkSettings, build_network, trained_network  # noqa: E402
 from predictor import autocast_dtype  # noqa: E402
 from quantize import Int8Request, Int8Settings, calibration_inputs, nncf_installed  # noqa: E402
 from runtime import SLICES_PER_REQUEST, STREAMS_AUTO, OpenVINONetwork, openvino_installed  # noqa: E402
@@ -198,7 +198,8 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
     conversion_s = convert_for_openvino(bundles) if openvino_installed() and members_on == "cpu" else None
     precisions = ensemble_precisions(device, args.ensemble_fp32)
     scale = (default_ensemble()[0] / args.ensemble_members) * (SCAN_SLICES / args.ensemble_slices)
-    rows = []
+    rows = [member_load_row(bundles, default_ensemble()[0])]
+    print("ensemble", rows[0], flush=True)
     for precision in precisions:
         built = ensemble_paths(bundles, precision, calibration, args.ensemble_paths)
         if not built["paths"]:
@@ -297,6 +298,37 @@ def screened_rows(name: str, loaded: list, volume: Volume, shares: list[float], 
                          every * scale * screened_work(before / every), 1),
                      "s_per_512x512x32_scan_18_members_unscreened": round(every * scale, 1)})
     return rows
+
+
+def member_load_row(bundles: list[Path], scale_members: float) -> dict:
+    """What building a member's network from its checkpoint costs, before (built with random initial weights,
+    then loaded) and now (network.trained_network: built on the meta device, the weights assigned), the two
+    alternating over the bundles, three rounds, the fastest of each; the checkpoint read is timed apart (both
+    do it). A one-scan predict pays this once per member, on top of the pass."""
+    config = template_config(input_variant="both")
+    settings = NetworkSettings.from_config(config)
+    channels = len(channel_plan(config["input_variant"], len(windows_for(config["modality"], config["ct_windows_hu"])),
+                                config["num_adjacent_slices"]))
+    timings = {"read": [], "before": [], "now": []}
+    for _ in range(3):
+        for bundle in bundles:
+            started = time.perf_counter()
+            state = torch.load(bundle_files(bundle).model, map_location="cpu",
+                               weights_only=False)["state_dict"]
+            timings["read"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            build_network(settings, channels).load_state_dict(state)
+            timings["before"].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            trained_network(settings, channels, state)
+            timings["now"].append(time.perf_counter() - started)
+    fastest = {key: min(values) for key, values in timings.items()}
+    return {"path": "member_network_from_checkpoint", "members": len(bundles),
+            "checkpoint_read_s_per_member": round(fastest["read"], 3),
+            "before_build_then_load_s_per_member": round(fastest["before"], 3),
+            "now_built_on_meta_s_per_member": round(fastest["now"], 3),
+            "before_s_18_members": round(fastest["before"] * scale_members, 1),
+            "now_s_18_members": round(fastest["now"] * scale_members, 1)}
 
 
 def stored_maps_row(bundles: list[Path], image: Path, probabilities, precision: str, scale: float) -> dict:

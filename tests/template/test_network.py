@@ -3,7 +3,7 @@ import torch
 import yaml
 from monai.losses import DiceCELoss
 from network import (NetworkSettings, build_loss, build_network, count_parameters, deep_supervision_weights,
-                     shape_divisor)
+                     shape_divisor, trained_network)
 
 from tests.conftest import TEMPLATE
 
@@ -28,6 +28,29 @@ def test_paper_network(defaults):
     assert [tuple(o.shape) for o in outputs] == [(2, 2, 64, 64), (2, 2, 32, 32), (2, 2, 16, 16), (2, 2, 8, 8)]
     model.eval()
     assert model(torch.zeros(1, 9, 64, 64)).shape == (1, 2, 64, 64)
+
+
+def test_a_trained_network_holds_the_checkpoint_weights_without_drawing_random_ones(defaults):
+    """Inference builds each member straight from its checkpoint: the same answers as a network built and then
+    loaded, in eval mode, no tensor left on the meta device, and no random initial weights drawn (the RNG
+    state unchanged, which a network initialized and then overwritten would advance)."""
+    settings = NetworkSettings.from_config({**defaults, "network": {**defaults["network"], "init_filters": 8}})
+    torch.manual_seed(0)
+    reference = build_network(settings, in_channels=3).eval()
+    for module in reference.modules():  # non-default norm weights too, so every tensor's source shows
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.affine:
+            torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+    state = {key: value.clone() for key, value in reference.state_dict().items()}
+    before = torch.get_rng_state()
+    model = trained_network(settings, 3, state)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert not model.training
+    assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(model(x), reference(x))
+    with pytest.raises(RuntimeError, match="Missing key"):
+        trained_network(settings, 3, {k: v for k, v in state.items() if not k.endswith("bias")})
 
 
 def test_loss_sums_levels_with_nearest_downsized_targets(defaults):

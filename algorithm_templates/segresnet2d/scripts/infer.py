@@ -25,7 +25,7 @@ from bundle_contract import BundleFiles, write_mask  # noqa: E402
 from datalist_split import read_datalist, testing_files  # noqa: E402
 from gpu_memory import MemorySettings, explain_out_of_memory  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
-from network import NetworkSettings, build_network, shape_divisor  # noqa: E402
+from network import NetworkSettings, shape_divisor, trained_network  # noqa: E402
 from predictor import HeadCrop, SlicePredictor, autocast_dtype, predict_together  # noqa: E402
 from quantize import (Int8Request, Int8Settings, QuantizationError, calibration_images,  # noqa: E402
                       calibration_inputs)
@@ -52,8 +52,7 @@ class InferClass:
         self.config = config
         windows = windows_for(config["modality"], config["ct_windows_hu"])
         plan = channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"])
-        model = build_network(NetworkSettings.from_config(config), len(plan)).to(self.device)
-        model.load_state_dict(checkpoint["state_dict"])
+        model = trained_network(NetworkSettings.from_config(config), len(plan), checkpoint["state_dict"])
         self.predictor = SlicePredictor(model, plan, windows, shape_divisor(config["network"]["blocks_down"]),
                                         config["infer_batch_size"], self.device, config["amp"],
                                         config["infer_cpu_bf16"], config["infer_tta"], head_crop(config))

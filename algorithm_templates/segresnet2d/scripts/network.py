@@ -40,6 +40,16 @@ def build_network(settings: NetworkSettings, in_channels: int) -> SegResNetDS:
     )
 
 
+def trained_network(settings: NetworkSettings, in_channels: int, state_dict: dict) -> SegResNetDS:
+    """The network holding a checkpoint's weights, on their device, in eval mode. Built on the meta device, so
+    no random initial weights are drawn only to be overwritten (0.19 s of a 0.44 s member load for the paper
+    network on 2 cores, per member of an ensemble); every parameter and buffer must be in `state_dict`."""
+    with torch.device("meta"):
+        model = build_network(settings, in_channels)
+    model.load_state_dict(state_dict, assign=True)
+    return model.eval()
+
+
 def shape_divisor(blocks_down: list[int] | tuple[int, ...]) -> int:
     """Slice sizes must be multiples of this (one halving per level below the first)."""
     return 2 ** (len(blocks_down) - 1)
