@@ -299,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ensemble-paths", type=lambda text: text.split(","), default=list(ENSEMBLE_PATHS),
                         help=f"comma-separated ensemble paths to measure, of {','.join(ENSEMBLE_PATHS)} "
                              "(those this machine can run)")
-    parser.add_argument("--ensemble-fp32", action="store_true", help="also fp32 where bf16 is native")
+    parser.add_argument("--ensemble-fp32", action="store_true",
+                        help="also fp32 where the template picks bf16 (a CPU with native bf16) or fp16 (a GPU)")
     parser.add_argument("--ensemble-screen-share", type=float, nargs="+", default=[0.4],
                         help="shares of head slices the later members run on in the screened rows (one row each)")
     parser.add_argument("--floor-repeats", type=int, default=3, help="timed calls per convolution (median)")

@@ -18,7 +18,7 @@ from autoseg2d.templates import bundle_files  # noqa: E402
 from bundle_contract import BundleFiles  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
 from network import NetworkSettings, build_network, trained_network  # noqa: E402
-from predictor import autocast_dtype  # noqa: E402
+from predictor import autocast_dtype, inference_device  # noqa: E402
 from quantize import Int8Request, Int8Settings, calibration_inputs, nncf_installed  # noqa: E402
 from runtime import SLICES_PER_REQUEST, STREAMS_AUTO, OpenVINONetwork, openvino_installed  # noqa: E402
 from volumes import Volume, load_volume  # noqa: E402
@@ -48,8 +48,8 @@ PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def ensemble_precisions(device: torch.device, also_fp32: bool) -> list[str]:
-    """The template's own precision on `device` (its amp / infer_cpu_bf16 through the predictor's choice: fp16
-    on a GPU, bf16 on a CPU with native bf16, else fp32), then fp32 too where asked and different."""
+    """The precision the template's config picks on `device` (predictor.autocast_dtype), then fp32 too where
+    asked and different."""
     config = template_config()
     chosen = autocast_dtype(device, config["amp"], config["infer_cpu_bf16"])
     default = next(name for name, dtype in PRECISION_DTYPES.items() if dtype == chosen)
@@ -61,11 +61,16 @@ def rss_gib() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**30
 
 
-def random_weight_bundles(work: Path, count: int) -> list[Path]:
-    """`count` copies of the template with paper-model checkpoints of random weights (variant both)."""
+def paper_member_config() -> tuple[dict, int]:
+    """The template's config for the benchmark's members (variant both) and their input channel count."""
     config = template_config(input_variant="both")
     windows = windows_for(config["modality"], config["ct_windows_hu"])
-    plan = channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"])
+    return config, len(channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"]))
+
+
+def random_weight_bundles(work: Path, count: int) -> list[Path]:
+    """`count` copies of the template with paper-model checkpoints of random weights (variant both)."""
+    config, channels = paper_member_config()
     inputs = {key: config[key] for key in ("modality", "input_variant", "num_adjacent_slices", "ct_windows_hu",
                                            "output_classes", "network")}
     bundles = []
@@ -75,7 +80,7 @@ def random_weight_bundles(work: Path, count: int) -> list[Path]:
         files = bundle_files(bundle)
         files.ckpt_path.mkdir()
         torch.manual_seed(index)
-        model = build_network(NetworkSettings.from_config(config), len(plan))
+        model = build_network(NetworkSettings.from_config(config), channels)
         torch.save({"state_dict": model.state_dict(), "inputs": inputs}, files.model)
         bundles.append(bundle)
     return bundles
@@ -122,7 +127,7 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
 
     builders = {"new_torch_whole_batch": lambda: members("torch", whole_torch_batches=True),
                 "new_torch": lambda: members("torch")}
-    if openvino_installed() and not torch.cuda.is_available():  # members run on the GPU where there is one
+    if openvino_installed() and inference_device().type == "cpu":  # OpenVINO runs CPU members only
         builders["new_openvino_whole_batch"] = lambda: members("openvino", streams=1, slices_per_request=None)
         builders["new_openvino"] = lambda: members("openvino")
         builders["new_openvino_head_crop"] = lambda: members("openvino", cut={"infer_crop_to_head": True})
@@ -183,7 +188,7 @@ def convert_for_openvino(bundles: list[Path]) -> float:
 def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
     """Seconds per 512 x 512 x S scan for M members of random weights, the paths alternating, scaled to the
     default ensemble (18 members, 32 slices) by members x slices."""
-    members_on = "cuda" if torch.cuda.is_available() else "cpu"  # where InferClass puts every member
+    members_on = inference_device().type  # where InferClass puts every member
     if device.type != members_on:
         raise SystemExit(f"--device {device.type}: the ensemble's members run on {members_on} here (InferClass "
                          f"takes the GPU where there is one); for the CPU on a GPU machine run with "
@@ -196,9 +201,9 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
     write_case(make_head_ct(SLICE_PX, args.ensemble_slices, head_mm=tuple(args.head_mm), seed=2), calibration, None)
     bundles = random_weight_bundles(work, args.ensemble_members)
     conversion_s = convert_for_openvino(bundles) if openvino_installed() and members_on == "cpu" else None
-    precisions = ensemble_precisions(device, args.ensemble_fp32)
+    precisions = ensemble_precisions(device, also_fp32=args.ensemble_fp32)
     scale = (default_ensemble()[0] / args.ensemble_members) * (SCAN_SLICES / args.ensemble_slices)
-    rows = [member_load_row(bundles, default_ensemble()[0])]
+    rows = [member_load_row(bundles, device, scale_members=default_ensemble()[0])]
     print("ensemble", rows[0], flush=True)
     for precision in precisions:
         built = ensemble_paths(bundles, precision, calibration, args.ensemble_paths)
@@ -213,6 +218,7 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
             for name, path in built["paths"].items():
                 before = rss_gib()
                 if members_on == "cuda":
+                    gpu_before = torch.cuda.memory_allocated()  # the members' weights, loaded for every path
                     torch.cuda.reset_peak_memory_stats()
                 with PeakRss() as memory:
                     started = time.perf_counter()
@@ -225,7 +231,8 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
                        "peak_rss_gib": round(memory.peak, 2), "peak_above_start_gib": round(memory.peak - before, 2),
                        "held_after_gib_per_member": round(held / args.ensemble_members, 2)}
                 if members_on == "cuda":
-                    row["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                    row["peak_gpu_above_start_gib"] = round((torch.cuda.max_memory_allocated() - gpu_before) / 2**30,
+                                                            2)
                 if name != "old":
                     row.update(shares[name])
                 if name.startswith("new_openvino"):
@@ -242,6 +249,7 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
             for row in screened_rows(name, loaded, volume, args.ensemble_screen_share, precision, scale):
                 rows.append(row)
                 print("ensemble", row, flush=True)
+        built = loaded = None  # the next precision's members load without these beside them
     return rows
 
 
@@ -300,30 +308,33 @@ def screened_rows(name: str, loaded: list, volume: Volume, shares: list[float], 
     return rows
 
 
-def member_load_row(bundles: list[Path], scale_members: float) -> dict:
-    """What building a member's network from its checkpoint costs, before (built with random initial weights,
-    then loaded) and now (network.trained_network: built on the meta device, the weights assigned), the two
-    alternating over the bundles, three rounds, the fastest of each; the checkpoint read is timed apart (both
-    do it). A one-scan predict pays this once per member, on top of the pass."""
-    config = template_config(input_variant="both")
+def member_load_row(bundles: list[Path], device: torch.device, scale_members: float) -> dict:
+    """What building a member's network from its checkpoint costs on `device`, before (built with random initial
+    weights, moved there, then loaded) and now (network.trained_network: built on the meta device, the
+    checkpoint's tensors assigned), interleaved per bundle, three rounds, the fastest of each; the checkpoint
+    read onto the device is timed apart (both do it). A one-scan predict pays this once per member."""
+    config, channels = paper_member_config()
     settings = NetworkSettings.from_config(config)
-    channels = len(channel_plan(config["input_variant"], len(windows_for(config["modality"], config["ct_windows_hu"])),
-                                config["num_adjacent_slices"]))
+
+    def timed(work) -> tuple[float, object]:
+        started = time.perf_counter()
+        result = work()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - started, result
+
     timings = {"read": [], "before": [], "now": []}
     for _ in range(3):
         for bundle in bundles:
-            started = time.perf_counter()
-            state = torch.load(bundle_files(bundle).model, map_location="cpu",
-                               weights_only=False)["state_dict"]
-            timings["read"].append(time.perf_counter() - started)
-            started = time.perf_counter()
-            build_network(settings, channels).load_state_dict(state)
-            timings["before"].append(time.perf_counter() - started)
-            started = time.perf_counter()
-            trained_network(settings, channels, state)
-            timings["now"].append(time.perf_counter() - started)
+            seconds, checkpoint = timed(lambda: torch.load(bundle_files(bundle).model, map_location=device,
+                                                           weights_only=False))
+            timings["read"].append(seconds)
+            state = checkpoint["state_dict"]
+            timings["before"].append(timed(lambda: build_network(settings, channels).to(device).load_state_dict(
+                state))[0])
+            timings["now"].append(timed(lambda: trained_network(settings, channels, state, device=device))[0])
     fastest = {key: min(values) for key, values in timings.items()}
-    return {"path": "member_network_from_checkpoint", "members": len(bundles),
+    return {"path": "member_network_from_checkpoint", "device": device.type, "members": len(bundles),
             "checkpoint_read_s_per_member": round(fastest["read"], 3),
             "before_build_then_load_s_per_member": round(fastest["before"], 3),
             "now_built_on_meta_s_per_member": round(fastest["now"], 3),

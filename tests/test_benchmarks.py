@@ -39,7 +39,12 @@ def test_the_ensemble_rows_run_in_the_precision_the_template_picks_on_each_devic
     assert ensemble_precisions(cpu, also_fp32=True) == ["bf16", "fp32"]
     monkeypatch.setattr(predictor, "cpu_has_native_bf16", lambda: False)
     assert ensemble_precisions(cpu, also_fp32=True) == ["fp32"]
-    assert PRECISION_DTYPES["fp16"] == predictor.autocast_dtype(cuda, amp=True, cpu_bf16=True)
+    import ensemble_speed  # the template's config decides: amp off runs fp32 on a GPU
+
+    config = ensemble_speed.template_config()
+    monkeypatch.setattr(ensemble_speed, "template_config", lambda: {**config, "amp": False})
+    assert ensemble_precisions(cuda, also_fp32=True) == ["fp32"]
+    assert PRECISION_DTYPES["fp16"] is torch.float16 and PRECISION_DTYPES["fp32"] is None
 
 
 def test_the_ensemble_section_refuses_a_device_its_members_would_not_run_on(monkeypatch, tmp_path):

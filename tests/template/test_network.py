@@ -32,17 +32,21 @@ def test_paper_network(defaults):
 
 def test_a_trained_network_holds_the_checkpoint_weights_without_drawing_random_ones(defaults):
     """Inference builds each member straight from its checkpoint: the same answers as a network built and then
-    loaded, in eval mode, no tensor left on the meta device, and no random initial weights drawn (the RNG
-    state unchanged, which a network initialized and then overwritten would advance)."""
+    loaded (a channels_last checkpoint with trained norm statistics, as the trainer saves), in eval mode, on the
+    device asked for, no tensor left on the meta device, and no random initial weights drawn (the RNG state
+    unchanged, which a network initialized and then overwritten would advance)."""
     settings = NetworkSettings.from_config({**defaults, "network": {**defaults["network"], "init_filters": 8}})
     torch.manual_seed(0)
-    reference = build_network(settings, in_channels=3).eval()
-    for module in reference.modules():  # non-default norm weights too, so every tensor's source shows
-        if isinstance(module, torch.nn.modules.batchnorm._NormBase) and module.affine:
+    reference = build_network(settings, in_channels=3).to(memory_format=torch.channels_last)
+    for module in reference.modules():  # norm weights and running statistics away from their defaults
+        if isinstance(module, torch.nn.modules.batchnorm._NormBase):
             torch.nn.init.uniform_(module.weight, 0.5, 1.5)
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+    reference.eval()
     state = {key: value.clone() for key, value in reference.state_dict().items()}
     before = torch.get_rng_state()
-    model = trained_network(settings, 3, state)
+    model = trained_network(settings, in_channels=3, state_dict=state, device=torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), before)
     assert not model.training
     assert all(t.device.type == "cpu" for t in [*model.parameters(), *model.buffers()])
@@ -50,7 +54,25 @@ def test_a_trained_network_holds_the_checkpoint_weights_without_drawing_random_o
     with torch.no_grad():
         assert torch.equal(model(x), reference(x))
     with pytest.raises(RuntimeError, match="Missing key"):
-        trained_network(settings, 3, {k: v for k, v in state.items() if not k.endswith("bias")})
+        trained_network(settings, in_channels=3, state_dict={k: v for k, v in state.items() if not k.endswith("bias")},
+                        device=torch.device("cpu"))
+
+
+def test_a_network_with_a_tensor_outside_the_checkpoint_is_refused_when_built(monkeypatch):
+    """A buffer that is not saved (persistent=False) would stay on the meta device and fail only at the first
+    batch; trained_network names it at once."""
+    import network
+
+    class WithUnsavedBuffer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(1, 1, 1)
+            self.register_buffer("scale", torch.ones(1), persistent=False)
+
+    monkeypatch.setattr(network, "build_network", lambda settings, in_channels: WithUnsavedBuffer())
+    state = WithUnsavedBuffer().state_dict()
+    with pytest.raises(RuntimeError, match=r"does not hold \['scale'\]"):
+        network.trained_network(None, in_channels=1, state_dict=state, device=torch.device("cpu"))
 
 
 def test_loss_sums_levels_with_nearest_downsized_targets(defaults):

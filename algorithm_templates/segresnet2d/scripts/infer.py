@@ -26,7 +26,7 @@ from datalist_split import read_datalist, testing_files  # noqa: E402
 from gpu_memory import MemorySettings, explain_out_of_memory  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
 from network import NetworkSettings, shape_divisor, trained_network  # noqa: E402
-from predictor import HeadCrop, SlicePredictor, autocast_dtype, predict_together  # noqa: E402
+from predictor import HeadCrop, SlicePredictor, autocast_dtype, inference_device, predict_together  # noqa: E402
 from quantize import (Int8Request, Int8Settings, QuantizationError, calibration_images,  # noqa: E402
                       calibration_inputs)
 from runtime import OpenVINONetwork, choose_runtime, stream_properties  # noqa: E402
@@ -46,13 +46,14 @@ class InferClass:
         if not checkpoint_path.is_file():
             raise FileNotFoundError(
                 f"no trained model at {checkpoint_path}; train this bundle first (scripts/train.py)")
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = inference_device()
         checkpoint = torch.load(checkpoint_path, map_location=self.device, weights_only=False)
         config.update(checkpoint["inputs"])  # the inputs the model was trained on win over later edits
         self.config = config
         windows = windows_for(config["modality"], config["ct_windows_hu"])
         plan = channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"])
-        model = trained_network(NetworkSettings.from_config(config), len(plan), checkpoint["state_dict"])
+        model = trained_network(NetworkSettings.from_config(config), len(plan), checkpoint["state_dict"],
+                                device=self.device)
         self.predictor = SlicePredictor(model, plan, windows, shape_divisor(config["network"]["blocks_down"]),
                                         config["infer_batch_size"], self.device, config["amp"],
                                         config["infer_cpu_bf16"], config["infer_tta"], head_crop(config))

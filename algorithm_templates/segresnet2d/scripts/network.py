@@ -40,14 +40,18 @@ def build_network(settings: NetworkSettings, in_channels: int) -> SegResNetDS:
     )
 
 
-def trained_network(settings: NetworkSettings, in_channels: int, state_dict: dict) -> SegResNetDS:
-    """The network holding a checkpoint's weights, on their device, in eval mode. Built on the meta device, so
-    no random initial weights are drawn only to be overwritten (0.19 s of a 0.44 s member load for the paper
-    network on 2 cores, per member of an ensemble); every parameter and buffer must be in `state_dict`."""
+def trained_network(settings: NetworkSettings, in_channels: int, state_dict: dict,
+                    device: torch.device) -> SegResNetDS:
+    """The network holding a checkpoint's weights on `device`, in eval mode. Built on the meta device, so no
+    random initial weights are drawn for every member only to be overwritten (benchmarks/RESULTS.md, "Member
+    loading"); it takes the checkpoint's tensors, so every parameter and buffer must be in `state_dict`."""
     with torch.device("meta"):
         model = build_network(settings, in_channels)
     model.load_state_dict(state_dict, assign=True)
-    return model.eval()
+    left = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()] if tensor.is_meta]
+    if left:  # a buffer outside the state dict (not persistent) would otherwise fail only at the first batch
+        raise RuntimeError(f"the checkpoint does not hold {left}; the network cannot be built from it")
+    return model.to(device).eval()
 
 
 def shape_divisor(blocks_down: list[int] | tuple[int, ...]) -> int:

@@ -73,6 +73,11 @@ def onednn_allows(unit_mask: int) -> bool:
     return mask is None or mask & unit_mask == unit_mask
 
 
+def inference_device() -> torch.device:
+    """Where a bundle's inference runs: the GPU where there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def autocast_dtype(device: torch.device, amp: bool, cpu_bf16: bool) -> torch.dtype | None:
     """The reduced precision to run inference in, or None for fp32."""
     if device.type == "cuda":
