@@ -33,7 +33,8 @@ from autoseg2d.pipeline.inference import load_inferer
 from autoseg2d.pipeline.work_queue import run_queue
 from autoseg2d.atomic_files import write_mask, write_text_atomic
 from autoseg2d.pipeline.workdir import WorkDir
-from autoseg2d.reporting.case_report import REPORT_CSV, REPORT_JSON, CaseReport, lesion_class_names
+from autoseg2d.reporting.case_report import FLAG_SPACING, REPORT_CSV, REPORT_JSON, CaseReport, lesion_class_names
+from autoseg2d.reporting.geometry import SpacingRange
 from autoseg2d.templates import bundle_config
 
 logger = logging.getLogger(__name__)
@@ -135,11 +136,14 @@ def screen_settings(members: Sequence[dict], below: float | None) -> dict | None
 
 
 class EnsemblePredictor:
+    training_spacing: SpacingRange | None = None  # the work dir's training scans' spacing, where known
+
     def __init__(self, work: WorkDir, ensemble: dict):
         self.bundles = [work.absolute(m["bundle"]) for m in ensemble["members"]]
         self.mode = ensemble["mode"]
         self.postprocessing = ensemble.get("postprocessing")
         self.screen = ensemble.get("screen")  # absent in ensembles built before screening: every member everywhere
+        self.training_spacing = SpacingRange.from_datastats(work.datastats)
 
     @cached_property
     def members(self) -> list:
@@ -353,7 +357,7 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
     if any(image.resolve().parent == output_dir.resolve() for image in images):
         raise ValueError(f"the output folder {output_dir} holds the input images; choose another output folder")
     results, sources = [], sources or {}
-    report = CaseReport(output_dir, predictor.class_names())
+    report = CaseReport(output_dir, predictor.class_names(), predictor.training_spacing)
     names = report.class_names  # of the label ids 1..N in the written masks
     bar = tqdm(images, desc="predict", unit="case", leave=False, dynamic_ncols=True, disable=None)  # on a terminal
     for index, image in enumerate(bar, 1):
@@ -373,7 +377,8 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
         class_ml = {name: float((mask == i).sum()) * voxel_ml for i, name in enumerate(names, 1)}
         class_ml = class_ml if len(names) > 1 else {}
         seconds = time.time() - started
-        report.add_case(case_name(image), image, target, mask, member_masks, seconds, sources.get(case_name(image)))
+        rows = report.add_case(case_name(image), image, target, mask, member_masks, seconds,
+                               sources.get(case_name(image)))
         results.append({"case": case_name(image), "volume_ml": volume_ml, "seconds": seconds, "output": str(target),
                         "screened_slices": skipped, **({"class_volume_ml": class_ml} if class_ml else {})})
         per_class = f" ({', '.join(f'{name} {ml:.2f}' for name, ml in class_ml.items())})" if class_ml else ""
@@ -381,6 +386,9 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
             if skipped else ""
         tqdm.write(f"predict {index}/{len(images)} {image.name}: hemorrhage {volume_ml:.2f} mL{per_class}, "
                    f"{seconds:.1f}s{screened}")
+        if FLAG_SPACING in rows[0]["flags"]:
+            tqdm.write(f"predict {index}/{len(images)} {image.name}: warning: "
+                       f"{predictor.training_spacing.describe(rows[0]['spacing_mm'])}")
     if report.write_contact_sheet():
         logger.info(f"predict: report and QA pictures in {output_dir} ({REPORT_CSV}, {REPORT_JSON}, qa/)")
     return results

@@ -25,6 +25,7 @@ from autoseg2d.evaluation.overlays import render_contact_sheet, render_predictio
 from autoseg2d.evaluation.qa import read_ras
 from autoseg2d.evaluation.report import json_safe
 from autoseg2d.reporting.agreement import LOW_AGREEMENT_DICE, low_agreement, member_agreement
+from autoseg2d.reporting.geometry import SPACING_TOLERANCE, SpacingRange
 from autoseg2d.reporting.measures import BONE_HU, bleed_measures, touches_scan_edge, touches_skull
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ COLUMNS = ("case", "class", "volume_ml", "num_bleeds", "largest_bleed_ml", "larg
            "member_dice_mean", "members_compared", "flags", "spacing_mm", "num_slices", "seconds", "input", "mask",
            "qa_picture")
 FLAG_EMPTY, FLAG_LOW_AGREEMENT, FLAG_EDGE, FLAG_SKULL = "empty", "low agreement", "touches scan edge", "touches skull"
+FLAG_SPACING = "spacing unlike training"
 
 
 def lesion_class_names(config: dict) -> list[str]:
@@ -59,8 +61,11 @@ def class_rows(class_names: Sequence[str]) -> list[tuple[str, int | None]]:
 
 
 def case_rows(case: str, mask_ras: np.ndarray, image_ras: np.ndarray | None, spacing_mm: Sequence[float],
-              class_names: Sequence[str], member_masks: Sequence[np.ndarray] = ()) -> list[dict]:
-    """The report rows of one case from its mask and its members' masks, all (x, y, z) in RAS order."""
+              class_names: Sequence[str], member_masks: Sequence[np.ndarray] = (),
+              training_spacing: SpacingRange | None = None) -> list[dict]:
+    """The report rows of one case from its mask and its members' masks, all (x, y, z) in RAS order; with
+    training_spacing each row is flagged where the scan's spacing is unlike the training scans'."""
+    unlike = bool(training_spacing and training_spacing.unlike_axes(spacing_mm))
     rows = []
     for name, label in class_rows(class_names):
         selected = mask_ras > 0 if label is None else mask_ras == label
@@ -70,6 +75,7 @@ def case_rows(case: str, mask_ras: np.ndarray, image_ras: np.ndarray | None, spa
         flags += [FLAG_LOW_AGREEMENT] if low_agreement(agreement) else []
         flags += [FLAG_EDGE] if touches_scan_edge(selected) else []
         flags += [FLAG_SKULL] if image_ras is not None and touches_skull(selected, image_ras) else []
+        flags += [FLAG_SPACING] if unlike else []
         rows.append({"case": case, "class": name, **measured, **agreement, "flags": flags,
                      "spacing_mm": [float(s) for s in spacing_mm], "num_slices": int(mask_ras.shape[-1])})
     return rows
@@ -78,9 +84,11 @@ def case_rows(case: str, mask_ras: np.ndarray, image_ras: np.ndarray | None, spa
 class CaseReport:
     """report.csv, report.json and qa/ in `output_dir`, updated case by case."""
 
-    def __init__(self, output_dir: str | Path, class_names: Sequence[str]):
+    def __init__(self, output_dir: str | Path, class_names: Sequence[str],
+                 training_spacing: SpacingRange | None = None):
         self.output_dir = Path(output_dir)
         self.class_names = list(class_names)
+        self.training_spacing = training_spacing
         self.rows: dict[str, list[dict]] = {}
         previous = self.output_dir / REPORT_JSON
         if previous.exists():
@@ -96,7 +104,7 @@ class CaseReport:
         ornt = orientations.io_orientation(affine)
         mask_ras = orientations.apply_orientation(np.asarray(mask), ornt)
         members_ras = [orientations.apply_orientation(np.asarray(m), ornt) for m in member_masks]
-        rows = case_rows(case, mask_ras, image_ras, spacing, self.class_names, members_ras)
+        rows = case_rows(case, mask_ras, image_ras, spacing, self.class_names, members_ras, self.training_spacing)
         picture = self.output_dir / QA_DIR / f"{case}.png"
         self._draw(case, image_ras, mask_ras, rows, picture)
         for row in rows:
@@ -122,6 +130,9 @@ class CaseReport:
         rows = [row for case in sorted(self.rows) for row in self.rows[case]]
         settings = {"low_agreement_dice": LOW_AGREEMENT_DICE, "bone_hu": BONE_HU,
                     "slices": "0-based axial slice indices counted from the feet up (RAS order)"}
+        if self.training_spacing is not None:
+            settings["training_spacing_mm"] = {"min": list(self.training_spacing.low),
+                                               "max": list(self.training_spacing.high), "tolerance": SPACING_TOLERANCE}
         write_text_atomic(self.output_dir / REPORT_JSON,
                           json.dumps(json_safe({"settings": settings, "rows": rows}), indent=1, allow_nan=False) + "\n")
         write_text_atomic(self.output_dir / REPORT_CSV, report_csv(rows))
