@@ -17,14 +17,15 @@ import numpy as np
 from autoseg2d.dicom.seg import write_dicom_seg
 from autoseg2d.dicom.series import read_series, series_folders
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, predict_images
+from autoseg2d.reporting.geometry import SpacingRange
 
 logger = logging.getLogger(__name__)
 
 SEG_SUFFIX = ".seg.dcm"
 
 
-def predict_dicom(predictor: EnsemblePredictor, input_dir: Path, output_dir: Path,
-                  dicom_seg: bool = False) -> list[dict]:
+def predict_dicom(predictor: EnsemblePredictor, input_dir: Path, output_dir: Path, dicom_seg: bool = False,
+                  training_spacing: SpacingRange | None = None) -> list[dict]:
     folders = series_folders(input_dir)
     with tempfile.TemporaryDirectory(prefix="dicom-series-") as scratch:
         images, sources, slice_files = [], {}, {}
@@ -35,7 +36,7 @@ def predict_dicom(predictor: EnsemblePredictor, input_dir: Path, output_dir: Pat
             images.append(image)
             sources[series.name], slice_files[series.name] = str(folder), series.files
             logger.info(f"DICOM {folder}: {series.image_hu.shape[-1]} CT slices, checked")
-        results = predict_images(predictor, images, output_dir, sources)
+        results = predict_images(predictor, images, output_dir, sources, training_spacing)
     if dicom_seg:
         classes = predictor.class_names()
         for name, files in slice_files.items():

@@ -33,7 +33,7 @@ from autoseg2d.pipeline.inference import load_inferer
 from autoseg2d.pipeline.work_queue import run_queue
 from autoseg2d.atomic_files import write_mask, write_text_atomic
 from autoseg2d.pipeline.workdir import WorkDir
-from autoseg2d.reporting.case_report import FLAG_SPACING, REPORT_CSV, REPORT_JSON, CaseReport, lesion_class_names
+from autoseg2d.reporting.case_report import REPORT_CSV, REPORT_JSON, CaseReport, lesion_class_names
 from autoseg2d.reporting.geometry import SpacingRange
 from autoseg2d.templates import bundle_config
 
@@ -136,14 +136,11 @@ def screen_settings(members: Sequence[dict], below: float | None) -> dict | None
 
 
 class EnsemblePredictor:
-    training_spacing: SpacingRange | None = None  # the work dir's training scans' spacing, where known
-
     def __init__(self, work: WorkDir, ensemble: dict):
         self.bundles = [work.absolute(m["bundle"]) for m in ensemble["members"]]
         self.mode = ensemble["mode"]
         self.postprocessing = ensemble.get("postprocessing")
         self.screen = ensemble.get("screen")  # absent in ensembles built before screening: every member everywhere
-        self.training_spacing = SpacingRange.from_datastats(work.datastats)
 
     @cached_property
     def members(self) -> list:
@@ -345,11 +342,12 @@ def make_ensemble(work: WorkDir, records: list[dict], size: int, mode: str, sele
 
 
 def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir: Path,
-                   sources: dict[str, str] | None = None) -> list[dict]:
+                   sources: dict[str, str] | None = None, training_spacing: SpacingRange | None = None) -> list[dict]:
     """Predict each image into output_dir under its own file name; finished files are kept, not redone.
 
     The per-case report (report.csv, report.json, qa/) is written beside the masks; `sources` names
-    the input a case came from when that is not the image file itself (a DICOM series folder)."""
+    the input a case came from when that is not the image file itself (a DICOM series folder); a case
+    whose spacing is unlike `training_spacing` (the training scans', where known) is flagged there."""
     clashes = sorted(name for name, count in Counter(image.name for image in images).items() if count > 1)
     if clashes:
         raise ValueError(f"file names occur more than once among the images to predict ({', '.join(clashes[:5])}):"
@@ -357,14 +355,18 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
     if any(image.resolve().parent == output_dir.resolve() for image in images):
         raise ValueError(f"the output folder {output_dir} holds the input images; choose another output folder")
     results, sources = [], sources or {}
-    report = CaseReport(output_dir, predictor.class_names(), predictor.training_spacing)
+    report = CaseReport(output_dir, predictor.class_names(), training_spacing)
+    if training_spacing is not None:
+        logger.info(f"predict: each scan's spacing is compared with the training scans' ({training_spacing.shown()})")
     names = report.class_names  # of the label ids 1..N in the written masks
     bar = tqdm(images, desc="predict", unit="case", leave=False, dynamic_ncols=True, disable=None)  # on a terminal
     for index, image in enumerate(bar, 1):
         target = output_dir / image.name
         if target.exists():
             tqdm.write(f"predict {index}/{len(images)} {image.name}: done before, kept")
-            report.keep_case(case_name(image), image, target, sources.get(case_name(image)))
+            kept = report.keep_case(case_name(image), image, target, sources.get(case_name(image)))
+            if kept and report.spacing_warning(kept):
+                tqdm.write(f"predict {index}/{len(images)} {image.name}: warning: {report.spacing_warning(kept)}")
             continue
         _ = predictor.members  # loaded for the first case to predict, before its clock starts
         started = time.time()
@@ -386,9 +388,10 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
             if skipped else ""
         tqdm.write(f"predict {index}/{len(images)} {image.name}: hemorrhage {volume_ml:.2f} mL{per_class}, "
                    f"{seconds:.1f}s{screened}")
-        if FLAG_SPACING in rows[0]["flags"]:
-            tqdm.write(f"predict {index}/{len(images)} {image.name}: warning: "
-                       f"{predictor.training_spacing.describe(rows[0]['spacing_mm'])}")
+        warning = report.spacing_warning(rows)
+        if warning:
+            tqdm.write(f"predict {index}/{len(images)} {image.name}: warning: {warning}")
+    report.write()  # kept cases' rows as this run flags them, under this run's settings
     if report.write_contact_sheet():
         logger.info(f"predict: report and QA pictures in {output_dir} ({REPORT_CSV}, {REPORT_JSON}, qa/)")
     return results

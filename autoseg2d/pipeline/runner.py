@@ -26,6 +26,7 @@ from autoseg2d.pipeline.crossval import run_crossval
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, build_ensemble, predict_images
 from autoseg2d.pipeline.sweep import best_per_variant, run_sweep
 from autoseg2d.pipeline.workdir import DEFAULT_WORK_DIR, WorkDir, WorkDirError
+from autoseg2d.reporting.geometry import SpacingRange
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +94,8 @@ def ensemble_stage(context: RunContext, outputs: StageOutputs) -> None:
 def predict_stage(context: RunContext, outputs: StageOutputs) -> None:
     testing = [context.dataroot / e["image"] for e in context.testing]
     if testing:
-        predict_images(EnsemblePredictor(context.work, outputs.ensemble), testing, context.work.predictions)
+        predict_images(EnsemblePredictor(context.work, outputs.ensemble), testing, context.work.predictions,
+                       training_spacing=SpacingRange.from_datastats(context.work.datastats))
         outputs.summary["predictions"] = str(context.work.predictions)
     else:
         logger.info("predict: the datalist has no 'testing' images")
@@ -148,6 +150,7 @@ def predict(input: str, output: str, work_dir: str = DEFAULT_WORK_DIR, dicom_seg
         raise ValueError(f"--dicom_seg needs DICOM input, but {input} holds NIfTI files; a SEG must reference the"
                          " DICOM slices it was drawn on")
     predictor = EnsemblePredictor(work, json.loads(work.ensemble_file.read_text()))
+    spacing = SpacingRange.from_datastats(work.datastats)  # what the members were trained on, where known
     if images:
-        return predict_images(predictor, images, Path(output))
-    return predict_dicom(predictor, input_dir, Path(str(output)), dicom_seg)
+        return predict_images(predictor, images, Path(output), training_spacing=spacing)
+    return predict_dicom(predictor, input_dir, Path(str(output)), dicom_seg, training_spacing=spacing)

@@ -65,7 +65,7 @@ def case_rows(case: str, mask_ras: np.ndarray, image_ras: np.ndarray | None, spa
               training_spacing: SpacingRange | None = None) -> list[dict]:
     """The report rows of one case from its mask and its members' masks, all (x, y, z) in RAS order; with
     training_spacing each row is flagged where the scan's spacing is unlike the training scans'."""
-    unlike = bool(training_spacing and training_spacing.unlike_axes(spacing_mm))
+    unlike = bool(training_spacing and training_spacing.unlike_axes(spacing_mm))  # a property of the case: every row
     rows = []
     for name, label in class_rows(class_names):
         selected = mask_ras > 0 if label is None else mask_ras == label
@@ -116,7 +116,10 @@ class CaseReport:
     def keep_case(self, case: str, image: Path, mask_file: Path, source: str | None = None) -> list[dict]:
         """A case predicted by an earlier run: its row from that run's report, else measured from the saved mask
         (without agreement, which needs the members' outputs)."""
-        if case in self.rows:
+        if case in self.rows:  # flagged again by this run's training range (written with the next write())
+            for row in self.rows[case]:
+                row["flags"] = [f for f in row["flags"] if f != FLAG_SPACING] + (
+                    [FLAG_SPACING] if self.spacing_unlike(row["spacing_mm"]) else [])
             return self.rows[case]
         try:
             mask = np.asanyarray(nib.load(str(mask_file)).dataobj)
@@ -125,6 +128,13 @@ class CaseReport:
                            " the report has no row for it. Delete the file to predict the case again")
             return []
         return self.add_case(case, image, mask_file, mask, source=source)
+
+    def spacing_unlike(self, spacing_mm: Sequence[float]) -> bool:
+        return bool(self.training_spacing and self.training_spacing.unlike_axes(spacing_mm))
+
+    def spacing_warning(self, rows: Sequence[dict]) -> str | None:
+        """What to tell the reader of a case whose rows are flagged for their spacing (None: not flagged)."""
+        return self.training_spacing.describe(rows[0]["spacing_mm"]) if FLAG_SPACING in rows[0]["flags"] else None
 
     def write(self) -> None:
         rows = [row for case in sorted(self.rows) for row in self.rows[case]]

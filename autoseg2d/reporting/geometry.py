@@ -33,15 +33,21 @@ class SpacingRange:
     def from_datastats(cls, path: Path) -> SpacingRange | None:
         """The range from DataAnalyzer's datastats.yaml (image_stats spacing min / max, RAS, as it reorients every
         image); None where the file or those entries are missing (a work dir copied without it), with a note."""
+        unchecked = ("so scans are not compared with the training scans' spacing; copy the training work dir's "
+                     "datastats.yaml there (or run its analyze stage) to have them compared")
+        if not path.is_file():
+            logger.warning(f"predict: {path} is missing, {unchecked}")
+            return None
         try:
             spacing = yaml.safe_load(path.read_text())["stats_summary"]["image_stats"]["spacing"]
             low, high = (tuple(float(v) for v in spacing[key]) for key in ("min", "max"))
         except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as error:
-            logger.info(f"predict: no training spacing in {path} ({type(error).__name__}: {error}); scans are not "
-                        "compared with the training scans' spacing")
+            logger.warning(f"predict: {path} has no stats_summary.image_stats.spacing min / max "
+                           f"({type(error).__name__}: {error}), {unchecked}")
             return None
         if len(low) != 3 or len(high) != 3:
-            logger.info(f"predict: {path} gives a spacing of {len(low)} axes; scans are not compared with it")
+            logger.warning(f"predict: {path} gives stats_summary.image_stats.spacing min / max of {len(low)} / "
+                           f"{len(high)} axes, not 3, {unchecked}")
             return None
         return cls(low, high)
 
@@ -50,11 +56,14 @@ class SpacingRange:
         return [axis for axis, value, low, high in zip(AXES, spacing_mm, self.low, self.high)
                 if value < low / SPACING_TOLERANCE or value > high * SPACING_TOLERANCE]
 
+    def shown(self) -> str:
+        """The range as a reader reads it: 0.42-0.49 x 0.42-0.49 x 5.00 mm."""
+        return " x ".join(f"{low:.2f}" if abs(high - low) < 0.005 else f"{low:.2f}-{high:.2f}"
+                          for low, high in zip(self.low, self.high)) + " mm"
+
     def describe(self, spacing_mm: Sequence[float]) -> str:
         """What a reader is told about a case whose spacing is unlike the training scans'."""
         shown = " x ".join(f"{v:.2f}" for v in spacing_mm)
-        trained = " x ".join(f"{low:.2f}" if abs(high - low) < 0.005 else f"{low:.2f}-{high:.2f}"
-                             for low, high in zip(self.low, self.high))
-        return (f"voxel spacing {shown} mm is unlike the training scans' ({trained} mm) on axis "
+        return (f"voxel spacing {shown} mm is unlike the training scans' ({self.shown()}) on axis "
                 f"{', '.join(self.unlike_axes(spacing_mm))}: the models run at each scan's own resolution, so "
                 "this mask may be far off; resample the scan to about the training spacing, or train on such scans")

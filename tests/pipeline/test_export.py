@@ -76,6 +76,25 @@ def test_bundle_runs_without_the_repository_and_gives_the_masks_of_predict(finis
         assert theirs.get_data_dtype() == np.uint8
 
 
+def test_predict_compares_each_scan_with_the_work_dirs_training_spacing(finished_work, ct_dataset, tmp_path, capsys):
+    """predict reads the training scans' spacing from the work dir's datastats.yaml: scans of 5 mm slices are
+    flagged against a range of 2.5 mm ones, and without the file nothing is flagged."""
+    scans = ct_dataset.parent / "imagesTs"
+    datastats = finished_work / "datastats.yaml"
+    stats = {"stats_summary": {"image_stats": {"spacing": {"min": [0.45, 0.45, 2.5], "max": [0.45, 0.45, 2.5]}}}}
+    datastats.write_text(json.dumps(stats))  # JSON is YAML
+    try:
+        predict(str(scans), str(tmp_path / "flagged"), work_dir=str(finished_work))
+    finally:
+        datastats.unlink()  # the module's other tests use this work dir without one
+    rows = json.loads((tmp_path / "flagged" / "report.json").read_text())["rows"]
+    assert rows and all("spacing unlike training" in row["flags"] for row in rows)
+    assert "on axis z" in capsys.readouterr().out
+    predict(str(scans), str(tmp_path / "unflagged"), work_dir=str(finished_work))
+    rows = json.loads((tmp_path / "unflagged" / "report.json").read_text())["rows"]
+    assert all("spacing unlike training" not in row["flags"] for row in rows)
+
+
 def test_metadata_passes_verify_metadata_offline(finished_work, tmp_path):
     export_bundle(str(finished_work), str(tmp_path / "b"))
     metadata_file = tmp_path / "b" / "configs" / "metadata.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import nibabel as nib
 import numpy as np
 import yaml
 
@@ -41,24 +42,35 @@ def test_a_scan_is_unlike_the_training_scans_only_beyond_the_tolerance_on_an_axi
 
 
 def test_the_report_flags_a_thin_slice_scan_and_says_what_it_was_trained_on(tmp_path, capsys):
-    size, slices = 32, 6
-    lesion = np.zeros((size, size, slices), np.float32)
+    """Spacing is compared in RAS order, whatever order the file stores its axes in: a thin-slice scan stored
+    with its slices first is flagged on z, as the training range (RAS, from DataAnalyzer) says."""
+    size = 32  # as many slices as pixels, so one lesion map fits either storage order
+    lesion = np.zeros((size, size, size), np.float32)
     lesion[10:16, 10:16, 2:4] = 0.9
-    for name, slice_mm in (("usual", 5.0), ("thin", 1.25)):
-        case = make_head_ct(size=size, num_slices=slices, seed=0)
-        case.affine[:3, 2] *= slice_mm / 5.0  # the generator's slices are 5 mm
-        write_case(case, tmp_path / "in" / f"{name}.nii.gz", None)
+    write_case(make_head_ct(size=size, num_slices=size, seed=0), tmp_path / "in" / "usual.nii.gz", None)
+    thin = make_head_ct(size=size, num_slices=size, spacing_mm=(0.45, 0.45, 1.25), seed=0)
+    affine = thin.affine[:, [2, 1, 0, 3]]  # file axes (z, y, x): the same scan, stored slices first
+    nib.save(nib.Nifti1Image(np.transpose(thin.image_hu, (2, 1, 0)), affine), str(tmp_path / "in" / "thin.nii.gz"))
     predictor = fake_ensemble("mean", lesion)
-    predictor.training_spacing = SpacingRange(low=(0.45, 0.45, 5.0), high=(0.45, 0.45, 5.0))
-    predict_images(predictor, sorted((tmp_path / "in").iterdir()), tmp_path / "out")
+    trained = SpacingRange(low=(0.45, 0.45, 5.0), high=(0.45, 0.45, 5.0))
+    predict_images(predictor, sorted((tmp_path / "in").iterdir()), tmp_path / "out", training_spacing=trained)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     flags = {row["case"]: row["flags"] for row in report["rows"]}
     assert FLAG_SPACING in flags["thin"] and FLAG_SPACING not in flags["usual"]
     assert report["settings"]["training_spacing_mm"] == {"min": [0.45, 0.45, 5.0], "max": [0.45, 0.45, 5.0],
                                                          "tolerance": SPACING_TOLERANCE}
     printed = capsys.readouterr().out
-    assert "thin.nii.gz: warning: voxel spacing 0.45 x 0.45 x 1.25 mm" in printed
+    assert "thin.nii.gz: warning: voxel spacing 0.45 x 0.45 x 1.25 mm is unlike the training scans' " \
+           "(0.45 x 0.45 x 5.00 mm) on axis z" in printed
     assert "usual.nii.gz: warning" not in printed
+
+    # a rerun keeps both masks and flags them by its own training range: none known, no flag
+    predict_images(predictor, sorted((tmp_path / "in").iterdir()), tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert all(FLAG_SPACING not in row["flags"] for row in report["rows"])
+    assert "training_spacing_mm" not in report["settings"]
+    predict_images(predictor, sorted((tmp_path / "in").iterdir()), tmp_path / "out", training_spacing=trained)
+    assert "thin.nii.gz: warning" in capsys.readouterr().out  # kept, flagged and said again
 
 
 def test_without_a_training_range_nothing_is_flagged(tmp_path):
