@@ -62,10 +62,9 @@ def class_rows(class_names: Sequence[str]) -> list[tuple[str, int | None]]:
 
 def case_rows(case: str, mask_ras: np.ndarray, image_ras: np.ndarray | None, spacing_mm: Sequence[float],
               class_names: Sequence[str], member_masks: Sequence[np.ndarray] = (),
-              training_spacing: SpacingRange | None = None) -> list[dict]:
-    """The report rows of one case from its mask and its members' masks, all (x, y, z) in RAS order; with
-    training_spacing each row is flagged where the scan's spacing is unlike the training scans'."""
-    unlike = bool(training_spacing and training_spacing.unlike_axes(spacing_mm))  # a property of the case: every row
+              spacing_unlike: bool = False) -> list[dict]:
+    """The report rows of one case from its mask and its members' masks, all (x, y, z) in RAS order; every row
+    is flagged where spacing_unlike (the scan's spacing is unlike the training scans': a property of the case)."""
     rows = []
     for name, label in class_rows(class_names):
         selected = mask_ras > 0 if label is None else mask_ras == label
@@ -75,7 +74,7 @@ def case_rows(case: str, mask_ras: np.ndarray, image_ras: np.ndarray | None, spa
         flags += [FLAG_LOW_AGREEMENT] if low_agreement(agreement) else []
         flags += [FLAG_EDGE] if touches_scan_edge(selected) else []
         flags += [FLAG_SKULL] if image_ras is not None and touches_skull(selected, image_ras) else []
-        flags += [FLAG_SPACING] if unlike else []
+        flags += [FLAG_SPACING] if spacing_unlike else []
         rows.append({"case": case, "class": name, **measured, **agreement, "flags": flags,
                      "spacing_mm": [float(s) for s in spacing_mm], "num_slices": int(mask_ras.shape[-1])})
     return rows
@@ -104,7 +103,8 @@ class CaseReport:
         ornt = orientations.io_orientation(affine)
         mask_ras = orientations.apply_orientation(np.asarray(mask), ornt)
         members_ras = [orientations.apply_orientation(np.asarray(m), ornt) for m in member_masks]
-        rows = case_rows(case, mask_ras, image_ras, spacing, self.class_names, members_ras, self.training_spacing)
+        rows = case_rows(case, mask_ras, image_ras, spacing, self.class_names, members_ras,
+                         spacing_unlike=self.spacing_unlike(spacing))
         picture = self.output_dir / QA_DIR / f"{case}.png"
         self._draw(case, image_ras, mask_ras, rows, picture)
         for row in rows:
@@ -130,6 +130,7 @@ class CaseReport:
         return self.add_case(case, image, mask_file, mask, source=source)
 
     def spacing_unlike(self, spacing_mm: Sequence[float]) -> bool:
+        """Whether a case of this spacing (RAS, mm) is flagged: unlike the training scans', where known."""
         return bool(self.training_spacing and self.training_spacing.unlike_axes(spacing_mm))
 
     def spacing_warning(self, rows: Sequence[dict]) -> str | None:
