@@ -45,6 +45,16 @@ def template_config(**changes) -> dict:
     return config
 
 
+def paper_inputs(**changes) -> tuple[dict, list, list]:
+    """The template's config for the benchmarks' paper-network members (input variant both, and `changes`), its CT
+    windows and its channel plan (len(plan) input channels)."""
+    from inputs import channel_plan, windows_for
+
+    config = template_config(input_variant="both", **changes)
+    windows = windows_for(config["modality"], config["ct_windows_hu"])
+    return config, windows, channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"])
+
+
 # The challenge metrics a held-out table shows: (column, summarize_metrics key).
 HELD_OUT_METRICS = (("Dice", "dice_mean"), ("RVD", "rvd_mean"), ("NSD", "nsd_mean"), ("HD mm", "hd_mm_mean"),
                     ("HD inf", "num_hd_inf"))

@@ -35,13 +35,13 @@ import numpy as np
 import torch
 import yaml
 
-from bench_common import REPO, SLICE_PX, TEMPLATE, template_config  # noqa: F401  (puts the template on sys.path)
+# bench_common first: it puts the template on sys.path
+from bench_common import REPO, SLICE_PX, TEMPLATE, paper_inputs, template_config  # noqa: F401
 from compute_floor import bench_floor  # noqa: E402
 from ensemble_speed import ENSEMBLE_PATHS, bench_ensemble  # noqa: E402
 from autoseg2d.datalist import read_datalist  # noqa: E402
 from autoseg2d.synthetic import write_dataset  # noqa: E402
 from cache import cached_volume  # noqa: E402
-from inputs import channel_plan, windows_for  # noqa: E402
 from network import NetworkSettings, build_loss, build_network, shape_divisor  # noqa: E402
 from predictor import SlicePredictor, cpu_bf16_units, cpu_has_native_bf16, onednn_cap  # noqa: E402
 from quantize import nncf_installed  # noqa: E402
@@ -120,9 +120,7 @@ def generated_volumes(root: Path, num_cases: int, num_slices: int, size: int = S
 
 def bench_loader(args, device: torch.device, work: Path) -> dict:
     """The trainer's loader: SliceSampler + SliceDataset, 9 channels, 384^2 crops of 512^2 slices, batch 32."""
-    config = template_config(roi_size=[ROI_PX, ROI_PX], input_variant="both")
-    windows = windows_for(config["modality"], config["ct_windows_hu"])
-    plan = channel_plan("both", len(windows), config["num_adjacent_slices"])
+    config, windows, plan = paper_inputs(roi_size=[ROI_PX, ROI_PX])
     result = {"roi_px": ROI_PX, "slice_px": SLICE_PX, "channels": len(plan)}
     for mmap in (False, True):
         volumes = generated_volumes(work / f"loader_{mmap}", 4, 32, mmap=mmap)
@@ -151,9 +149,7 @@ def bench_loader(args, device: torch.device, work: Path) -> dict:
 
 
 def paper_predictor(device: torch.device, batch_size: int, **options) -> SlicePredictor:
-    config = template_config(input_variant="both")
-    windows = windows_for(config["modality"], config["ct_windows_hu"])
-    plan = channel_plan("both", len(windows), config["num_adjacent_slices"])
+    config, windows, plan = paper_inputs()
     torch.manual_seed(0)
     model = build_network(NetworkSettings.from_config(config), len(plan)).to(device)
     return SlicePredictor(model, plan, windows, shape_divisor(config["network"]["blocks_down"]), batch_size, device,
@@ -276,7 +272,8 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line (also what tests check gpu_run.sh's commands against)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sections", default="train,loader,infer,dice,analyzer")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -307,6 +304,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--head-mm", type=float, nargs=2, default=[160.0, 190.0],
                         help="width and length of the generated head (mm) at its widest slice")
     parser.add_argument("--out", help="also write the JSON here, and the Markdown next to it")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argument_parser()
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     sections = [s for s in args.sections.split(",") if s]

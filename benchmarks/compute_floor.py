@@ -21,9 +21,8 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from bench_common import SCAN_SLICES, SLICE_PX, default_ensemble, kept_slices, screened_work, template_config
-from inputs import channel_plan, windows_for  # noqa: E402  (after bench_common's sys.path)
-from network import NetworkSettings, build_network  # noqa: E402
+from bench_common import SCAN_SLICES, SLICE_PX, default_ensemble, kept_slices, paper_inputs, screened_work
+from network import NetworkSettings, build_network  # noqa: E402  (after bench_common's sys.path)
 from predictor import cpu_has_native_bf16  # noqa: E402
 from runtime import SLICES_PER_REQUEST  # noqa: E402
 
@@ -33,10 +32,8 @@ PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def paper_network() -> tuple[torch.nn.Module, int]:
     """The default config's network with random weights, and its input channels (variant both)."""
-    config = template_config(input_variant="both")
-    windows = windows_for(config["modality"], config["ct_windows_hu"])
-    channels = len(channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"]))
-    return build_network(NetworkSettings.from_config(config), channels).eval(), channels
+    config, _, plan = paper_inputs()
+    return build_network(NetworkSettings.from_config(config), len(plan)).eval(), len(plan)
 
 
 def convolution_key(module: torch.nn.Module, height: int, width: int) -> tuple:

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import torch
 
-from bench_common import SCAN_SLICES, SLICE_PX, TEMPLATE, default_ensemble, kept_slices, screened_work, template_config
+from bench_common import (SCAN_SLICES, SLICE_PX, TEMPLATE, default_ensemble, kept_slices, paper_inputs, screened_work,
+                          template_config)
 from autoseg2d.synthetic import make_head_ct, write_case  # noqa: E402  (after bench_common's sys.path)
 from autoseg2d.datalist import case_name  # noqa: E402
 from autoseg2d.pipeline.fold_probabilities import mean_foreground, store_foreground  # noqa: E402
 from autoseg2d.templates import bundle_files  # noqa: E402
 from bundle_contract import BundleFiles  # noqa: E402
-from inputs import channel_plan, windows_for  # noqa: E402
 from network import NetworkSettings, build_network, trained_network  # noqa: E402
 from predictor import autocast_dtype, inference_device  # noqa: E402
 from quantize import Int8Request, Int8Settings, calibration_inputs, nncf_installed  # noqa: E402
@@ -61,16 +61,10 @@ def rss_gib() -> float:
         return int(statm.read().split()[1]) * resource.getpagesize() / 2**30
 
 
-def paper_member_config() -> tuple[dict, int]:
-    """The template's config for the benchmark's members (variant both) and their input channel count."""
-    config = template_config(input_variant="both")
-    windows = windows_for(config["modality"], config["ct_windows_hu"])
-    return config, len(channel_plan(config["input_variant"], len(windows), config["num_adjacent_slices"]))
-
-
 def random_weight_bundles(work: Path, count: int) -> list[Path]:
     """`count` copies of the template with paper-model checkpoints of random weights (variant both)."""
-    config, channels = paper_member_config()
+    config, _, plan = paper_inputs()
+    channels = len(plan)
     inputs = {key: config[key] for key in ("modality", "input_variant", "num_adjacent_slices", "ct_windows_hu",
                                            "output_classes", "network")}
     bundles = []
@@ -313,8 +307,8 @@ def member_load_row(bundles: list[Path], device: torch.device, scale_members: fl
     weights, moved there, then loaded) and now (network.trained_network: built on the meta device, the
     checkpoint's tensors assigned), interleaved per bundle, three rounds, the fastest of each; the checkpoint
     read onto the device is timed apart (both do it). A one-scan predict pays this once per member."""
-    config, channels = paper_member_config()
-    settings = NetworkSettings.from_config(config)
+    config, _, plan = paper_inputs()
+    settings, channels = NetworkSettings.from_config(config), len(plan)
 
     def timed(work) -> tuple[float, object]:
         started = time.perf_counter()

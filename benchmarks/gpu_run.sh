@@ -20,7 +20,7 @@ trap 'tar czf $OUT/gpu_run.tgz -C $RES .' EXIT  # what ran comes back even where
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 grep -m1 "model name" /proc/cpuinfo; grep -o -w -E "amx_bf16|avx512_bf16" /proc/cpuinfo | sort | uniq -c; nproc
 timeout 140 python3 benchmarks/benchmark.py --sections train,infer,loader --device cuda --train-batch 32 \
-  --train-steps 10 --loader-samples 480 --loader-workers 8,15 --volume-slices 32 --infer-batch 16 \
+  --train-steps 10 --loader-workers 8,15 --volume-slices 32 --infer-batch 16 \
   --infer-repeats 3 --out $RES/gpu.json > $RES/gpu.log 2>&1; echo "gpu benchmark rc $?"; tail -n 40 $RES/gpu.log
 timeout 50 python3 benchmarks/cuda_smoke.py > $RES/smoke.log 2>&1; echo "smoke rc $?"; tail -n 5 $RES/smoke.log
 timeout 90 python3 benchmarks/benchmark.py --sections ensemble --device cuda --ensemble-members 2 \

@@ -30,7 +30,7 @@ def test_the_floor_counts_each_convolution_of_the_paper_network_once():
 def test_the_ensemble_rows_run_in_the_precision_the_template_picks_on_each_device(monkeypatch):
     """A GPU runs the template's amp (fp16), not fp32; a CPU bf16 only where it is native."""
     import predictor
-    from ensemble_speed import PRECISION_DTYPES, ensemble_precisions
+    from ensemble_speed import ensemble_precisions
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert ensemble_precisions(cuda, also_fp32=False) == ["fp16"]
@@ -44,7 +44,6 @@ def test_the_ensemble_rows_run_in_the_precision_the_template_picks_on_each_devic
     config = ensemble_speed.template_config()
     monkeypatch.setattr(ensemble_speed, "template_config", lambda: {**config, "amp": False})
     assert ensemble_precisions(cuda, also_fp32=True) == ["fp32"]
-    assert PRECISION_DTYPES["fp16"] is torch.float16 and PRECISION_DTYPES["fp32"] is None
 
 
 def test_the_ensemble_section_refuses_a_device_its_members_would_not_run_on(monkeypatch, tmp_path):
@@ -57,3 +56,20 @@ def test_the_ensemble_section_refuses_a_device_its_members_would_not_run_on(monk
     with pytest.raises(SystemExit, match="CUDA_VISIBLE_DEVICES"):
         bench_ensemble(SimpleNamespace(), torch.device("cpu"), tmp_path)
     assert not any(tmp_path.iterdir())  # refused before writing a case or a bundle
+
+
+def test_every_benchmark_command_of_the_gpu_script_parses():
+    """gpu_run.sh runs once, on a lent machine, with no second try: a flag benchmark.py no longer takes would lose
+    that run (its loader step asked for a removed --loader-samples for months)."""
+    import shlex
+
+    from benchmark import argument_parser
+    from ensemble_speed import ENSEMBLE_PATHS
+
+    script = (Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_run.sh").read_text().replace("\\\n", " ")
+    commands = [line.split("benchmarks/benchmark.py", 1)[1].split(">")[0] for line in script.splitlines()
+                if "benchmarks/benchmark.py" in line and not line.lstrip().startswith("#")]
+    assert len(commands) == 3  # the GPU sections, the GPU ensemble, the 2-CPU ensemble
+    for command in commands:
+        args = argument_parser().parse_args(shlex.split(command.replace("$RES", "/tmp")))
+        assert set(args.ensemble_paths) <= set(ENSEMBLE_PATHS), command

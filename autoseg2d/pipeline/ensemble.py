@@ -360,13 +360,18 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
         logger.info(f"predict: each scan's spacing is compared with the training scans' ({training_spacing.shown()})")
     names = report.class_names  # of the label ids 1..N in the written masks
     bar = tqdm(images, desc="predict", unit="case", leave=False, dynamic_ncols=True, disable=None)  # on a terminal
+
+    def warn_of_spacing(index: int, image: Path, rows: list[dict]) -> None:
+        warning = report.spacing_warning(rows) if rows else None
+        if warning:
+            tqdm.write(f"predict {index}/{len(images)} {image.name}: warning: {warning}")
+
     for index, image in enumerate(bar, 1):
         target = output_dir / image.name
         if target.exists():
             tqdm.write(f"predict {index}/{len(images)} {image.name}: done before, kept")
             kept = report.keep_case(case_name(image), image, target, sources.get(case_name(image)))
-            if kept and report.spacing_warning(kept):
-                tqdm.write(f"predict {index}/{len(images)} {image.name}: warning: {report.spacing_warning(kept)}")
+            warn_of_spacing(index, image, kept)
             continue
         _ = predictor.members  # loaded for the first case to predict, before its clock starts
         started = time.time()
@@ -388,9 +393,7 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
             if skipped else ""
         tqdm.write(f"predict {index}/{len(images)} {image.name}: hemorrhage {volume_ml:.2f} mL{per_class}, "
                    f"{seconds:.1f}s{screened}")
-        warning = report.spacing_warning(rows)
-        if warning:
-            tqdm.write(f"predict {index}/{len(images)} {image.name}: warning: {warning}")
+        warn_of_spacing(index, image, rows)
     report.write()  # kept cases' rows as this run flags them, under this run's settings
     if report.write_contact_sheet():
         logger.info(f"predict: report and QA pictures in {output_dir} ({REPORT_CSV}, {REPORT_JSON}, qa/)")

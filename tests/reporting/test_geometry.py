@@ -9,7 +9,7 @@ import numpy as np
 import yaml
 
 from autoseg2d.pipeline.ensemble import predict_images
-from autoseg2d.reporting.case_report import FLAG_SPACING, CaseReport
+from autoseg2d.reporting.case_report import FLAG_SPACING
 from autoseg2d.reporting.geometry import SPACING_TOLERANCE, SpacingRange
 from autoseg2d.synthetic import make_head_ct, write_case
 from tests.ensemble_fakes import fake_ensemble
@@ -71,13 +71,3 @@ def test_the_report_flags_a_thin_slice_scan_and_says_what_it_was_trained_on(tmp_
     assert "training_spacing_mm" not in report["settings"]
     predict_images(predictor, sorted((tmp_path / "in").iterdir()), tmp_path / "out", training_spacing=trained)
     assert "thin.nii.gz: warning" in capsys.readouterr().out  # kept, flagged and said again
-
-
-def test_without_a_training_range_nothing_is_flagged(tmp_path):
-    case = make_head_ct(size=32, num_slices=6, seed=0)
-    write_case(case, tmp_path / "a.nii.gz", None)
-    mask = np.zeros((32, 32, 6), np.uint8)
-    report = CaseReport(tmp_path / "out", ["hemorrhage"])
-    (row,) = report.add_case("a", tmp_path / "a.nii.gz", tmp_path / "out" / "a.nii.gz", mask)
-    assert FLAG_SPACING not in row["flags"]
-    assert "training_spacing_mm" not in json.loads((tmp_path / "out" / "report.json").read_text())["settings"]
