@@ -17,10 +17,9 @@ import functools
 import sys
 from pathlib import Path
 
-from autoseg2d.check import check_inputs
 from autoseg2d.console import call_with_options, main
-from autoseg2d.datalist import build_datalist
 from autoseg2d.evaluation.evaluate import evaluate_folders
+from autoseg2d.pipeline.context import check_only, make_datalist
 from autoseg2d.pipeline.demo import run_demo
 from autoseg2d.pipeline.export import export_bundle
 from autoseg2d.pipeline.runner import STAGE_NAMES, predict, run_pipeline
@@ -58,11 +57,11 @@ def _stage(name: str):
 COMMANDS = {
     "run": run,
     "demo": functools.wraps(run_demo)(lambda **options: run(demo=True, **options)),
-    "check": check_inputs,  # the inputs alone; the pipeline's check stage also records the run
+    "check": check_only,  # the inputs alone; the pipeline's check stage also records the run
     **{name: _stage(name) for name in STAGE_NAMES[1:-1]},  # analyze, sweep, crossval, ensemble
     "predict": predict,  # new scans; the pipeline's predict stage does the datalist's testing images
     "evaluate": evaluate,
-    "datalist": build_datalist,
+    "datalist": make_datalist,
     "export": export_bundle,
 }
 

@@ -22,7 +22,6 @@ import numpy as np
 
 from autoseg2d.atomic_files import write_json_atomic
 from autoseg2d.datalist import DatalistError, read_class_names, read_datalist, validate_folds
-from autoseg2d.pipeline.profiles import default_modality, default_num_folds
 from autoseg2d.templates import template_config, template_module
 
 logger = logging.getLogger(__name__)
@@ -54,8 +53,9 @@ def derive_required_disk_gb(num_folds: int) -> float:
     return num_folds * CHECKPOINT_GB_PER_FOLD + OTHER_OUTPUTS_GB
 
 
-def check_work_dir(work_dir: str | Path, num_folds: int) -> list[str]:
-    """Problems with the folder every stage writes into: not a folder, not writable, too little free space."""
+def check_work_dir(work_dir: str | Path, num_folds: int | None) -> list[str]:
+    """Problems with the folder every stage writes into: not a folder, not writable, too little free space
+    (checked when the number of folds is known: a datalist that does not tell it is reported on its own)."""
     work_dir = Path(work_dir).absolute()
     existing = next(p for p in (work_dir, *work_dir.parents) if p.exists())
     if not existing.is_dir():
@@ -67,6 +67,8 @@ def check_work_dir(work_dir: str | Path, num_folds: int) -> list[str]:
     except OSError as err:
         return [f"work dir {work_dir}: cannot write to {existing} ({err.strerror or err}); "
                 "choose a folder you can write to, or fix its permissions"]
+    if num_folds is None:
+        return []
     free_gb = shutil.disk_usage(existing).free / 2**30
     needed_gb = derive_required_disk_gb(num_folds)
     if free_gb < needed_gb:
@@ -157,7 +159,7 @@ def _cleaned(datalist: dict, dataroot: str, skipped: list[dict]) -> dict:
 def check_inputs(
     datalist: str,
     dataroot: str,
-    modality: str | None = None,
+    modality: str,
     num_folds: int | None = None,
     work_dir: str | None = None,
     skip_bad: bool = False,
@@ -168,7 +170,7 @@ def check_inputs(
     """Check everything a run needs before it starts; return the report or raise InputCheckError listing every problem.
 
     datalist/dataroot: the MONAI datalist and the folder its relative paths start from.
-    modality: ct (HU checks) or another (z-scored, any range); default: the template's (its hyper_parameters.yaml).
+    modality: ct (HU checks) or another (z-scored, any range); the command line's default is the template's.
     num_folds: the folds the datalist must hold (default: as many as it has).
     work_dir: where the run writes; checked for write permission and free space (and gets input_check.json).
     skip_bad: leave out cases that fail their checks instead of stopping, and write the remaining cases to
@@ -178,26 +180,51 @@ def check_inputs(
         without them, the label ids the data holds (up to MAX_LABEL_ID); 0/255 masks fail.
     config_overrides: {key: value} settings for the template, checked for unknown keys, types and choices.
     """
-    modality = modality or default_modality()
+    content, report = inspect_inputs(datalist, dataroot, modality, num_folds=num_folds, work_dir=work_dir,
+                                     skip_bad=skip_bad, output_classes=output_classes,
+                                     config_overrides=config_overrides)
+    target = cleaned_datalist or (Path(work_dir) / CLEANED_DATALIST_NAME if work_dir else None)
+    if content is not None and report["skipped"] and not report["errors"] and target is not None:
+        report["cleaned_datalist"] = str(write_json_atomic(kept_cases(content, dataroot, report), target))
+    finish_check(report, work_dir, skip_bad)
+    return report
+
+
+def inspect_inputs(datalist: str, dataroot: str, modality: str, *, num_folds: int | None = None,
+                   work_dir: str | None = None, skip_bad: bool = False, output_classes: int | None = None,
+                   config_overrides: dict | None = None, content: dict | None = None) -> tuple[dict | None, dict]:
+    """What check_inputs finds, without writing or raising: (the datalist's content, the report).
+
+    content: the datalist as its caller already read it (the run context reads it once); None: read here
+    (a file that cannot be read is then one of the report's errors). The options are check_inputs'.
+    """
     report: dict = {"datalist": str(datalist), "dataroot": str(dataroot), "modality": modality,
                     "errors": [], "warnings": [], "cases": [], "skipped": [], "cleaned_datalist": None}
     errors = report["errors"]
-    try:
-        content = read_datalist(datalist)
-    except DatalistError as err:
-        content = None
-        errors.append(str(err))
+    if content is None:
+        try:
+            content = read_datalist(datalist)
+        except DatalistError as err:
+            errors.append(str(err))
     if content is not None:
         _check_datalist(content, dataroot, modality, num_folds, output_classes, skip_bad, report)
     if config_overrides:
         errors.extend(check_config(config_overrides, modality=modality))
     if work_dir is not None:
-        errors.extend(check_work_dir(work_dir, report.get("num_folds") or num_folds or default_num_folds()))
+        errors.extend(check_work_dir(work_dir, report.get("num_folds") or num_folds))
+    return content, report
+
+
+def kept_cases(content: dict, dataroot: str, report: dict) -> dict:
+    """The datalist without the cases the report skipped; everything else (paths, folds, extra keys) as it was."""
     skipped = [f for f in report["cases"] if f["status"] == "skipped"]
-    if content is not None and skipped and not errors:
-        target = cleaned_datalist or (Path(work_dir) / CLEANED_DATALIST_NAME if work_dir else None)
-        if target is not None:
-            report["cleaned_datalist"] = str(write_json_atomic(_cleaned(content, dataroot, skipped), target))
+    return _cleaned(content, dataroot, skipped) if skipped else content
+
+
+def finish_check(report: dict, work_dir: str | Path | None, skip_bad: bool) -> None:
+    """Log the report's warnings, write it as input_check.json into the work dir, and raise InputCheckError
+    listing every problem it holds."""
+    errors = report["errors"]
     for warning in report["warnings"]:
         logger.warning(warning)
     if work_dir is not None and not any(e.startswith("work dir") for e in errors):
@@ -205,11 +232,10 @@ def check_inputs(
     if errors:
         fix = "" if skip_bad else "; or pass --skip_bad to leave the bad cases out"
         lines = "\n".join(f"  {i}. {e}" for i, e in enumerate(errors, 1))
-        raise InputCheckError(f"input check found {len(errors)} problem(s) in {datalist} (dataroot {dataroot}):\n"
-                              f"{lines}\nFix them and run again{fix}", report)
+        raise InputCheckError(f"input check found {len(errors)} problem(s) in {report['datalist']} (dataroot "
+                              f"{report['dataroot']}):\n{lines}\nFix them and run again{fix}", report)
     logger.info(f"input check: {len(report['cases'])} cases checked, {len(report['skipped'])} skipped, "
                 f"{len(report['warnings'])} warnings; {_describe_classes(report)}")
-    return report
 
 
 def _check_dataroot(entries: list[tuple[str, dict]], dataroot: str) -> str | None:

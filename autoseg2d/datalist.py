@@ -24,7 +24,6 @@ import numpy as np
 from sklearn.model_selection import KFold, StratifiedKFold
 
 from autoseg2d.atomic_files import write_json_atomic
-from autoseg2d.pipeline.profiles import default_num_folds
 
 logger = logging.getLogger(__name__)
 
@@ -174,11 +173,25 @@ def read_datalist(datalist: str | Path) -> dict:
     file, invalid JSON or a file that is not a datalist. Entries are checked by `validate_folds`.
     """
     path = resolve_datalist(datalist)
-    rebuild = f"rebuild it with `python run_autoseg.py datalist --root DATA --output {path}`"
     try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatalistError(f"datalist {path} cannot be read ({err}); check its permissions or {rebuild}") from err
+        data = path.read_bytes()
+    except OSError as err:
+        raise DatalistError(f"datalist {path} cannot be read ({err}); check its permissions or "
+                            f"{_rebuild(path)}") from err
+    return parse_datalist(data, path)
+
+
+def _rebuild(path: Path) -> str:
+    return f"rebuild it with `python run_autoseg.py datalist --root DATA --output {path}`"
+
+
+def parse_datalist(data: bytes, path: Path) -> dict:
+    """A datalist file's bytes (read once by a caller that also hashes them) as read_datalist checks them."""
+    rebuild = _rebuild(path)
+    try:
+        content = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise DatalistError(f"datalist {path} is not UTF-8 text ({err}); {rebuild}") from err
     except json.JSONDecodeError as err:
         raise DatalistError(f"datalist {path} is not valid JSON ({err}); fix the line named or {rebuild}") from err
     if not isinstance(content, dict) or not isinstance(content.get("training"), list):
@@ -334,16 +347,16 @@ def ensure_folds(datalist: dict, num_folds: int, seed: int = 0, dataroot: str | 
 def build_datalist(
     root: str,
     output: str,
+    num_folds: int,
     layout: str = "auto",
-    num_folds: int | None = None,
     seed: int = 0,
     image_glob: str | None = None,
     label_glob: str | None = None,
 ) -> str:
-    """Find the cases under root, split them into folds (num_folds, default: profiles.yaml's) and write the
-    datalist JSON; return its path."""
-    if num_folds is None:
-        num_folds = default_num_folds()
+    """Find the cases under root, split them into num_folds folds and write the datalist JSON; return its path.
+
+    The command line's `datalist` (context.make_datalist) gives num_folds its default from profiles.yaml.
+    """
     root_path = Path(root)
     if not root_path.is_dir():
         raise DatalistError(f"--root {root} is not a folder")

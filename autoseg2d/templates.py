@@ -23,8 +23,6 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
-from monai.bundle import ConfigParser
-
 ALGO_NAME = "segresnet2d"
 ENV_VARIABLE = "SEGRESNET2D_TEMPLATES"
 CHECKOUT_TEMPLATES = Path(__file__).resolve().parents[1] / "algorithm_templates"
@@ -127,9 +125,10 @@ def bundle_contract(bundle: Path) -> ModuleType:
     return template_module(CONTRACT)
 
 
-def bundle_config(bundle: Path) -> ConfigParser:
-    """The bundle's config, parsed as MONAI does, with bundle_root set to the folder itself (as the
-    trainer's load_config does), so a moved or copied work dir reads its own files."""
+def bundle_config(bundle: Path):
+    """The bundle's config (monai.bundle.ConfigParser), parsed as MONAI does, with bundle_root set to the folder
+    itself (as the trainer's load_config does), so a moved or copied work dir reads its own files."""
+    from monai.bundle import ConfigParser  # here: MONAI loads torch, which the datalist module does not need
     bundle = Path(bundle)
     config_file = bundle / BUNDLE_CONFIG
     if not config_file.is_file():

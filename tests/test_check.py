@@ -20,6 +20,11 @@ from tests.conftest import SCRIPTS
 NUM_TRAIN = 4
 
 
+def check_ct(datalist: str, dataroot: str, **options) -> dict:
+    """check_inputs for CT data unless the test names another modality (the run context gives it in a run)."""
+    return check_inputs(datalist, dataroot, **{"modality": "ct", **options})
+
+
 def write_dataset(root: Path, num_train: int = NUM_TRAIN, num_folds: int = 2) -> Path:
     """case_000..: 32 x 32 x 6 head CTs with lesions, two folds, one testing case; returns the datalist."""
     training = []
@@ -44,7 +49,7 @@ def save(path: Path, array: np.ndarray, affine: np.ndarray | None = None) -> Non
 
 def problems(root: Path, **kwargs) -> str:
     with pytest.raises(InputCheckError) as raised:
-        check_inputs(str(root / "datalist.json"), str(root), **kwargs)
+        check_ct(str(root / "datalist.json"), str(root), **kwargs)
     return str(raised.value)
 
 
@@ -55,7 +60,7 @@ def data(tmp_path) -> Path:
 
 
 def test_clean_data_passes_with_a_report(data):
-    report = check_inputs(str(data / "datalist.json"), str(data), work_dir=str(data / "work"))
+    report = check_ct(str(data / "datalist.json"), str(data), work_dir=str(data / "work"))
     assert report["errors"] == [] and report["num_folds"] == 2
     assert [c["status"] for c in report["cases"]] == ["ok"] * (NUM_TRAIN + 1)
     assert json.loads((data / "work" / "input_check.json").read_text())["cases"][0]["case"] == "case_000"
@@ -102,7 +107,7 @@ def test_affine_difference_within_tolerance_is_accepted(data):
     nudged = label.affine.copy()
     nudged[0, 3] += 0.1 * check.template_module("volumes").AFFINE_TOLERANCE_MM
     save(data / "labels/case_003.nii.gz", np.asanyarray(label.dataobj), nudged)
-    check_inputs(str(data / "datalist.json"), str(data))
+    check_ct(str(data / "datalist.json"), str(data))
 
 
 @pytest.mark.parametrize(
@@ -125,7 +130,7 @@ def test_more_classes_pass_when_declared(data):
     label = np.zeros((32, 32, 6), np.uint8)
     label[10:20, 10:20, 2:4] = 2
     save(data / "labels/case_002.nii.gz", label)
-    check_inputs(str(data / "datalist.json"), str(data), output_classes=3)
+    check_ct(str(data / "datalist.json"), str(data), output_classes=3)
 
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf])
@@ -162,13 +167,13 @@ def test_single_slice_volume_cannot_train(data):
 
 def test_single_slice_testing_volume_is_a_warning(data):
     save(data / "test/case_099.nii.gz", make_head_ct(size=32, num_slices=6).image_hu[..., 2:3])
-    report = check_inputs(str(data / "datalist.json"), str(data))
+    report = check_ct(str(data / "datalist.json"), str(data))
     assert any("case case_099: the image has one axial slice" in w for w in report["warnings"])
 
 
 def test_empty_label_is_allowed_but_reported(data):
     save(data / "labels/case_003.nii.gz", np.zeros((32, 32, 6), np.uint8))
-    report = check_inputs(str(data / "datalist.json"), str(data))
+    report = check_ct(str(data / "datalist.json"), str(data))
     assert report["errors"] == []
     assert any("case case_003" in w and "the label is empty" in w for w in report["warnings"])
     assert next(c for c in report["cases"] if c["case"] == "case_003")["status"] == "ok"
@@ -183,7 +188,7 @@ def test_non_ct_intensity_range(data, scale, span):
     assert f"case case_000 ({data / 'images/case_000.nii.gz'}" in message
     assert f"modality is ct but the voxel values span {span}, not Hounsfield units" in message
     assert "Convert the scan to HU" in message
-    check_inputs(str(data / "datalist.json"), str(data), modality="mri")  # z-scored, so any range will do
+    check_ct(str(data / "datalist.json"), str(data), modality="mri")  # z-scored, so any range will do
 
 
 def test_duplicate_entries_and_duplicate_scans(data):
@@ -264,7 +269,7 @@ def test_every_problem_is_listed_at_once(data):
     (data / "images/case_000.nii.gz").unlink()
     save(data / "labels/case_002.nii.gz", np.full((32, 32, 6), 255, np.uint8))
     with pytest.raises(InputCheckError) as raised:
-        check_inputs(str(data / "datalist.json"), str(data), config_overrides={"batch_sise": 4})
+        check_ct(str(data / "datalist.json"), str(data), config_overrides={"batch_sise": 4})
     message = str(raised.value)
     assert message.startswith("input check found 3 problem(s)")
     assert "1. case case_000: file not found" in message and "case case_002 (" in message
@@ -283,14 +288,14 @@ def test_skip_bad_leaves_the_bad_cases_out(data):
     with gzip.open(data / "images/case_001.nii.gz", "wb") as f:
         f.write(b"\x00" * 10)
 
-    report = check_inputs(str(data / "datalist.json"), str(data), work_dir=str(data / "work"), skip_bad=True)
+    report = check_ct(str(data / "datalist.json"), str(data), work_dir=str(data / "work"), skip_bad=True)
     assert report["skipped"] == ["case_001"] and report["errors"] == []
     assert any(w.startswith("skipped: case case_001: cannot read") for w in report["warnings"])
     cleaned = json.loads(Path(report["cleaned_datalist"]).read_text())
     assert [e["image"] for e in cleaned["training"]] == [e["image"] for e in datalist["training"] if "001" not in
                                                          e["image"]]
     assert cleaned["testing"] == datalist["testing"]
-    check_inputs(report["cleaned_datalist"], str(data))
+    check_ct(report["cleaned_datalist"], str(data))
 
 
 def test_skip_bad_still_stops_when_a_fold_would_be_empty(data):
@@ -303,7 +308,7 @@ def test_skip_bad_still_stops_when_a_fold_would_be_empty(data):
 def test_a_data_root_without_any_listed_file_is_one_problem(data, tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty")
     with pytest.raises(InputCheckError) as raised:
-        check_inputs(str(data / "datalist.json"), str(empty))
+        check_ct(str(data / "datalist.json"), str(empty))
     message = str(raised.value)
     assert "found 1 problem(s)" in message
     assert f"none of the {2 * NUM_TRAIN + 1} files the datalist lists exists under --dataroot {empty}" in message
@@ -322,13 +327,13 @@ def multiclass_dataset(root: Path, class_names: list[str] | None = None) -> Path
 def test_multiclass_labels_pass_with_classes_from_the_data(tmp_path):
     """The generator's num_classes=3 labels (0..3): the check takes the classes from the data."""
     datalist = multiclass_dataset(tmp_path)
-    report = check_inputs(str(datalist), str(tmp_path))
+    report = check_ct(str(datalist), str(tmp_path))
     assert report["label_ids"] == [0, 1, 2, 3] and report["class_names"] == []
 
 
 def test_class_names_in_the_datalist_are_checked_against_the_labels(tmp_path):
     datalist = multiclass_dataset(tmp_path, ["IPH", "IVH", "SAH"])
-    assert check_inputs(str(datalist), str(tmp_path))["class_names"] == ["IPH", "IVH", "SAH"]
+    assert check_ct(str(datalist), str(tmp_path))["class_names"] == ["IPH", "IVH", "SAH"]
     datalist = multiclass_dataset(tmp_path, ["IPH", "IVH"])
     message = problems(tmp_path)
     assert "label values [0, 1, 2, 3] exceed the 2 classes in class_names ['IPH', 'IVH']" in message
@@ -358,5 +363,5 @@ def test_ct_windows_are_checked_only_where_the_run_is_ct(data):
     """The config check uses the run's modality, as the bundles will: CT windows mean nothing to an MRI run."""
     wrong = {"ct_windows_hu": [[80, 40]]}
     assert "ct_windows_hu entry [80.0, 40.0] must have high > low" in problems(data, config_overrides=wrong)
-    report = check_inputs(str(data / "datalist.json"), str(data), modality="mri", config_overrides=wrong)
+    report = check_ct(str(data / "datalist.json"), str(data), modality="mri", config_overrides=wrong)
     assert report["errors"] == []

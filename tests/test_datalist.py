@@ -42,8 +42,8 @@ def nnunet_tree(root: Path, num_train: int = 6, num_test: int = 2) -> Path:
     return root
 
 
-def build(root: Path, **kwargs) -> dict:
-    output = build_datalist(str(root), str(root / "out" / "datalist.json"), **kwargs)
+def build(root: Path, num_folds: int = 5, **kwargs) -> dict:
+    output = build_datalist(str(root), str(root / "out" / "datalist.json"), num_folds, **kwargs)
     return json.loads(Path(output).read_text())
 
 
@@ -117,7 +117,7 @@ def test_layout_detection_and_unknown_names(tmp_path):
     with pytest.raises(DatalistError, match="used only by --layout globs"):
         build(tmp_path, layout="nnunet", image_glob="imagesTr/*.nii.gz")
     with pytest.raises(DatalistError, match="is not a folder"):
-        build_datalist(str(tmp_path / "missing"), str(tmp_path / "x.json"))
+        build_datalist(str(tmp_path / "missing"), str(tmp_path / "x.json"), num_folds=5)
 
 
 def test_label_without_image_and_fewer_cases_than_folds(tmp_path):

@@ -160,5 +160,5 @@ def test_datalist_schema_and_the_input_check_accepts_the_set(tmp_path):
     assert all(set(e) == {"image", "label"} for e in content["testing"])
     metadata = json.loads((tmp_path / METADATA_NAME).read_text())
     assert len(metadata) == 12 and any(m["padding_hu"] == -2048 for m in metadata.values())
-    report = check_inputs(str(datalist), str(tmp_path), output_classes=5)
+    report = check_inputs(str(datalist), str(tmp_path), modality="ct", output_classes=5)
     assert report["errors"] == [] and len(report["cases"]) == 12

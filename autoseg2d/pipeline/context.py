@@ -3,21 +3,25 @@
 The command line's options win; what they leave out comes from the work dir's run.json (a
 rerun needs only --work_dir), then from the defaults (profiles.yaml and the template's
 hyper_parameters.yaml). The stages receive the context and never read run.json or the
-datalist themselves.
+datalist themselves. This module is the one that resolves those defaults: the datalist and
+check modules take num_folds and modality as arguments, and the command line's `check` and
+`datalist` commands reach them through check_only and make_datalist here.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from autoseg2d.atomic_files import write_json_atomic
-from autoseg2d.check import check_inputs
-from autoseg2d.datalist import DatalistError, ensure_folds, read_datalist, resolve_datalist, validate_folds
+from autoseg2d.atomic_files import write_text_atomic
+from autoseg2d.check import CLEANED_DATALIST_NAME, check_inputs, finish_check, inspect_inputs, kept_cases
+from autoseg2d.datalist import DatalistError, build_datalist, ensure_folds, parse_datalist, resolve_datalist
 from autoseg2d.pipeline.profiles import (default_modality, default_num_folds, default_profile_name, load_profile,
                                          profile_sha256)
-from autoseg2d.pipeline.workdir import WorkDir, WorkDirError, file_sha256
+from autoseg2d.pipeline.workdir import WorkDir, WorkDirError
 
 logger = logging.getLogger(__name__)
 
@@ -52,11 +56,36 @@ class RunContext:
         return self.storage or self.work.sweep_storage_url
 
 
+@dataclass(frozen=True)
+class DatalistFile:
+    """A datalist the stages will read: the source as it is (text None), or a copy the run writes into its work
+    dir, whose exact text is made before anything is written, so its sha256 can be checked first."""
+
+    path: Path
+    content: dict
+    text: str | None
+
+    @classmethod
+    def copy(cls, path: Path, content: dict) -> DatalistFile:
+        return cls(path, content, json.dumps(content, indent=2) + "\n")  # as write_json_atomic writes JSON
+
+    def sha256(self, source_bytes: bytes) -> str:
+        return hashlib.sha256(source_bytes if self.text is None else self.text.encode()).hexdigest()
+
+    def write(self) -> None:
+        if self.text is not None:
+            write_text_atomic(self.path, self.text)
+
+
 def resolve_context(work_dir: str, datalist: str | None, dataroot: str | None, profile: str | None,
                     modality: str | None, num_folds: int | None, storage: str | None, skip_bad: bool) -> RunContext:
     """Options, then run.json, then the defaults; then the check stage: folds added where the datalist has
-    none, every input checked, run.json written. A work dir made with other settings is refused before
-    anything is written into it."""
+    none, every input checked, run.json written.
+
+    The datalist is read once, and the run's identity checked once, against everything it depends on (the
+    datalist, the folds, the cases the check kept, the modality and the profile), before anything is written:
+    a work dir made with other settings is refused as it was.
+    """
     work = WorkDir.create(work_dir)
     recorded = work.load_run()
     if (datalist is None or dataroot is None) and not recorded:
@@ -65,43 +94,70 @@ def resolve_context(work_dir: str, datalist: str | None, dataroot: str | None, p
     root = Path(str(dataroot)).resolve() if dataroot else recorded["dataroot"]
     profile_name = profile or recorded.get("profile") or default_profile_name()
     settings = load_profile(profile_name)
+    chosen_modality = modality or recorded.get("modality") or default_modality()
     asked_folds = num_folds or recorded.get("num_folds")
-    identity = {"modality": modality or recorded.get("modality") or default_modality(), "profile": profile_name,
-                "profile_sha256": profile_sha256(settings)}
-    work.check_same_run({**identity, **({"num_folds": asked_folds} if asked_folds else {}),
-                         **({"datalist_sha256": file_sha256(source)} if source.is_file() else {})})
 
-    with_folds, folds = add_folds(work, source, root, asked_folds)
-    input_check = check_inputs(str(with_folds), str(root), modality=identity["modality"], num_folds=folds,
-                               work_dir=str(work.root), skip_bad=skip_bad,
-                               config_overrides=settings["train_overrides"])
-    checked = Path(input_check["cleaned_datalist"] or with_folds)
-    if input_check["cleaned_datalist"]:
-        logger.info(f"check: {len(input_check['skipped'])} bad cases left out; using {work.relative(checked)}")
-    settled = {"num_folds": input_check.get("num_folds") or folds, "used_datalist_sha256": file_sha256(checked)}
-    work.check_same_run(settled)  # only now known: the folds the datalist holds and the cases kept
-    work.record_run(source, root, {**identity, "datalist_sha256": file_sha256(source), **settled})
-    content = read_datalist(checked)
-    return RunContext(work=work, source_datalist=source, datalist=checked, dataroot=root,
-                      modality=identity["modality"], profile_name=profile_name, profile=settings,
-                      profile_sha256=identity["profile_sha256"], num_folds=settled["num_folds"],
-                      class_names=tuple(input_check.get("class_names", [])),
-                      training=tuple(content["training"]), testing=tuple(content.get("testing", [])),
-                      storage=storage, skip_bad=skip_bad)
+    source_bytes = source.read_bytes()
+    with_folds, check_folds = add_folds(work, source, source_bytes, root, asked_folds)
+    content, report = inspect_inputs(str(with_folds.path), str(root), chosen_modality, num_folds=check_folds,
+                                     work_dir=str(work.root), skip_bad=skip_bad,
+                                     config_overrides=settings["train_overrides"],
+                                     content=with_folds.content or None)
+    used = with_folds
+    if report["skipped"] and not report["errors"]:
+        used = DatalistFile.copy(work.root / CLEANED_DATALIST_NAME, kept_cases(content, str(root), report))
+    folds = report.get("num_folds") or check_folds
+    identity = {"modality": chosen_modality, "profile": profile_name, "profile_sha256": profile_sha256(settings),
+                "datalist_sha256": hashlib.sha256(source_bytes).hexdigest(), **({"num_folds": folds} if folds else {}),
+                **({} if report["errors"] else {"used_datalist_sha256": used.sha256(source_bytes)})}
+    work.check_same_run(identity)
+
+    if with_folds.text is not None:
+        with_folds.write()
+        logger.info(f"{source.name} has no folds: split into {folds} in {with_folds.path}")
+    finish_check(report, work.root, skip_bad)
+    if used is not with_folds:
+        used.write()
+        logger.info(f"check: {len(report['skipped'])} bad cases left out; using {work.relative(used.path)}")
+    work.record_run(source, root, identity)
+    return RunContext(work=work, source_datalist=source, datalist=used.path, dataroot=root,
+                      modality=chosen_modality, profile_name=profile_name, profile=settings,
+                      profile_sha256=identity["profile_sha256"], num_folds=folds,
+                      class_names=tuple(report.get("class_names", [])), training=tuple(used.content["training"]),
+                      testing=tuple(used.content.get("testing", [])), storage=storage, skip_bad=skip_bad)
 
 
-def add_folds(work: WorkDir, datalist: Path, dataroot: Path, num_folds: int | None) -> tuple[Path, int | None]:
-    """The datalist with folds: the user's own when it has them, else a copy in the work dir with folds added
-    (num_folds of them, default: profiles.yaml). Returns it and its number of folds (None: as the check finds)."""
+def add_folds(work: WorkDir, source: Path, source_bytes: bytes, dataroot: Path,
+              num_folds: int | None) -> tuple[DatalistFile, int | None]:
+    """The datalist with folds: the user's own when it has them, else a copy for the work dir with folds added
+    (num_folds of them, default: profiles.yaml), not yet written. Returns it and the folds the check is to
+    find (None: as many as it holds). A file that is not a datalist comes back with empty content: the check
+    reports what is wrong with it."""
     try:
-        content = read_datalist(datalist)
+        content = parse_datalist(source_bytes, source)
     except DatalistError:
-        return datalist, num_folds  # the check stage reports what is wrong with the file
+        return DatalistFile(source, {}, None), num_folds
     if all("fold" in e for e in content["training"]):
-        return datalist, num_folds
+        return DatalistFile(source, content, None), num_folds
     drawn = num_folds or default_num_folds()
-    with_folds = ensure_folds(content, drawn, seed=0, dataroot=str(dataroot))
-    target = work.root / f"{datalist.stem}_with_folds.json"
-    write_json_atomic(with_folds, target)
-    logger.info(f"{datalist.name} has no folds: split into {drawn} in {target}")
-    return target, validate_folds(with_folds)
+    copy = DatalistFile.copy(work.root / f"{source.stem}_with_folds.json",
+                             ensure_folds(content, drawn, seed=0, dataroot=str(dataroot)))
+    return copy, drawn
+
+
+def check_only(datalist: str, dataroot: str, modality: str | None = None, num_folds: int | None = None,
+               work_dir: str | None = None, skip_bad: bool = False, output_classes: int | None = None,
+               config_overrides: dict | None = None, cleaned_datalist: str | None = None) -> dict:
+    """The inputs alone (`run_autoseg.py check`), as check_inputs with modality defaulting to the template's.
+    The pipeline's check stage (resolve_context) also adds folds and records the run."""
+    return check_inputs(datalist, dataroot, modality or default_modality(), num_folds=num_folds, work_dir=work_dir,
+                        skip_bad=skip_bad, output_classes=output_classes, config_overrides=config_overrides,
+                        cleaned_datalist=cleaned_datalist)
+
+
+def make_datalist(root: str, output: str, layout: str = "auto", num_folds: int | None = None, seed: int = 0,
+                  image_glob: str | None = None, label_glob: str | None = None) -> str:
+    """A datalist from a data folder (`run_autoseg.py datalist`), as build_datalist with num_folds defaulting to
+    profiles.yaml's."""
+    return build_datalist(root, output, num_folds or default_num_folds(), layout=layout, seed=seed,
+                          image_glob=image_glob, label_glob=label_glob)

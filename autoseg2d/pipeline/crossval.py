@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
@@ -18,8 +19,10 @@ from autoseg2d.pipeline.inference import foreground, load_inferer, read_labels, 
 from autoseg2d.reporting.case_report import lesion_class_names
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.pipeline.work_queue import run_queue
-from autoseg2d.pipeline.context import RunContext
 from autoseg2d.templates import bundle_files
+
+if TYPE_CHECKING:  # type only: context.py loads profiles.py, which imports the ensemble stage and so this one
+    from autoseg2d.pipeline.context import RunContext
 
 logger = logging.getLogger(__name__)
 

@@ -1,7 +1,11 @@
 """Budget profiles (profiles.yaml): how many trials, folds, runs and ensemble members a run uses.
 
-profiles.yaml also owns the driver's defaults (its `defaults` section): the profile and the
-number of folds a run uses when neither the command line nor the work dir's run.json says.
+profiles.yaml's `defaults` section owns the run defaults (the profile and the number of folds a
+run uses when neither the command line nor the work dir's run.json says) and the profile keys
+every built-in profile shares; each profile lists only what is its own. A profile file of your
+own starts from a built-in `base` profile and lists only the keys it changes, so a key added by a
+later release reaches it from the base. Only the run context (context.py) reads these defaults:
+the datalist and check modules take num_folds and modality as arguments.
 """
 
 from __future__ import annotations
@@ -9,11 +13,15 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import yaml
 
+from autoseg2d.pipeline.ensemble import SELECTION_NAMES
 from autoseg2d.templates import template_config
+
+logger = logging.getLogger(__name__)
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
 PROFILE_KEYS = ("sweep_trials", "sweep_folds", "cv_top_variants", "cv_runs", "ensemble_size", "ensemble_mode",
@@ -21,7 +29,11 @@ PROFILE_KEYS = ("sweep_trials", "sweep_folds", "cv_top_variants", "cv_runs", "en
                 "search_space")
 ENSEMBLE_MODES = ("mean", "vote")
 DEFAULTS_SECTION = "defaults"  # in profiles.yaml; not a profile
-DEFAULT_KEYS = ("profile", "num_folds")
+DEFAULT_KEYS = ("profile", "num_folds")  # the run defaults in that section; its other keys are shared profile keys
+BASE_KEY = "base"  # in a profile file: the built-in profile its missing keys come from (default: the default profile)
+# Search-space keys each input variant's first trial runs at the value the bundle trains with (the profile's
+# train_overrides, else the template's): the paper's setting is tried before the sampler takes over.
+FIRST_TRIAL_KEYS = ("learning_rate",)
 
 
 class ProfileError(ValueError):
@@ -29,32 +41,73 @@ class ProfileError(ValueError):
 
 
 def load_profile(name: str) -> dict:
-    """A built-in profile by name, or your own: a YAML file with the same keys as one profile in profiles.yaml."""
-    source = Path(name)
+    """A built-in profile by name, or your own: a YAML file with `base: <built-in profile>` (default: the default
+    profile) and the keys it changes; every key it leaves out comes from the base, and the log says which."""
     if name.endswith((".yaml", ".yml")):
-        if not source.is_file():
-            raise ProfileError(f"profile file not found: {name}")
-        profile = yaml.safe_load(source.read_text())
+        profile, source = _profile_file(Path(name)), Path(name)
     else:
         profiles = built_in_profiles()
         if name not in profiles:
             raise ProfileError(f"unknown profile '{name}'; choose one of {', '.join(profiles)} ({PROFILES_FILE}),"
                                " or give the path of your own profile YAML")
         profile, source = profiles[name], PROFILES_FILE
-    missing = [k for k in PROFILE_KEYS if k not in (profile or {})]
+    where = f"profile '{name}' in {source}"
+    missing = [k for k in PROFILE_KEYS if k not in profile]
     if missing:
-        raise ProfileError(f"profile '{name}' in {source} lacks {', '.join(missing)}")
-    check_search_space(profile["search_space"], f"profile '{name}' in {source}")
+        raise ProfileError(f"{where} lacks {', '.join(missing)}; give them in the profile or in the "
+                           f"'{DEFAULTS_SECTION}' section of {PROFILES_FILE}")
+    check_search_space(profile["search_space"], where)
     if profile["ensemble_mode"] not in ENSEMBLE_MODES:
         raise ProfileError(f"profile '{name}': ensemble_mode '{profile['ensemble_mode']}' is not one of "
                            f"{', '.join(ENSEMBLE_MODES)}")
-    check_ensemble_selection(profile, f"profile '{name}' in {source}")
-    return {"name": name, **profile}
+    check_ensemble_selection(profile, where)
+    check_first_trial(profile, where)
+    return {"name": name, **{key: profile[key] for key in PROFILE_KEYS}}
+
+
+def _read_profiles_file() -> dict:
+    content = yaml.safe_load(PROFILES_FILE.read_text()) or {}
+    for section, keys in content.items():
+        allowed = (*DEFAULT_KEYS, *PROFILE_KEYS) if section == DEFAULTS_SECTION else PROFILE_KEYS
+        _refuse_unknown(keys or {}, allowed, f"section '{section}' of {PROFILES_FILE}")
+    return content
+
+
+def _refuse_unknown(profile: dict, allowed: tuple[str, ...], where: str) -> None:
+    unknown = [key for key in profile if key not in allowed]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ProfileError(f"{where}: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}{hint}; "
+                           f"valid keys are {', '.join(allowed)}")
 
 
 def built_in_profiles() -> dict:
-    return {name: profile for name, profile in yaml.safe_load(PROFILES_FILE.read_text()).items()
-            if name != DEFAULTS_SECTION}
+    """Every profile of profiles.yaml with the shared keys of its `defaults` section."""
+    content = _read_profiles_file()
+    shared = {key: value for key, value in (content.get(DEFAULTS_SECTION) or {}).items() if key in PROFILE_KEYS}
+    return {name: {**shared, **(own or {})} for name, own in content.items() if name != DEFAULTS_SECTION}
+
+
+def _profile_file(path: Path) -> dict:
+    """Your profile file, its missing keys from its base profile (one log line names them)."""
+    if not path.is_file():
+        raise ProfileError(f"profile file not found: {path}")
+    own = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(own, dict):
+        raise ProfileError(f"profile file {path} holds {type(own).__name__}, not a mapping of profile keys; "
+                           f"give keys such as sweep_trials: 3 (valid keys: {', '.join((BASE_KEY, *PROFILE_KEYS))})")
+    own = dict(own)
+    base = own.pop(BASE_KEY, None) or default_profile_name()
+    _refuse_unknown(own, (BASE_KEY, *PROFILE_KEYS), f"profile file {path}")
+    profiles = built_in_profiles()
+    if base not in profiles:
+        raise ProfileError(f"profile file {path}: {BASE_KEY} '{base}' is not a built-in profile; choose one of "
+                           f"{', '.join(profiles)} ({PROFILES_FILE})")
+    taken = [key for key in PROFILE_KEYS if key not in own]
+    if taken:
+        logger.info(f"profile {path}: {', '.join(taken)} from the base profile '{base}'")
+    return {**profiles[base], **own}
 
 
 # Keys that change only how a finished ensemble predicts (ensemble.json records their effect), not the sweep,
@@ -71,13 +124,13 @@ def profile_sha256(settings: dict) -> str:
 
 
 def driver_defaults() -> dict:
-    """The `defaults` section of profiles.yaml: {profile, num_folds}."""
-    defaults = yaml.safe_load(PROFILES_FILE.read_text()).get(DEFAULTS_SECTION) or {}
+    """The run defaults of profiles.yaml's `defaults` section: {profile, num_folds}."""
+    defaults = _read_profiles_file().get(DEFAULTS_SECTION) or {}
     missing = [key for key in DEFAULT_KEYS if key not in defaults]
     if missing:
         raise ProfileError(f"{PROFILES_FILE} lacks {', '.join(f'{DEFAULTS_SECTION}.{key}' for key in missing)}; "
                            f"its '{DEFAULTS_SECTION}' section names the default {' and '.join(DEFAULT_KEYS)}")
-    return defaults
+    return {key: defaults[key] for key in DEFAULT_KEYS}
 
 
 def default_profile_name() -> str:
@@ -89,21 +142,45 @@ def default_num_folds() -> int:
     return int(driver_defaults()["num_folds"])
 
 
+def _template_settings() -> dict:
+    return yaml.safe_load(template_config().read_text())
+
+
 def default_modality() -> str:
     """The template's own modality (its hyper_parameters.yaml): what a bundle assumes when the data source
     names none, so the driver's default cannot disagree with the bundle's."""
-    config = yaml.safe_load(template_config().read_text())
+    config = _template_settings()
     if "modality" not in config:
         raise ProfileError(f"{template_config()} has no 'modality' key; the driver takes its default modality from"
                            " there: add modality: ct")
     return str(config["modality"])
 
 
+def first_trial_params(profile: dict) -> dict:
+    """{key: value} for the FIRST_TRIAL_KEYS the profile searches: the value the bundle trains with, from the
+    profile's train_overrides, else from the template's hyper_parameters.yaml."""
+    template = _template_settings()
+    return {key: profile["train_overrides"].get(key, template.get(key)) for key in FIRST_TRIAL_KEYS
+            if key in (profile["search_space"] or {})}
+
+
+def check_first_trial(profile: dict, where: str) -> None:
+    """The first trial's values must lie in the search space: Optuna would otherwise record a value outside
+    the distribution, and the sweep would never compare the paper's setting with its neighbours."""
+    for key, value in first_trial_params(profile).items():
+        space = profile["search_space"][key]
+        origin = "train_overrides" if key in profile["train_overrides"] else f"the template's {template_config()}"
+        inside = value in space["choices"] if "choices" in space else space["low"] <= value <= space["high"]
+        if not inside:
+            shown = space["choices"] if "choices" in space else f"{space['low']:g}..{space['high']:g}"
+            raise ProfileError(f"{where}: search_space {key} {shown} excludes {value}, the {key} the bundle "
+                               f"trains with ({origin}), which each input variant's first trial runs; widen the "
+                               f"range to include it, or set {key} inside the range in train_overrides")
+
+
 def check_ensemble_selection(profile: dict, where: str) -> None:
     """ensemble_selection names a strategy; ensemble_tolerance is null or a Dice difference >= 0 (greedy only);
     ensemble_screen_below is null or a probability in [0, 0.5)."""
-    from autoseg2d.pipeline.ensemble import SELECTION_NAMES  # here: the ensemble stage imports this module's users
-
     selection, tolerance = profile["ensemble_selection"], profile["ensemble_tolerance"]
     if selection not in SELECTION_NAMES:
         raise ProfileError(f"{where}: ensemble_selection '{selection}' is not one of {', '.join(SELECTION_NAMES)}")
@@ -131,7 +208,7 @@ def template_keys() -> list[str]:
                 keys += walk(value, f"{prefix}{key}#")
         return keys
 
-    return walk(yaml.safe_load(template_config().read_text()), "")
+    return walk(_template_settings(), "")
 
 
 def check_search_space(search_space: dict, where: str) -> None:

@@ -44,7 +44,7 @@ def test_rerun_refuses_another_profile_or_modality(foldless, tmp_path):
 
 def test_an_edited_profile_file_is_another_profile(foldless, tmp_path):
     profile = tmp_path / "mine.yaml"
-    settings = load_profile("demo")
+    settings = {key: value for key, value in load_profile("demo").items() if key != "name"}
     profile.write_text(yaml.safe_dump(settings))
     work = tmp_path / "work"
     run_pipeline(str(foldless), str(foldless.parent), work_dir=str(work), profile=str(profile), num_folds=2,
