@@ -24,6 +24,7 @@ from autoseg2d.pipeline.bundles import TrainingStopped, bundle_path, describe, g
 from autoseg2d.pipeline.context import RunContext, resolve_context
 from autoseg2d.pipeline.crossval import run_crossval
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, build_ensemble, predict_images
+from autoseg2d.pipeline.profiles import first_trial_params
 from autoseg2d.pipeline.sweep import best_per_variant, run_sweep
 from autoseg2d.pipeline.workdir import DEFAULT_WORK_DIR, WorkDir, WorkDirError
 from autoseg2d.reporting.geometry import SpacingRange
@@ -68,7 +69,7 @@ def sweep_stage(context: RunContext, outputs: StageOutputs) -> None:
     profile = context.profile
     study = run_sweep(context.sweep_storage, profile["search_space"], profile["sweep_trials"],
                       list(profile["sweep_folds"]), functools.partial(train_trial_fold, context, outputs.base_settings),
-                      single_owner=context.storage is None)
+                      single_owner=context.storage is None, first_params=first_trial_params(profile))
     outputs.configurations = [{**outputs.base_settings, **params}
                               for params in best_per_variant(study, profile["cv_top_variants"])]
     outputs.summary["configurations"] = outputs.configurations

@@ -99,3 +99,71 @@ def test_no_trial_is_pruned_before_a_quarter_of_its_epochs(tmp_path):
 
     run_sweep(f"sqlite:///{tmp_path / 'optuna.db'}", SPACE, 4, [0], train_fold)
     assert pruned_at == [None, None, None, 5]
+
+
+def test_each_variants_first_trial_runs_the_bundles_learning_rate_then_the_sampler_draws(tmp_path):
+    seen: list = []
+
+    def train_fold(params, fold, report):
+        seen.append(dict(params))
+        return 0.5
+
+    run_sweep(f"sqlite:///{tmp_path / 'optuna.db'}", SPACE, 5, [0], train_fold, first_params={"learning_rate": 2e-4})
+    assert seen[:3] == [{"input_variant": v, "learning_rate": 2e-4} for v in ("slices", "windows", "both")]
+    assert all(p["learning_rate"] != 2e-4 for p in seen[3:]) and len(seen) == 5
+
+
+# One of two processes sharing a sweep: waits for the test's go, then runs the sweep with a training that takes
+# a while, printing what it trained; the test reads both outputs.
+SHARING_PROCESS = """
+import logging, pathlib, sys, time
+from autoseg2d.pipeline import sweep
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+sweep.POLL_S = 0.2
+go = pathlib.Path(sys.argv[2])
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.05)
+def train(params, fold, report):
+    time.sleep(float(sys.argv[3]))
+    print("trained", params["input_variant"], params["learning_rate"], flush=True)
+    return {{"slices": 0.6, "windows": 0.7, "both": 0.8}}[params["input_variant"]]
+sweep.run_sweep(sys.argv[1], {space!r}, 3, [0], train, single_owner=False, first_params={{"learning_rate": 2e-4}})
+print("done", flush=True)
+"""
+
+
+def test_two_processes_sharing_a_sweep_run_exactly_its_trials(tmp_path):
+    """Both processes start together and train for the same time, so each finishes a trial while the other's
+    runs: a process that counted only finished trials would start a fourth."""
+    import subprocess
+    import sys
+
+    storage, go = f"sqlite:///{tmp_path / 'shared.db'}", tmp_path / "go"
+    processes = [subprocess.Popen([sys.executable, "-c", SHARING_PROCESS.format(space=SPACE), storage, str(go), "2"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for process in processes:
+        assert process.stdout.readline().strip() == "ready"
+    go.touch()
+    outputs = [process.communicate(timeout=600) for process in processes]
+    assert all(process.returncode == 0 for process in processes), [err[-2000:] for _, err in outputs]
+    trained = [line.split()[1:] for out, _ in outputs for line in out.splitlines() if line.startswith("trained")]
+    assert sorted(trained) == sorted([[v, "0.0002"] for v in ("slices", "windows", "both")])
+    assert all(out.splitlines()[-1] == "done" for out, _ in outputs)
+    places = sorted(line.split("(")[1].split(")")[0] for _, err in outputs for line in err.splitlines()
+                    if line.startswith("sweep: trial") and "/3)" in line)
+    assert places == ["1/3", "2/3", "3/3"]
+    study = open_study(storage)
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 3
+
+
+def test_a_trials_place_counts_the_running_and_waiting_trials_before_it_not_the_failed_or_surplus(tmp_path):
+    from autoseg2d.pipeline.sweep import SURPLUS, place_in_sweep
+
+    study = open_study(f"sqlite:///{tmp_path / 'optuna.db'}")
+    states = optuna.trial.TrialState
+    for state, attrs in ((states.COMPLETE, {}), (states.FAIL, {}), (states.PRUNED, {SURPLUS: True}),
+                         (states.PRUNED, {}), (states.RUNNING, {}), (states.WAITING, {})):
+        study.add_trial(optuna.trial.create_trial(state=state, value=0.5 if state == states.COMPLETE else None,
+                                                  user_attrs=attrs))
+    assert [place_in_sweep(study, number) for number in range(7)] == [0, 1, 1, 1, 2, 3, 4]
