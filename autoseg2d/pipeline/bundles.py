@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import re
 import signal
 import subprocess
 import sys
@@ -93,12 +94,50 @@ def generate_bundles(context: RunContext, settings: dict) -> Path:
     if not bundle_path(configuration, 0).exists():
         raise TrainingError(f"BundleGen skipped {ALGO_NAME} for {configuration.name}: its pre-check refused the data;"
                             f" the reason is in the log above ('{ALGO_NAME} skipped: ...')")
-    notes = [line[2:] for line in (bundle_path(configuration, 0) / "configs" / "hyper_parameters.yaml").read_text()
-             .splitlines() if line.startswith("# ")][1:]
+    filled = (bundle_path(configuration, 0) / BUNDLE_CONFIG).read_text()
+    notes = planning_note([line[2:] for line in filled.splitlines() if line.startswith("# ")][1:],
+                          yaml.safe_load(filled), context.profile["train_overrides"], settings)
     logger.info(f"{describe(settings)}: planned {configuration.name} ({num_folds} fold bundles):"
                 + "".join(f"\n    {note}" for note in notes))
     write_text_atomic(marker, json.dumps(settings, indent=2, sort_keys=True))  # last: marks generation done
     return configuration
+
+
+NOTE_KEY = re.compile(r"^(?P<key>[A-Za-z_][\w.]*)(\[(?P<index>\d+)\])? (?P<why>.*)$")  # "roi_size [..]: ..."
+
+
+def planning_note(notes: list[str], config: dict, from_profile: dict, settings: dict) -> list[str]:
+    """The template's planning notes as the bundle trains: a derived value that the profile's train_overrides
+    (or the configuration's settings, e.g. a trial's) replace shows the value trained with, marked (profile) or
+    (configuration), before what planning derived; num_steps > 0 replaces num_epochs; the profile's other keys
+    follow, marked (profile). `config` is the bundle's filled hyper_parameters.yaml."""
+    def origin(key: str) -> str | None:
+        if key in from_profile and settings.get(key, from_profile[key]) == from_profile[key]:
+            return "profile"
+        return "configuration" if key in settings else None
+
+    def value(key: str, index: str | None = None):
+        node = config
+        for part in key.split("#"):
+            node = node[part]
+        return node[int(index)] if index is not None else node
+
+    shown, named = [], set()
+    for note in notes:
+        match = NOTE_KEY.match(note)
+        key, index = (match["key"].replace(".", "#"), match["index"]) if match else ("", None)
+        if key == "num_epochs" and int(config.get("num_steps", 0)) > 0:
+            key, index = "num_steps", None  # the trainer's budget in optimizer steps replaces the epochs
+        source = origin(key) if match else None
+        if source is None:
+            shown.append(note)
+            continue
+        named.add(key)
+        label = key.replace("#", ".") + ("" if index is None else f"[{index}]")
+        shown.append(f"{label} {value(key, index)} ({source}), not planning's {note}")
+    shown += [f"{key.replace('#', '.')} {value(key)} (profile)" for key in from_profile
+              if key not in named and origin(key) == "profile"]
+    return shown
 
 
 @contextlib.contextmanager

@@ -135,3 +135,29 @@ def test_the_screen_setting_is_not_part_of_the_runs_identity():
     without = {key: value for key, value in gpu.items() if key != "ensemble_screen_below"}
     assert profile_sha256(without) == profile_sha256(gpu) == profile_sha256({**gpu, "ensemble_screen_below": None})
     assert profile_sha256({**gpu, "ensemble_size": 17}) != profile_sha256(gpu)
+
+
+def test_the_planning_note_shows_what_the_bundle_trains_with_and_marks_the_profiles_values():
+    """With the cpu profile, planning derives 5 levels and epochs, but the bundle trains [1, 2, 2, 4] for the
+    profile's 1,200 optimizer steps: the note says so, and that those values are the profile's."""
+    from autoseg2d.pipeline.bundles import planning_note
+    from autoseg2d.templates import template_module
+
+    planning, bundle_config = template_module("planning"), template_module("bundle_config")
+    template = yaml.safe_load(template_config().read_text())
+    blocks, blocks_note = planning.derive_blocks_down([384, 384], template["network"]["blocks_down"])
+    epochs, epochs_note = planning.derive_num_epochs(5000, template["num_epochs"], 5)
+    notes = ["statistics from datastats.yaml", blocks_note, epochs_note]
+    assert blocks_note.startswith(f"network.blocks_down {blocks}") and epochs_note.startswith(f"num_epochs {epochs}")
+
+    overrides = load_profile("cpu")["train_overrides"]
+    config = bundle_config.load_config(str(template_config()), **overrides)
+    shown = planning_note(notes, config, overrides, {**overrides, "input_variant": "both", "seed": 0})
+    assert shown[0] == notes[0]
+    assert shown[1] == f"network.blocks_down {overrides['network#blocks_down']} (profile), not planning's {blocks_note}"
+    assert shown[2] == f"num_steps {overrides['num_steps']} (profile), not planning's {epochs_note}"
+    assert shown[3:] == [f"network.init_filters {overrides['network#init_filters']} (profile)",
+                         f"network.dsdepth {overrides['network#dsdepth']} (profile)"]
+
+    gpu = load_profile("gpu")["train_overrides"]
+    assert planning_note(notes, bundle_config.load_config(str(template_config()), **gpu), gpu, {"seed": 0}) == notes
