@@ -106,3 +106,31 @@ def test_an_unknown_stage_lists_the_stages(tmp_path):
                                          "crossval, ensemble, predict"):
         run_pipeline(work_dir=str(tmp_path / "work"), until="train")
     assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("skip_bad", [False, True])
+def test_the_check_stage_reads_the_datalist_once_and_checks_the_runs_identity_once(foldless, tmp_path, monkeypatch,
+                                                                                   skip_bad):
+    """Every datalist file (the source, the copy with folds, the check's copy) is read at most once, and run.json
+    is compared once, with everything the run depends on; a rerun is the same run."""
+    from pathlib import Path
+
+    from autoseg2d.pipeline.workdir import WorkDir
+
+    reads, checks = [], []
+    for method in ("read_bytes", "read_text"):
+        original = getattr(Path, method)
+        monkeypatch.setattr(Path, method, lambda self, *a, original=original, **k: (
+            reads.append(self.name), original(self, *a, **k))[1])
+    check_same_run = WorkDir.check_same_run
+    monkeypatch.setattr(WorkDir, "check_same_run", lambda self, identity: (
+        checks.append(sorted(identity)), check_same_run(self, identity))[1])
+    for _ in range(2):
+        reads.clear()
+        checks.clear()
+        context = resolve_context(str(tmp_path / "work"), str(foldless), str(foldless.parent), "demo", None, 2,
+                                  None, skip_bad)
+        assert context.datalist.name == "datalist_with_folds.json" and len(context.training) == 6
+        assert [name for name in reads if name.endswith(".json") and name != "run.json"] == ["datalist.json"]
+        assert checks == [["datalist_sha256", "modality", "num_folds", "profile", "profile_sha256",
+                           "used_datalist_sha256"]]
