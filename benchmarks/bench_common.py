@@ -153,7 +153,8 @@ def cpu_model() -> str:
 
 def machine_info() -> dict:
     """CPU model, cores, the features the template's precision choice detects (predictor.cpu_bf16_units: AMX and
-    AVX-512 bf16 as oneDNN may use them) and AVX2, the oneDNN cap, and the GPU where CUDA has one."""
+    AVX-512 bf16 as oneDNN may use them) and AVX2, the oneDNN cap, the load average when the result is written (a
+    busy machine's timings are slower and noisier), and the GPU where CUDA has one."""
     import torch
     from predictor import cpu_bf16_units, onednn_cap
 
@@ -161,7 +162,8 @@ def machine_info() -> dict:
     capability = torch.backends.cpu.get_cpu_capability()  # what ATen's kernels use: DEFAULT, AVX2, AVX512
     info = {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "cpu_features": {**cpu_bf16_units(), "avx2": "avx2" in flags or capability in ("AVX2", "AVX512")},
-            "cpuinfo_flags": flags, "onednn_max_cpu_isa": onednn_cap() or "none"}
+            "cpuinfo_flags": flags, "onednn_max_cpu_isa": onednn_cap() or "none",
+            "load_average_1_5_15_min": [round(load, 2) for load in os.getloadavg()]}  # other work on the machine
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
