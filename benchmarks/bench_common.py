@@ -192,8 +192,9 @@ def print_machine() -> None:
     machine = machine_info()
     features = ", ".join(f"{name} {found}" for name, found in machine["cpu_features"].items())
     gpu = f"; GPU {machine['gpu']}" if "gpu" in machine else ""
+    load = machine["load_average_1_5_15_min"][0]
     print(f"detected: {machine['cpu']}, {machine['cpu_cores']} cores; {features}; oneDNN cap "
-          f"{machine['onednn_max_cpu_isa']}{gpu}", flush=True)
+          f"{machine['onednn_max_cpu_isa']}{gpu}; load average {load}", flush=True)
 
 
 def write_result(path: str | Path, figures: dict, argv: list[str] | None = None) -> Path:
