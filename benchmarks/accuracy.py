@@ -30,6 +30,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
+from bench_common import print_machine, write_result  # noqa: E402
 from autoseg2d.datalist import read_datalist  # noqa: E402
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.evaluation.report import json_safe  # noqa: E402
@@ -87,6 +88,7 @@ def main() -> None:
                         "then counts only what was left)")
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
+    print_machine()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     root = Path(args.work_dir).resolve()
@@ -130,7 +132,7 @@ def main() -> None:
           f"{pipeline_minutes:.1f} min with --profile {args.profile}\n")
     print(markdown(results))
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_result(args.out, results)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,17 @@
-"""What every benchmark script shares: the repository on sys.path, the template and its config."""
+"""What every benchmark script shares: the repository on sys.path, the template and its config, and the writer
+that saves a result file with its provenance (the command, commit, machine and library versions that made it)."""
 
 from __future__ import annotations
 
+import datetime
 import functools
+import json
+import os
+import platform
+import shlex
+import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -82,16 +90,122 @@ def difference_cell(change: dict) -> str:
 
 
 def publish(results: dict, table: str, out: str | None) -> None:
-    """Print a benchmark's JSON and Markdown; with `out`, also write the JSON there."""
-    import json
-
+    """Print a benchmark's JSON and Markdown; with `out`, also write the JSON there (write_result)."""
     from autoseg2d.evaluation.report import json_safe
 
-    text = json.dumps(json_safe(results), indent=1)
-    print(text)
+    print(json.dumps(json_safe(results), indent=1))
     print(table)
     if out:
-        Path(out).write_text(text + "\n")
+        write_result(out, results)
+
+
+# Environment variables that change what a benchmark measures; the command records those that are set.
+MEASURING_ENVIRONMENT = ("ONEDNN_MAX_CPU_ISA", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+# Libraries whose versions a result file records (those installed).
+RECORDED_LIBRARIES = ("torch", "monai", "numpy", "openvino")
+# /proc/cpuinfo flags of the CPU features the precision choice depends on.
+CPUINFO_FLAGS = ("amx_tile", "amx_bf16", "avx512_bf16", "avx512f", "avx2")
+
+
+def command_line(argv: list[str]) -> str:
+    """The command that ran, as a user would type it from the repository root: paths inside the repository made
+    relative to it, and the measuring environment variables that were set in front."""
+    def relative(arg: str) -> str:
+        path = Path(arg)
+        if path.is_absolute() and path.resolve().is_relative_to(REPO):
+            return str(path.resolve().relative_to(REPO))
+        return arg
+
+    env = [f"{name}={shlex.quote(os.environ[name])}" for name in MEASURING_ENVIRONMENT if name in os.environ]
+    return " ".join([*env, "python", *(shlex.quote(relative(arg)) for arg in argv)])
+
+
+def git_commit() -> str:
+    """HEAD of the repository, with "-dirty" where tracked files other than results differ from it; "unknown"
+    outside a checkout."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    # result files and plots do not change what is measured
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results",
+                ":(exclude)benchmarks/plots").stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def cpuinfo_flags() -> list[str]:
+    """Which of CPUINFO_FLAGS the CPU reports (what the hardware has, whatever oneDNN is capped at)."""
+    try:
+        flags = next(line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return []
+    return [flag for flag in CPUINFO_FLAGS if flag in flags]
+
+
+def cpu_model() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def machine_info() -> dict:
+    """CPU model, cores, the features the template's precision choice detects (predictor.cpu_bf16_units: AMX and
+    AVX-512 bf16 as oneDNN may use them) and AVX2, the oneDNN cap, the load average when the result is written (a
+    busy machine's timings are slower and noisier), and the GPU where CUDA has one."""
+    import torch
+    from predictor import cpu_bf16_units, onednn_cap
+
+    flags = cpuinfo_flags()
+    capability = torch.backends.cpu.get_cpu_capability()  # what ATen's kernels use: DEFAULT, AVX2, AVX512
+    info = {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "cpu_features": {**cpu_bf16_units(), "avx2": "avx2" in flags or capability in ("AVX2", "AVX512")},
+            "cpuinfo_flags": flags, "onednn_max_cpu_isa": onednn_cap() or "none",
+            "load_average_1_5_15_min": [round(load, 2) for load in os.getloadavg()]}  # other work on the machine
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def library_versions() -> dict:
+    versions = {"python": platform.python_version()}
+    for name in RECORDED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def provenance(argv: list[str] | None = None) -> dict:
+    """Where a result came from: the command, the commit, the date, the machine and the library versions."""
+    return {"command": command_line(sys.argv if argv is None else argv), "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(), "versions": library_versions()}
+
+
+def print_machine() -> None:
+    """One line at a benchmark's start: what it detected, so a log says where its figures come from."""
+    machine = machine_info()
+    features = ", ".join(f"{name} {found}" for name, found in machine["cpu_features"].items())
+    gpu = f"; GPU {machine['gpu']}" if "gpu" in machine else ""
+    load = machine["load_average_1_5_15_min"][0]
+    print(f"detected: {machine['cpu']}, {machine['cpu_cores']} cores; {features}; oneDNN cap "
+          f"{machine['onednn_max_cpu_isa']}{gpu}; load average {load}", flush=True)
+
+
+def write_result(path: str | Path, figures: dict, argv: list[str] | None = None) -> Path:
+    """A benchmark's result file: its figures with a `provenance` block (provenance(argv)), written under a
+    temporary name and renamed into place. inf / NaN become strings (strict JSON)."""
+    from autoseg2d.atomic_files import write_text_atomic
+    from autoseg2d.evaluation.report import json_safe
+
+    record = {"provenance": provenance(argv), **{k: v for k, v in figures.items() if k != "provenance"}}
+    text = json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n"
+    return write_text_atomic(path, text)
 
 
 def add_held_out_arguments(parser) -> None:
@@ -104,6 +218,7 @@ def add_held_out_arguments(parser) -> None:
 
 def held_out_inputs(args) -> tuple:
     """(work dir, dataroot, testing entries, ensemble.json) named by add_held_out_arguments' options."""
+    print_machine()  # these benchmarks start here
     import json
 
     from autoseg2d.datalist import read_datalist

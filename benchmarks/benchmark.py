@@ -37,6 +37,7 @@ import yaml
 
 # bench_common first: it puts the template on sys.path
 from bench_common import REPO, SLICE_PX, TEMPLATE, paper_inputs, template_config  # noqa: F401
+from bench_common import print_machine, write_result
 from compute_floor import bench_floor  # noqa: E402
 from ensemble_speed import ENSEMBLE_PATHS, bench_ensemble  # noqa: E402
 from autoseg2d.datalist import read_datalist  # noqa: E402
@@ -303,13 +304,14 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--floor-repeats", type=int, default=3, help="timed calls per convolution (median)")
     parser.add_argument("--head-mm", type=float, nargs=2, default=[160.0, 190.0],
                         help="width and length of the generated head (mm) at its widest slice")
-    parser.add_argument("--out", help="also write the JSON here, and the Markdown next to it")
+    parser.add_argument("--out", help="also write the JSON here (with the command, commit, machine and versions)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argument_parser()
     args = parser.parse_args(argv)
+    print_machine()
     device = torch.device(args.device)
     sections = [s for s in args.sections.split(",") if s]
     results: dict = {"machine": machine(), "device": str(device)}
@@ -335,8 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(json.dumps(results, indent=1))
     print(text)
     if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
-        Path(args.out).with_suffix(".md").write_text(text)
+        write_result(args.out, results)
     return results
 
 

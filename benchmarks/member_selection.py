@@ -24,6 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
 from accuracy import METRICS, held_out_scores  # noqa: E402
+from bench_common import print_machine, write_result  # noqa: E402
 from autoseg2d.evaluation.metrics import summarize_metrics  # noqa: E402
 from autoseg2d.evaluation.report import json_safe  # noqa: E402
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, make_ensemble  # noqa: E402
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--mode", default="mean", choices=("mean", "vote"))
     parser.add_argument("--out", help="also write the JSON here")
     args = parser.parse_args()
+    print_machine()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     work = WorkDir.create(args.work_dir)
@@ -80,14 +82,13 @@ def main() -> None:
                          "members_per_fold": ", ".join(f"{f}: {n}" for f, n in sorted(folds.items())),
                          "steps": "; ".join(f"{s['name']} {', '.join(f'{v}' for k, v in s.items() if k != 'name')}"
                                             for s in steps) or "none"}
-    text = json.dumps(json_safe({"candidates": len(records), "held_out": len(testing), "results": results,
-                                 "greedy_curve": curve["curve"]}), indent=1)
-    print(text)
+    figures = {"candidates": len(records), "held_out": len(testing), "results": results, "greedy_curve": curve["curve"]}
+    print(json.dumps(json_safe(figures), indent=1))
     print(f"\ngreedy, out-of-fold (before post-processing), {len(records)} candidate bundles:\n"
           + curve_markdown(curve["curve"], curve["per_fold"]))
     print(f"\nheld-out cases: {len(testing)}\n\n" + markdown(results))
     if args.out:
-        Path(args.out).write_text(text + "\n")
+        write_result(args.out, figures)
 
 
 if __name__ == "__main__":
