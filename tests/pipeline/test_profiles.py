@@ -42,7 +42,7 @@ def _ensemble_profile(tmp_path, **ensemble_keys) -> str:
 
 def test_ensemble_selection_and_tolerance_are_checked(tmp_path):
     assert load_profile(_ensemble_profile(tmp_path, ensemble_selection="greedy", ensemble_tolerance=0.002))
-    with pytest.raises(ProfileError, match="ensemble_selection 'best' is not one of fold_balanced, global_top, greedy"):
+    with pytest.raises(ProfileError, match="ensemble_selection 'best' is not one of fold_balanced, greedy"):
         load_profile(_ensemble_profile(tmp_path, ensemble_selection="best"))
     with pytest.raises(ProfileError, match="ensemble_tolerance -0.1; give a Dice difference >= 0|is -0.1"):
         load_profile(_ensemble_profile(tmp_path, ensemble_selection="greedy", ensemble_tolerance=-0.1))
