@@ -1,16 +1,13 @@
-"""Held-out accuracy on hard synthetic head CT: the ensemble a user gets now next to the previous one.
+"""Held-out accuracy on hard synthetic head CT: the ensemble a user gets.
 
     python benchmarks/accuracy.py                        # 24 cases at 128 px, 6 held out, --profile cpu
     python benchmarks/accuracy.py --num_normal_test 2 --out benchmarks/results/accuracy_cpu.json
 
 Generates the cases with autoseg2d.synthetic_hard (small bleeds, four kinds, hyperdense
 mimics, partial volume, varying noise), runs the whole pipeline (`run_autoseg.py` stages,
-timed), then predicts the held-out cases with two ensembles built from the same
-cross-validated bundles: the pipeline's own (fold-balanced members, post-processing chosen
-by mean rank of the four challenge metrics, never-empty guarantee) and the previous
-behaviour (global top-N members, post-processing kept only for mean Dice or fewer inf-HD
-cases; benchmarks/previous_ensemble.py). Prints JSON and Markdown side by side. Accuracy
-comes from the held-out cases only; the cross-validation table is printed for context.
+timed), then predicts the held-out cases with the pipeline's ensemble (its members and
+post-processing, as `predict` runs them). Prints JSON and Markdown. Accuracy comes from the
+held-out cases only; the cross-validation table is printed for context.
 """
 
 from __future__ import annotations
@@ -34,13 +31,11 @@ from bench_common import print_machine, write_result  # noqa: E402
 from autoseg2d.datalist import read_datalist  # noqa: E402
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.evaluation.report import json_safe  # noqa: E402
-from autoseg2d.pipeline.ensemble import EnsemblePredictor, out_of_fold_cases  # noqa: E402
+from autoseg2d.pipeline.ensemble import EnsemblePredictor  # noqa: E402
 from autoseg2d.pipeline.inference import read_mask  # noqa: E402
-from autoseg2d.pipeline.profiles import load_profile  # noqa: E402
 from autoseg2d.pipeline.runner import run_pipeline  # noqa: E402
 from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402
 from autoseg2d.synthetic_hard import write_hard_dataset  # noqa: E402
-from previous_ensemble import previous_members, previous_postprocessing  # noqa: E402
 
 METRICS = (("Dice", "dice_mean"), ("RVD", "rvd_mean"), ("NSD", "nsd_mean"), ("HD mm", "hd_mm_mean"),
            ("HD mm (finite)", "hd_mm_mean_finite"), ("HD inf", "num_hd_inf"))
@@ -56,22 +51,13 @@ def held_out_scores(predictor: EnsemblePredictor, testing: list[dict], dataroot:
     return scores
 
 
-def previous_ensemble(work: WorkDir, training: list[dict], dataroot: Path, records: list[dict], size: int,
-                      mode: str) -> dict:
-    ensemble = {"mode": mode, "members": previous_members(records, size), "postprocessing": None}
-    cases = out_of_fold_cases(EnsemblePredictor(work, ensemble), ensemble, training=training, dataroot=dataroot)
-    ensemble["postprocessing"] = previous_postprocessing(cases)
-    return ensemble
-
-
 def markdown(results: dict) -> str:
     header = ["ensemble", "members (per fold)", "post-processing", *(name for name, _ in METRICS)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for name in ("previous", "now"):
-        entry = results[name]
-        values = [f"{entry['summary'][key]:.4f}" if isinstance(entry["summary"][key], float)
-                  else str(entry["summary"][key]) for _, key in METRICS]
-        lines.append("| " + " | ".join([name, entry["members_per_fold"], entry["steps"], *values]) + " |")
+    entry = results["now"]  # the key earlier result files also hold "previous" beside
+    values = [f"{entry['summary'][key]:.4f}" if isinstance(entry["summary"][key], float)
+              else str(entry["summary"][key]) for _, key in METRICS]
+    lines.append("| " + " | ".join(["now", entry["members_per_fold"], entry["steps"], *values]) + " |")
     return "\n".join(lines)
 
 
@@ -102,29 +88,23 @@ def main() -> None:
     pipeline_minutes = (time.time() - started) / 60
 
     work = WorkDir.create(root / "work")
-    settings = load_profile(args.profile)
-    records = json.loads((work.reports / "cross_validation.json").read_text())
-    content = read_datalist(datalist)
-    testing = content["testing"]
-    ensembles = {"now": json.loads(work.ensemble_file.read_text()),
-                 "previous": previous_ensemble(work, content["training"], data, records, settings["ensemble_size"],
-                                               settings["ensemble_mode"])}
+    testing = read_datalist(datalist)["testing"]
+    ensemble = json.loads(work.ensemble_file.read_text())
     results = {"pipeline_minutes": round(pipeline_minutes, 2), "profile": args.profile,
                "cases": {"train": args.num_train, "held_out": args.num_test, "normal_held_out": args.num_normal_test,
                          "size_px": args.size_px, "slices": [nib.load(str(data / e["image"])).shape[2]
                                                              for e in testing]},
                "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                            "torch": torch.__version__}}
-    for name, ensemble in ensembles.items():
-        scores = held_out_scores(EnsemblePredictor(work, ensemble), testing, data)
-        folds = {}
-        for member in ensemble["members"]:
-            folds[member["fold"]] = folds.get(member["fold"], 0) + 1
-        steps = (ensemble.get("postprocessing") or {}).get("steps", [])
-        results[name] = {"summary": summarize_metrics(scores), "cases": scores,
-                         "members_per_fold": ", ".join(f"{f}: {n}" for f, n in sorted(folds.items())),
-                         "steps": "; ".join(f"{s['name']} {', '.join(f'{v}' for k, v in s.items() if k != 'name')}"
-                                            for s in steps) or "none"}
+    scores = held_out_scores(EnsemblePredictor(work, ensemble), testing, data)
+    folds = {}
+    for member in ensemble["members"]:
+        folds[member["fold"]] = folds.get(member["fold"], 0) + 1
+    steps = (ensemble.get("postprocessing") or {}).get("steps", [])
+    results["now"] = {"summary": summarize_metrics(scores), "cases": scores,
+                      "members_per_fold": ", ".join(f"{f}: {n}" for f, n in sorted(folds.items())),
+                      "steps": "; ".join(f"{s['name']} {', '.join(f'{v}' for k, v in s.items() if k != 'name')}"
+                                         for s in steps) or "none"}
     text = json.dumps(json_safe(results), indent=1)
     print(text)
     print((work.reports / "cross_validation.md").read_text())

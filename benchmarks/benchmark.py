@@ -11,7 +11,7 @@ infer (s per 512^2 slice and per volume, fp32 vs reduced precision, with and wit
 TTA), dice (Dice of reduced-precision vs fp32 predictions of a briefly trained model),
 analyzer (DataAnalyzer + BundleGen time for generated 512 x 512 x 30 cases), ensemble (s per
 512 x 512 x 32 scan of the 18-member ensemble before and after members shared their inputs, in
-PyTorch and OpenVINO where installed, with whole slices and (opt-in) the head crop; measured on fewer members
+PyTorch and OpenVINO where installed; measured on fewer members
 of random weights and scaled; plus, per runtime, the members on --ensemble-screen-share of the
 head slices against all of them, and the screened 18-member scan from those; --ensemble-paths picks
 paths, so --ensemble-members 18 can measure one path directly), floor (the paper network's FLOPs and
@@ -45,7 +45,6 @@ from autoseg2d.synthetic import write_dataset  # noqa: E402
 from cache import cached_volume  # noqa: E402
 from network import NetworkSettings, build_loss, build_network, shape_divisor  # noqa: E402
 from predictor import SlicePredictor, cpu_bf16_units, cpu_has_native_bf16, onednn_cap  # noqa: E402
-from quantize import nncf_installed  # noqa: E402
 from runtime import openvino_installed  # noqa: E402
 from slice_dataset import Augmentation, SliceDataset, SliceSampler, foreground_pixels  # noqa: E402
 
@@ -159,9 +158,9 @@ def paper_predictor(device: torch.device, batch_size: int, **options) -> SlicePr
 
 def inference_modes(device: torch.device) -> dict:
     if device.type == "cuda":
-        return {"fp32": {"amp": False, "cpu_bf16": False}, "amp_fp16": {"amp": True, "cpu_bf16": False}}
-    modes = {"fp32": {"amp": False, "cpu_bf16": False}}  # amp is CUDA's float16; CPUs reduce precision by bf16
-    modes["bf16" if cpu_has_native_bf16() else "bf16_emulated"] = {"amp": False, "cpu_bf16": True}
+        return {"fp32": {"amp": False}, "amp_fp16": {"amp": True}}
+    modes = {"fp32": {"amp": False}}  # amp is float16 on CUDA, bf16 on a CPU with native bf16
+    modes["bf16" if cpu_has_native_bf16() else "bf16_emulated"] = {"amp": True}
     return modes
 
 
@@ -248,7 +247,7 @@ def machine() -> dict:
             "cpu_threads": torch.get_num_threads(), "cpu_native_bf16": cpu_has_native_bf16(),
             **{f"cpu_{unit}": found for unit, found in cpu_bf16_units().items()},
             "onednn_max_cpu_isa": onednn_cap() or "none",
-            "openvino": openvino_installed(), "nncf": nncf_installed()}
+            "openvino": openvino_installed()}
     try:
         info["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if "model name" in line)
     except (OSError, StopIteration):

@@ -19,8 +19,7 @@ from autoseg2d.templates import bundle_files  # noqa: E402
 from bundle_contract import BundleFiles  # noqa: E402
 from network import NetworkSettings, build_network, trained_network  # noqa: E402
 from predictor import autocast_dtype, inference_device  # noqa: E402
-from quantize import Int8Request, Int8Settings, calibration_inputs, nncf_installed  # noqa: E402
-from runtime import SLICES_PER_REQUEST, STREAMS_AUTO, OpenVINONetwork, openvino_installed  # noqa: E402
+from runtime import OpenVINONetwork, openvino_installed  # noqa: E402
 from volumes import Volume, load_volume  # noqa: E402
 
 
@@ -51,7 +50,7 @@ def ensemble_precisions(device: torch.device, also_fp32: bool) -> list[str]:
     """The precision the template's config picks on `device` (predictor.autocast_dtype), then fp32 too where
     asked and different."""
     config = template_config()
-    chosen = autocast_dtype(device, config["amp"], config["infer_cpu_bf16"])
+    chosen = autocast_dtype(device, config["amp"])
     default = next(name for name, dtype in PRECISION_DTYPES.items() if dtype == chosen)
     return [default] + (["fp32"] if also_fp32 and default != "fp32" else [])
 
@@ -80,38 +79,28 @@ def random_weight_bundles(work: Path, count: int) -> list[Path]:
     return bundles
 
 
-ENSEMBLE_PATHS = ("old", "new_torch_whole_batch", "new_torch", "new_openvino_whole_batch", "new_openvino",
-                  "new_openvino_head_crop", "new_openvino_int8")
+ENSEMBLE_PATHS = ("old", "new_torch_whole_batch", "new_torch", "new_openvino")
 
 
-def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wanted=ENSEMBLE_PATHS) -> dict:
-    """The ensemble before the shared passes (each member reads and windows the scan, PyTorch on whole batches)
-    and after them (members share inputs), in PyTorch (whole batches as before, and calls of at most one
-    512 x 512 slice now) and, where installed, OpenVINO: each batch whole on one stream (before
-    infer_cpu_streams) and in parts over OpenVINO's streams (now), those with slices cut to the head's box
-    (infer_crop_to_head, opt-in), and INT8 where NNCF is installed too (calibrated on another generated scan).
-    The new paths but the head crop run whole slices without the air-only ones (the template's default), the
-    old one every slice. Only the `wanted` paths are loaded
-    (an 18-member path alone fits in memory where all of them would not)."""
+def ensemble_paths(bundles: list[Path], precision: str, wanted=ENSEMBLE_PATHS) -> dict:
+    """The ensemble before the shared passes (each member reads and windows the scan, PyTorch on whole batches,
+    every slice) and after them (members share inputs, air-only slices skipped: the template's default), in
+    PyTorch (whole batches as before, and calls of at most one 512 x 512 slice now) and, where installed,
+    OpenVINO. Only the `wanted` paths are loaded (an 18-member path alone fits in memory where all of them
+    would not)."""
     from autoseg2d.pipeline.ensemble import EnsemblePredictor
     from autoseg2d.pipeline.inference import load_inferer
 
-    def members(runtime: str, cut: dict | None = None, streams=STREAMS_AUTO, slices_per_request=SLICES_PER_REQUEST,
-                whole_torch_batches: bool = False) -> list:
-        """Members on `runtime`, cutting slices as the template's config says unless `cut` sets its keys."""
-        loaded = [load_inferer(bundle, infer_cpu_runtime="torch", **(cut or {}))  # engine attached below
-                  for bundle in bundles]
+    def members(runtime: str, skip_air_slices: bool = True, whole_torch_batches: bool = False) -> list:
+        loaded = [load_inferer(bundle, infer_cpu_runtime="torch", infer_skip_air_slices=skip_air_slices)
+                  for bundle in bundles]  # the engine is attached below
         for member in loaded:
             member.predictor.dtype = PRECISION_DTYPES[precision]
             if whole_torch_batches:  # as before PyTorch got a batch in calls of bounded size
                 member.predictor.pixels_per_call = None
-            if runtime.startswith("openvino"):
-                int8 = int8_request(member, calibration) if runtime == "openvino_int8" else None
-                member.predictor.network = OpenVINONetwork(member.predictor.model, len(member.predictor.plan),
-                                                           bundle_cache(member), precision != "fp32", int8, streams,
-                                                           slices_per_request)
-            else:
-                member.predictor.network = None
+            member.predictor.network = OpenVINONetwork(member.predictor.model, len(member.predictor.plan),
+                                                       bundle_cache(member), precision != "fp32") \
+                if runtime == "openvino" else None
         return loaded
 
     def ensemble(loaded: list):
@@ -122,15 +111,10 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
     builders = {"new_torch_whole_batch": lambda: members("torch", whole_torch_batches=True),
                 "new_torch": lambda: members("torch")}
     if openvino_installed() and inference_device().type == "cpu":  # OpenVINO runs CPU members only
-        builders["new_openvino_whole_batch"] = lambda: members("openvino", streams=1, slices_per_request=None)
         builders["new_openvino"] = lambda: members("openvino")
-        builders["new_openvino_head_crop"] = lambda: members("openvino", cut={"infer_crop_to_head": True})
-        if nncf_installed():
-            builders["new_openvino_int8"] = lambda: members("openvino_int8")
     paths, loaded_by_path, setup = {}, {}, {}
     if "old" in wanted:
-        old = members("torch", cut={"infer_crop_to_head": False, "infer_skip_air_slices": False},
-                      whole_torch_batches=True)
+        old = members("torch", skip_air_slices=False, whole_torch_batches=True)
         paths["old"] = lambda image: sum(m.infer(str(image)).numpy() for m in old) / len(old)
     for name, build in builders.items():
         if name in wanted:
@@ -138,30 +122,13 @@ def ensemble_paths(bundles: list[Path], precision: str, calibration: Path, wante
             loaded_by_path[name] = build()
             paths[name] = ensemble(loaded_by_path[name])
             setup[f"{name}_load_s_per_member"] = round((time.perf_counter() - started) / len(bundles), 1)
-    if "new_openvino_int8" in loaded_by_path:
-        setup["int8_agreement"] = [m.predictor.network.int8_report["agreement"]
-                                   for m in loaded_by_path["new_openvino_int8"]]
     return {"paths": paths, "setup": setup, "members": loaded_by_path}
 
 
-def computed_share(predictor, volume: Volume) -> dict:
-    """The share of the scan's pixels a path's network computes (its boxes, padded to the divisor) and the
-    slices it skips (air only: infer_skip_air_slices, or the head crop)."""
-    boxes = list(predictor.boxes(volume))
-    pixels = sum(len(slices) * (rows.stop - rows.start) * (cols.stop - cols.start) for slices, rows, cols in boxes)
-    return {"computed_pixel_share": round(pixels / volume.image.size, 3),
-            "slices_skipped": volume.num_slices - sum(len(slices) for slices, _, _ in boxes)}
-
-
-def int8_request(member, calibration: Path) -> Int8Request:
-    """INT8 for a random-weight member: calibrated on another scan, and used whatever its agreement (random
-    weights segment nothing real; the figure is printed, the speed is what is measured)."""
-    configured = Int8Settings.from_config(member.config, slices_cut=repr(member.predictor.crop))
-    settings = Int8Settings(configured.calibration_slices, configured.calibration_scans, min_agreement=0.0,
-                            slices_cut=configured.slices_cut)
-    volume = load_volume(calibration, None, "ct")
-    return Int8Request(settings, None, lambda: calibration_inputs(member.predictor, [volume],
-                                                                  settings.calibration_slices))
+def slices_skipped(predictor, volume: Volume) -> dict:
+    """The slices a path leaves out (air only: infer_skip_air_slices)."""
+    run = sum(len(slices) for slices in predictor.batch_slices(volume))
+    return {"slices_skipped": volume.num_slices - run}
 
 
 def bundle_cache(member) -> Path:
@@ -191,8 +158,6 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
     image, warmup = work / "ensemble_case.nii.gz", work / "ensemble_warmup.nii.gz"
     write_case(case, image, None)
     write_case(make_head_ct(SLICE_PX, 2, head_mm=tuple(args.head_mm), seed=1), warmup, None)
-    calibration = work / "ensemble_calibration.nii.gz"
-    write_case(make_head_ct(SLICE_PX, args.ensemble_slices, head_mm=tuple(args.head_mm), seed=2), calibration, None)
     bundles = random_weight_bundles(work, args.ensemble_members)
     conversion_s = convert_for_openvino(bundles) if openvino_installed() and members_on == "cpu" else None
     precisions = ensemble_precisions(device, also_fp32=args.ensemble_fp32)
@@ -200,12 +165,12 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
     rows = [member_load_row(bundles, device, scale_members=default_ensemble()[0])]
     print("ensemble", rows[0], flush=True)
     for precision in precisions:
-        built = ensemble_paths(bundles, precision, calibration, args.ensemble_paths)
+        built = ensemble_paths(bundles, precision, args.ensemble_paths)
         if not built["paths"]:
-            raise SystemExit(f"none of the ensemble paths {args.ensemble_paths} can run here (OpenVINO or NNCF "
-                             "not installed?)")
+            raise SystemExit(f"none of the ensemble paths {args.ensemble_paths} can run here (OpenVINO not "
+                             "installed?)")
         volume = load_volume(image, None, "ct")
-        shares = {name: computed_share(loaded[0].predictor, volume) for name, loaded in built["members"].items()}
+        skipped = {name: slices_skipped(loaded[0].predictor, volume) for name, loaded in built["members"].items()}
         for path in built["paths"].values():
             path(warmup)  # oneDNN and OpenVINO pick their kernels on the first calls
         for repeat in range(args.ensemble_repeats):
@@ -228,12 +193,9 @@ def bench_ensemble(args, device: torch.device, work: Path) -> list[dict]:
                     row["peak_gpu_above_start_gib"] = round((torch.cuda.max_memory_allocated() - gpu_before) / 2**30,
                                                             2)
                 if name != "old":
-                    row.update(shares[name])
-                if name.startswith("new_openvino"):
+                    row.update(skipped[name])
+                if name == "new_openvino":
                     row["conversion_s_per_member_once"] = round(conversion_s, 1)
-                if name == "new_openvino_int8":
-                    row["quantize_s_per_member_once"] = built["setup"]["new_openvino_int8_load_s_per_member"]
-                    row["int8_agreement_with_float"] = built["setup"]["int8_agreement"]
                 rows.append(row)
                 print("ensemble", row, flush=True)
         row = stored_maps_row(bundles, image, probabilities, precision, scale)
@@ -260,16 +222,14 @@ def screened_rows(name: str, loaded: list, volume: Volume, shares: list[float], 
     from predictor import predict_together
 
     predictors = [m.predictor for m in loaded]
-    pixels = {z: (rows.stop - rows.start) * (cols.stop - cols.start)
-              for slices, rows, cols in predictors[0].boxes(volume) for z in slices}
-    head = sorted(pixels)
+    head = sorted(z for slices in predictors[0].batch_slices(volume) for z in slices)
     kept_by_share = {}
     for share in shares:
         count = kept_slices(share, len(head))
         kept_by_share[share] = set(head[(len(head) - count) // 2:][:count])
 
     def in_whole_pass_batches(kept):  # how screening batched kept slices before: a whole pass's batches
-        for slices, _, _ in predictors[0].boxes(volume):
+        for slices in predictors[0].batch_slices(volume):
             if kept.intersection(slices):
                 predict_together(predictors, volume, only=kept.intersection(slices))
 
@@ -287,13 +247,11 @@ def screened_rows(name: str, loaded: list, volume: Volume, shares: list[float], 
     rows = []
     for share, kept in kept_by_share.items():
         some, before = min(timings[share]), min(timings[share, "before"])
-        pixel_share = sum(pixels[z] for z in kept) / sum(pixels.values())  # middle slices sit in the largest boxes
         rows.append({"path": f"{name}_later_members_on_kept_slices", "precision": precision,
                      "members": len(loaded), "head_slices": len(head), "kept_slices": len(kept),
-                     "measured_all_s": round(every, 1), "kept_pixel_share": round(pixel_share, 3),
+                     "measured_all_s": round(every, 1),
                      "measured_kept_s": round(some, 1), "measured_kept_in_whole_pass_batches_s": round(before, 1),
                      "kept_vs_proportional": round(some / (every * len(kept) / len(head)), 2),
-                     "kept_vs_pixel_share": round(some / (every * pixel_share), 2),
                      # the later members' cost on the kept slices, as a share of a whole pass's
                      "s_per_512x512x32_scan_18_members_screened": round(every * scale * screened_work(some / every), 1),
                      "s_per_512x512x32_scan_18_members_screened_whole_pass_batches": round(

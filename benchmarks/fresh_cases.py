@@ -1,7 +1,7 @@
 """More held-out cases from the hard synthetic generator, for a trained work dir's accuracy benchmarks.
 
     python benchmarks/fresh_cases.py --out fresh --num_cases 60 --seed 1
-    python benchmarks/int8_accuracy.py --work_dir accuracy_work/work --datalist fresh/datalist.json
+    python benchmarks/precision_accuracy.py --work_dir accuracy_work/work --datalist fresh/datalist.json
 
 benchmarks/accuracy.py holds out 6 cases; a per-case Dice swings by tenths between two equally valid
 inference settings on such weak members, so a mean over 6 cannot resolve the 0.002 the issues ask for.

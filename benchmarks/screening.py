@@ -6,7 +6,7 @@ Needs a work dir whose ensemble stage ran and a datalist with labelled "testing"
 (benchmarks/accuracy.py writes such a pair from the hard synthetic generator). The members are the
 ensemble's plus, with --all_bundles, every other trained bundle of the work dir (sweep trials of
 other input variants), copied to a scratch folder with this repository's template scripts
-(int8_accuracy.upgraded_copy). Each held-out case is predicted by every configuration in turn, so
+(precision_accuracy.upgraded_copy). Each held-out case is predicted by every configuration in turn, so
 drifting machine speed hits them alike: "every member" (no screen), the product's screen (each
 fold's first member screens, ensemble_screen_below) and a harsher one (only the first
 --stress_members screen). Printed as JSON and Markdown: the four challenge metrics with the
@@ -34,7 +34,7 @@ from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
 from autoseg2d.pipeline.profiles import default_profile_name, load_profile  # noqa: E402
 from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402
 from autoseg2d.templates import BUNDLE_CONFIG  # noqa: E402
-from int8_accuracy import upgraded_copy  # noqa: E402
+from precision_accuracy import upgraded_copy  # noqa: E402
 from predictor import cpu_bf16_units  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def predictor_of(work: WorkDir, ensemble: dict, members: list[dict], scratch: Pa
 def head_slices(predictor: EnsemblePredictor, image: Path) -> int:
     """Slices with head tissue: the ones any member runs on."""
     member = predictor.members[0]
-    return sum(len(slices) for slices, _, _ in member.predictor.boxes(member.read(str(image))[1]))
+    return sum(len(slices) for slices in member.predictor.batch_slices(member.read(str(image))[1]))
 
 
 def main() -> None:

@@ -38,9 +38,9 @@ def test_bundles_with_different_scripts_run_their_own_siblings_in_one_process(tm
 
     before = {name: sys.modules.get(name) for name in ("predictor", "infer", "volumes")}
     old = scripts_copy(tmp_path / "old")
-    new = scripts_copy(tmp_path / "new", "\n\ndef autocast_dtype(device, amp, cpu_bf16):\n    return 'new predictor'\n")
+    new = scripts_copy(tmp_path / "new", "\n\ndef autocast_dtype(device, amp):\n    return 'new predictor'\n")
     old_infer, new_infer = bundle_module(old, "infer"), bundle_module(new, "infer")
-    cpu_fp32 = (torch.device("cpu"), False, False)
+    cpu_fp32 = (torch.device("cpu"), False)
     assert new_infer.autocast_dtype(*cpu_fp32) == "new predictor" and old_infer.autocast_dtype(*cpu_fp32) is None
     assert bundle_module(new, "predictor").autocast_dtype is new_infer.autocast_dtype  # one copy per bundle
     assert {name: sys.modules.get(name) for name in before} == before  # nothing left under the plain names

@@ -79,13 +79,7 @@ def select_fold_balanced(records: list[dict], size: int) -> list[dict]:
     return sorted(chosen, key=lambda m: (str(m["fold"]), m["rank_in_fold"]))
 
 
-def select_global_top(records: list[dict], size: int) -> list[dict]:
-    """The `size` best validation Dice scores across folds (the previous behaviour; kept for comparison)."""
-    ranked = sorted(records, key=lambda r: r["score"], reverse=True)[:size]
-    return [_member(r, None, f"global top {size}") for r in ranked]
-
-
-SELECTION_STRATEGIES = {"fold_balanced": select_fold_balanced, "global_top": select_global_top}
+SELECTION_STRATEGIES = {"fold_balanced": select_fold_balanced}
 SELECTION_NAMES = (*SELECTION_STRATEGIES, GREEDY)
 
 

@@ -26,8 +26,8 @@ EVALUATION = Path(__file__).resolve().parents[1] / "evaluation"
 COPIED_MODULES = {"postprocess.py": ("from autoseg2d.evaluation.metrics import", "from metrics import"),
                   "metrics.py": None}
 MEMBER_CONFIG = BUNDLE_CONFIG.name
-# BundleFiles names of kept conversions (runtime.py, quantize.py): an OpenVINO .xml has its .bin beside it
-CONVERTED_FILES = ("openvino_model", "openvino_int8_model", "int8_report")
+# BundleFiles names of kept conversions (runtime.py): an OpenVINO .xml has its .bin beside it
+CONVERTED_FILES = ("openvino_model",)
 PATH_KEYS = ("bundle_root", "data_file_base_dir", "data_list_file_path")  # meaningless outside the work dir
 
 
@@ -105,9 +105,8 @@ def write_bundle(root: Path, work: WorkDir, ensemble: dict, members: list[dict])
 
 
 def copy_converted(source, target) -> None:
-    """The member's kept OpenVINO conversions (float, INT8 and its report), where made: the exported bundle then
-    starts without converting, and INT8 needs no training scans to calibrate on. copy2 keeps their times,
-    which say they are newer than the checkpoint."""
+    """The member's kept OpenVINO conversion, where made: the exported bundle then starts without converting (the
+    conversion records the sha256 of the checkpoint it was made from, which is copied too)."""
     for name in CONVERTED_FILES:
         if not hasattr(source, name):  # a contract from before that file existed
             continue

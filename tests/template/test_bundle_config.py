@@ -82,6 +82,23 @@ def test_keys_of_other_auto3dseg_algorithms_warn_once_and_train_on(caplog, monke
     assert len(warnings) == 1 and "num_crops_per_image, early_stopping_fraction" in warnings[0]
 
 
+def test_a_removed_key_in_an_override_warns_once_and_trains_on(caplog, monkeypatch):
+    """A profile, data-source YAML or command line written for an older template version still runs: the key is
+    dropped and the warning says what runs instead. A removed key must not be in the template's YAML."""
+    import yaml
+
+    monkeypatch.setattr(bundle_config, "_warned", set())
+    with caplog.at_level("WARNING", logger="segresnet2d"):
+        config = load_config(CONFIG, infer_cpu_streams=2, num_epochs=3)
+        load_config(CONFIG, infer_cpu_streams=1)
+    assert config["num_epochs"] == 3 and "infer_cpu_streams" not in config
+    warnings = [r.getMessage() for r in caplog.records if "ignores" in r.getMessage()]
+    assert warnings == ["segresnet2d ignores infer_cpu_streams from the command line: OpenVINO picks its streams "
+                        "for the CPU. Delete the key there."]
+    with open(CONFIG) as stream:
+        assert not set(bundle_config.REMOVED_KEYS) & set(yaml.safe_load(stream))
+
+
 def test_a_typo_of_a_monai_name_suggests_it():
     with pytest.raises(ConfigError, match="did you mean 'num_epochs_per_validation'"):
         load_config(CONFIG, num_epochs_per_valdation=1)

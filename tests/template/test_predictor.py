@@ -14,7 +14,7 @@ from tests.conftest import FAST_TRAINING
 
 WINDOWS = [(0.0, 100.0)]
 PLAN = channel_plan("slices", 1, 3)
-FP32 = {"amp": False, "cpu_bf16": False}  # float32 on any machine: results comparable to atol 1e-5
+FP32 = {"amp": False}  # float32 on any machine: results comparable to atol 1e-5
 FP32_NO_TTA = {**FP32, "tta": False}
 
 
@@ -35,16 +35,16 @@ class Ramp(torch.nn.Module):
         return self.conv(x) + torch.stack([ramp * 0, ramp])[None, :, None, :]
 
 
-@pytest.mark.parametrize("device, amp, cpu_bf16, native, expected", [
-    ("cuda", True, False, False, torch.float16),
-    ("cuda", False, True, True, None),
-    ("cpu", True, True, True, torch.bfloat16),
-    ("cpu", True, True, False, None),  # emulated bf16 is slower than fp32
-    ("cpu", True, False, True, None),
+@pytest.mark.parametrize("device, amp, native, expected", [
+    ("cuda", True, False, torch.float16),
+    ("cuda", False, True, None),
+    ("cpu", True, True, torch.bfloat16),
+    ("cpu", True, False, None),  # emulated bf16 is slower than fp32
+    ("cpu", False, True, None),
 ])
-def test_precision_follows_the_hardware(monkeypatch, device, amp, cpu_bf16, native, expected):
+def test_amp_is_the_precision_the_device_has_natively(monkeypatch, device, amp, native, expected):
     monkeypatch.setattr(predictor_module, "cpu_has_native_bf16", lambda: native)
-    assert autocast_dtype(torch.device(device), amp, cpu_bf16) == expected
+    assert autocast_dtype(torch.device(device), amp) == expected
 
 
 @pytest.mark.parametrize("cap, amx, avx512_bf16", [
@@ -90,7 +90,7 @@ class CallSizes(torch.nn.Module):
 
 
 def test_pytorch_on_a_cpu_gets_a_batch_in_calls_of_a_bounded_size_with_the_whole_batch_answer():
-    """Batches stay infer_batch_size slices (their windowing and boxes); on a CPU the network sees them in calls
+    """Batches stay infer_batch_size slices (their windowing); on a CPU the network sees them in calls
     of at most TORCH_CPU_PIXELS_PER_CALL pixels (faster there: cache), with the answer a whole-batch call gives;
     small slices still go whole, and a GPU gets the whole batch."""
     torch.manual_seed(0)
@@ -113,8 +113,7 @@ def test_pytorch_on_a_cpu_gets_a_batch_in_calls_of_a_bounded_size_with_the_whole
                                   network=network)
     other_engine.predict_slices_last(volume())
     assert network.calls == [4, 1]  # OpenVINO and the like cut their own parts
-    gpu = SlicePredictor(CallSizes(), PLAN, WINDOWS, 8, 4, torch.device("cuda"), amp=False, cpu_bf16=False,
-                         tta=False)
+    gpu = SlicePredictor(CallSizes(), PLAN, WINDOWS, 8, 4, torch.device("cuda"), amp=False, tta=False)
     assert gpu.pixels_per_call is None
 
 
@@ -158,7 +157,7 @@ def test_bf16_dice_is_within_a_thousandth_of_fp32(bundle):
 
 
 class CountingPointwise(torch.nn.Module):
-    """A per-pixel model (1x1 convolution): cropping cannot change what it computes inside the box."""
+    """A per-pixel model (1x1 convolution) that counts the slices it is given."""
 
     def __init__(self):
         super().__init__()
@@ -178,42 +177,17 @@ def head_volume(size=64, depth=6) -> Volume:
     return Volume("h", image, None, np.eye(4))
 
 
-def test_head_boxes_lie_on_the_divisor_grid_and_cover_the_head_plus_margin():
-    torch.manual_seed(0)
-    crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=4)
-    predictor = SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 16, torch.device("cpu"), **FP32_NO_TTA,
-                               crop=crop)
-    (batch,) = predictor.batches(head_volume())
-    assert sorted(batch.slices) == [1, 2, 3, 4]  # air-only slices 0 and 5 are not batched
-    assert (batch.rows, batch.cols) == (slice(16, 40), slice(0, 56))  # [20-4, 36+4) and [10-4, 50+4) on 8s
-    assert tuple(batch.x.shape) == (4, 3, 24, 56)
-
-
-def test_crop_skips_air_slices_and_keeps_the_prediction_inside_the_box():
-    torch.manual_seed(0)
-    model = CountingPointwise()
-    full = SlicePredictor(model, PLAN, WINDOWS, 8, 16, torch.device("cpu"), **FP32_NO_TTA)
-    expected = full.predict_slices_last(head_volume())
-    model.slices_seen = 0
-    crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=4)
-    cropped = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), **FP32_NO_TTA, crop=crop)
-    result = cropped.predict_slices_last(head_volume())
-    assert model.slices_seen == 4
-    np.testing.assert_allclose(result[:, 16:40, 0:56, 1:5], expected[:, 16:40, 0:56, 1:5], atol=1e-6)
-    assert (result[0, :16] == 1).all() and (result[1, 40:] == 0).all() and (result[0, ..., [0, 5]] == 1).all()
-
-
-def test_without_a_margin_whole_slices_run_and_only_air_slices_are_left_out():
-    """infer_skip_air_slices without the crop: the slices with tissue get exactly the whole-slice answer."""
+def test_air_slices_are_left_out_and_the_others_get_the_whole_slice_answer():
+    """infer_skip_air_slices: the slices with tissue get exactly the answer of a pass over every slice."""
     torch.manual_seed(0)
     model = CountingPointwise()
     expected = SlicePredictor(model, PLAN, WINDOWS, 8, 16, torch.device("cpu"), **FP32_NO_TTA).predict_slices_last(
         head_volume())
     model.slices_seen = 0
-    skip = predictor_module.HeadCrop(threshold_hu=-500, margin_px=None)
-    predictor = SlicePredictor(model, PLAN, WINDOWS, 8, 3, torch.device("cpu"), **FP32_NO_TTA, crop=skip)
-    assert list(predictor.boxes(head_volume())) == [([1, 2, 3], slice(0, 64), slice(0, 64)),
-                                                    ([4], slice(0, 64), slice(0, 64))]
+    predictor = SlicePredictor(model, PLAN, WINDOWS, 8, 3, torch.device("cpu"), **FP32_NO_TTA, skip_air_slices=True)
+    assert list(predictor.batch_slices(head_volume())) == [[1, 2, 3], [4]]
+    (first, second) = predictor.batches(head_volume())
+    assert first.slices == [1, 2, 3] and tuple(first.x.shape) == (3, 3, 64, 64)  # whole slices
     result = predictor.predict_slices_last(head_volume())
     assert model.slices_seen == 4
     np.testing.assert_array_equal(result[..., 1:5], expected[..., 1:5])
@@ -221,47 +195,58 @@ def test_without_a_margin_whole_slices_run_and_only_air_slices_are_left_out():
     assert not np.allclose(expected[..., 0], result[..., 0])  # the model says something on air: it was not run
 
 
-@pytest.mark.parametrize("crop, expected", [
-    (None, [([1, 4], slice(0, 64), slice(0, 64)), ([5], slice(0, 64), slice(0, 64))]),
-    (predictor_module.HeadCrop(threshold_hu=-500, margin_px=None), [([1, 4], slice(0, 64), slice(0, 64))]),
-    # a whole pass batches the widest slices first, [2, 1] and [3, 4]: slice 1 keeps the box it shares with the
-    # wide slice 2 (alone it would get rows 16..40, cols 0..56, like slice 4)
-    (predictor_module.HeadCrop(threshold_hu=-500, margin_px=4), [([1], slice(0, 64), slice(0, 64)),
-                                                                 ([4], slice(16, 40), slice(0, 56))]),
-], ids=["every_slice", "whole_slices", "head_box"])
-def test_some_slices_only_fill_whole_batches_where_a_batch_does_not_change_their_input(crop, expected):
-    """A screened pass runs later members on scattered slices (1, 4 and the air slice 5 here). Whole slices
-    are packed into full batches of 2, so OpenVINO's streams get full parts; a head box depends on the slices
-    batched with it, so those keep the whole pass's boxes. The answers on those slices are the whole pass's."""
+def test_a_slice_with_one_voxel_of_tissue_is_run():
+    """The tissue test is any voxel above HEAD_TISSUE_HU: the thinnest skin at the vertex counts, air does not."""
+    volume = head_volume()
+    volume.image[0, 0, 0] = predictor_module.HEAD_TISSUE_HU + 1
+    volume.image[0, 0, 5] = predictor_module.HEAD_TISSUE_HU
+    predictor = SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 16, torch.device("cpu"), **FP32_NO_TTA,
+                               skip_air_slices=True)
+    assert list(predictor.batch_slices(volume)) == [[0, 1, 2, 3, 4]]
+
+
+def test_other_modalities_run_every_slice():
+    """No HU without CT (windows None: z-score inputs), so no slice is air by a threshold."""
+    predictor = SlicePredictor(CountingPointwise(), channel_plan("slices", 1, 3), [None], 8, 16,
+                               torch.device("cpu"), **FP32_NO_TTA, skip_air_slices=True)
+    assert not predictor.skip_air_slices
+    assert list(predictor.batch_slices(head_volume())) == [[0, 1, 2, 3, 4, 5]]
+
+
+@pytest.mark.parametrize("skip_air, expected", [
+    (False, [[1, 4], [5]]),
+    (True, [[1, 4]]),
+], ids=["every_slice", "air_left_out"])
+def test_some_slices_only_fill_whole_batches(skip_air, expected):
+    """A screened pass runs later members on scattered slices (1, 4 and the air slice 5 here): they are packed
+    into full batches of 2, so OpenVINO's streams get full parts. The answers on those slices are the whole
+    pass's."""
     torch.manual_seed(0)
     predictor = SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 2, torch.device("cpu"), **FP32_NO_TTA,
-                               crop=crop)
+                               skip_air_slices=skip_air)
     volume = head_volume()
-    volume.image[8:56, 4:60, 2] = 40  # slice 2's head is the widest
-    assert list(predictor.boxes(volume, only=[4, 1, 5, 4, 9])) == expected  # 9 is beyond the volume: ignored
-    assert list(predictor.boxes(volume, only=[])) == []
-    asked = sorted({z for slices, _, _ in expected for z in slices})
+    assert list(predictor.batch_slices(volume, only=[4, 1, 5, 4, 9])) == expected  # 9 is beyond the volume
+    assert list(predictor.batch_slices(volume, only=[])) == []
+    asked = sorted({z for slices in expected for z in slices})
     everything, _ = predictor_module.predict_together([predictor], volume)
     some, _ = predictor_module.predict_together([predictor], volume, only={1, 4, 5})
     np.testing.assert_allclose(some[..., asked], everything[..., asked], atol=1e-6)
     assert (some[0, ..., [0, 2, 3]] == 1).all() and (some[1, ..., [0, 2, 3]] == 0).all()
 
 
-@pytest.mark.parametrize("margin_px", [4, None], ids=["head_box", "whole_slices"])
-def test_a_volume_without_head_tissue_is_all_background(margin_px):
+def test_a_volume_without_head_tissue_is_all_background():
     model = CountingPointwise()
-    crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=margin_px)
-    predictor = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), **FP32_NO_TTA, crop=crop)
+    predictor = SlicePredictor(model, PLAN, WINDOWS, 8, 2, torch.device("cpu"), **FP32_NO_TTA, skip_air_slices=True)
     air = Volume("air", np.full((16, 16, 3), -1000, np.int16), None, np.eye(4))
     result = predictor.predict_slices_last(air)
     assert result.shape == (2, 16, 16, 3) and (result[0] == 1).all() and (result[1] == 0).all()
+    assert model.slices_seen == 1  # only the blank pass that finds the number of classes
 
 
 def test_models_predicted_together_sum_what_each_predicts_alone():
     torch.manual_seed(0)
-    crop = predictor_module.HeadCrop(threshold_hu=-500, margin_px=4)
     predictors = [SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 2, torch.device("cpu"), **FP32_NO_TTA,
-                                 crop=crop) for _ in range(3)]
+                                 skip_air_slices=True) for _ in range(3)]
     alone = [p.predict_slices_last(head_volume()) for p in predictors]
     total, masks = predictor_module.predict_together(predictors, head_volume(), keep_masks=True)
     np.testing.assert_allclose(total, sum(alone), atol=1e-6)
@@ -269,12 +254,12 @@ def test_models_predicted_together_sum_what_each_predicts_alone():
         np.testing.assert_array_equal(mask, probabilities.argmax(0))
     votes, _ = predictor_module.predict_together(predictors, head_volume(), vote=True)
     np.testing.assert_array_equal(votes[1], sum(p.argmax(0) for p in alone))
-    other = SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 4, torch.device("cpu"), **FP32_NO_TTA, crop=crop)
+    other = SlicePredictor(CountingPointwise(), PLAN, WINDOWS, 8, 2, torch.device("cpu"), **FP32_NO_TTA)
     with pytest.raises(ValueError, match=r"predictors \[1\] cut a volume into other batches"):
         predictor_module.predict_together([predictors[0], other], head_volume())
 
 
 def test_precision_and_tta_have_no_second_default():
-    """amp, cpu_bf16 and tta come from the config (amp, infer_cpu_bf16, infer_tta) through the caller."""
-    with pytest.raises(TypeError, match="amp', 'cpu_bf16', and 'tta'"):
+    """amp and tta come from the config (amp, infer_tta) through the caller."""
+    with pytest.raises(TypeError, match="'amp' and 'tta'"):
         SlicePredictor(Ramp(), PLAN, WINDOWS, 8, 2, torch.device("cpu"))

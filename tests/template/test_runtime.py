@@ -5,6 +5,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from bundle_contract import checkpoint_sha256
 from runtime import choose_runtime
 
 import runtime as runtime_module
@@ -45,7 +46,7 @@ def test_openvino_computes_what_torch_does_and_keeps_the_converted_model(tmp_pat
     assert cache.is_file() and cache.with_suffix(".bin").is_file() and network.precision == "openvino-f32"
 
     def no_conversion(*args, **kwargs):
-        raise AssertionError("converted again although the cache is newer than the checkpoint")
+        raise AssertionError("converted again although the kept model was made from this checkpoint")
 
     import openvino
 
@@ -54,44 +55,55 @@ def test_openvino_computes_what_torch_does_and_keeps_the_converted_model(tmp_pat
     np.testing.assert_allclose(again(x).numpy(), network(x).numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("streams, expected", [
-    (0, {"PERFORMANCE_HINT": "THROUGHPUT"}),
-    (1, {"NUM_STREAMS": "1"}),
-    (4, {"NUM_STREAMS": "4"}),
-])
-def test_streams_are_openvinos_throughput_hint_or_a_count(streams, expected):
-    assert runtime_module.stream_properties(streams) == expected
+def test_a_checkpoint_restored_with_an_older_time_gets_a_fresh_conversion(tmp_path):
+    """The kept conversion is keyed by the checkpoint's content: a checkpoint replaced by another one whose file
+    time is older (restored from a backup, unpacked, copied without -p) must not run the stale conversion."""
+    pytest.importorskip("openvino")
+    cache = tmp_path / "model_openvino.xml"
+    x = torch.rand(2, 3, 48, 40)
+    first = small_model(tmp_path, seed=0)
+    runtime_module.OpenVINONetwork(first, 3, cache, bf16=False)
+    second = small_model(tmp_path, seed=1)  # another checkpoint at model.pt ...
+    os.utime(tmp_path / "model.pt", (1_000_000, 1_000_000))  # ... restored with a time older than the kept model
+    assert (tmp_path / "model.pt").stat().st_mtime < cache.stat().st_mtime
+    restored = runtime_module.OpenVINONetwork(second, 3, cache, bf16=False)
+    with torch.no_grad():
+        np.testing.assert_allclose(restored(x).numpy(), second(x).numpy(), atol=1e-4)
+        assert not np.allclose(first(x).numpy(), second(x).numpy(), atol=1e-2)  # the stale model would differ
+    assert runtime_module.read_kept(cache, checkpoint_sha256(tmp_path / "model.pt")) is not None  # kept anew
 
 
-@pytest.mark.parametrize("streams", [-1, "2", "auto", True, 1.5, None])
-def test_a_bad_stream_count_names_the_key_the_file_and_the_fix(streams):
-    with pytest.raises(ValueError, match=r"infer_cpu_streams .*hyper_parameters.yaml.* set it to 0"):
-        runtime_module.stream_properties(streams)
+def test_a_kept_conversion_without_the_checkpoints_mark_is_not_read(tmp_path):
+    """Conversions kept before they were marked (or with no checkpoint to check them against) are not trusted."""
+    pytest.importorskip("openvino")
+    import openvino as ov
 
-
-@pytest.mark.parametrize("override, expected", [(1, 1), ("2", 2)])
-def test_a_stream_count_can_be_overridden_as_other_keys_are(override, expected):
-    from bundle_config import load_config
-
-    from tests.template.test_bundle_config import CONFIG
-
-    streams = load_config(CONFIG, infer_cpu_streams=override)["infer_cpu_streams"]  # a profile, fire's CLI
-    assert streams == expected and runtime_module.stream_properties(streams) == {"NUM_STREAMS": str(expected)}
+    model = small_model(tmp_path)
+    cache = tmp_path / "model_openvino.xml"
+    unmarked = ov.convert_model(model, example_input=torch.zeros(1, 3, 32, 32))
+    ov.save_model(unmarked, str(cache), compress_to_fp16=False)
+    digest = checkpoint_sha256(tmp_path / "model.pt")
+    assert runtime_module.read_kept(cache, digest) is None and runtime_module.read_kept(cache, None) is None
+    unmarked.set_rt_info(digest, runtime_module.CHECKPOINT_KEY)
+    ov.save_model(unmarked, str(cache), compress_to_fp16=False)
+    assert runtime_module.read_kept(cache, digest) is not None  # what load_or_convert writes is read back
 
 
 @pytest.mark.parametrize("bf16", [False, True])
-def test_batches_split_over_streams_give_the_one_stream_logits(tmp_path, bf16):
+def test_batches_split_over_streams_give_the_whole_batch_logits(tmp_path, bf16):
     pytest.importorskip("openvino")
+    import openvino as ov
     from predictor import cpu_has_native_bf16
 
     if bf16 and not cpu_has_native_bf16():
         pytest.skip("no native bf16 on this CPU")
     model = small_model(tmp_path)
     cache = tmp_path / "model_openvino.xml"
-    one = runtime_module.OpenVINONetwork(model, 3, cache, bf16=bf16, streams=1)
-    three = runtime_module.OpenVINONetwork(model, 3, cache, bf16=bf16, streams=3)
-    whole = runtime_module.OpenVINONetwork(model, 3, cache, bf16=bf16, streams=1, slices_per_request=None)
-    assert one.compiled.streams == 1 and three.compiled.streams >= min(2, os.cpu_count())  # capped at the cores
+    streamed = runtime_module.OpenVINONetwork(model, 3, cache, bf16=bf16)
+    assert streamed.compiled.streams >= min(2, os.cpu_count())  # OpenVINO's pick: parallel requests
+    properties = {"NUM_STREAMS": "1", "INFERENCE_PRECISION_HINT": "bf16" if bf16 else "f32"}
+    one_stream = ov.Core().compile_model(ov.Core().read_model(str(cache)), "CPU", properties)
+    whole = runtime_module.StreamedModel(one_stream, slices_per_request=None)
     parts = []
 
     class Recording:  # a real request, noting the slices of each part it is given
@@ -105,22 +117,21 @@ def test_batches_split_over_streams_give_the_one_stream_logits(tmp_path, bf16):
         def __getattr__(self, name):
             return getattr(self.request, name)
 
-    three.compiled.requests = [Recording(r) for r in three.compiled.requests]
+    streamed.compiled.requests = [Recording(r) for r in streamed.compiled.requests]
     for size in (7, 2, 1):  # 7: more parts than streams, the last one short; 2: one whole part; 1: one slice
         x = torch.rand(size, 3, 48, 32)
         parts.clear()
-        np.testing.assert_array_equal(three(x).numpy(), whole(x).numpy())
+        np.testing.assert_array_equal(streamed(x).numpy(), whole(x.numpy())[0])
         assert sum(parts) == size and max(parts) <= runtime_module.SLICES_PER_REQUEST  # memory: small parts
-        np.testing.assert_array_equal(one(x).numpy(), whole(x).numpy())
         if not bf16:
             with torch.no_grad():
-                np.testing.assert_allclose(three(x).numpy(), model(x).numpy(), atol=1e-4)
+                np.testing.assert_allclose(streamed(x).numpy(), model(x).numpy(), atol=1e-4)
 
 
 def test_a_part_that_fails_leaves_no_stream_busy_for_the_next_batch(tmp_path):
     pytest.importorskip("openvino")
     model = small_model(tmp_path)
-    network = runtime_module.OpenVINONetwork(model, 3, tmp_path / "model_openvino.xml", bf16=False, streams=2)
+    network = runtime_module.OpenVINONetwork(model, 3, tmp_path / "model_openvino.xml", bf16=False)
     x = torch.rand(7, 3, 48, 32)
     expected = network(x).numpy()
     failures = [RuntimeError("out of memory on part 2")]  # the first part is running when the second fails
@@ -145,15 +156,15 @@ def test_a_part_that_fails_leaves_no_stream_busy_for_the_next_batch(tmp_path):
         network(x[:0])
 
 
-def small_model(tmp_path):
-    """The tests' small network (3 input channels), with a stand-in checkpoint beside its OpenVINO cache."""
+def small_model(tmp_path, seed: int = 0):
+    """The tests' small network (3 input channels), with its checkpoint beside its OpenVINO cache."""
     from network import NetworkSettings, build_network
 
     from tests.conftest import FAST_TRAINING
 
     settings = NetworkSettings(FAST_TRAINING["network#init_filters"], tuple(FAST_TRAINING["network#blocks_down"]),
                                FAST_TRAINING["network#dsdepth"], norm="batch", out_channels=2)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = build_network(settings, 3).eval()
-    torch.save({}, tmp_path / "model.pt")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "model.pt")
     return model

@@ -4,19 +4,17 @@ import numpy as np
 import pytest
 import torch
 from inputs import channel_plan
-from predictor import HeadCrop, SlicePredictor, predict_together
+from predictor import SlicePredictor, predict_together
 from screen import Screen, screened_together
 from volumes import Volume
 
 WINDOW = [(0.0, 100.0)]  # HU 0..100 -> 0..1
 PLAN = channel_plan("slices", 1, 3)
-CROP = HeadCrop(threshold_hu=-500, margin_px=4)
-WHOLE_SLICES = HeadCrop(threshold_hu=-500, margin_px=None)  # the template's default: air-only slices left out
 
 
 class Brightness(torch.nn.Module):
     """Foreground logit gain * (centre channel - level) at each pixel plus the centre channel's mean over the
-    whole input (so the box a slice is cut to shows in every pixel); counts the slices it is run on."""
+    whole slice (so any change to a slice's input shows in every pixel); counts the slices it is run on."""
 
     def __init__(self, level: float, gain: float = 40.0):
         super().__init__()
@@ -30,8 +28,8 @@ class Brightness(torch.nn.Module):
 
 
 def head_with_bleed() -> Volume:
-    """Air slices 0 and 5; head tissue (40 HU) on slices 1..4, widest on slice 1 (so slice 2 shares its larger
-    box in a batch of two); a bright spot (80 HU) on slice 2 only."""
+    """Air slices 0 and 5; head tissue (40 HU) on slices 1..4, widest on slice 1; a bright spot (80 HU) on
+    slice 2 only."""
     image = np.full((64, 64, 6), -1000, np.int16)
     image[20:36, 10:50, 1:5] = 40
     image[8:56, 4:60, 1] = 40
@@ -39,27 +37,27 @@ def head_with_bleed() -> Volume:
     return Volume("h", image, None, np.eye(4))
 
 
-def predictors(*models, plan=PLAN, windows=WINDOW, crop=CROP) -> list[SlicePredictor]:
-    return [SlicePredictor(m, plan, windows, 8, 2, torch.device("cpu"), amp=False, cpu_bf16=False, tta=False,
-                           crop=crop) for m in models]
+def predictors(*models, plan=PLAN, windows=WINDOW) -> list[SlicePredictor]:
+    """Members as the template's defaults run them: air-only slices left out."""
+    return [SlicePredictor(m, plan, windows, 8, 2, torch.device("cpu"), amp=False, tta=False, skip_air_slices=True)
+            for m in models]
 
 
-@pytest.mark.parametrize("crop", [CROP, WHOLE_SLICES], ids=["head_box", "whole_slices"])
-def test_later_members_run_only_where_the_screen_sees_foreground(crop):
+def test_later_members_run_only_where_the_screen_sees_foreground():
     """Two screening members see the bright spot (slice 2) only; three later members, which would call all
-    head tissue foreground, run on slice 2 alone, in the box it shares with slice 1 in a whole pass. Slice 2 is
-    the whole ensemble's; the skipped slices carry the screening members' mean; air slices are nobody's."""
+    head tissue foreground, run on slice 2 alone. Slice 2 is the whole ensemble's; the skipped slices carry
+    the screening members' mean; air slices are nobody's."""
     screening, later = [Brightness(0.6), Brightness(0.6)], [Brightness(0.3) for _ in range(3)]
     volume = head_with_bleed()
-    result = screened_together(predictors(*screening, *later, crop=crop), volume, Screen(members=(0, 1), below=0.05),
+    result = screened_together(predictors(*screening, *later), volume, Screen(members=(0, 1), below=0.05),
                                keep_masks=True)
     assert result.skipped == [1, 3, 4]
     assert [m.slices_seen for m in later] == [1, 1, 1] and [m.slices_seen for m in screening] == [4, 4]
     for model in screening + later:
         model.slices_seen = 0
-    full, full_masks = predict_together(predictors(*screening, *later, crop=crop), volume, keep_masks=True)
+    full, full_masks = predict_together(predictors(*screening, *later), volume, keep_masks=True)
     np.testing.assert_allclose(result.total[..., 2], full[..., 2], atol=1e-6)
-    screen_sum, _ = predict_together(predictors(*screening, crop=crop), volume)
+    screen_sum, _ = predict_together(predictors(*screening), volume)
     np.testing.assert_allclose(result.total[..., [1, 3, 4]], screen_sum[..., [1, 3, 4]] * 5 / 2, atol=1e-5)
     np.testing.assert_array_equal(result.total[0, ..., [0, 5]], 5.0)  # air: background by every member
     assert not (result.total[1, ..., [1, 3, 4]] > 2.5).any() and (full[1, ..., [1, 3, 4]] > 2.5).any()

@@ -36,6 +36,25 @@ OTHER_ALGORITHM_KEYS = (
     "auto_scale_batch", "auto_scale_roi", "auto_scale_filters", "finetune", "infer",
 )
 
+# Keys of earlier versions of this template, and what runs instead. A bundle runs its own copy of the scripts,
+# so an old bundle keeps its keys' behaviour; these reach newer scripts only in a config or override written
+# for an older version. Each is dropped with one warning rather than refused: each chose a speed trade-off
+# whose replacement gives the same masks or better ones, so such a config still trains and predicts.
+_NO_INT8 = "INT8 inference was removed (it never passed its own agreement check); the float model runs"
+_NO_HEAD_CROP = ("the head crop was removed (it cost held-out Dice); inference runs whole slices, leaving air-only "
+                 "ones out as infer_skip_air_slices says")
+REMOVED_KEYS = {
+    "infer_cpu_int8": _NO_INT8,
+    "infer_int8_calibration_slices": _NO_INT8,
+    "infer_int8_calibration_scans": _NO_INT8,
+    "infer_int8_min_agreement": _NO_INT8,
+    "infer_crop_to_head": _NO_HEAD_CROP,
+    "infer_head_margin_px": _NO_HEAD_CROP,
+    "infer_head_threshold_hu": "air-only slices are those without a voxel above HEAD_TISSUE_HU (scripts/predictor.py)",
+    "infer_cpu_streams": "OpenVINO picks its streams for the CPU",
+    "infer_cpu_bf16": "amp decides: with amp true, CPUs with native bf16 run bf16 (amp false: fp32 everywhere)",
+}
+
 logger = logging.getLogger("segresnet2d")
 _warned: set[str] = set()
 
@@ -45,12 +64,16 @@ class ConfigError(ValueError):
 
 
 def translate_monai_keys(params: dict, source: str) -> dict:
-    """MONAI's names mapped onto ours; keys only other Auto3DSeg algorithms read dropped with one warning.
+    """MONAI's names mapped onto ours; keys only other Auto3DSeg algorithms read, and REMOVED_KEYS, dropped with
+    one warning.
 
     Any other key is kept, so that a typo of one of ours still fails with a suggestion where it is applied.
     """
     translated: dict = {}
     for key, value in params.items():
+        if key in REMOVED_KEYS:
+            warn_removed(key, source)
+            continue
         ours = MONAI_ALIASES.get(key, key)
         if ours in translated and translated[ours] != value:
             raise ConfigError(f"{source}: '{key}' ({value!r}) and '{ours}' ({translated[ours]!r}) set the same "
@@ -63,6 +86,13 @@ def translate_monai_keys(params: dict, source: str) -> dict:
         logger.warning(f"segresnet2d ignores {', '.join(ignored)} from {source}: only other Auto3DSeg algorithms "
                        "read them (AutoRunner passes one set of training parameters to every algorithm)")
     return translated
+
+
+def warn_removed(key: str, source: str) -> None:
+    """One warning per process and key: REMOVED_KEYS[key] is no longer read."""
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning(f"segresnet2d ignores {key} from {source}: {REMOVED_KEYS[key]}. Delete the key there.")
 
 
 def suggest_key(key: str, known: Iterable[str]) -> str | None:
@@ -101,6 +131,9 @@ def load_config(config_file: str | Sequence[str], **overrides: Any) -> dict:
     parser = ConfigParser()
     parser.read_config(files)
     raw = parser.get()
+    for key in [k for k in raw if k in REMOVED_KEYS]:  # a config written for an older template version
+        warn_removed(key, ", ".join(files))
+        del raw[key]
     for key, value in overrides.items():
         current = get_nested(raw, key, ", ".join(files))
         parser[key] = coerce_value(key, value, current)

@@ -17,6 +17,7 @@ Formats:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import socket
@@ -70,18 +71,9 @@ class BundleFiles:
 
     @property
     def openvino_model(self) -> Path:
-        """The network converted by OpenVINO (with a .bin beside it), kept next to model.pt."""
+        """The network converted by OpenVINO (with a .bin beside it), kept next to model.pt and marked with
+        model.pt's sha256 (runtime.py)."""
         return Path(self.ckpt_path) / "model_openvino.xml"
-
-    @property
-    def openvino_int8_model(self) -> Path:
-        """The OpenVINO model quantized to INT8 on this bundle's training slices (quantize.py)."""
-        return Path(self.ckpt_path) / "model_openvino_int8.xml"
-
-    @property
-    def int8_report(self) -> Path:
-        """How the INT8 model agreed with the float one, and whether it is used."""
-        return Path(self.ckpt_path) / "model_openvino_int8.json"
 
     @property
     def cv_metrics(self) -> Path:
@@ -147,6 +139,19 @@ def save_openvino_model(model, xml_path: str | Path) -> Path:
     with atomic_path(xml_path) as temporary, atomic_path(xml_path.with_suffix(".bin")):
         ov.save_model(model, str(temporary), compress_to_fp16=False)
     return xml_path
+
+
+def checkpoint_sha256(path: str | Path) -> str | None:
+    """sha256 of a checkpoint's bytes (None without one): what a kept conversion was made from. Not its
+    file time, which a copy without -p, an unzip, a restore or a container build resets."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_progress(path: str | Path) -> list[dict]:

@@ -26,10 +26,8 @@ from datalist_split import read_datalist, testing_files  # noqa: E402
 from gpu_memory import MemorySettings, explain_out_of_memory  # noqa: E402
 from inputs import channel_plan, windows_for  # noqa: E402
 from network import NetworkSettings, shape_divisor, trained_network  # noqa: E402
-from predictor import HeadCrop, SlicePredictor, autocast_dtype, inference_device, predict_together  # noqa: E402
-from quantize import (Int8Request, Int8Settings, QuantizationError, calibration_images,  # noqa: E402
-                      calibration_inputs)
-from runtime import OpenVINONetwork, choose_runtime, stream_properties  # noqa: E402
+from predictor import SlicePredictor, autocast_dtype, inference_device, predict_together  # noqa: E402
+from runtime import OpenVINONetwork, choose_runtime  # noqa: E402
 from screen import Screen, screened_together  # noqa: E402
 from volumes import Volume, from_ras, load_volume  # noqa: E402
 
@@ -55,31 +53,11 @@ class InferClass:
         model = trained_network(NetworkSettings.from_config(config), len(plan), checkpoint["state_dict"],
                                 device=self.device)
         self.predictor = SlicePredictor(model, plan, windows, shape_divisor(config["network"]["blocks_down"]),
-                                        config["infer_batch_size"], self.device, config["amp"],
-                                        config["infer_cpu_bf16"], config["infer_tta"], head_crop(config))
-        int8 = bool(config["infer_cpu_int8"]) and self.device.type == "cpu"
-        # checked wherever it runs, not only where OpenVINO is
-        stream_properties(config["infer_cpu_streams"], f"{config['bundle_root']}/configs/hyper_parameters.yaml")
+                                        config["infer_batch_size"], self.device, config["amp"], config["infer_tta"],
+                                        bool(config["infer_skip_air_slices"]))
         if choose_runtime(config["infer_cpu_runtime"], self.device) == "openvino":
-            bf16 = autocast_dtype(self.device, config["amp"], config["infer_cpu_bf16"]) is not None
-            request = Int8Request(self._int8_settings(), files, self._calibration) if int8 else None
-            self.predictor.network = OpenVINONetwork(model, len(plan), files.openvino_model, bf16, request,
-                                                     config["infer_cpu_streams"])
-        elif int8:
-            raise QuantizationError("infer_cpu_int8 is true but PyTorch runs this CPU inference; INT8 runs in "
-                                    "OpenVINO: pip install openvino nncf (the plugin's [cpu] extra) and keep "
-                                    "infer_cpu_runtime auto or openvino, or set infer_cpu_int8 to false")
-
-    def _int8_settings(self) -> Int8Settings:
-        return Int8Settings.from_config(self.config, slices_cut=repr(self.predictor.crop))
-
-    def _calibration(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        """INT8 calibration and check inputs from this bundle's training scans, cut as inference cuts them."""
-        config, settings = self.config, self._int8_settings()
-        images = calibration_images(config["data_list_file_path"], config["data_file_base_dir"],
-                                    int(config["fold"]), settings.calibration_scans)
-        volumes = (load_volume(image, None, config["modality"]) for image in images)  # one scan in memory at a time
-        return calibration_inputs(self.predictor, volumes, settings.calibration_slices, len(images))
+            bf16 = autocast_dtype(self.device, config["amp"]) is not None
+            self.predictor.network = OpenVINONetwork(model, len(plan), files.openvino_model, bf16)
 
     def infer(self, image_file: str | dict) -> MetaTensor:
         """Probabilities (C, X, Y, Z) for one image path (or a datalist entry {'image': path})."""
@@ -143,15 +121,6 @@ class InferClass:
         source = nib.load(str(image_file))  # the header only: infer() has read and checked the voxels
         return write_mask(probabilities.argmax(0).numpy(), source.affine, source.header,
                           Path(output_dir) / Path(image_file).name)
-
-
-def head_crop(config: dict) -> HeadCrop | None:
-    """How inference finds the head (CT only: SlicePredictor drops it for other modalities). A head box leaves
-    air-only slices out too: they have no box."""
-    if not (config["infer_crop_to_head"] or config["infer_skip_air_slices"]):
-        return None
-    margin = int(config["infer_head_margin_px"]) if config["infer_crop_to_head"] else None
-    return HeadCrop(float(config["infer_head_threshold_hu"]), margin)
 
 
 def run(config_file: str | list[str] | None = None, output_dir: str | None = None, files: str | list | None = None,

@@ -1,14 +1,12 @@
 """Volume -> per-slice network outputs -> class probabilities in the file's own array order.
 
 Speed comes from batching slices, inference mode, the channels_last memory layout (the
-layout oneDNN and cuDNN convolutions prefer) and reduced precision where the hardware does
-it natively: AMP on CUDA, bf16 autocast on CPUs with AMX or AVX-512 bf16. On other CPUs
-bf16 is emulated and slower than fp32 (measured: benchmarks/RESULTS.md), so fp32 is kept.
+layout oneDNN and cuDNN convolutions prefer) and, with amp, reduced precision where the hardware
+does it natively: fp16 on CUDA, bf16 autocast on CPUs with AMX or AVX-512 bf16. On other CPUs
+bf16 is emulated and slower than fp32 (benchmarks/RESULTS.md), so fp32 is kept there.
 On CPUs, OpenVINO can run the network instead (runtime.py), in the same precision.
 
-With a ``HeadCrop`` slices without head tissue are not run at all (background), and with its
-margin_px each batch of slices is also cut to the box around the tissue of its slices (a 512 px
-field of view is mostly air); the air around the box is predicted as background.
+With skip_air_slices, CT slices without head tissue are not run at all: they are background.
 """
 
 from __future__ import annotations
@@ -28,11 +26,14 @@ from volumes import Volume, from_ras
 # Flip test-time augmentation: the identity plus mirrors along height, width and both.
 TTA_FLIP_DIMS: tuple[tuple[int, ...], ...] = ((), (-2,), (-1,), (-2, -1))
 # PyTorch on a CPU gets a batch in calls of at most this many pixels, or one slice (a 512 x 512 slice; 16 of
-# 128 x 128): likely because a call's activations then stay closer to cache (16 slices of 512 x 512 hold 256 MiB in
-# each bf16 first-level activation), it ran much faster on 2 EPYC cores, with outputs equal in a probe (may differ
-# in the last bits, as boxes() says; figures in benchmarks/RESULTS.md). A GPU takes the whole batch; OpenVINO
-# cuts its own parts.
+# 128 x 128): likely because a call's activations then stay closer to cache, it ran much faster than whole
+# batches, with outputs equal in a probe (they may differ in the last bits, as batch_slices() says; figures in
+# benchmarks/RESULTS.md). A GPU takes the whole batch; OpenVINO cuts its own parts.
 TORCH_CPU_PIXELS_PER_CALL = 512 * 512
+# A CT slice holds head tissue where a voxel is above this: halfway between air (-1000 HU) and fat (-100 HU), so
+# noise in the air does not count and the thinnest skin does. Not a setting: any value between the two skips
+# the same slices of a scan in HU.
+HEAD_TISSUE_HU = -500.0
 
 
 def cpu_has_native_bf16() -> bool:
@@ -78,74 +79,45 @@ def inference_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def autocast_dtype(device: torch.device, amp: bool, cpu_bf16: bool) -> torch.dtype | None:
-    """The reduced precision to run inference in, or None for fp32."""
+def autocast_dtype(device: torch.device, amp: bool) -> torch.dtype | None:
+    """The reduced precision amp runs inference in on `device` (fp16 on CUDA, bf16 on a CPU with native bf16),
+    or None for fp32."""
+    if not amp:
+        return None
     if device.type == "cuda":
-        return torch.float16 if amp else None
-    if device.type == "cpu" and cpu_bf16 and cpu_has_native_bf16():
+        return torch.float16
+    if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return None
 
 
-@dataclass(frozen=True)
-class HeadCrop:
-    """Where the head is: voxels above threshold_hu (air is -1000 HU, fat -100). Slices without any skip the
-    network; with margin_px the others are cut to the head's box plus that much air, so the network sees the
-    head's edge with some of the background it was trained with (None: whole slices)."""
-
-    threshold_hu: float
-    margin_px: int | None
-
-
 @dataclass
 class SliceBatch:
-    """Input channels of some axial slices, cut to rows x cols (a box on the grid padded to the divisor)."""
+    """Input channels of some axial slices, each whole, padded to the network's divisor."""
 
     slices: list[int]  # axial indices, not necessarily consecutive
-    rows: slice
-    cols: slice
-    x: torch.Tensor  # (len(slices), C, rows, cols) float32
-
-
-def tissue_extent(tissue: np.ndarray) -> np.ndarray:
-    """(first, last + 1) of the True entries along axis 0 for each column of (N, D), (-1, -1) where none."""
-    present = tissue.any(axis=0)
-    first = np.where(present, tissue.argmax(axis=0), -1)
-    last = np.where(present, tissue.shape[0] - tissue[::-1].argmax(axis=0), -1)
-    return np.stack([first, last], axis=-1)
-
-
-def aligned_span(first: int, last: int, margin: int, divisor: int, size: int) -> slice:
-    """[first - margin, last + margin) widened to multiples of divisor, inside the padded size.
-
-    A start on the divisor grid keeps every strided convolution on the same pixels as a
-    whole-slice pass, so inside the box the network computes what it would on the full slice.
-    """
-    padded = size + (-size % divisor)
-    start = max(first - margin, 0) // divisor * divisor
-    stop = min(-(-(last + margin) // divisor) * divisor, padded)
-    return slice(start, stop)
+    x: torch.Tensor  # (len(slices), C, padded height, padded width) float32
 
 
 class SlicePredictor:
     """Runs a 2D network over every axial slice of a volume, in batches of slices.
 
     The model is switched to channels_last in place (the trainer's model too, which trains
-    faster that way); weights and checkpoints are unaffected. amp, cpu_bf16 and tta have no
-    defaults here: callers pass the config's amp, infer_cpu_bf16 and infer_tta.
+    faster that way); weights and checkpoints are unaffected. amp and tta have no defaults
+    here: callers pass the config's amp and infer_tta.
     """
 
     def __init__(self, model: torch.nn.Module, plan: list, windows: list[WindowHU], divisor: int,
-                 batch_size: int, device: torch.device, amp: bool, cpu_bf16: bool, tta: bool,
-                 crop: HeadCrop | None = None, network: Callable | None = None):
+                 batch_size: int, device: torch.device, amp: bool, tta: bool,
+                 skip_air_slices: bool = False, network: Callable | None = None):
         self.model = model.to(memory_format=torch.channels_last)
         self.network = network  # another engine's compiled copy of the model (runtime.py), or None: the model
         self.plan, self.windows, self.divisor = plan, windows, divisor
         self.batch_size, self.device = max(int(batch_size), 1), device
-        self.dtype = autocast_dtype(device, amp, cpu_bf16)
+        self.dtype = autocast_dtype(device, amp)
         self.flips = TTA_FLIP_DIMS if tta else TTA_FLIP_DIMS[:1]
         self.pixels_per_call = TORCH_CPU_PIXELS_PER_CALL if device.type == "cpu" else None  # None: whole batches
-        self.crop = crop if all(w is not None for w in windows) else None  # HU thresholds need CT
+        self.skip_air_slices = skip_air_slices and all(w is not None for w in windows)  # HU: CT only
 
     @property
     def precision(self) -> str:
@@ -155,9 +127,9 @@ class SlicePredictor:
 
     @property
     def batch_key(self) -> tuple:
-        """Predictors with equal keys cut a volume into the same batches and boxes (boxes), so an ensemble runs
+        """Predictors with equal keys cut a volume into the same batches (batch_slices), so an ensemble runs
         its members on the same batches, whatever channels each builds in them."""
-        return self.divisor, self.batch_size, self.crop
+        return self.divisor, self.batch_size, self.skip_air_slices
 
     @property
     def input_key(self) -> tuple:
@@ -165,58 +137,34 @@ class SlicePredictor:
         return tuple(self.plan), tuple(self.windows), self.batch_key
 
     def batches(self, volume: Volume) -> Iterator[SliceBatch]:
-        """The network inputs for a volume: slices in batches, each cut as boxes() says."""
-        for slices, rows, cols in self.boxes(volume):
-            yield self.make_batch(volume.image, slices, rows, cols)
+        """The network inputs for a volume: slices in batches, as batch_slices() groups them."""
+        for slices in self.batch_slices(volume):
+            yield self.make_batch(volume.image, slices)
 
-    def boxes(self, volume: Volume, only: Collection[int] | None = None) -> Iterator[tuple[list[int], slice, slice]]:
-        """(slices, rows, cols) of each batch: which axial slices it holds and the box they are cut to.
+    def batch_slices(self, volume: Volume, only: Collection[int] | None = None) -> Iterator[list[int]]:
+        """The axial slices of each batch, in order; with skip_air_slices, slices without head tissue are left out.
 
-        With `only`, just those slices. Whole slices are then packed into full batches: a slice's input does
-        not depend on the slices beside it, nor its answer (per slice in eval mode; up to the last bits where
-        PyTorch picks other kernels for another batch size). Head boxes keep the batches and boxes of a pass
-        over every slice, as a box fits the slices of its batch.
+        With `only`, just those slices, packed into full batches: a slice's input does not depend on the slices
+        beside it, nor its answer (per slice in eval mode; up to the last bits where PyTorch picks other kernels
+        for another batch size).
         """
-        height, width, depth = volume.image.shape
-        whole = slice(0, height + (-height % self.divisor)), slice(0, width + (-width % self.divisor))
+        depth = volume.image.shape[2]
         wanted = set(range(depth)) if only is None else set(only) & set(range(depth))
-        if self.crop is None:
-            yield from ((slices, *whole) for slices in self.in_batches(sorted(wanted)))
-            return
-        tissue = volume.image > self.crop.threshold_hu
-        row_extent, col_extent = tissue_extent(tissue.any(axis=1)), tissue_extent(tissue.any(axis=0))
-        if self.crop.margin_px is None:  # slices of air only skip the network
-            occupied = sorted(z for z in wanted if row_extent[z, 0] >= 0)
-            yield from ((slices, *whole) for slices in self.in_batches(occupied))
-            return
-        occupied = [z for z in range(depth) if row_extent[z, 0] >= 0]
-        # the largest head first, so each batch's box fits slices of about one size (the skull base and vertex
-        # need much smaller boxes than the middle)
-        area = (row_extent[:, 1] - row_extent[:, 0]) * (col_extent[:, 1] - col_extent[:, 0])
-        occupied.sort(key=lambda z: -area[z])
-        for slices in self.in_batches(occupied):
-            rows = aligned_span(row_extent[slices, 0].min(), row_extent[slices, 1].max(), self.crop.margin_px,
-                                self.divisor, height)
-            cols = aligned_span(col_extent[slices, 0].min(), col_extent[slices, 1].max(), self.crop.margin_px,
-                                self.divisor, width)
-            kept = [z for z in slices if z in wanted]
-            if kept:
-                yield kept, rows, cols
+        if self.skip_air_slices:
+            wanted &= set(np.flatnonzero((volume.image > HEAD_TISSUE_HU).any(axis=(0, 1))).tolist())
+        ordered = sorted(wanted)
+        for start in range(0, len(ordered), self.batch_size):
+            yield ordered[start:start + self.batch_size]
 
-    def in_batches(self, slices: list[int]) -> Iterator[list[int]]:
-        for start in range(0, len(slices), self.batch_size):
-            yield slices[start:start + self.batch_size]
-
-    def make_batch(self, image: np.ndarray, slices: list[int], rows: slice, cols: slice) -> SliceBatch:
-        """Window only the box; the part of it beyond the image (padding to the divisor) is zero, like air."""
-        region = image[rows, cols]
-        x = torch.from_numpy(np.stack([make_channels(region, z, self.plan, self.windows) for z in slices]))
-        pad_h, pad_w = (rows.stop - rows.start) - region.shape[0], (cols.stop - cols.start) - region.shape[1]
-        return SliceBatch(slices, rows, cols, F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x)
+    def make_batch(self, image: np.ndarray, slices: list[int]) -> SliceBatch:
+        """Windowed channels of whole slices; the padding to the divisor is zero, like air."""
+        x = torch.from_numpy(np.stack([make_channels(image, z, self.plan, self.windows) for z in slices]))
+        pad_h, pad_w = -image.shape[0] % self.divisor, -image.shape[1] % self.divisor
+        return SliceBatch(slices, F.pad(x, (0, pad_w, 0, pad_h)) if pad_h or pad_w else x)
 
     @torch.inference_mode()
     def batch_probabilities(self, batch: SliceBatch) -> np.ndarray:
-        """Softmax probabilities (N, C, rows, cols) of one batch."""
+        """Softmax probabilities (N, C, padded H, padded W) of one batch."""
         self.model.eval()
         x = batch.x.to(self.device, memory_format=torch.channels_last)
         return self._probabilities(x).cpu().numpy()
@@ -232,7 +180,7 @@ class SlicePredictor:
     def num_classes(self) -> int:
         """Output classes, from a pass over one blank input (needed only for a volume without any head)."""
         blank = torch.zeros(1, len(self.plan), self.divisor, self.divisor)
-        return self.batch_probabilities(SliceBatch([0], slice(0, 1), slice(0, 1), blank)).shape[1]
+        return self.batch_probabilities(SliceBatch([0], blank)).shape[1]
 
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """Softmax of the network, averaged over the flipped copies when TTA is on."""
@@ -260,19 +208,16 @@ class SlicePredictor:
 
 
 def background(num_classes: int, shape: Sequence[int]) -> np.ndarray:
-    """Probabilities (C, H, W, D) that say 'background' everywhere: what the air outside the head gets."""
+    """Probabilities (C, H, W, D) that say 'background' everywhere: what skipped air-only slices get."""
     output = np.zeros((num_classes, *shape), dtype=np.float32)
     output[0] = 1.0
     return output
 
 
-def paste(output: np.ndarray, batch: SliceBatch, values: np.ndarray) -> None:
-    """Write a batch's (N, C, rows, cols) values into output (C, H, W, D); the padding beyond H, W is dropped."""
+def paste(output: np.ndarray, slices: list[int], values: np.ndarray) -> None:
+    """Write a batch's (N, C, padded H, padded W) values into output (C, H, W, D); the padding is dropped."""
     height, width = output.shape[1:3]
-    rows = slice(batch.rows.start, min(batch.rows.stop, height))
-    cols = slice(batch.cols.start, min(batch.cols.stop, width))
-    part = values[:, :, :rows.stop - rows.start, :cols.stop - cols.start]
-    output[:, rows, cols, batch.slices] = np.moveaxis(part, 0, -1)
+    output[..., slices] = np.moveaxis(values[:, :, :height, :width], 0, -1)
 
 
 def predict_together(predictors: Sequence[SlicePredictor], volume: Volume, vote: bool = False,
@@ -283,32 +228,32 @@ def predict_together(predictors: Sequence[SlicePredictor], volume: Volume, vote:
 
     Returns the sum over models of their probabilities (with vote, of their one-hot argmax),
     (C, H, W, D), and with keep_masks each model's argmax class mask (H, W, D) uint8. With `only`,
-    just those axial slices are run, on the inputs a whole pass gives them (SlicePredictor.boxes);
+    just those axial slices are run, on the inputs a whole pass gives them (SlicePredictor.batch_slices);
     every other slice is background.
     """
     lead = predictors[0]
     unlike = [index for index, p in enumerate(predictors) if p.batch_key != lead.batch_key]
     if unlike:
         raise ValueError(f"predictors {unlike} cut a volume into other batches than predictor 0 (divisor, batch "
-                         "size, head crop or skipping of air-only slices differ); predict them in a group of their own")
+                         "size or skipping of air-only slices differ); predict them in a group of their own")
     total, masks = None, [np.zeros(volume.image.shape, np.uint8) for _ in predictors] if keep_masks else []
-    for slices, rows, cols in lead.boxes(volume, only):
+    for slices in lead.batch_slices(volume, only):
         inputs, batch_total = {}, None  # input_key -> SliceBatch: one windowing per variant
         for index, predictor in enumerate(predictors):
             if predictor.input_key not in inputs:
-                inputs[predictor.input_key] = predictor.make_batch(volume.image, slices, rows, cols)
+                inputs[predictor.input_key] = predictor.make_batch(volume.image, slices)
             batch = inputs[predictor.input_key]
             probabilities = predictor.batch_probabilities(batch)
             if vote or keep_masks:
                 labels = probabilities.argmax(1)
                 if keep_masks:
-                    paste(masks[index][None], batch, labels[:, None].astype(np.uint8))
+                    paste(masks[index][None], slices, labels[:, None].astype(np.uint8))
                 if vote:
                     probabilities = np.moveaxis(np.eye(probabilities.shape[1], dtype=np.float32)[labels], -1, 1)
             batch_total = probabilities if batch_total is None else batch_total + probabilities
         if total is None:
             total = background(batch_total.shape[1], volume.image.shape) * len(predictors)
-        paste(total, batch, batch_total)
+        paste(total, slices, batch_total)
     if total is None:  # no slice holds any head tissue (or none of `only` does)
         total = background(lead.num_classes(), volume.image.shape) * len(predictors)
     return total, masks

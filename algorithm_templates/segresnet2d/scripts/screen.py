@@ -5,7 +5,7 @@ members (the driver picks each fold's first: ``Screen.members``) run on every sl
 their mean foreground probability (1 - P(background); in a vote ensemble, the share of them voting
 foreground) stays below ``Screen.below`` at every pixel is left to them: the other members skip
 it, and its probabilities are the screening members' mean. On every other slice all members run,
-on the inputs and boxes a pass of every member would give them, so there the result is the whole
+on the inputs a pass of every member would give them, so there the result is the whole
 ensemble's (to the last bits where other batches round differently in reduced precision).
 
 What this can change: with N members of which j screen, a screened-out slice becomes foreground
@@ -67,7 +67,7 @@ def screened_together(predictors: Sequence[SlicePredictor], volume: Volume, scre
     the screening ones (`screen.members`) do not screen out.
 
     `complete_if(total)` is asked once the screened result stands; True runs the skipped slices through the
-    other members too, so every member has then run on the same inputs in the same boxes as predict_together.
+    other members too, so every member has then run on the same inputs as predict_together.
     """
     count = len(predictors)
     first = list(screen.members)
@@ -80,7 +80,7 @@ def screened_together(predictors: Sequence[SlicePredictor], volume: Volume, scre
         return ScreenedResult(total, masks, [])
     foreground = 1.0 - total[0] / len(first)  # (H, W, D): the screening members' mean of "any class" (vote: share)
     peak = foreground.reshape(-1, foreground.shape[-1]).max(axis=0)
-    head = sorted(z for slices, _, _ in predictors[0].boxes(volume) for z in slices)  # air only: nobody runs
+    head = sorted(z for slices in predictors[0].batch_slices(volume) for z in slices)  # air only: nobody runs
     kept = [z for z in head if peak[z] >= screen.below]
     skipped = [z for z in head if peak[z] < screen.below]
     others = [predictors[i] for i in later]

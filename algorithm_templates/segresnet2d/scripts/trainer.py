@@ -116,7 +116,7 @@ class Trainer:
         self.scheduler = warmup_cosine(self.optimizer, self.budget.total_steps, self.budget.warmup_steps)
         self.predictor = SlicePredictor(self.model, self.plan, self.windows,
                                         shape_divisor(config["network"]["blocks_down"]), config["infer_batch_size"],
-                                        self.device, self.amp, config["infer_cpu_bf16"], tta=False)
+                                        self.device, bool(config["amp"]), tta=False)  # inference's precision, CPUs too
         self.train_model = wrap_for_training(self.model, self.run)  # after the predictor made it channels_last
 
     def _training_loader(self) -> tuple[SliceSampler, DataLoader]:

@@ -1,23 +1,20 @@
-"""Held-out accuracy of one ensemble in each CPU precision and with the head crop, against PyTorch fp32 on every
-slice whole (the path before the head crop).
+"""Held-out accuracy of one ensemble in each CPU precision and runtime, against PyTorch fp32 on every slice.
 
-    python benchmarks/int8_accuracy.py --work_dir accuracy_work/work --datalist accuracy_work/data/datalist.json
-    python benchmarks/int8_accuracy.py ... --datalist fresh/datalist.json --margins 16 32   # more held-out cases
+    python benchmarks/precision_accuracy.py --work_dir accuracy_work/work --datalist accuracy_work/data/datalist.json
+    python benchmarks/precision_accuracy.py ... --datalist fresh/datalist.json   # more held-out cases
 
 Needs a work dir whose ensemble stage ran and a datalist with labelled "testing" cases (benchmarks/accuracy.py
 writes such a pair from the hard synthetic generator; benchmarks/fresh_cases.py writes more held-out cases from
 it). The members are copied to a scratch folder and brought up to this repository's template (its scripts; the
-config keeps the bundle's values for every key the template still has but how slices are cut, then each row
+config keeps the bundle's values for every key the template still has but infer_skip_air_slices, then each row
 sets its own), so the work dir stays untouched and bundles made by older templates can be measured. Each row
-predicts every held-out case with the ensemble's members and post-processing: every slice whole in PyTorch fp32
-(the reference: the path before the head crop), whole slices without the air-only ones (infer_skip_air_slices,
-the default) in fp32, bf16, OpenVINO and INT8, then PyTorch fp32 with the head crop (infer_crop_to_head) at
-each --margins, and PyTorch fp32 on whole slices with --air_pad_px of air added around each slice (a wider
-field of view: how far an equally valid input moves the answer). Printed as JSON and Markdown: the four
-challenge metrics, each row's per-case Dice against the first row's (mean, 95 % bootstrap interval, cases worse
-/ better), the share of voxels whose final mask differs from the first row's, seconds per case, and each
-member's INT8 report (its agreement with the float model on training slices). OpenVINO rows need `pip install
-openvino`, the INT8 row `pip install nncf` too.
+predicts every held-out case with the ensemble's members and post-processing: every slice in PyTorch fp32 (the
+reference), then without the air-only slices (infer_skip_air_slices, the default) in fp32, bf16 (where the CPU
+has it natively) and OpenVINO, and PyTorch fp32 with --air_pad_px of air added around each slice (a wider field
+of view: how far an equally valid input moves the answer). Printed as JSON and Markdown: the four challenge
+metrics, each row's per-case Dice against the first row's (mean, 95 % bootstrap interval, cases worse / better),
+the share of voxels whose final mask differs from the first row's, and seconds per case. OpenVINO rows need
+`pip install openvino`.
 """
 
 from __future__ import annotations
@@ -40,31 +37,23 @@ from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
 from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402
 from autoseg2d.templates import BUNDLE_CONFIG  # noqa: E402
 from predictor import cpu_bf16_units, cpu_has_native_bf16  # noqa: E402
-from quantize import nncf_installed  # noqa: E402
 from runtime import openvino_installed  # noqa: E402
 from slice_dataset import AIR_HU  # noqa: E402
 
 
-REFERENCE = {"infer_crop_to_head": False, "infer_skip_air_slices": False, "infer_cpu_runtime": "torch",
-             "infer_cpu_bf16": False}  # every slice whole in fp32: the path before the head crop
+REFERENCE = {"infer_skip_air_slices": False, "infer_cpu_runtime": "torch", "amp": False}  # every slice, fp32
 
 
-def inference_rows(margins: list[int]) -> dict[str, dict]:
+def inference_rows() -> dict[str, dict]:
     """Row name -> the config values that select it, the reference first; only those this machine can run. Rows
-    cut slices as the template does (upgraded_copy) unless they say otherwise."""
+    skip air-only slices as the template does (upgraded_copy) unless they say otherwise."""
     native = cpu_has_native_bf16()
-    fp32 = {"infer_cpu_runtime": "torch", "infer_cpu_bf16": False}
-    found = {"torch fp32, every slice (air-only ones too)": REFERENCE, "torch fp32": fp32}
+    found = {"torch fp32, every slice (air-only ones too)": REFERENCE,
+             "torch fp32": {"infer_cpu_runtime": "torch", "amp": False}}
     if native:
-        found["torch bf16"] = {"infer_cpu_runtime": "torch", "infer_cpu_bf16": True}
+        found["torch bf16"] = {"infer_cpu_runtime": "torch", "amp": True}
     if openvino_installed():
-        found[f"openvino {'bf16' if native else 'f32'}"] = {"infer_cpu_runtime": "openvino", "infer_cpu_bf16": True,
-                                                            "infer_cpu_int8": False}
-        if nncf_installed():
-            found["openvino int8"] = {"infer_cpu_runtime": "openvino", "infer_cpu_bf16": True, "infer_cpu_int8": True}
-    for margin in margins:
-        found[f"torch fp32, head crop margin {margin} px"] = {**fp32, "infer_crop_to_head": True,
-                                                              "infer_head_margin_px": margin}
+        found[f"openvino {'bf16' if native else 'f32'}"] = {"infer_cpu_runtime": "openvino", "amp": True}
     return found
 
 
@@ -85,14 +74,13 @@ def unpadded(mask: np.ndarray, pad_px: int) -> np.ndarray:
     return mask[pad_px:mask.shape[0] - pad_px, pad_px:mask.shape[1] - pad_px]
 
 
-# how slices are cut is this template's, not the bundle's: bundles made before the head crop's default became
-# false keep true in their config
-TEMPLATE_CUT_KEYS = ("bundle_root", "infer_crop_to_head", "infer_skip_air_slices")
+# which slices run is this template's, not the bundle's (each row sets it)
+TEMPLATE_CUT_KEYS = ("bundle_root", "infer_skip_air_slices")
 
 
 def upgraded_copy(bundle: Path, target: Path, values: dict) -> Path:
     """bundle copied to target with this repository's template scripts, its config values kept where the
-    template still has the key (but bundle_root and how slices are cut), and values applied on top."""
+    template still has the key (but bundle_root and which slices run), and values applied on top."""
     shutil.copytree(bundle, target, ignore=shutil.ignore_patterns("scripts", "cv_probabilities", "*openvino*"))
     shutil.copytree(TEMPLATE / "scripts", target / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
     config = yaml.safe_load((TEMPLATE / BUNDLE_CONFIG).read_text())
@@ -114,26 +102,19 @@ def ensemble_in(work: WorkDir, ensemble: dict, scratch: Path, values: dict) -> E
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_held_out_arguments(parser)
-    parser.add_argument("--calibration_slices", type=int, help="infer_int8_calibration_slices (default: the YAML's)")
-    parser.add_argument("--min_agreement", type=float, help="infer_int8_min_agreement (default: the YAML's; 0 "
-                        "uses INT8 whatever its agreement, to see its held-out accuracy)")
-    parser.add_argument("--margins", type=int, nargs="*", default=[16],
-                        help="infer_head_margin_px of the head-crop rows (none: no such row)")
     parser.add_argument("--air_pad_px", type=int, nargs="*", default=[],
                         help="rows of PyTorch fp32 whole slices with this much air added on every side")
     args = parser.parse_args()
     work, dataroot, testing, ensemble = held_out_inputs(args)
-    extra = {key: value for key, value in (("infer_int8_calibration_slices", args.calibration_slices),
-                                           ("infer_int8_min_agreement", args.min_agreement)) if value is not None}
     results = {"cpu_bf16_units": cpu_bf16_units(), "members": len(ensemble["members"]),
                "held_out_cases": len(testing), "rows": {}}
-    rows = [(name, values, 0) for name, values in inference_rows(args.margins).items()]
+    rows = [(name, values, 0) for name, values in inference_rows().items()]
     rows += [(f"torch fp32, {pad} px more air around each slice", REFERENCE, pad) for pad in args.air_pad_px]
     reference_masks, reference_dice = {}, None
     with tempfile.TemporaryDirectory() as scratch:
         for index, (name, values, pad) in enumerate(rows):
             started = time.perf_counter()
-            predictor = ensemble_in(work, ensemble, Path(scratch) / str(index), {**values, **extra})
+            predictor = ensemble_in(work, ensemble, Path(scratch) / str(index), values)
             load_s = time.perf_counter() - started
             scores, seconds, changed = [], [], []
             for entry in testing:
@@ -148,13 +129,11 @@ def main() -> None:
                 reference = reference_masks.setdefault(entry["image"], mask)
                 changed.append(float(np.mean(unpadded(mask, pad) != reference)))
                 scores.append(case_metrics(mask.astype("uint8"), truth, spacing, case_id=entry["image"]))
-            networks = [m.predictor.network for m in predictor.members]
             reference_dice = reference_dice or [s["dice"] for s in scores]
             results["rows"][name] = {
                 "summary": summarize_metrics(scores), "cases": scores, "s_per_case": round(float(np.mean(seconds)), 2),
                 "load_s": round(load_s, 1), "voxels_changed_vs_first_row": max(changed),
-                "dice_vs_first_row": paired_difference([s["dice"] for s in scores], reference_dice),
-                "int8_reports": [getattr(n, "int8_report", None) for n in networks if n is not None]}
+                "dice_vs_first_row": paired_difference([s["dice"] for s in scores], reference_dice)}
             print(name, results["rows"][name]["summary"], flush=True)
     publish(results, markdown(results), args.out)
 
@@ -163,15 +142,12 @@ def markdown(results: dict) -> str:
     header = ["inference", *(name for name, _ in HELD_OUT_METRICS),
               "Dice vs the first row: mean [95 % interval], cases worse / better",
               "voxels changed vs the first row (max per case)",
-              "s per case", "load s", "INT8 agreement (per member)"]
+              "s per case", "load s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, entry in results["rows"].items():
-        values = metric_cells(entry["summary"])
-        reports = entry["int8_reports"]
-        agreement = ", ".join(f"{r['agreement']:.3f}{'' if r['used'] else ' (not used)'}" for r in reports if r)
-        cells = [name, *values, difference_cell(entry["dice_vs_first_row"]),
+        cells = [name, *metric_cells(entry["summary"]), difference_cell(entry["dice_vs_first_row"]),
                  f"{entry['voxels_changed_vs_first_row']:.2e}", f"{entry['s_per_case']:.2f}",
-                 f"{entry['load_s']:.1f}", agreement or "-"]
+                 f"{entry['load_s']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
