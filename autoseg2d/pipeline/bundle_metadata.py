@@ -32,7 +32,7 @@ def inference_config(ensemble: dict, num_members: int) -> dict:
     scripts = "scripts.ensemble_inference"
     on_path = "@scripts_importable"  # every component from scripts/ requires it: a bare ConfigParser adds no path
     return {
-        "imports": ["$import os", "$import sys", "$import torch"],
+        "imports": ["$import sys", "$import torch"],
         # monai.bundle run puts the bundle folder on sys.path before "run"; other tools set bundle_root themselves
         "bundle_root": f"$__import__('{scripts}', fromlist=['BUNDLE_ROOT']).BUNDLE_ROOT",
         "scripts_importable": "$None if @bundle_root in sys.path else sys.path.insert(0, @bundle_root)",

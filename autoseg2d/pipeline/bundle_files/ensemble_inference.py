@@ -37,10 +37,11 @@ MASK_SUFFIX = ".nii.gz"
 
 
 def list_scans(dataset_dir: str) -> list[str]:
-    """The scans in dataset_dir: image files LoadImage reads, and sub-folders (each one DICOM series)."""
+    """The scans in dataset_dir: image files LoadImage reads, and sub-folders (each one DICOM series); hidden
+    entries (.DS_Store, .ipynb_checkpoints) are not scans."""
     folder = Path(dataset_dir)
-    scans = sorted(str(p) for p in folder.iterdir() if p.is_dir() or p.name.lower().endswith(SCAN_SUFFIXES)) \
-        if folder.is_dir() else []
+    entries = [p for p in folder.iterdir() if not p.name.startswith(".")] if folder.is_dir() else []
+    scans = sorted(str(p) for p in entries if p.is_dir() or p.name.lower().endswith(SCAN_SUFFIXES))
     if not scans:
         raise FileNotFoundError(f"no scans in dataset_dir {dataset_dir} (NIfTI, NRRD or MetaImage files, or one folder"
                                 " per DICOM series); pass the folder of scans as --dataset_dir on the monai.bundle"
@@ -90,7 +91,6 @@ class EnsembleInference:
         members run (None: the GPU where there is one)."""
         if mode not in ("mean", "vote"):
             raise ValueError(f"ensemble mode {mode!r} is not known; use 'mean' or 'vote' (configs/inference.json)")
-        self.device = device
         self.members = [InferClass(str(Path(m) / MEMBER_CONFIG), device=device, ckpt_path=str(m), bundle_root=str(m))
                         for m in members]
         self.mode, self.postprocessing, self.screen = mode, postprocessing or None, screen or None
