@@ -13,6 +13,7 @@ import monai
 import numpy as np
 import torch
 
+from autoseg2d.pipeline.label_codes import metadata_codes
 from autoseg2d.reporting.agreement import LOW_AGREEMENT_DICE
 
 # The model zoo's current schema; `monai.bundle verify_metadata` downloads it unless --filepath names a local copy.
@@ -20,25 +21,45 @@ MODEL_ZOO_SCHEMA_URL = ("https://github.com/Project-MONAI/MONAI-extra-test-data/
                         "meta_schema_20240725.json")
 BUNDLE_VERSION = "0.1.0"
 LICENSE = "Apache-2.0"
-REQUIRED_PACKAGES = ("nibabel", "scipy", "pyyaml", "fire")
+REQUIRED_PACKAGES = ("nibabel", "scipy", "pyyaml", "fire", "pynrrd", "pydicom")  # pynrrd, pydicom: LoadImage
 
 
 def inference_config(ensemble: dict, num_members: int) -> dict:
-    """A config of _target_ components that ConfigWorkflow runs; the scripts are found as the `scripts` package
-    because `monai.bundle run` puts the bundle folder on sys.path."""
+    """configs/inference.json in the model zoo's shape (datalist -> dataset -> dataloader -> inferer -> evaluator),
+    which `monai.bundle run` and tools that drive bundles themselves (3D Slicer's MONAIAuto3DSeg: a bare
+    ConfigParser, bundle_root, dataset_dir, output_dir, datalist, device, inferer#device and
+    dataloader#num_workers set, then dataloader and evaluator parsed and evaluator.run() called) both run."""
+    scripts = "scripts.ensemble_inference"
+    on_path = "@scripts_importable"  # every component from scripts/ requires it: a bare ConfigParser adds no path
     return {
-        # run() puts the bundle folder on sys.path only after "imports" are evaluated, so import lazily
-        "bundle_root": "$__import__('scripts.ensemble_inference', fromlist=['BUNDLE_ROOT']).BUNDLE_ROOT",
+        "imports": ["$import sys", "$import torch"],
+        # monai.bundle run puts the bundle folder on sys.path before "run"; other tools set bundle_root themselves
+        "bundle_root": f"$__import__('{scripts}', fromlist=['BUNDLE_ROOT']).BUNDLE_ROOT",
+        "scripts_importable": "$None if @bundle_root in sys.path else sys.path.insert(0, @bundle_root)",
         "dataset_dir": "$@bundle_root + '/data'",
         "output_dir": "$@bundle_root + '/eval'",
+        "datalist": {"_target_": f"{scripts}.list_scans", "_requires_": on_path, "dataset_dir": "@dataset_dir"},
+        "device": "$torch.device('cuda' if torch.cuda.is_available() else 'cpu')",
         "ensemble_mode": ensemble["mode"],
         "ensemble_postprocessing": replayed_postprocessing(ensemble.get("postprocessing")),
         "ensemble_screen": ensemble.get("screen"),
         "members": [f"$@bundle_root + '/models/member_{index}'" for index in range(num_members)],
-        "ensemble": {"_target_": "scripts.ensemble_inference.EnsembleInference", "members": "@members",
-                     "mode": "@ensemble_mode", "postprocessing": "@ensemble_postprocessing",
-                     "screen": "@ensemble_screen"},
-        "run": ["$@ensemble.predict_folder(@dataset_dir, @output_dir)"],
+        "preprocessing": {"_target_": "Compose", "transforms": [
+            # dtype null keeps the file's values (as the template's own reader does); no reorientation: masks keep
+            # the scan's grid
+            {"_target_": "LoadImaged", "keys": "image", "image_only": True, "dtype": None}]},
+        "dataset": {"_target_": "Dataset", "data": "$[{'image': i} for i in @datalist]",
+                    "transform": "@preprocessing"},
+        "dataloader": {"_target_": "DataLoader", "dataset": "@dataset", "batch_size": 1, "shuffle": False,
+                       "num_workers": 0},
+        "inferer": {"_target_": f"{scripts}.EnsembleInference", "_requires_": on_path, "members": "@members",
+                    "mode": "@ensemble_mode", "postprocessing": "@ensemble_postprocessing",
+                    "screen": "@ensemble_screen", "device": "@device"},
+        "evaluator": {"_target_": f"{scripts}.MaskWriter", "_requires_": on_path, "dataloader": "@dataloader",
+                      "inferer": "@inferer", "output_dir": "@output_dir"},
+        "initialize": [],
+        "run": ["$@evaluator.run()"],
+        "finalize": [],
     }
 
 
@@ -73,10 +94,11 @@ def metadata(ensemble: dict, classes: list[str], work_name: str) -> dict:
         "authors": "segresnet2d-autoseg contributors",
         "copyright": "Copyright (c) segresnet2d-autoseg contributors",
         "license": LICENSE,
-        "data_type": "nifti",
+        "data_type": "nifti, nrrd or dicom",
         "image_classes": "one channel: CT in Hounsfield units",
         "label_classes": ", ".join(f"{index} is {name}" for index, name in channels.items()),
         "pred_classes": ", ".join(f"{index} is {name}" for index, name in channels.items()),
+        "label_codes": metadata_codes(classes[1:]),  # SNOMED CT, as in models/labels.csv (label_codes.py)
         "eval_metrics": {"mean_member_validation_dice": float(np.mean(scores))},
         "intended_use": "Research only; not a medical device and not for clinical decisions.",
         "network_data_format": {
@@ -97,7 +119,7 @@ def bundle_readme(ensemble: dict, classes: list[str]) -> str:
     post = replayed_postprocessing(ensemble.get("postprocessing"))
     return f"""# ICH segmentation: a segresnet2d ensemble
 
-Segments intracranial hemorrhage on non-contrast head CT (NIfTI in Hounsfield units); classes:
+Segments intracranial hemorrhage on non-contrast head CT (in Hounsfield units); classes:
 {", ".join(f"{index} {name}" for index, name in enumerate(classes))}. Research only: not a medical device.
 
 ## Run
@@ -106,14 +128,28 @@ Segments intracranial hemorrhage on non-contrast head CT (NIfTI in Hounsfield un
 python -m monai.bundle run --config_file configs/inference.json --dataset_dir scans/ --output_dir masks/
 ```
 
-Every `.nii` / `.nii.gz` scan in `dataset_dir` gets a uint8 mask under the same file name in
-`output_dir`, with the scan's affine and header. Models run on the GPU when PyTorch sees one,
-else on the CPU. Needs MONAI {monai.__version__}, PyTorch, nibabel, scipy, pyyaml and fire
-(versions in `configs/metadata.json`); nothing else.
+Every scan in `dataset_dir` (`.nii` / `.nii.gz`, `.nrrd`, MetaImage, or a sub-folder holding one DICOM
+series), or every file of `--datalist "['a.nrrd', 'b.nii.gz']"`, is read by MONAI's `LoadImage` and gets a
+uint8 NIfTI mask in `output_dir` in the scan's own grid and affine: a NIfTI scan's mask has its file
+name and header, any other scan's is `<name>.nii.gz`. Models run on `--device` (default: the GPU when
+PyTorch sees one, else the CPU). Needs MONAI {monai.__version__}, PyTorch, nibabel, scipy, pyyaml, fire,
+pynrrd (NRRD) and pydicom (DICOM) (versions in `configs/metadata.json`); nothing else.
+
+`configs/inference.json` has the model zoo's shape (`datalist` -> `dataset` -> `dataloader` ->
+`inferer` -> `evaluator`, whose `run()` writes the masks), so tools that drive a bundle with their
+own `ConfigParser` (3D Slicer's MONAIAuto3DSeg sets `bundle_root`, `dataset_dir`, `output_dir`,
+`datalist`, `device`, `inferer#device`, `dataloader#num_workers`) run it as well; the config puts
+`bundle_root` on `sys.path` itself.
 
 ## What is inside
 
-- `models/member_<i>/model.pt` and `hyper_parameters.yaml`: the members' weights and settings.
+- `models/member_<i>/model.pt` and `hyper_parameters.yaml`: the members' weights and settings. Each
+  checkpoint holds `config["network"]` (MONAI's `ConfigParser` builds the SegResNetDS from it) and
+  `state_dict`, `best_metric`, `epoch`, `inputs`.
+- `models/model.pt`: a copy of member 0, so that tools that take the folder above the first `model.pt`
+  as the bundle root find it, and tools that load one network get a working member;
+  `models/labels.csv` beside it: each label's name and SNOMED CT codes (3D Slicer's format; also under
+  `label_codes` in `configs/metadata.json`).
 - `scripts/`: the template's scripts as trained, `postprocess.py` / `metrics.py` (the
   post-processing) and `ensemble_inference.py` (averaging, post-processing, writing masks).
 - `configs/inference.json`: `ensemble_mode` ({ensemble["mode"]}) and `ensemble_postprocessing`, chosen on
@@ -139,7 +175,8 @@ a new file name and MONAI downloads the official schema named in the metadata).
   MONAI Label's bundle infer task expects a single `network_def` with its own pre-/post-processing
   keys; this bundle is an ensemble run by `ensemble_inference.py`, so run it with `monai.bundle run`
   over the studies and load its masks as labels (MONAI Label reads `<studies>/labels/final/<name>`).
-- 3D Slicer: load the scan and its mask (Add Data, tick "Segmentation" for the mask); masks
+- 3D Slicer: the MONAIAuto3DSeg extension runs this bundle on a loaded volume (its bundle runner); or load
+  the scan and its mask (Add Data, tick "Segmentation" for the mask); masks
   written as DICOM SEG by `run_autoseg.py predict --dicom_seg` load through the DICOM browser
   (QuantitativeReporting extension) on top of the original series.
 

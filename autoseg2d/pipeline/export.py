@@ -3,7 +3,10 @@
 The bundle runs with ``python -m monai.bundle run --config_file <bundle>/configs/inference.json``
 and imports nothing from this repository: the template's scripts travel in its scripts/
 folder, with the post-processing code and the ensemble runner (bundle_files/) beside them,
-each member's weights and settings in models/member_<i>/. It is built in a temporary folder
+each member's weights and settings in models/member_<i>/. models/model.pt is a copy of member 0's
+checkpoint with labels.csv beside it: tools that take the folder above the first model.pt they find
+as the bundle root (3D Slicer's MONAIAuto3DSeg) find it there, before any member's, and tools that
+load models/model.pt as one network get a working member. It is built in a temporary folder
 beside the target and renamed into place, so a failed export leaves nothing behind.
 """
 
@@ -16,6 +19,7 @@ import socket
 from pathlib import Path
 
 from autoseg2d.pipeline.bundle_metadata import bundle_readme, inference_config, metadata
+from autoseg2d.pipeline.label_codes import labels_csv
 from autoseg2d.pipeline.workdir import DEFAULT_WORK_DIR, WorkDir, WorkDirError
 from autoseg2d.reporting.case_report import lesion_class_names
 from autoseg2d.templates import BUNDLE_CONFIG, CONTRACT, bundle_config, bundle_contract, bundle_files, template_dir
@@ -28,6 +32,7 @@ COPIED_MODULES = {"postprocess.py": ("from autoseg2d.evaluation.metrics import",
 MEMBER_CONFIG = BUNDLE_CONFIG.name
 # BundleFiles names of kept conversions (runtime.py): an OpenVINO .xml has its .bin beside it
 CONVERTED_FILES = ("openvino_model",)
+LABELS_CSV = "labels.csv"  # beside models/model.pt, where 3D Slicer's MONAIAuto3DSeg reads it
 PATH_KEYS = ("bundle_root", "data_file_base_dir", "data_list_file_path")  # meaningless outside the work dir
 
 
@@ -94,8 +99,11 @@ def write_bundle(root: Path, work: WorkDir, ensemble: dict, members: list[dict])
         copy_converted(files(member["checkpoint"].parent), files(folder))
         settings = {**member["config"], **{key: "" for key in PATH_KEYS}}
         (folder / MEMBER_CONFIG).write_text(json.dumps(settings, indent=1))  # JSON is YAML; no reformatting
-    (root / "configs").mkdir()
+    first = bundle_contract(members[0]["path"]).BundleFiles
+    shutil.copy2(first(root / "models" / "member_0").model, first(root / "models").model)
     classes = ["background", *lesion_class_names(members[0]["config"])]
+    (root / "models" / LABELS_CSV).write_text(labels_csv(classes[1:]))
+    (root / "configs").mkdir()
     write_json(root / "configs" / "inference.json", inference_config(ensemble, len(members)))
     write_json(root / "configs" / "metadata.json", metadata(ensemble, classes, work.root.name))
     (root / "docs").mkdir()

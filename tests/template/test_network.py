@@ -2,8 +2,9 @@ import pytest
 import torch
 import yaml
 from monai.losses import DiceCELoss
+from monai.bundle import ConfigParser
 from network import (NetworkSettings, build_loss, build_network, count_parameters, deep_supervision_weights,
-                     shape_divisor, trained_network)
+                     network_config, shape_divisor, trained_network)
 
 from tests.conftest import TEMPLATE
 
@@ -28,6 +29,24 @@ def test_paper_network(defaults):
     assert [tuple(o.shape) for o in outputs] == [(2, 2, 64, 64), (2, 2, 32, 32), (2, 2, 16, 16), (2, 2, 8, 8)]
     model.eval()
     assert model(torch.zeros(1, 9, 64, 64)).shape == (1, 2, 64, 64)
+
+
+@pytest.mark.parametrize("blocks_down", [[2, 4, 4, 4, 4], [1, 1, 1], [1]])
+def test_the_network_config_instantiates_the_network_the_template_builds(defaults, blocks_down):
+    """MONAI's ConfigParser alone builds from network_config (as checkpoints store it) a network that takes the
+    template's weights strictly and answers alike, at every depth planning may choose."""
+    network = {**defaults["network"], "init_filters": 8, "blocks_down": blocks_down}
+    settings = NetworkSettings.from_config({**defaults, "network": network})
+    torch.manual_seed(0)
+    ours = build_network(settings, in_channels=3).eval()
+    config = network_config(settings, in_channels=3)
+    assert config["_target_"] == "monai.networks.nets.SegResNetDS" and config["spatial_dims"] == 2
+    theirs = ConfigParser({"network": config}).get_parsed_content("network")
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    theirs.eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(theirs(x), ours(x))
 
 
 def test_a_trained_network_holds_the_checkpoint_weights_without_drawing_random_ones(defaults):

@@ -48,3 +48,38 @@ def test_resume_off_starts_again(bundle):
     train(bundle, num_epochs=1, num_epochs_per_validation=1, resume=False)
     rows = list(csv.DictReader((bundle / "model" / "training_log.csv").open()))
     assert [int(r["epoch"]) for r in rows] == [1]
+
+
+def test_the_best_checkpoint_rebuilds_with_configparser_alone_and_older_ones_still_load(trained_bundle, ct_dataset,
+                                                                                        tmp_path):
+    """model.pt holds config["network"] and best_metric as MONAI's own templates store them: ConfigParser alone
+    builds the network, which loads state_dict strictly and gives InferClass's probabilities. A checkpoint
+    without them (written before they were saved) still loads in InferClass and gives the same masks."""
+    import json
+    import shutil
+
+    import numpy as np
+    import torch
+    from infer import InferClass
+    from monai.bundle import ConfigParser
+
+    config = load_config(str(trained_bundle))
+    checkpoint_file = tmp_path / "model" / "model.pt"
+    shutil.copytree(config["ckpt_path"], checkpoint_file.parent)
+    checkpoint = torch.load(checkpoint_file, weights_only=False)
+    assert checkpoint["best_metric"] == checkpoint["best_avg_dice_score"] > 0
+    network = ConfigParser({"network": checkpoint["config"]["network"]}).get_parsed_content("network")
+    network.load_state_dict(checkpoint["state_dict"], strict=True)
+    network.eval()
+
+    infer = InferClass(str(trained_bundle), device="cpu", ckpt_path=str(checkpoint_file.parent))
+    image = ct_dataset.parent / json.loads(ct_dataset.read_text())["testing"][0]["image"]
+    batch = next(infer.predictor.batches(infer.read(str(image))[1])).x
+    with torch.no_grad():
+        ours, theirs = infer.predictor.model(batch), network(batch)
+    torch.testing.assert_close(torch.softmax(theirs, 1), torch.softmax(ours, 1), atol=1e-5, rtol=0)
+
+    expected = infer.infer(str(image)).numpy()
+    torch.save({k: v for k, v in checkpoint.items() if k not in ("config", "best_metric")}, checkpoint_file)
+    older = InferClass(str(trained_bundle), device="cpu", ckpt_path=str(checkpoint_file.parent))
+    np.testing.assert_array_equal(older.infer(str(image)).numpy(), expected)

@@ -36,7 +36,9 @@ DEFAULT_CONFIG = BUNDLE_ROOT / "configs" / "hyper_parameters.yaml"
 
 
 class InferClass:
-    def __init__(self, config_file: str | list[str] | None = None, **override):
+    def __init__(self, config_file: str | list[str] | None = None, device: str | torch.device | None = None,
+                 **override):
+        """device: where the model runs (None: the GPU where there is one, else the CPU)."""
         override = {k: v for k, v in override.items() if k not in ENSEMBLE_ONLY_KEYS}
         config = load_config(config_file or str(DEFAULT_CONFIG), **override)
         files = BundleFiles(Path(config["ckpt_path"]))
@@ -44,7 +46,7 @@ class InferClass:
         if not checkpoint_path.is_file():
             raise FileNotFoundError(
                 f"no trained model at {checkpoint_path}; train this bundle first (scripts/train.py)")
-        self.device = inference_device()
+        self.device = inference_device() if device is None else torch.device(device)
         checkpoint = torch.load(checkpoint_path, map_location=self.device, weights_only=False)
         config.update(checkpoint["inputs"])  # the inputs the model was trained on win over later edits
         self.config = config
@@ -66,7 +68,10 @@ class InferClass:
             probabilities = torch.from_numpy(self.predictor.predict(volume))
         return MetaTensor(probabilities, affine=torch.as_tensor(volume.affine), meta={"filename_or_obj": str(path)})
 
-    def read(self, image_file: str | dict) -> tuple[str, Volume]:
+    def read(self, image_file: str | dict | Volume) -> tuple[str, Volume]:
+        """A path or datalist entry read here, or a Volume read elsewhere (the exported bundle reads with MONAI)."""
+        if isinstance(image_file, Volume):
+            return image_file.source, image_file
         path = image_file["image"] if isinstance(image_file, dict) else image_file
         return path, load_volume(path, None, self.config["modality"])
 

@@ -8,6 +8,8 @@ import torch
 from monai.losses import DeepSupervisionLoss, DiceCELoss
 from monai.networks.nets import SegResNetDS
 
+NETWORK_TARGET = "monai.networks.nets.SegResNetDS"
+
 
 @dataclass(frozen=True)
 class NetworkSettings:
@@ -26,18 +28,29 @@ class NetworkSettings:
                    net["norm"], int(config["output_classes"]))
 
 
-def build_network(settings: NetworkSettings, in_channels: int) -> SegResNetDS:
+def network_args(settings: NetworkSettings, in_channels: int) -> dict:
+    """SegResNetDS's arguments, in plain JSON types: the one place the network is defined."""
     levels = len(settings.blocks_down)
-    return SegResNetDS(
-        spatial_dims=2,
-        init_filters=settings.init_filters,
-        in_channels=in_channels,
-        out_channels=settings.out_channels,
-        blocks_down=settings.blocks_down,
-        blocks_up=(1,) * (levels - 1),
-        dsdepth=min(settings.dsdepth, levels - 1) if levels > 1 else 1,
-        norm=settings.norm,
-    )
+    return {
+        "spatial_dims": 2,
+        "init_filters": settings.init_filters,
+        "in_channels": in_channels,
+        "out_channels": settings.out_channels,
+        "blocks_down": list(settings.blocks_down),
+        "blocks_up": [1] * (levels - 1),
+        "dsdepth": min(settings.dsdepth, levels - 1) if levels > 1 else 1,
+        "norm": settings.norm,
+    }
+
+
+def build_network(settings: NetworkSettings, in_channels: int) -> SegResNetDS:
+    return SegResNetDS(**network_args(settings, in_channels))
+
+
+def network_config(settings: NetworkSettings, in_channels: int) -> dict:
+    """The network as MONAI's ConfigParser instantiates it: checkpoints store it as config["network"], as MONAI's
+    own Auto3DSeg templates do, so tools that rebuild a network from a checkpoint alone can load its weights."""
+    return {"_target_": NETWORK_TARGET, **network_args(settings, in_channels)}
 
 
 def trained_network(settings: NetworkSettings, in_channels: int, state_dict: dict,

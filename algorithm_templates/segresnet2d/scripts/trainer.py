@@ -22,7 +22,8 @@ from datalist_split import read_datalist, split_by_fold
 from distributed import (Session, check_replicas_agree, gather_lists, rank_logger, rank_seed,
                          sum_over_ranks, wrap_for_training)
 from inputs import channel_plan, windows_for
-from network import NetworkSettings, build_loss, build_network, count_parameters, shape_divisor
+from network import (NetworkSettings, build_loss, build_network, count_parameters, network_config,
+                     shape_divisor)
 from predictor import SlicePredictor
 from schedule import training_budget, warmup_cosine
 from slice_dataset import Augmentation, SliceDataset, SliceSampler, foreground_pixels, resolve_num_workers
@@ -237,7 +238,10 @@ class Trainer:
     def _save_best(self, epoch: int) -> None:
         if not self.run.is_main:
             return
-        atomic_save({"state_dict": self.model.state_dict(), "epoch": epoch + 1, SCORE_KEY: self.best_dice,
+        # "config" and "best_metric" as MONAI's own Auto3DSeg templates store them (tools rebuild config["network"])
+        network = network_config(NetworkSettings.from_config(self.config), len(self.plan))
+        atomic_save({"state_dict": self.model.state_dict(), "config": {"network": network}, "epoch": epoch + 1,
+                     SCORE_KEY: self.best_dice, "best_metric": self.best_dice,
                      "inputs": {k: self.config[k] for k in INPUT_KEYS}}, self.files.model)
         progress = read_progress(self.files.progress)
         progress.append({SCORE_KEY: self.best_dice, "best_epoch": epoch + 1,
