@@ -60,9 +60,12 @@ def select_fold_balanced(records: list[dict], size: int) -> list[dict]:
     Validation Dice is comparable only within a fold (same cases): a global top-N fills the
     ensemble from easy folds and leaves hard folds without a member, so their cases could
     not be predicted out of fold and the post-processing would be chosen on easy cases only.
-    Each fold gets size // k members (k folds, at least one: size is raised to k); the
-    size % k remaining places go to the next-best bundles whose Dice is closest to their own
-    fold's best. A fold with too few bundles gives its places to the others.
+    Each fold gets size // k members (k folds, at least one: size is raised to k). The size % k
+    remaining places go at most one per fold, so no fold's models weigh more than one member's
+    share above another's in the mean; they go to the folds whose next bundle's Dice is closest
+    to their own fold's best (relative, not raw Dice: raw Dice would hand them to the easiest
+    folds, whatever their next bundle is worth to that fold). A fold with too few bundles gives
+    its places to the others, again one per fold per round.
     """
     by_fold: dict = {}
     for record in sorted(records, key=lambda r: r["score"], reverse=True):
@@ -72,10 +75,14 @@ def select_fold_balanced(records: list[dict], size: int) -> list[dict]:
     share = size // len(folds) if folds else 0
     chosen = [_member(r, rank, f"best {share} of fold {fold}")
               for fold in folds for rank, r in enumerate(by_fold[fold][:share], 1)]
-    rest = [(r["score"] / max(by_fold[fold][0]["score"], 1e-8), rank, r)
-            for fold in folds for rank, r in enumerate(by_fold[fold][share:], share + 1)]
-    for ratio, rank, record in sorted(rest, key=lambda item: (-item[0], item[1]))[: size - len(chosen)]:
-        chosen.append(_member(record, rank, f"extra place: Dice {ratio:.3f} x its fold's best"))
+    taken = {fold: min(share, len(by_fold[fold])) for fold in folds}
+    while len(chosen) < size:  # one round: at most one more member per fold
+        nexts = [(by_fold[fold][taken[fold]]["score"] / max(by_fold[fold][0]["score"], 1e-8), fold)
+                 for fold in folds if taken[fold] < len(by_fold[fold])]
+        for ratio, fold in sorted(nexts, key=lambda item: -item[0])[: size - len(chosen)]:
+            taken[fold] += 1
+            chosen.append(_member(by_fold[fold][taken[fold] - 1], taken[fold],
+                                  f"extra place: Dice {ratio:.3f} x its fold's best"))
     return sorted(chosen, key=lambda m: (str(m["fold"]), m["rank_in_fold"]))
 
 
