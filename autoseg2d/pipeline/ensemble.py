@@ -1,8 +1,9 @@
 """Stage 5: the best-N checkpoint ensemble, its post-processing, and case-by-case prediction.
 
 Members are loaded once, when a case is first predicted; each case's probabilities are summed
-member by member, so memory holds one case at a time whatever the number of cases. Finished
-output files are skipped, so an interrupted prediction run continues where it stopped.
+member by member, so memory holds one case at a time whatever the number of cases. A finished
+mask is kept when the report records that this ensemble wrote it from the same scan, so an
+interrupted prediction run continues where it stopped, and an old folder is predicted again.
 """
 
 from __future__ import annotations
@@ -398,6 +399,7 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
     sources = sources or {}
     modality = predictor.modality()
     inputs = {image: check_scan(image, modality, sources.get(case_name(image))) for image in images}
+    logger.info(f"predict: {len(images)} scans read and checked ({modality})")
     results = []
     report = CaseReport(output_dir, predictor.class_names(), training_spacing)
     if training_spacing is not None:
