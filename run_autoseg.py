@@ -3,6 +3,7 @@
     python run_autoseg.py --demo                                   # the built-in synthetic demo
     python run_autoseg.py --datalist datalists/instance22.json --dataroot /data   # every stage
     python run_autoseg.py predict --input scans/ --output masks/ --work_dir work
+    python run_autoseg.py predict --input scans/ --output masks/ --allow_empty   # screening: empty masks allowed
     python run_autoseg.py evaluate --pred masks/ --gt labels/
     python run_autoseg.py export --work_dir work --output ich_bundle/         # the ensemble as a MONAI bundle
     python run_autoseg.py datalist --root /data/instance22 --output datalist.json

@@ -46,7 +46,7 @@ def held_out_scores(predictor: EnsemblePredictor, testing: list[dict], dataroot:
     scores = []
     for entry in testing:
         truth, spacing = read_mask(dataroot / entry["label"])
-        mask, _, _ = predictor.predict(dataroot / entry["image"], spacing)  # as predict does (screen included)
+        mask, *_ = predictor.predict(dataroot / entry["image"], spacing)  # as predict does (screen included)
         scores.append(case_metrics((mask > 0).astype("uint8"), truth, spacing, case_id=entry["image"]))
     return scores
 

@@ -93,7 +93,7 @@ def main() -> None:
             for name, row in rows.items():
                 predictor.screen = row["screen"]
                 started = time.perf_counter()
-                mask, _, skipped = predictor.predict(dataroot / entry["image"], spacing)
+                mask, _, skipped, _ = predictor.predict(dataroot / entry["image"], spacing)
                 row["seconds"].append(time.perf_counter() - started)
                 reference = mask if reference is None else reference
                 row["changed"].append(int(np.count_nonzero((mask > 0) != (reference > 0))))

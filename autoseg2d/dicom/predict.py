@@ -7,6 +7,7 @@ in the series' geometry; with dicom_seg, <folder>.seg.dcm beside them references
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -16,7 +17,9 @@ import numpy as np
 
 from autoseg2d.dicom.seg import write_dicom_seg
 from autoseg2d.dicom.series import read_series, series_folders
+from autoseg2d.evaluation.postprocess import PROBABILITY_THRESHOLD
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, predict_images
+from autoseg2d.reporting.case_report import REPORT_JSON, rescue_of
 from autoseg2d.reporting.geometry import SpacingRange
 
 logger = logging.getLogger(__name__)
@@ -38,11 +41,14 @@ def predict_dicom(predictor: EnsemblePredictor, input_dir: Path, output_dir: Pat
             logger.info(f"DICOM {folder}: {series.image_hu.shape[-1]} CT slices, checked")
         results = predict_images(predictor, images, output_dir, sources, training_spacing)
     if dicom_seg:
-        classes = predictor.class_names()
+        classes, predicted = predictor.class_names(), {result["case"] for result in results}
+        rows = json.loads((output_dir / REPORT_JSON).read_text())["rows"]
         for name, files in slice_files.items():
             target = output_dir / f"{name}{SEG_SUFFIX}"
-            if not target.exists():
+            if name in predicted or not target.exists():  # a mask predicted again gets its SEG again
                 mask = np.asanyarray(nib.load(str(output_dir / f"{name}.nii.gz")).dataobj)
-                write_dicom_seg(mask, files, classes, target)
+                rescue = rescue_of([row for row in rows if row["case"] == name])
+                note = rescue.describe(PROBABILITY_THRESHOLD) if rescue and rescue.applied else None
+                write_dicom_seg(mask, files, classes, target, note)
                 logger.info(f"DICOM SEG {target} (on {len(files)} slices of {sources[name]})")
     return results

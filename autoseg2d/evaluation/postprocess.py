@@ -4,20 +4,21 @@ Two steps, applied in this order:
 
 - ``remove_small_components``: drop connected components smaller than a volume in mL
   (specks of noise cost Dice and, far from the lesion, blow up HD).
-- ``keep_nonempty``: if nothing passes the threshold but the map reaches ``floor``
-  somewhere, keep the most probable connected component of ``prob > floor``. An empty
-  prediction makes HD inf, and one inf case makes the challenge's mean HD inf: that is how
-  the reproduced INSTANCE 2022 method came 2nd overall while 1st on Dice.
+- ``keep_nonempty``: if nothing passes the threshold, keep the most probable connected
+  component of ``prob > floor``, or, where nothing reaches the floor either, the region around
+  the most probable voxel (:func:`peak_component`). An empty prediction makes HD inf, and one
+  inf case makes the challenge's mean HD inf: that is how the reproduced INSTANCE 2022 method
+  came 2nd overall while 1st on Dice. So with the step on, a binary mask is never empty.
 
 Cleaning comes first so the rescue also catches a mask that cleaning emptied. The choice
 is a plain dict (JSON-serializable) stored with the ensemble and replayed by
-:func:`apply_postprocessing`.
+:func:`apply_postprocessing`; :func:`postprocess` also says whether the rescue made the mask.
 
-A truly normal scan (no hemorrhage): the guarantee keeps a component only where the map
-reaches the floor, so a scan whose probabilities stay below it (faint noise) stays empty;
-one that reaches it gets a false positive. Both effects are counted on the out-of-fold
-cases (``effects`` in the choice) and printed by the ensemble stage; the guarantee is
-dropped only when the ranking below shows that it hurts.
+A truly normal scan (no hemorrhage) therefore gets a false positive wherever the rescue is
+on. The out-of-fold cases count it (``effects`` in the choice; INSTANCE 2022 has no normal
+scans, so there it is never seen), prediction flags every rescued case in its report, and a
+prediction run on screening data can switch the rescue off (it then names the cases it would
+have rescued).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from autoseg2d.evaluation.metrics import (
 PROBABILITY_THRESHOLD = 0.5
 MIN_VOLUME_ML_CANDIDATES = (0.01, 0.05, 0.1, 0.5)
 FLOOR_CANDIDATES = (0.05, 0.1, 0.2, 0.3)
+HALF_HEIGHT = 0.5  # peak_component keeps voxels above this fraction of the peak's height over the median
 RANK_DECIMALS = 4  # metric means are rounded to this before ranking: differences below it are ties
 SELECTION_RULE = (
     "Candidates: every combination of remove_small_components (off, or each min_volume_ml of the grid) and, for "
@@ -73,18 +75,36 @@ def remove_small_components(mask: np.ndarray, spacing_mm: Sequence[float], min_v
 
 
 def keep_nonempty(mask: np.ndarray, prob: np.ndarray, floor: float) -> np.ndarray:
-    """An empty `mask` becomes the connected component of ``prob > floor`` with the highest probability.
-
-    A non-empty mask is returned unchanged; with nothing above the floor the mask stays empty.
+    """An empty `mask` becomes the connected component of ``prob > floor`` with the highest probability, or,
+    where no voxel passes the floor, :func:`peak_component`: never empty. A non-empty mask is returned as is.
     """
     if mask.any():
         return mask.astype(bool)
     above = np.asarray(prob) > floor
     labels, count = _components(above)
     if count == 0:
-        return above
+        return peak_component(prob)
     peaks = ndimage.maximum(prob, labels, index=np.arange(1, count + 1))
     return labels == int(np.argmax(peaks)) + 1
+
+
+def peak_component(prob: np.ndarray) -> np.ndarray:
+    """The connected region around the map's most probable voxel (the first, if several share the maximum) of
+    voxels above half its height over the map's background (its median); at least that voxel.
+
+    Why half the height: it is the map's own scale (the edge of a blurred spot at half maximum, measured from
+    the background as a full width at half maximum is), so the kept region follows where the model leaned
+    towards a lesion, small where its spot is small, without a second fixed floor that a fainter map would
+    again fall below. A flat map (all equal, all zero) has no height: it gives the single peak voxel, the
+    smallest mask that keeps HD finite.
+    """
+    prob = np.asarray(prob, dtype=np.float32)
+    peak = np.unravel_index(int(np.argmax(prob)), prob.shape)
+    background = float(np.median(prob))
+    region = prob > background + (float(prob[peak]) - background) * HALF_HEIGHT
+    region[peak] = True
+    labels, _ = _components(region)
+    return labels == labels[peak]
 
 
 def _remove_small_step(mask, prob, spacing_mm, min_volume_ml):
@@ -103,15 +123,30 @@ POSTPROCESSING_STEPS = {
 
 def apply_postprocessing(prob: np.ndarray, spacing_mm: Sequence[float], choice: dict) -> np.ndarray:
     """Threshold `prob` and apply the steps in `choice` (from :func:`choose_postprocessing`); returns uint8 {0,1}."""
+    return postprocess(prob, spacing_mm, choice)[0]
+
+
+def postprocess(prob: np.ndarray, spacing_mm: Sequence[float], choice: dict,
+                never_empty: bool = True) -> tuple[np.ndarray, float | None]:
+    """:func:`apply_postprocessing`, and the peak probability of the component the never-empty rescue kept
+    (None where it did not act: the mask was not empty before it, or the choice has no rescue).
+
+    With never_empty False the rescue step is skipped but still reported: the peak is that of the component it
+    would have kept, so a run that allows empty masks can name the cases it left empty.
+    """
     if "threshold" not in choice or "steps" not in choice:
         raise ValueError(
             f"post-processing choice needs keys 'threshold' and 'steps', got {sorted(choice)}; "
             "pass the dict returned by choose_postprocessing."
         )
-    mask = binarize(prob, choice["threshold"])
+    mask, rescue_peak = binarize(prob, choice["threshold"]), None
     for step in choice["steps"]:
+        if step.get("name") == "keep_nonempty" and not mask.any():
+            rescue_peak = float(np.max(prob))  # both of keep_nonempty's choices hold the map's maximum
+            if not never_empty:
+                continue
         mask = _run_step(step, mask, prob, spacing_mm)
-    return mask.astype(np.uint8)
+    return mask.astype(np.uint8), rescue_peak
 
 
 def candidate_steps(min_volume_ml_candidates: Sequence[float] = MIN_VOLUME_ML_CANDIDATES,
@@ -313,6 +348,13 @@ def choose_multiclass_postprocessing(cases: Sequence[dict], **grids) -> dict:
 
 def apply_multiclass_postprocessing(probs: np.ndarray, spacing_mm: Sequence[float], choice: dict) -> np.ndarray:
     """Class indices (uint8) after the per-class steps and the never-empty rule of `choice`."""
+    return postprocess_multiclass(probs, spacing_mm, choice)[0]
+
+
+def postprocess_multiclass(probs: np.ndarray, spacing_mm: Sequence[float], choice: dict,
+                           never_empty: bool = True) -> tuple[np.ndarray, float | None]:
+    """:func:`apply_multiclass_postprocessing` and the rescue's peak "any class" probability, as
+    :func:`postprocess` reports it."""
     probs = np.asarray(probs)
     labels = probs.argmax(0).astype(np.uint8)
     for index, class_choice in choice["per_class"].items():
@@ -320,10 +362,13 @@ def apply_multiclass_postprocessing(probs: np.ndarray, spacing_mm: Sequence[floa
         kept = apply_postprocessing(in_class.astype(np.float16), spacing_mm, class_choice).astype(bool)
         labels[in_class & ~kept] = 0
     floors = [step["floor"] for step in choice["foreground"]["steps"] if step["name"] == "keep_nonempty"]
-    if floors and not labels.any():  # empty, also when cleaning emptied it: the most probable component
-        rescued = keep_nonempty(np.zeros(labels.shape, bool), foreground_probability(probs), floors[0])
+    if not floors or labels.any():
+        return labels, None
+    foreground = foreground_probability(probs)  # empty, also when cleaning emptied it: the most probable component
+    if never_empty:
+        rescued = keep_nonempty(np.zeros(labels.shape, bool), foreground, floors[0])
         labels[rescued] = probs[1:, rescued].argmax(0).astype(np.uint8) + 1
-    return labels
+    return labels, float(np.max(foreground))
 
 
 def reads_low_probabilities(probs: np.ndarray, spacing_mm: Sequence[float], choice: dict | None) -> bool:

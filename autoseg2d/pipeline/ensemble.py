@@ -1,8 +1,9 @@
 """Stage 5: the best-N checkpoint ensemble, its post-processing, and case-by-case prediction.
 
 Members are loaded once, when a case is first predicted; each case's probabilities are summed
-member by member, so memory holds one case at a time whatever the number of cases. Finished
-output files are skipped, so an interrupted prediction run continues where it stopped.
+member by member, so memory holds one case at a time whatever the number of cases. A finished
+mask is kept when the report records that this ensemble wrote it from the same scan, so an
+interrupted prediction run continues where it stopped, and an old folder is predicted again.
 """
 
 from __future__ import annotations
@@ -21,19 +22,20 @@ import numpy as np
 from tqdm import tqdm
 
 from autoseg2d.datalist import case_name
-from autoseg2d.evaluation.postprocess import (apply_multiclass_postprocessing, apply_postprocessing,
-                                              choose_multiclass_postprocessing, choose_postprocessing,
-                                              describe_effects, reads_low_probabilities)
+from autoseg2d.evaluation.postprocess import (PROBABILITY_THRESHOLD, choose_multiclass_postprocessing,
+                                              choose_postprocessing, describe_effects, postprocess,
+                                              postprocess_multiclass, reads_low_probabilities)
 from autoseg2d.evaluation.report import json_safe
 from autoseg2d.pipeline.crossval import validation_cases
 from autoseg2d.pipeline.fold_probabilities import check_grid, has_foreground, mean_foreground
 from autoseg2d.pipeline.greedy_members import (curve_markdown, curve_rows, ensure_stored, greedy_order, load_fold,
                                                members_per_fold)
-from autoseg2d.pipeline.inference import load_inferer
+from autoseg2d.pipeline.inference import check_scan, load_inferer
 from autoseg2d.pipeline.work_queue import run_queue
 from autoseg2d.atomic_files import write_mask, write_text_atomic
+from autoseg2d.pipeline.profiles import default_modality
 from autoseg2d.pipeline.workdir import WorkDir
-from autoseg2d.reporting.case_report import REPORT_CSV, REPORT_JSON, CaseReport, lesion_class_names
+from autoseg2d.reporting.case_report import REPORT_CSV, REPORT_JSON, CaseReport, Rescue, lesion_class_names
 from autoseg2d.reporting.geometry import SpacingRange
 from autoseg2d.templates import bundle_config
 
@@ -60,9 +62,12 @@ def select_fold_balanced(records: list[dict], size: int) -> list[dict]:
     Validation Dice is comparable only within a fold (same cases): a global top-N fills the
     ensemble from easy folds and leaves hard folds without a member, so their cases could
     not be predicted out of fold and the post-processing would be chosen on easy cases only.
-    Each fold gets size // k members (k folds, at least one: size is raised to k); the
-    size % k remaining places go to the next-best bundles whose Dice is closest to their own
-    fold's best. A fold with too few bundles gives its places to the others.
+    Each fold gets size // k members (k folds, at least one: size is raised to k). The size % k
+    remaining places go at most one per fold, so no fold's models weigh more than one member's
+    share above another's in the mean; they go to the folds whose next bundle's Dice is closest
+    to their own fold's best (relative, not raw Dice: raw Dice would hand them to the easiest
+    folds, whatever their next bundle is worth to that fold). A fold with too few bundles gives
+    its places to the others, again one per fold per round.
     """
     by_fold: dict = {}
     for record in sorted(records, key=lambda r: r["score"], reverse=True):
@@ -72,10 +77,14 @@ def select_fold_balanced(records: list[dict], size: int) -> list[dict]:
     share = size // len(folds) if folds else 0
     chosen = [_member(r, rank, f"best {share} of fold {fold}")
               for fold in folds for rank, r in enumerate(by_fold[fold][:share], 1)]
-    rest = [(r["score"] / max(by_fold[fold][0]["score"], 1e-8), rank, r)
-            for fold in folds for rank, r in enumerate(by_fold[fold][share:], share + 1)]
-    for ratio, rank, record in sorted(rest, key=lambda item: (-item[0], item[1]))[: size - len(chosen)]:
-        chosen.append(_member(record, rank, f"extra place: Dice {ratio:.3f} x its fold's best"))
+    taken = {fold: min(share, len(by_fold[fold])) for fold in folds}
+    while len(chosen) < size:  # one round: at most one more member per fold
+        nexts = [(by_fold[fold][taken[fold]]["score"] / max(by_fold[fold][0]["score"], 1e-8), fold)
+                 for fold in folds if taken[fold] < len(by_fold[fold])]
+        for ratio, fold in sorted(nexts, key=lambda item: -item[0])[: size - len(chosen)]:
+            taken[fold] += 1
+            chosen.append(_member(by_fold[fold][taken[fold] - 1], taken[fold],
+                                  f"extra place: Dice {ratio:.3f} x its fold's best"))
     return sorted(chosen, key=lambda m: (str(m["fold"]), m["rank_in_fold"]))
 
 
@@ -129,12 +138,22 @@ def screen_settings(members: Sequence[dict], below: float | None) -> dict | None
     return {"members": screening, "below": float(below)} if below and len(screening) < len(members) else None
 
 
+def ensemble_identity(ensemble: dict) -> str:
+    """A hash of ensemble.json's content (keys sorted, as written: json_safe), the same whether the ensemble was
+    just built or read back from the file."""
+    return hashlib.sha256(json.dumps(json_safe(ensemble), sort_keys=True).encode()).hexdigest()[:20]
+
+
 class EnsemblePredictor:
-    def __init__(self, work: WorkDir, ensemble: dict):
+    identity: str | None = None  # ensemble_identity of its ensemble.json, recorded with each mask it writes
+    never_empty: bool = True  # False: the never-empty rescue is skipped (screening data), but still reported
+
+    def __init__(self, work: WorkDir, ensemble: dict, never_empty: bool = True):
         self.bundles = [work.absolute(m["bundle"]) for m in ensemble["members"]]
         self.mode = ensemble["mode"]
         self.postprocessing = ensemble.get("postprocessing")
         self.screen = ensemble.get("screen")  # absent in ensembles built before screening: every member everywhere
+        self.identity, self.never_empty = ensemble_identity(ensemble), never_empty
 
     @cached_property
     def members(self) -> list:
@@ -147,9 +166,21 @@ class EnsemblePredictor:
         """The lesion classes' names (the members share their classes): from the first member's config where the
         members are loaded (the inputs its checkpoint was trained on applied), else from its bundle's config
         file, without loading a model."""
+        return lesion_class_names(self._config())
+
+    def modality(self) -> str:
+        """The modality the members were trained for (their config's, else the template's default)."""
+        return self._config().get("modality") or default_modality()
+
+    def _config(self) -> dict:
         if "members" in vars(self):
-            return lesion_class_names(getattr(self.members[0], "config", {}))
-        return lesion_class_names(bundle_config(self.bundles[0]).get())
+            return getattr(self.members[0], "config", {})
+        return bundle_config(self.bundles[0]).get()
+
+    def record(self, input_identity: str) -> dict:
+        """What a mask's report rows keep to say who wrote it: this ensemble, from this input, with this rescue
+        setting; a later run keeps the mask only where its own record is equal."""
+        return {"ensemble": self.identity, "input": input_identity, "never_empty": self.never_empty}
 
     def probabilities(self, image: Path, members: list | None = None,
                       return_members: bool = False) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
@@ -171,9 +202,10 @@ class EnsemblePredictor:
         mean = total / len(members)
         return (mean, masks) if return_members else mean
 
-    def predict(self, image: Path, spacing_mm: tuple) -> tuple[np.ndarray, list[np.ndarray], int]:
+    def predict(self, image: Path, spacing_mm: tuple) -> tuple[np.ndarray, list[np.ndarray], int, float | None]:
         """One image's post-processed mask, the argmax masks of the members that ran on every slice (for the
-        report's agreement, in the members' order) and the number of slices the screen left to its members.
+        report's agreement, in the members' order), the number of slices the screen left to its members, and the
+        peak probability of the never-empty rescue's component (None: no rescue; see :meth:`postprocess`).
 
         With a screen (ensemble.json "screen") its members run first on every slice, the others only on
         slices where those see foreground; where the never-empty rescue would act, every member runs
@@ -182,12 +214,14 @@ class EnsemblePredictor:
         members = self.members
         if not self._can_screen(members):
             probabilities, masks = self.probabilities(image, members, return_members=True)
-            return self.mask(probabilities, spacing_mm), masks, 0
+            mask, rescue_peak = self.postprocess(probabilities, spacing_mm)
+            return mask, masks, 0, rescue_peak
         total, masks, skipped = members[0].infer_screened(
             str(image), members, self.screen, self.mode == "vote", member_masks=True, where=SCREEN_SOURCE,
             complete_if=lambda mean: reads_low_probabilities(mean, spacing_mm, self.postprocessing))
         whole = [mask for mask in masks if mask is not None]
-        return self.mask(total / len(members), spacing_mm), whole, skipped
+        mask, rescue_peak = self.postprocess(total / len(members), spacing_mm)
+        return mask, whole, skipped, rescue_peak
 
     def _can_screen(self, members: list) -> bool:
         """A screen is set and the members can run it: all one template's, cutting a scan into the same batches
@@ -203,11 +237,16 @@ class EnsemblePredictor:
         return able
 
     def mask(self, probabilities: np.ndarray, spacing_mm: tuple) -> np.ndarray:
+        return self.postprocess(probabilities, spacing_mm)[0]
+
+    def postprocess(self, probabilities: np.ndarray, spacing_mm: tuple) -> tuple[np.ndarray, float | None]:
+        """The mask the ensemble's post-processing makes of class probabilities, and the peak probability of the
+        component its never-empty rescue kept (or, with never_empty False, would have kept); None: no rescue."""
         if self.postprocessing and self.postprocessing.get("kind") == "multiclass":
-            return apply_multiclass_postprocessing(probabilities, spacing_mm, self.postprocessing)
+            return postprocess_multiclass(probabilities, spacing_mm, self.postprocessing, self.never_empty)
         if self.postprocessing and probabilities.shape[0] == 2:
-            return apply_postprocessing(probabilities[1], spacing_mm, self.postprocessing)
-        return probabilities.argmax(0).astype(np.uint8)
+            return postprocess(probabilities[1], spacing_mm, self.postprocessing, self.never_empty)
+        return probabilities.argmax(0).astype(np.uint8), None
 
 
 def input_groups(members: list) -> list[list[int]]:
@@ -337,56 +376,72 @@ def make_ensemble(work: WorkDir, records: list[dict], size: int, mode: str, sele
 
 def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir: Path,
                    sources: dict[str, str] | None = None, training_spacing: SpacingRange | None = None) -> list[dict]:
-    """Predict each image into output_dir under its own file name; finished files are kept, not redone.
+    """Predict each image into output_dir under its own file name; a mask there is kept only where the report
+    records that this ensemble wrote it from this input with this rescue setting, else predicted again.
 
-    The per-case report (report.csv, report.json, qa/) is written beside the masks; `sources` names
-    the input a case came from when that is not the image file itself (a DICOM series folder); a case
-    whose spacing is unlike `training_spacing` (the training scans', where known) is flagged there."""
+    Every image is read and checked first (the check stage's HU rule), so a scan that is not in HU stops the run
+    before any network runs or mask is written. The per-case report (report.csv, report.json, qa/) is written
+    beside the masks; `sources` names the input a case came from when that is not the image file itself (a DICOM
+    series folder); a case whose spacing is unlike `training_spacing` (the training scans', where known) is
+    flagged there, and so is a case the never-empty rescue made (or, with it off, would have made) non-empty."""
     clashes = sorted(name for name, count in Counter(image.name for image in images).items() if count > 1)
     if clashes:
         raise ValueError(f"file names occur more than once among the images to predict ({', '.join(clashes[:5])}):"
                          " each prediction is saved under its image's file name, so rename them")
     if any(image.resolve().parent == output_dir.resolve() for image in images):
         raise ValueError(f"the output folder {output_dir} holds the input images; choose another output folder")
-    results, sources = [], sources or {}
+    sources = sources or {}
+    modality = predictor.modality()
+    inputs = {image: check_scan(image, modality, sources.get(case_name(image))) for image in images}
+    logger.info(f"predict: {len(images)} scans read and checked ({modality})")
+    results = []
     report = CaseReport(output_dir, predictor.class_names(), training_spacing)
     if training_spacing is not None:
         logger.info(f"predict: each scan's spacing is compared with the training scans' ({training_spacing.shown()})")
     names = report.class_names  # of the label ids 1..N in the written masks
     bar = tqdm(images, desc="predict", unit="case", leave=False, dynamic_ncols=True, disable=None)  # on a terminal
 
+    def say(index: int, image: Path, text: str) -> None:
+        tqdm.write(f"predict {index}/{len(images)} {image.name}: {text}")
+
     def warn_of_spacing(index: int, image: Path, rows: list[dict]) -> None:
         warning = report.spacing_warning(rows) if rows else None
         if warning:
-            tqdm.write(f"predict {index}/{len(images)} {image.name}: warning: {warning}")
+            say(index, image, f"warning: {warning}")
 
     for index, image in enumerate(bar, 1):
-        target = output_dir / image.name
-        if target.exists():
-            tqdm.write(f"predict {index}/{len(images)} {image.name}: done before, kept")
-            kept = report.keep_case(case_name(image), image, target, sources.get(case_name(image)))
-            warn_of_spacing(index, image, kept)
+        target, case, record = output_dir / image.name, case_name(image), predictor.record(inputs[image])
+        if target.exists() and report.written_by(case) == record:
+            say(index, image, "done before by this ensemble from this scan, kept")
+            warn_of_spacing(index, image, report.keep_case(case, image, target, sources.get(case)))
             continue
+        if target.exists():
+            say(index, image, "the mask there was not written by this ensemble from this scan (with this rescue "
+                "setting), or has no record of it: predicted again")
+        report.forget(case)  # its old record must not vouch for the new mask should the run stop before its row
         _ = predictor.members  # loaded for the first case to predict, before its clock starts
         started = time.time()
         source = nib.load(str(image))
         spacing = tuple(float(z) for z in source.header.get_zooms()[:3])
-        mask, member_masks, skipped = predictor.predict(image, spacing)
+        mask, member_masks, skipped, rescue_peak = predictor.predict(image, spacing)
         write_mask(mask, source.affine, source.header, target)
         voxel_ml = float(np.prod(spacing)) / 1000.0
         volume_ml = float((mask > 0).sum()) * voxel_ml
         class_ml = {name: float((mask == i).sum()) * voxel_ml for i, name in enumerate(names, 1)}
         class_ml = class_ml if len(names) > 1 else {}
         seconds = time.time() - started
-        rows = report.add_case(case_name(image), image, target, mask, member_masks, seconds,
-                               sources.get(case_name(image)))
-        results.append({"case": case_name(image), "volume_ml": volume_ml, "seconds": seconds, "output": str(target),
-                        "screened_slices": skipped, **({"class_volume_ml": class_ml} if class_ml else {})})
+        rescue = Rescue(rescue_peak, predictor.never_empty) if rescue_peak is not None else None
+        rows = report.add_case(case, image, target, mask, member_masks, seconds, sources.get(case), rescue=rescue,
+                               written_by=record)
+        results.append({"case": case, "volume_ml": volume_ml, "seconds": seconds, "output": str(target),
+                        "screened_slices": skipped, **({"class_volume_ml": class_ml} if class_ml else {}),
+                        "rescue": rescue.flag if rescue else None, "rescue_peak_probability": rescue_peak})
         per_class = f" ({', '.join(f'{name} {ml:.2f}' for name, ml in class_ml.items())})" if class_ml else ""
         screened = f", {skipped} slices left to the {len(predictor.screen['members'])} screening members" \
             if skipped else ""
-        tqdm.write(f"predict {index}/{len(images)} {image.name}: hemorrhage {volume_ml:.2f} mL{per_class}, "
-                   f"{seconds:.1f}s{screened}")
+        say(index, image, f"hemorrhage {volume_ml:.2f} mL{per_class}, {seconds:.1f}s{screened}")
+        if rescue:
+            say(index, image, rescue.describe(PROBABILITY_THRESHOLD))
         warn_of_spacing(index, image, rows)
     report.write()  # kept cases' rows as this run flags them, under this run's settings
     if report.write_contact_sheet():

@@ -136,10 +136,13 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
     return outputs.summary
 
 
-def predict(input: str, output: str, work_dir: str = DEFAULT_WORK_DIR, dicom_seg: bool = False) -> list[dict]:
+def predict(input: str, output: str, work_dir: str = DEFAULT_WORK_DIR, dicom_seg: bool = False,
+            allow_empty: bool = False) -> list[dict]:
     """Apply a finished ensemble to every NIfTI file in `input`, or to the DICOM CT series there (one series'
     slices, or one folder per series); masks go to `output` under the same names (<series folder>.nii.gz for
-    DICOM) beside report.csv, report.json and qa/ pictures. --dicom_seg also writes <series folder>.seg.dcm."""
+    DICOM) beside report.csv, report.json and qa/ pictures. --dicom_seg also writes <series folder>.seg.dcm.
+    --allow_empty switches the never-empty rescue off (screening data with normal scans): a case the ensemble
+    finds nothing in stays empty, flagged "would be rescued" in the report."""
     work = WorkDir.create(work_dir)
     if not work.ensemble_file.exists():
         raise WorkDirError(f"no ensemble in {work.root}: run the pipeline there first (it ends with ensemble.json)")
@@ -150,7 +153,7 @@ def predict(input: str, output: str, work_dir: str = DEFAULT_WORK_DIR, dicom_seg
     if images and dicom_seg:
         raise ValueError(f"--dicom_seg needs DICOM input, but {input} holds NIfTI files; a SEG must reference the"
                          " DICOM slices it was drawn on")
-    predictor = EnsemblePredictor(work, json.loads(work.ensemble_file.read_text()))
+    predictor = EnsemblePredictor(work, json.loads(work.ensemble_file.read_text()), never_empty=not allow_empty)
     spacing = SpacingRange.from_datastats(work.datastats)  # what the members were trained on, where known
     if images:
         return predict_images(predictor, images, Path(output), training_spacing=spacing)

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -38,10 +39,42 @@ QA_SLICES_AROUND = 2  # slices drawn on each side of the slice with the largest 
 ANY_CLASS = "any"
 COLUMNS = ("case", "class", "volume_ml", "num_bleeds", "largest_bleed_ml", "largest_bleed_first_slice",
            "largest_bleed_last_slice", "abc2_ml", "abc_a_mm", "abc_b_mm", "abc_c_mm", "member_volume_spread_ml",
-           "member_dice_mean", "members_compared", "flags", "spacing_mm", "num_slices", "seconds", "input", "mask",
-           "qa_picture")
+           "member_dice_mean", "members_compared", "flags", "rescue_peak_probability", "spacing_mm", "num_slices",
+           "seconds", "input", "mask", "qa_picture")
 FLAG_EMPTY, FLAG_LOW_AGREEMENT, FLAG_EDGE, FLAG_SKULL = "empty", "low agreement", "touches scan edge", "touches skull"
 FLAG_SPACING = "spacing unlike training"
+FLAG_RESCUED, FLAG_WOULD_RESCUE = "rescued", "would be rescued"
+RECORD_KEY = "written_by"  # in report.json rows: the ensemble, input and rescue setting that wrote the mask
+
+
+@dataclass(frozen=True)
+class Rescue:
+    """The never-empty rescue of one case: the ensemble's mask was empty, and the rescue kept (applied) or, with
+    it switched off, would have kept a component whose highest probability is `peak` (a vote fraction in vote
+    mode)."""
+
+    peak: float
+    applied: bool
+
+    @property
+    def flag(self) -> str:
+        return FLAG_RESCUED if self.applied else FLAG_WOULD_RESCUE
+
+    def describe(self, threshold: float) -> str:
+        """One line for the console and the DICOM SEG: what the ensemble found and what the mask is."""
+        found = f"the ensemble found no voxel above {threshold:g}"
+        if self.applied:
+            return (f"{FLAG_RESCUED}: {found}; the mask is the most probable region (peak probability "
+                    f"{self.peak:.3f}), kept so that it is never empty")
+        return (f"{FLAG_WOULD_RESCUE}: {found}; left empty (never-empty off), the rescue would have kept a region "
+                f"of peak probability {self.peak:.3f}")
+
+
+def rescue_of(rows: Sequence[dict]) -> Rescue | None:
+    """A case's rescue as its report rows record it (None: not rescued, nor left empty by --allow_empty)."""
+    if not rows or rows[0].get("rescue_peak_probability") is None:
+        return None
+    return Rescue(float(rows[0]["rescue_peak_probability"]), FLAG_RESCUED in rows[0]["flags"])
 
 
 def lesion_class_names(config: dict) -> list[str]:
@@ -96,8 +129,11 @@ class CaseReport:
 
     def add_case(self, case: str, image: Path, mask_file: Path, mask: np.ndarray,
                  member_masks: Sequence[np.ndarray] = (), seconds: float = math.nan,
-                 source: str | None = None) -> list[dict]:
-        """Measure one predicted case (mask in the image file's array order), draw its picture, rewrite the report."""
+                 source: str | None = None, rescue: Rescue | None = None, written_by: dict | None = None) -> list[dict]:
+        """Measure one predicted case (mask in the image file's array order), draw its picture, rewrite the report.
+
+        `rescue` flags every row of the case (a property of the case, as its spacing); `written_by` is the record
+        a later run compares before keeping the mask (EnsemblePredictor.record)."""
         affine = nib.load(str(image)).affine
         image_ras, spacing = read_ras(image)
         ornt = orientations.io_orientation(affine)
@@ -105,6 +141,10 @@ class CaseReport:
         members_ras = [orientations.apply_orientation(np.asarray(m), ornt) for m in member_masks]
         rows = case_rows(case, mask_ras, image_ras, spacing, self.class_names, members_ras,
                          spacing_unlike=self.spacing_unlike(spacing))
+        for row in rows:
+            row["flags"] += [rescue.flag] if rescue else []
+            row["rescue_peak_probability"] = rescue.peak if rescue else None
+            row.update({RECORD_KEY: written_by} if written_by else {})
         picture = self.output_dir / QA_DIR / f"{case}.png"
         self._draw(case, image_ras, mask_ras, rows, picture)
         for row in rows:
@@ -128,6 +168,17 @@ class CaseReport:
                            " the report has no row for it. Delete the file to predict the case again")
             return []
         return self.add_case(case, image, mask_file, mask, source=source)
+
+    def written_by(self, case: str) -> dict | None:
+        """The record of who wrote a case's mask, from the report (None: no row, or a row without one)."""
+        rows = self.rows.get(case) or [{}]
+        return rows[0].get(RECORD_KEY)
+
+    def forget(self, case: str) -> None:
+        """Drop a case's rows (and record) before its mask is written again; the report file is rewritten at once
+        where they were in it, so a stopped run leaves no record that vouches for a mask it did not write."""
+        if self.rows.pop(case, None) is not None:
+            self.write()
 
     def spacing_unlike(self, spacing_mm: Sequence[float]) -> bool:
         """Whether a case of this spacing (RAS, mm) is flagged: unlike the training scans', where known."""

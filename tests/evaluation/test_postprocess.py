@@ -15,6 +15,8 @@ from autoseg2d.evaluation.postprocess import (
     choose_postprocessing,
     describe_effects,
     keep_nonempty,
+    postprocess,
+    postprocess_multiclass,
     remove_small_components,
     reads_low_probabilities,
 )
@@ -46,9 +48,30 @@ def test_keep_nonempty_picks_the_most_probable_component():
     prob[13, 7, 3] = 0.45  # the peak of the second blob
     rescued = keep_nonempty(np.zeros(SHAPE, bool), prob, floor=0.2)
     assert np.array_equal(rescued, _blob(12, 15))
-    assert not keep_nonempty(np.zeros(SHAPE, bool), prob, floor=0.45).any()
     already = _blob(2, 3)
     assert np.array_equal(keep_nonempty(already, prob, floor=0.2), already)
+
+
+def test_a_map_whose_maximum_is_below_the_floor_keeps_the_region_around_its_peak():
+    prob = np.full(SHAPE, 0.001, np.float32)
+    prob[_blob(12, 15)] = 0.03  # a faint spot ...
+    prob[13, 7, 3] = 0.04  # ... peaking at 0.04, under the floor
+    prob[_blob(2, 4)] = 0.025  # a second spot above half the peak but not touching the first
+    rescued = keep_nonempty(np.zeros(SHAPE, bool), prob, floor=0.05)
+    assert np.array_equal(rescued, _blob(12, 15))
+    choice = {"threshold": 0.5, "steps": [{"name": "keep_nonempty", "floor": 0.05}]}
+    mask, peak = postprocess(prob, SPACING_MM, choice)
+    assert np.array_equal(mask, _blob(12, 15)) and peak == pytest.approx(0.04)
+    left, would_be = postprocess(prob, SPACING_MM, choice, never_empty=False)
+    assert not left.any() and would_be == pytest.approx(0.04)
+    found = np.where(_blob(2, 6), 0.9, 0.01).astype(np.float32)
+    assert postprocess(found, SPACING_MM, choice)[1] is None  # nothing to rescue: not reported
+
+
+def test_a_flat_map_keeps_its_first_peak_voxel_alone():
+    for value in (0.0, 0.03):
+        rescued = keep_nonempty(np.zeros(SHAPE, bool), np.full(SHAPE, value, np.float16), floor=0.05)
+        assert rescued.sum() == 1 and rescued[0, 0, 0]
 
 
 def _cases() -> list[dict]:
@@ -92,20 +115,17 @@ def test_the_never_empty_guarantee_stays_when_no_out_of_fold_case_is_empty():
     assert np.array_equal(apply_postprocessing(faint, SPACING_MM, choice), _blob(3, 6))
 
 
-def test_a_normal_scan_stays_empty_and_false_positives_on_normal_scans_are_counted():
+def test_a_normal_scan_is_marked_by_the_rescue_and_the_choice_counts_it():
     normal = {"case_id": "n0", "prob": np.where(_blob(3, 6), 0.15, 0.01).astype(np.float32),
               "truth": np.zeros(SHAPE, np.uint8), "spacing_mm": SPACING_MM}
     choice = choose_postprocessing([*_cases(), normal], min_volume_ml_candidates=(0.01,),
                                    floor_candidates=(0.1, 0.2))
-    assert choice["steps"][-1] == {"name": "keep_nonempty", "floor": 0.2}  # 0.1 would mark the normal scan
-    assert choice["effects"]["normal_cases"] == 1 and choice["effects"]["normal_false_positive_cases"] == []
+    # Below the floor of 0.2 the rescue keeps the normal scan's spot all the same, so 0.1 ties and wins.
+    assert choice["steps"][-1] == {"name": "keep_nonempty", "floor": 0.1}
+    assert choice["effects"]["normal_cases"] == 1 and choice["effects"]["normal_false_positive_cases"] == ["n0"]
+    assert "normal scans given a false positive: 1 of 1" in describe_effects(choice)
     faint_noise = np.full(SHAPE, 0.03, np.float16)
-    assert not apply_postprocessing(faint_noise, SPACING_MM, choice).any()
-    # With only a floor below the normal scan's peak, rescuing c1 (HD inf -> finite) outranks the false positive.
-    marked = choose_postprocessing([normal, *_cases()], min_volume_ml_candidates=(), floor_candidates=(0.1,))
-    assert marked["steps"] == [{"name": "keep_nonempty", "floor": 0.1}]
-    assert marked["effects"]["normal_false_positive_cases"] == ["n0"]
-    assert "normal scans given a false positive: 1 of 1" in describe_effects(marked)
+    assert apply_postprocessing(faint_noise, SPACING_MM, choice).sum() == 1
 
 
 def test_apply_rejects_unknown_steps_and_listing_the_known_ones():
@@ -150,6 +170,11 @@ def test_multiclass_cleaning_is_chosen_per_class_and_the_rescue_keeps_the_most_p
     assert choice["foreground"]["steps"] == [{"name": "keep_nonempty", "floor": 0.2}]
     for case in cases:
         assert np.array_equal(apply_multiclass_postprocessing(case["prob"], SPACING_MM, choice), case["truth"])
+    labels, peak = postprocess_multiclass(cases[2]["prob"], SPACING_MM, choice)
+    assert np.array_equal(labels, cases[2]["truth"]) and peak == pytest.approx(0.4, abs=1e-3)
+    assert postprocess_multiclass(cases[0]["prob"], SPACING_MM, choice)[1] is None
+    left, would_be = postprocess_multiclass(cases[2]["prob"], SPACING_MM, choice, never_empty=False)
+    assert not left.any() and would_be == pytest.approx(0.4, abs=1e-3)
 
 
 def binary(prob: np.ndarray) -> np.ndarray:

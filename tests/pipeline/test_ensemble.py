@@ -67,14 +67,14 @@ def test_prediction_keeps_finished_cases_and_ignores_leftover_temp_files(tmp_pat
         write_case(case, tmp_path / "in" / f"c{i}.nii.gz", None)
         images.append(tmp_path / "in" / f"c{i}.nii.gz")
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "c0.nii.gz").write_bytes(b"finished before")  # a finished case from an earlier run
-    (out / ".tmp_c1.nii.gz").write_bytes(b"half")  # what a kill during writing leaves behind
     lesion = np.zeros((16, 16, 4), np.float32)
     lesion[4:8, 4:8, 1] = 0.9
+    predict_images(fake_ensemble("mean", lesion), images[:1], out)  # a finished case from an earlier run
+    finished = (out / "c0.nii.gz").stat().st_mtime_ns
+    (out / ".tmp_c1.nii.gz").write_bytes(b"half")  # what a kill during writing leaves behind
     results = predict_images(fake_ensemble("mean", lesion), images, out)
     assert [r["case"] for r in results] == ["c1", "c2"]
-    assert (out / "c0.nii.gz").read_bytes() == b"finished before"
+    assert (out / "c0.nii.gz").stat().st_mtime_ns == finished
     written = nib.load(str(out / "c1.nii.gz"))
     assert written.get_data_dtype() == np.uint8 and np.asanyarray(written.dataobj).sum() == 16
     assert results[0]["volume_ml"] == pytest.approx(16 * 0.45 * 0.45 * 5.0 / 1000, rel=1e-6)
@@ -194,7 +194,7 @@ def test_a_screened_ensemble_gives_the_masks_of_every_member_on_every_slice(trai
     skipped = []
     for case in cases:
         _, spacing = read_mask(case["label"])
-        mask, member_masks, count = screened.predict(case["image"], spacing)
+        mask, member_masks, count, _ = screened.predict(case["image"], spacing)
         np.testing.assert_array_equal(mask, full.mask(full.probabilities(case["image"]), spacing))
         assert len(member_masks) == (1 if count else 3)
         skipped.append(count)
@@ -204,7 +204,7 @@ def test_a_screened_ensemble_gives_the_masks_of_every_member_on_every_slice(trai
     full.postprocessing = screened.postprocessing = emptied
     case = cases[int(np.argmax(skipped))]
     _, spacing = read_mask(case["label"])
-    mask, member_masks, count = screened.predict(case["image"], spacing)
+    mask, member_masks, count, _ = screened.predict(case["image"], spacing)
     assert count == 0 and len(member_masks) == 3 and mask.any()
     np.testing.assert_array_equal(mask, full.mask(full.probabilities(case["image"]), spacing))
 
@@ -220,7 +220,7 @@ def test_a_screened_ensemble_reports_the_masks_of_its_screening_members_in_order
     counts = []
     for case in cases:
         spacing = read_mask(case["label"])[1]
-        mask, member_masks, count = screened.predict(case["image"], spacing)
+        mask, member_masks, count, _ = screened.predict(case["image"], spacing)
         counts.append(count)
         if count:
             assert len(member_masks) == 1

@@ -75,11 +75,18 @@ def make_logger(log_file: Path) -> logging.Logger:
 
 
 def volume_dice(probabilities: np.ndarray, label: np.ndarray) -> float:
-    """Mean Dice over foreground classes of one volume; an empty truth predicted empty counts as 1."""
+    """Mean Dice over the foreground classes present in the truth or the prediction of one volume; a volume with
+    none in either (empty truth predicted empty) counts as 1.
+
+    A class absent from both says nothing about the model (the challenge scores each class where it occurs):
+    counted as 1 it would lift every scan without that subtype, and this score picks the best checkpoint.
+    """
     num_classes = probabilities.shape[0]
     pred = one_hot(torch.from_numpy(probabilities.argmax(0))[None, None], num_classes)
     truth = one_hot(torch.from_numpy(label.astype(np.int64))[None, None], num_classes)
-    return float(compute_dice(pred, truth, include_background=False, ignore_empty=False).nanmean())
+    dice = compute_dice(pred, truth, include_background=False, ignore_empty=False)[0]
+    present = (pred[0, 1:].flatten(1).any(1) | truth[0, 1:].flatten(1).any(1))
+    return float(dice[present].mean()) if present.any() else 1.0
 
 
 class Trainer:

@@ -18,6 +18,7 @@ from nibabel import orientations
 AFFINE_TOLERANCE_MM = 1e-3
 MIN_TRAINING_SLICES = 2  # one slice has no neighbours: its adjacent-slice channels would all be copies of it
 HU_EXPORT_MAX = 255  # CT whose values all lie in 0..255 has no air (-1000 HU): a 0-1 or 0-255 export, not HU
+HU_AIR_MAX = -500  # a head CT in HU holds air (about -1000 HU) around the head: its lowest value lies below this
 
 
 class VolumeError(ValueError):
@@ -140,18 +141,26 @@ def check_ct_range(volume: Volume, modality: str) -> None:
 
     A head CT holds air around the head (about -1000 HU) and bone (> 300 HU); values that all
     lie in 0..255 come from a 0-1 or 0-255 export (PNG, a normalised array), which the HU
-    windows would flatten to a few grey levels.
+    windows would flatten to a few grey levels. A scan with no value below HU_AIR_MAX holds no
+    air: most often stored values without the rescale intercept (0..4095, air at 0), which the
+    windows would shift by about 1000 HU and air-slice skipping would not see.
     """
     if modality.lower() != "ct" or volume.image.size == 0:
         return
     low, high = int(volume.image.min()), int(volume.image.max())
+    fix = (" Convert the scan to HU (from DICOM: stored value x RescaleSlope + RescaleIntercept), or set modality"
+           " to 'mri' to z-score intensities instead of windowing them")
     if low >= 0 and high <= HU_EXPORT_MAX:
         raise VolumeError(
             f"case {volume.name} ({volume.source}): modality is ct but the voxel values span {low}..{high},"
             " not Hounsfield units (air is about -1000 HU, bone above 300 HU); this looks like 0-1 or 0-255"
-            " exported data."
-            " Convert the scan to HU (from DICOM with RescaleSlope/RescaleIntercept), or set modality to 'mri'"
-            " to z-score intensities instead of windowing them"
+            " exported data." + fix
+        )
+    if low > HU_AIR_MAX:
+        raise VolumeError(
+            f"case {volume.name} ({volume.source}): modality is ct but the voxel values span {low}..{high}, with"
+            f" nothing below {HU_AIR_MAX} HU: no air (about -1000 HU), so not Hounsfield units; this looks like"
+            " stored values without the rescale intercept (e.g. 0..4095 with air at 0)." + fix
         )
 
 
