@@ -34,6 +34,7 @@ def test_impossible_choices_say_what_to_do(monkeypatch):
         choose_runtime("onnx", CPU)
 
 
+@pytest.mark.cpu_isa
 def test_openvino_computes_what_torch_does_and_keeps_the_converted_model(tmp_path, monkeypatch):
     pytest.importorskip("openvino")
     model = small_model(tmp_path)
@@ -79,6 +80,7 @@ def test_a_stream_count_can_be_overridden_as_other_keys_are(override, expected):
     assert streams == expected and runtime_module.stream_properties(streams) == {"NUM_STREAMS": str(expected)}
 
 
+@pytest.mark.cpu_isa
 @pytest.mark.parametrize("bf16", [False, True])
 def test_batches_split_over_streams_give_the_one_stream_logits(tmp_path, bf16):
     pytest.importorskip("openvino")
@@ -106,12 +108,15 @@ def test_batches_split_over_streams_give_the_one_stream_logits(tmp_path, bf16):
             return getattr(self.request, name)
 
     three.compiled.requests = [Recording(r) for r in three.compiled.requests]
+    # Equal to the last bits where oneDNN has AVX-512; its AVX2 kernels block a part of other size differently
+    # (as under ONEDNN_MAX_CPU_ISA=AVX2), so the parts are held to float32 rounding, far below a mask's threshold.
+    same = {"rtol": 0, "atol": 1e-5}
     for size in (7, 2, 1):  # 7: more parts than streams, the last one short; 2: one whole part; 1: one slice
         x = torch.rand(size, 3, 48, 32)
         parts.clear()
-        np.testing.assert_array_equal(three(x).numpy(), whole(x).numpy())
+        np.testing.assert_allclose(three(x).numpy(), whole(x).numpy(), **same)
         assert sum(parts) == size and max(parts) <= runtime_module.SLICES_PER_REQUEST  # memory: small parts
-        np.testing.assert_array_equal(one(x).numpy(), whole(x).numpy())
+        np.testing.assert_allclose(one(x).numpy(), whole(x).numpy(), **same)
         if not bf16:
             with torch.no_grad():
                 np.testing.assert_allclose(three(x).numpy(), model(x).numpy(), atol=1e-4)
