@@ -128,3 +128,12 @@ def bundle(tmp_path, ct_dataset) -> Path:
                   data_file_base_dir=str(ct_dataset.parent))
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     return target
+
+
+def native_bf16_only(test):
+    """For a test of bf16 inference: it runs where the product would use bf16 (predictor.cpu_has_native_bf16, which
+    honours a ONEDNN_MAX_CPU_ISA cap) and skips elsewhere; marked cpu_isa, so CI runs it again under an AVX2 cap."""
+    from predictor import cpu_has_native_bf16
+
+    reason = "no native bf16 here (AMX or AVX-512 bf16, within ONEDNN_MAX_CPU_ISA): the product runs fp32 on this CPU"
+    return pytest.mark.cpu_isa(pytest.mark.skipif(not cpu_has_native_bf16(), reason=reason)(test))

@@ -46,14 +46,18 @@ def test_a_trial_killed_mid_run_is_run_again_with_its_parameters(tmp_path):
     assert complete[0].params == {"input_variant": "windows", "learning_rate": 3e-4}
 
 
-# A machine of a shared sweep: starts a trial, says so, then hangs until it is killed.
+# A machine of a shared sweep: starts a trial, says so once its heartbeat is stored (a trial without one never goes
+# stale, and a loaded CPU may start the heartbeat thread late), then hangs until it is killed.
 DYING_MACHINE = """
-import sys, time
+import sqlite3, sys, time
 from autoseg2d.pipeline import sweep
 sweep.HEARTBEAT_INTERVAL_S, sweep.GRACE_PERIOD_S = 1, 2
 def hang(params, fold, report):
+    database = sqlite3.connect(sys.argv[1].removeprefix("sqlite:///"))
+    while not database.execute("SELECT COUNT(*) FROM trial_heartbeats").fetchone()[0]:
+        time.sleep(0.05)
     print(params["input_variant"], flush=True)
-    time.sleep(60)
+    time.sleep(600)
 sweep.run_sweep(sys.argv[1], {space!r}, 3, [0], hang, single_owner=False)
 """
 
@@ -73,10 +77,9 @@ def test_a_shared_sweep_retries_the_trial_of_a_machine_that_died(tmp_path, monke
     assert died_in == "slices"
     machine.send_signal(signal.SIGKILL)
     machine.wait()
-    time.sleep(3)  # longer than the grace period: its heartbeat is stale
-
     monkeypatch.setattr(sweep, "HEARTBEAT_INTERVAL_S", 1)
     monkeypatch.setattr(sweep, "GRACE_PERIOD_S", 2)
+    time.sleep(sweep.GRACE_PERIOD_S + 1)  # past the grace period since its last heartbeat, however loaded the CPU
     calls: list = []
     study = run_sweep(storage, SPACE, 3, [0], fake_training(calls), single_owner=False)
     assert sorted(calls) == ["both", "slices", "windows"]  # the dead machine's trial ran again, here

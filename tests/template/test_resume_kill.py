@@ -19,7 +19,7 @@ from tests.conftest import FAST_TRAINING
 
 NUM_EPOCHS = 12
 KILL_AFTER_EPOCH = 5
-TIMEOUT_S = 120
+TIMEOUT_S = 600  # two trainings share the cores; a bound for a hang, ~10x their time on a loaded machine
 
 
 def train_command(bundle: Path) -> list[str]:

@@ -35,6 +35,7 @@ def test_impossible_choices_say_what_to_do(monkeypatch):
         choose_runtime("onnx", CPU)
 
 
+@pytest.mark.cpu_isa
 def test_openvino_computes_what_torch_does_and_keeps_the_converted_model(tmp_path, monkeypatch):
     pytest.importorskip("openvino")
     model = small_model(tmp_path)
@@ -89,6 +90,7 @@ def test_a_kept_conversion_without_the_checkpoints_mark_is_not_read(tmp_path):
     assert runtime_module.read_kept(cache, digest) is not None  # what load_or_convert writes is read back
 
 
+@pytest.mark.cpu_isa
 @pytest.mark.parametrize("bf16", [False, True])
 def test_batches_split_over_streams_give_the_whole_batch_logits(tmp_path, bf16):
     pytest.importorskip("openvino")
@@ -118,10 +120,13 @@ def test_batches_split_over_streams_give_the_whole_batch_logits(tmp_path, bf16):
             return getattr(self.request, name)
 
     streamed.compiled.requests = [Recording(r) for r in streamed.compiled.requests]
+    # Equal to the last bits where oneDNN has AVX-512; its AVX2 kernels block a part of other size differently
+    # (as under ONEDNN_MAX_CPU_ISA=AVX2), so the parts are held to float32 rounding, far below a mask's threshold.
+    same = {"rtol": 0, "atol": 1e-5}
     for size in (7, 2, 1):  # 7: more parts than streams, the last one short; 2: one whole part; 1: one slice
         x = torch.rand(size, 3, 48, 32)
         parts.clear()
-        np.testing.assert_array_equal(streamed(x).numpy(), whole(x.numpy())[0])
+        np.testing.assert_allclose(streamed(x).numpy(), whole(x.numpy())[0], **same)
         assert sum(parts) == size and max(parts) <= runtime_module.SLICES_PER_REQUEST  # memory: small parts
         if not bf16:
             with torch.no_grad():

@@ -54,12 +54,27 @@ def session() -> Iterator[Session]:
     dist.init_process_group(backend)
     try:
         yield Session(dist.get_rank(), dist.get_world_size(), device)
-        # after a run that ended well, the ranks tear down together: a rank that exits while another is still
-        # in destroy_process_group can abort that one's gloo threads ("terminate called without an active
-        # exception", seen in 2 of 5 full test runs)
-        dist.barrier()
+        dist.barrier()  # after a run that ended well, the ranks tear down together
     finally:
         dist.destroy_process_group()
+
+
+def leave_finished_process() -> None:
+    """End a torchrun process whose training finished (files written and closed, group destroyed) with status 0,
+    skipping the interpreter's and C++ runtime's teardown.
+
+    DistributedDataParallel keeps the gloo process group alive after destroy_process_group (torch holds
+    references to it that nothing releases), so its worker and TCP-loop threads still run while a normal exit
+    tears down the runtime around them; the other rank exiting at that moment closes their sockets and they
+    call into destroyed state: "terminate called without an active exception", exit -6, for a finished training.
+    Without torchrun nothing is left running and the process exits normally.
+    """
+    if not launched_by_torchrun():
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def wrap_for_training(model: torch.nn.Module, run: Session) -> torch.nn.Module:

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling module
 import fire  # noqa: E402
 
 from bundle_config import load_config  # noqa: E402
-from distributed import session  # noqa: E402
+from distributed import leave_finished_process, session  # noqa: E402
 from trainer import Trainer  # noqa: E402
 
 BUNDLE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -29,3 +29,4 @@ def run(config_file: str | list[str] | None = None, **override) -> float:
 
 if __name__ == "__main__":
     fire.Fire({"run": run})
+    leave_finished_process()  # reached only when training finished: an error has raised out of fire already
