@@ -67,11 +67,13 @@ def requeue_interrupted(study: optuna.Study) -> None:
 
 def run_sweep(storage: str, search_space: dict, num_trials: int, folds: list[int],
               train_fold: Callable[[dict, int, Callable[[int, float, int], bool]], float],
-              single_owner: bool = True) -> optuna.Study:
+              single_owner: bool = True, on_trial_start: Callable[[int], None] = lambda trials_left: None
+              ) -> optuna.Study:
     """Run trials until num_trials are complete or pruned.
 
     train_fold(params, fold, on_validation) -> best Dice (runner.train_trial_fold in a run), where
-    on_validation(epoch, dice, num_epochs) returns True when the trial is to stop (pruned).
+    on_validation(epoch, dice, num_epochs) returns True when the trial is to stop (pruned);
+    on_trial_start(trials left, this one included) is called as each trial starts.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(storage, shared=not single_owner)
@@ -85,6 +87,7 @@ def run_sweep(storage: str, search_space: dict, num_trials: int, folds: list[int
         params = suggest(trial, search_space)
         done = sum(t.state in FINISHED for t in study.get_trials(deepcopy=False))
         logger.info(f"sweep: trial {trial.number} ({done + 1}/{num_trials}) {params}")
+        on_trial_start(num_trials - done)
         scores = []
         for index, fold in enumerate(folds):
             def on_validation(epoch: int, dice: float, num_epochs: int, index: int = index) -> bool:

@@ -112,7 +112,7 @@ def test_autorunners_mlflow_uri_reaches_the_bundle_and_records_a_run(tmp_path, m
     assert len(runs) == 1
     run = runs[0]
     assert run.info.run_name == "work/segresnet2d_0" and run.info.status == "FINISHED"
-    assert run.data.params["fold"] == "0" and run.data.params["network#init_filters"] == "8"
+    assert run.data.params["fold"] == "0" and run.data.params["network.init_filters"] == "8"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/dice")] == [1, 2]
     progress = yaml.safe_load((tmp_path / "work" / "segresnet2d_0" / "model" / "progress.yaml").read_text())
     assert run.data.metrics["best_avg_dice_score"] == pytest.approx(progress[-1]["best_avg_dice_score"])

@@ -40,11 +40,12 @@ def epoch_metrics(loss: float, lr: float, dice: float | None, class_dice: dict[s
 
 
 def run_params(config: dict) -> dict:
-    """The config's scalar and list settings as MLflow parameters ('network#init_filters' for nested ones)."""
+    """The config's scalar and list settings as MLflow parameters ('network.init_filters' for nested ones: MLflow
+    refuses '#' in names)."""
     params = {}
     for key, value in config.items():
         if isinstance(value, dict):
-            params.update({f"{key}#{k}": v for k, v in value.items() if isinstance(v, (*SCALAR_TYPES, list))})
+            params.update({f"{key}.{k}": v for k, v in value.items() if isinstance(v, (*SCALAR_TYPES, list))})
         elif isinstance(value, (*SCALAR_TYPES, list)):
             params[key] = value
     return {k: str(v)[:500] for k, v in params.items()}  # MLflow refuses longer parameter values
@@ -79,9 +80,13 @@ class MlflowSink:
         mlflow.set_experiment(experiment)
         run_id = run_id_file.read_text().strip() if run_id_file.exists() else None
         run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name)
-        if not run_id:
-            mlflow.log_params(params)
-            write_text_atomic(run_id_file, run.info.run_id)
+        try:
+            if not run_id:
+                mlflow.log_params(params)
+                write_text_atomic(run_id_file, run.info.run_id)
+        except BaseException:
+            mlflow.end_run(status="FAILED")
+            raise
 
     def log(self, metrics: dict, epoch: int) -> None:
         self.mlflow.log_metrics(metrics, step=epoch, synchronous=False)  # a remote server never holds training up
