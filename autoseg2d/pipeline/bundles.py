@@ -92,8 +92,8 @@ def generate_bundles(context: RunContext, settings: dict) -> Path:
                             f" the reason is in the log above ('{ALGO_NAME} skipped: ...')")
     notes = [line[2:] for line in (bundle_path(configuration, 0) / "configs" / "hyper_parameters.yaml").read_text()
              .splitlines() if line.startswith("# ")][1:]
-    logger.info(f"{describe(settings)}: planned {configuration.name} ({num_folds} fold bundles):"
-                + "".join(f"\n    {note}" for note in notes))
+    logger.debug(f"{describe(settings)}: planned {configuration.name} ({num_folds} fold bundles):"  # the log file
+                 + "".join(f"\n    {note}" for note in notes))
     write_text_atomic(marker, json.dumps(settings, indent=2, sort_keys=True))  # last: marks generation done
     return configuration
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import optuna
 
+from autoseg2d import run_log
 from autoseg2d.dicom.predict import predict_dicom
 from autoseg2d.pipeline.analyze import analyze, settings_for_slice_thickness
 from autoseg2d.pipeline.bundles import (TrainingStopped, bundle_path, describe, generate_bundles, is_trained,
@@ -32,7 +33,7 @@ from autoseg2d.reporting.geometry import SpacingRange
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_KEYS = ("cross_validation", "ensemble", "predictions")
+OUTPUT_KEYS = ("cross_validation", "ensemble", "predictions", "log")
 
 
 @dataclass
@@ -118,6 +119,7 @@ STAGE_NAMES = ("check", *STAGES)
 
 
 def _announce(name: str) -> None:
+    run_log.route_library_loggers()  # a library imported by the previous stage may print by itself
     logger.info(f"=== stage {STAGE_NAMES.index(name) + 1}/{len(STAGE_NAMES)}: {name} ===")
 
 
@@ -130,8 +132,10 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
     started = time.time()
     _announce("check")
     context = resolve_context(work_dir, datalist, dataroot, profile, modality, num_folds, storage, skip_bad)
+    log_file = run_log.attach_file(context.work.root / run_log.LOG_FILE_NAME)
+    logger.info(f"log: {log_file} (details and other libraries' messages; --debug shows them here too)")
     outputs = StageOutputs(summary={"work_dir": str(context.work.root), "num_folds": context.num_folds,
-                                    "profile": context.profile_name},
+                                    "profile": context.profile_name, "log": str(log_file)},
                            clock=RunClock(planned_trainings(context.profile, context.num_folds), is_trained,
                                           enabled=context.storage is None))  # other machines' trainings: unseen
     for name in STAGE_NAMES[1:STAGE_NAMES.index(until) + 1]:
@@ -152,6 +156,7 @@ def predict(input: str, output: str, work_dir: str = DEFAULT_WORK_DIR, dicom_seg
     work = WorkDir.create(work_dir)
     if not work.ensemble_file.exists():
         raise WorkDirError(f"no ensemble in {work.root}: run the pipeline there first (it ends with ensemble.json)")
+    run_log.attach_file(work.root / run_log.LOG_FILE_NAME)
     input_dir = Path(str(input))
     if not input_dir.is_dir():
         raise FileNotFoundError(f"--input {input} is not a folder; give the folder of NIfTI scans or DICOM series")
