@@ -116,3 +116,15 @@ def test_autorunners_mlflow_uri_reaches_the_bundle_and_records_a_run(tmp_path, m
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val/dice")] == [1, 2]
     progress = yaml.safe_load((tmp_path / "work" / "segresnet2d_0" / "model" / "progress.yaml").read_text())
     assert run.data.metrics["best_avg_dice_score"] == pytest.approx(progress[-1]["best_avg_dice_score"])
+
+
+def test_the_data_source_and_bundlegen_set_the_mlflow_keys_under_monais_names(tmp_path):
+    """AutoRunner reads both keys from the data-source YAML too and hands them to BundleGen, which sets them on
+    every algorithm it generates: the filled config keeps them (they were dropped before)."""
+    from tests.template.test_algo import filled, make_algo
+
+    algo = make_algo(tmp_path, mlflow_tracking_uri="sqlite:///mlflow.db")
+    algo.set_mlflow_experiment_name("ich")  # as BundleGen.generate does with its own argument
+    config = filled(algo, tmp_path)
+    assert config["mlflow_tracking_uri"] == "sqlite:///mlflow.db" and config["mlflow_experiment_name"] == "ich"
+    assert filled(make_algo(tmp_path / "plain"), tmp_path / "plain")["mlflow_tracking_uri"] is None
