@@ -66,26 +66,28 @@ class RunClock:
 
     @contextlib.contextmanager
     def training(self, stage: str, bundle: Path) -> Iterator[None]:
-        """Around one training of `stage`: it counts once it ends or is stopped (pruned); an error leaves it
-        to come. A bundle trained before is counted without a time."""
-        measured = self.enabled and not self.is_trained(Path(bundle))
+        """Around one training of `stage`: it is done once it ends or is stopped (pruned); an error leaves it
+        to come. A bundle trained before was not in the stage's count and is not timed."""
+        runs = self.enabled and not self.is_trained(Path(bundle))
         try:
             yield
         except TrainingStopped:
-            self.finished(stage, measured)
+            self.finished(stage, runs)
             raise
-        self.finished(stage, measured)
+        self.finished(stage, runs)
 
-    def finished(self, stage: str, measured: bool) -> None:
+    def finished(self, stage: str, ran: bool) -> None:
+        """ran: a training ran (False: its bundle was trained before); the next timing starts now either way."""
         if not self.enabled:
             return
-        self.left[stage] = max(self.left.get(stage, 0) - 1, 0)
         now = self.now()
-        if measured and self.mark is not None:
-            self.cycles.append(now - self.mark)
+        if ran:
+            self.left[stage] = max(self.left.get(stage, 0) - 1, 0)
+            if self.mark is not None:
+                self.cycles.append(now - self.mark)
         self.mark = now
         line = self.describe()
-        if measured and line:
+        if ran and line:
             logger.info(line)
 
     def describe(self) -> str | None:

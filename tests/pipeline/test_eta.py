@@ -55,11 +55,13 @@ def test_no_estimate_before_the_first_training_then_one_line_per_training(caplog
     ]
 
 
-def test_a_bundle_trained_before_counts_without_a_time(caplog):
-    clock, time = clock_with({"crossval": 3}, trained={"done"})
+def test_a_bundle_trained_before_is_neither_counted_nor_timed(caplog):
+    """Cross-validation's plan leaves out the bundles the sweep trained; it meets them among its jobs."""
+    clock, time = clock_with({"crossval": 2}, trained={"done"})
     with caplog.at_level(logging.INFO, logger="autoseg2d.pipeline.eta"):
         train(clock, time, "crossval", 300)
         train(clock, time, "crossval", 1, bundle="done")
+        assert clock.left == {"crossval": 1}
         train(clock, time, "crossval", 100)
     assert clock.cycles == [300, 100]  # the next timing starts where the skipped one ended
     assert clock.left == {"crossval": 0} and len(caplog.records) == 2
