@@ -1,4 +1,5 @@
-"""The command line's contract with its user: one clear message per expected error, no raw return values.
+"""The command line's contract with its user: one clear message per expected error, no raw return values,
+and only this project's lines on the console (run_log: the rest goes to the work dir's log file).
 
 Expected errors (bad input or options, a missing work dir, a profile or config error, a skipped
 template, a failed training) are printed as one message on stderr with a non-zero exit; --debug
@@ -10,13 +11,13 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
-import logging
 import os
 import sys
 from collections.abc import Callable
 
 import fire
 
+from autoseg2d import run_log
 from autoseg2d.pipeline.bundles import TrainingError
 
 DEBUG_FLAG = "--debug"
@@ -59,7 +60,7 @@ def main(commands: dict[str, Callable], argv: list[str] | None = None, default: 
     argv = [a for a in argv if a != DEBUG_FLAG]
     if argv and argv[0].startswith("--") and argv[0] not in ("--help", "-h"):
         argv.insert(0, default)  # `run_autoseg.py --datalist ...` runs every stage
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    run_log.configure(debug)
     try:
         fire.Fire({name: without_return_value(command) for name, command in commands.items()}, command=argv,
                   name=os.path.basename(sys.argv[0]))

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from tests.conftest import REPO
-from tests.test_check import write_dataset
+from tests.test_check import NUM_TRAIN, write_dataset
 
 
 def run_cli(*args: str, cwd, **env) -> subprocess.CompletedProcess:
@@ -94,3 +94,20 @@ def test_help_of_run_and_the_stage_commands_lists_their_options_and_runs_nothing
         assert result.returncode == 0, result.stderr
         assert "Options: --datalist, --dataroot, --work_dir" in result.stdout and "unknown option" not in result.stderr
     assert not (tmp_path / "work").exists()
+
+
+def test_other_libraries_lines_go_to_the_log_file_and_debug_shows_them(tmp_path):
+    """MONAI's INFO lines, the DataAnalyzer's progress bar and library warnings: the log file only, or both."""
+    write_dataset(tmp_path)
+    args = ("analyze", "--datalist", "datalist.json", "--dataroot", str(tmp_path), "--work_dir")
+    result = run_cli(*args, str(tmp_path / "work"), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    console = result.stdout + result.stderr
+    assert "=== stage 2/6: analyze ===" in console and f"log: {tmp_path / 'work' / 'autoseg.log'}" in console
+    log = (tmp_path / "work" / "autoseg.log").read_text()
+    bar = f"{NUM_TRAIN}/{NUM_TRAIN} ["
+    for line in ("INFO monai.apps.auto3dseg.data_analyzer: Using CPU for data analyzing!", bar):
+        assert line in log and line.split(": ")[-1] not in console
+    assert "Warning" not in console and "%|" not in console
+    debug = run_cli(*args, str(tmp_path / "debug"), "--debug", cwd=tmp_path)
+    assert "Using CPU for data analyzing!" in debug.stdout + debug.stderr

@@ -12,6 +12,7 @@ import torch
 import yaml
 from monai.apps.auto3dseg import DataAnalyzer
 
+from autoseg2d import run_log
 from autoseg2d.pipeline.workdir import WorkDir
 from autoseg2d.templates import template_config, template_module
 
@@ -32,8 +33,9 @@ def analyze(work: WorkDir, datalist: Path, dataroot: Path) -> Path:
     scratch.mkdir(parents=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     logger.info(f"analysis: DataAnalyzer on {datalist.name} ({device})")
-    DataAnalyzer(str(datalist), str(dataroot), output_path=str(scratch / "datastats.yaml"), device=device,
-                 worker=0).get_all_case_stats()
+    with run_log.stderr_to_log("monai.apps.auto3dseg.data_analyzer"):  # its progress bar: the log file's
+        DataAnalyzer(str(datalist), str(dataroot), output_path=str(scratch / "datastats.yaml"), device=device,
+                     worker=0).get_all_case_stats()
     os.replace(by_case_file(scratch / "datastats.yaml"), by_case_file(work.datastats))
     os.replace(scratch / "datastats.yaml", work.datastats)  # last: its presence marks the stage done
     shutil.rmtree(scratch, ignore_errors=True)

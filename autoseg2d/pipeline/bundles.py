@@ -97,8 +97,8 @@ def generate_bundles(context: RunContext, settings: dict) -> Path:
     filled = (bundle_path(configuration, 0) / BUNDLE_CONFIG).read_text()
     notes = planning_note([line[2:] for line in filled.splitlines() if line.startswith("# ")][1:],
                           yaml.safe_load(filled), context.profile["train_overrides"], settings)
-    logger.info(f"{describe(settings)}: planned {configuration.name} ({num_folds} fold bundles):"
-                + "".join(f"\n    {note}" for note in notes))
+    logger.debug(f"{describe(settings)}: planned {configuration.name} ({num_folds} fold bundles):"  # the log file
+                 + "".join(f"\n    {note}" for note in notes))
     write_text_atomic(marker, json.dumps(settings, indent=2, sort_keys=True))  # last: marks generation done
     return configuration
 

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.metrics import case_metrics, class_case_metrics
 from autoseg2d.evaluation.report import cross_validation_table, json_safe
+from autoseg2d.pipeline.eta import NO_CLOCK, RunClock
 from autoseg2d.pipeline.bundles import bundle_path, configuration_name, describe, generate_bundles, train_bundle
 from autoseg2d.pipeline.fold_probabilities import is_current, store_foreground
 from autoseg2d.pipeline.inference import foreground, load_inferer, read_labels, read_mask
@@ -64,7 +65,7 @@ def crossval_jobs(configurations: list[dict], seeds: int, num_folds: int) -> lis
 
 
 def run_crossval(context: RunContext, configurations: list[dict], *, seeds: int,
-                 selection_folds: tuple = ()) -> tuple[list[dict], str]:
+                 selection_folds: tuple = (), clock: RunClock = NO_CLOCK) -> tuple[list[dict], str]:
     """Train every fold of every configuration for `seeds` seeds; return one record per trained bundle and
     the cross-validation table (reports/cross_validation.md, also written with the records as .json).
 
@@ -78,20 +79,24 @@ def run_crossval(context: RunContext, configurations: list[dict], *, seeds: int,
     def configuration(job: dict) -> Path:
         return generate_bundles(context, {**job["settings"], "seed": job["seed"]})
 
+    def job_bundle(job: dict) -> Path:  # before generation: its folder is named by its settings
+        return bundle_path(work.bundles / configuration_name({**job["settings"], "seed": job["seed"]}), job["fold"])
+
     def train_and_evaluate(index: int) -> dict:
         job = jobs[index]
         label = f"cv {index + 1}/{len(jobs)} {describe(job['settings'])} run {job['seed']} fold {job['fold']}"
         bundle = bundle_path(configuration(job), job["fold"])
-        score = train_bundle(bundle, label, datalist=context.datalist, dataroot=context.dataroot)
+        with clock.training("crossval", bundle):
+            score = train_bundle(bundle, label, datalist=context.datalist, dataroot=context.dataroot)
         validation = validation_cases(job["fold"], training=context.training, dataroot=context.dataroot)
         cases = [_restore_floats(c) for c in evaluate_bundle(bundle, job["fold"], validation)]
         return {"variant": f"{job['settings'].get('input_variant')} (run {job['seed']})", "fold": job["fold"],
                 "seed": job["seed"], "settings": job["settings"], "bundle": work.relative(bundle),
                 "score": score, "cases": cases}
 
+    clock.plan_bundles("crossval", [job_bundle(job) for job in jobs])
     if context.storage:
-        names = [str(work.relative(bundle_path(work.bundles / configuration_name({**j["settings"], "seed": j["seed"]}),
-                                               j["fold"]))) for j in jobs]
+        names = [str(work.relative(job_bundle(job))) for job in jobs]
         # one machine generates every bundle before any is queued: BundleGen must not run twice on one folder
         run_queue(context.storage, "crossval", names, lambda index: train_and_evaluate(index)["score"],
                   prepare=lambda: [configuration(job) for job in jobs])

@@ -18,11 +18,14 @@ from pathlib import Path
 
 import optuna
 
+from autoseg2d import run_log
 from autoseg2d.dicom.predict import predict_dicom
 from autoseg2d.pipeline.analyze import analyze, settings_for_slice_thickness
-from autoseg2d.pipeline.bundles import TrainingStopped, bundle_path, describe, generate_bundles, train_bundle
+from autoseg2d.pipeline.bundles import (TrainingStopped, bundle_path, describe, generate_bundles, is_trained,
+                                        train_bundle)
 from autoseg2d.pipeline.context import RunContext, resolve_context
 from autoseg2d.pipeline.crossval import run_crossval
+from autoseg2d.pipeline.eta import NO_CLOCK, RunClock, planned_trainings
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, build_ensemble, predict_images
 from autoseg2d.pipeline.profiles import first_trial_params
 from autoseg2d.pipeline.sweep import best_per_variant, run_sweep
@@ -31,7 +34,7 @@ from autoseg2d.reporting.geometry import SpacingRange
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_KEYS = ("cross_validation", "ensemble", "predictions")
+OUTPUT_KEYS = ("cross_validation", "ensemble", "predictions", "log")
 
 
 @dataclass
@@ -44,6 +47,7 @@ class StageOutputs:
     records: list[dict] = field(default_factory=list)  # one per cross-validated bundle
     cross_validation_table: str = ""  # reports/cross_validation.md
     ensemble: dict = field(default_factory=dict)  # ensemble/ensemble.json
+    clock: RunClock = NO_CLOCK  # the trainings left and their time, for the console's estimate
 
 
 def analyze_stage(context: RunContext, outputs: StageOutputs) -> None:
@@ -54,22 +58,27 @@ def analyze_stage(context: RunContext, outputs: StageOutputs) -> None:
 
 
 def train_trial_fold(context: RunContext, base_settings: dict, params: dict, fold: int,
-                     on_validation: Callable[[int, float, int], bool]) -> float:
+                     on_validation: Callable[[int, float, int], bool], clock: RunClock = NO_CLOCK) -> float:
     """One fold of a trial: the bundles of the run's base settings with the trial's parameters, trained
     until done or pruned (then the bundle can be continued by a later trial with the same parameters)."""
-    configuration = generate_bundles(context, {**base_settings, **params})
+    bundle = bundle_path(generate_bundles(context, {**base_settings, **params}), fold)
     try:
-        return train_bundle(bundle_path(configuration, fold), f"trial {describe(params)} fold {fold}",
-                            datalist=context.datalist, dataroot=context.dataroot, on_validation=on_validation)
+        with clock.training("sweep", bundle):
+            return train_bundle(bundle, f"trial {describe(params)} fold {fold}",
+                                datalist=context.datalist, dataroot=context.dataroot, on_validation=on_validation)
     except TrainingStopped:
         raise optuna.TrialPruned() from None
 
 
 def sweep_stage(context: RunContext, outputs: StageOutputs) -> None:
-    profile = context.profile
+    profile, clock = context.profile, outputs.clock
+    clock.start()
     study = run_sweep(context.sweep_storage, profile["search_space"], profile["sweep_trials"],
-                      list(profile["sweep_folds"]), functools.partial(train_trial_fold, context, outputs.base_settings),
-                      single_owner=context.storage is None, first_params=first_trial_params(profile))
+                      list(profile["sweep_folds"]),
+                      functools.partial(train_trial_fold, context, outputs.base_settings, clock=clock),
+                      single_owner=context.storage is None, first_params=first_trial_params(profile),
+                      on_trial_start=lambda trials_left: clock.plan("sweep", trials_left * len(profile["sweep_folds"])))
+    clock.plan("sweep", 0)
     outputs.configurations = [{**outputs.base_settings, **params}
                               for params in best_per_variant(study, profile["cv_top_variants"])]
     outputs.summary["configurations"] = outputs.configurations
@@ -78,7 +87,7 @@ def sweep_stage(context: RunContext, outputs: StageOutputs) -> None:
 def crossval_stage(context: RunContext, outputs: StageOutputs) -> None:
     outputs.records, outputs.cross_validation_table = run_crossval(
         context, outputs.configurations, seeds=context.profile["cv_runs"],
-        selection_folds=tuple(context.profile["sweep_folds"]))
+        selection_folds=tuple(context.profile["sweep_folds"]), clock=outputs.clock)
     print(outputs.cross_validation_table, flush=True)
     outputs.summary["cross_validation"] = str(context.work.reports / "cross_validation.md")
 
@@ -111,6 +120,7 @@ STAGE_NAMES = ("check", *STAGES)
 
 
 def _announce(name: str) -> None:
+    run_log.route_library_loggers()  # a library imported by the previous stage may print by itself
     logger.info(f"=== stage {STAGE_NAMES.index(name) + 1}/{len(STAGE_NAMES)}: {name} ===")
 
 
@@ -123,8 +133,12 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
     started = time.time()
     _announce("check")
     context = resolve_context(work_dir, datalist, dataroot, profile, modality, num_folds, storage, skip_bad)
+    log_file = run_log.attach_file(context.work.root / run_log.LOG_FILE_NAME)
+    logger.info(f"log: {log_file} (details and other libraries' messages; --debug shows them here too)")
     outputs = StageOutputs(summary={"work_dir": str(context.work.root), "num_folds": context.num_folds,
-                                    "profile": context.profile_name})
+                                    "profile": context.profile_name, "log": str(log_file)},
+                           clock=RunClock(planned_trainings(context.profile, context.num_folds), is_trained,
+                                          enabled=context.storage is None))  # other machines' trainings: unseen
     for name in STAGE_NAMES[1:STAGE_NAMES.index(until) + 1]:
         _announce(name)
         STAGES[name](context, outputs)
@@ -146,6 +160,7 @@ def predict(input: str, output: str, work_dir: str = DEFAULT_WORK_DIR, dicom_seg
     work = WorkDir.create(work_dir)
     if not work.ensemble_file.exists():
         raise WorkDirError(f"no ensemble in {work.root}: run the pipeline there first (it ends with ensemble.json)")
+    run_log.attach_file(work.root / run_log.LOG_FILE_NAME)
     input_dir = Path(str(input))
     if not input_dir.is_dir():
         raise FileNotFoundError(f"--input {input} is not a folder; give the folder of NIfTI scans or DICOM series")

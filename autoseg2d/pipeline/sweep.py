@@ -121,13 +121,15 @@ def _counts(trial: optuna.trial.FrozenTrial) -> bool:
 
 def run_sweep(storage: str, search_space: dict, num_trials: int, folds: list[int],
               train_fold: Callable[[dict, int, Callable[[int, float, int], bool]], float],
-              single_owner: bool = True, first_params: dict | None = None) -> optuna.Study:
+              single_owner: bool = True, first_params: dict | None = None,
+              on_trial_start: Callable[[int], None] = lambda trials_left: None) -> optuna.Study:
     """Run trials until num_trials are complete or pruned, on this process and any other sharing the storage.
 
     train_fold(params, fold, on_validation) -> best Dice (runner.train_trial_fold in a run), where
     on_validation(epoch, dice, num_epochs) returns True when the trial is to stop (pruned). first_params:
     the values each input variant's first trial takes (profiles.first_trial_params); the sampler draws the
-    rest. With several processes this one waits for the others' last trials (it takes over a dead one's).
+    rest. on_trial_start(trials left, this one included) is called as each trial starts. With several
+    processes this one waits for the others' last trials (it takes over a dead one's).
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study, created = _create_or_load(storage, shared=not single_owner)
@@ -148,6 +150,7 @@ def run_sweep(storage: str, search_space: dict, num_trials: int, folds: list[int
             raise optuna.TrialPruned()
         params = suggest(trial, search_space)
         logger.info(f"sweep: trial {trial.number} ({place + 1}/{num_trials}) {params}")
+        on_trial_start(num_trials - place)
         scores = []
         for index, fold in enumerate(folds):
             def on_validation(epoch: int, dice: float, num_epochs: int, index: int = index) -> bool:

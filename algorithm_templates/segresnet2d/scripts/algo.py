@@ -24,8 +24,10 @@ CONFIG_NAME = "hyper_parameters.yaml"
 DATA_SOURCE_KEYS = ("modality", "datalist", "dataroot", "name", "task", "class_names", "sigmoid", "multigpu")
 # AutoRunner's own settings, which it also reads from the data-source YAML (MONAI's auto_runner.py)
 AUTORUNNER_KEYS = ("work_dir", "num_fold", "analyze", "algo_gen", "train", "hpo", "ensemble", "not_use_cache",
-                   "allow_skip", "algos", "hpo_backend", "templates_path_or_url", "mlflow_tracking_uri",
-                   "mlflow_experiment_name")
+                   "allow_skip", "algos", "hpo_backend", "templates_path_or_url")
+# AutoRunner's MLflow arguments, which it hands every algorithm through BundleGen (BundleAlgo's attributes of the
+# same names): config keys of this template too, so the data-source YAML can set them as well
+MLFLOW_KEYS = ("mlflow_tracking_uri", "mlflow_experiment_name")
 MONAI_EXPORT_KEYS = ("fill_with_datastats", "gpu_customization", "gpu_customization_specs")
 
 
@@ -81,7 +83,8 @@ class Segresnet2dAlgo(BundleAlgo):
         return skip_bundlegen, skip_info
 
     def fill_template_config(self, data_stats_filename: str, output_path: str, **kwargs: Any) -> dict:
-        """Fill configs/hyper_parameters.yaml: defaults <- data-derived <- data-source extras <- kwargs.
+        """Fill configs/hyper_parameters.yaml: defaults <- data-derived <- data-source extras <- BundleGen's
+        MLflow arguments <- kwargs.
 
         With fill_with_datastats=False (MONAI's OptunaGen copying a bundle for a trial) the copy starts
         from the filled config of the bundle it copies (its fold and settings), and only bundle_root moves.
@@ -115,6 +118,8 @@ class Segresnet2dAlgo(BundleAlgo):
         if unknown:
             logger.warning(f"data-source keys {unknown} are not segresnet2d settings and are ignored")
         apply_settings(config, {k: v for k, v in extras.items() if k not in unknown}, str(self.data_list_file))
+        handed = {key: getattr(self, key, None) for key in MLFLOW_KEYS}  # None: BundleGen was not given it
+        apply_settings(config, {k: v for k, v in handed.items() if v is not None}, "BundleGen's MLflow arguments")
         overrides = translate_monai_keys({k: v for k, v in kwargs.items() if k not in MONAI_EXPORT_KEYS},
                                          "fill_template_config arguments")
         apply_settings(config, overrides, "fill_template_config arguments")

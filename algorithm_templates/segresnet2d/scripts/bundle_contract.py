@@ -70,6 +70,16 @@ class BundleFiles:
         return Path(self.ckpt_path) / "events.jsonl"
 
     @property
+    def tensorboard(self) -> Path:
+        """TensorBoard event files (scripts/tracking.py), where tensorboard is installed."""
+        return Path(self.ckpt_path) / "tensorboard"
+
+    @property
+    def mlflow_run_id(self) -> Path:
+        """The id of the bundle's MLflow run, so that a resumed training continues it."""
+        return Path(self.ckpt_path) / "mlflow_run_id.txt"
+
+    @property
     def openvino_model(self) -> Path:
         """The network converted by OpenVINO (with a .bin beside it), kept next to model.pt and marked with
         model.pt's sha256 (runtime.py)."""

@@ -27,6 +27,7 @@ from network import (NetworkSettings, build_loss, build_network, count_parameter
 from predictor import SlicePredictor
 from schedule import training_budget, warmup_cosine
 from slice_dataset import Augmentation, SliceDataset, SliceSampler, foreground_pixels, resolve_num_workers
+from tracking import mean_by_class, metric_names, open_tracking
 from gpu_memory import MemorySettings, explain_out_of_memory
 from volumes import Volume, VolumeError, check_training_case
 
@@ -87,6 +88,14 @@ def volume_dice(probabilities: np.ndarray, label: np.ndarray) -> float:
     dice = compute_dice(pred, truth, include_background=False, ignore_empty=False)[0]
     present = (pred[0, 1:].flatten(1).any(1) | truth[0, 1:].flatten(1).any(1))
     return float(dice[present].mean()) if present.any() else 1.0
+
+
+def class_dice(probabilities: np.ndarray, label: np.ndarray) -> list[float]:
+    """Dice of each foreground class of one volume; NaN where the truth lacks the class (nothing to find)."""
+    num_classes = probabilities.shape[0]
+    pred = one_hot(torch.from_numpy(probabilities.argmax(0))[None, None], num_classes)
+    truth = one_hot(torch.from_numpy(label.astype(np.int64))[None, None], num_classes)
+    return compute_dice(pred, truth, include_background=False, ignore_empty=True)[0].tolist()
 
 
 class Trainer:
@@ -166,6 +175,8 @@ class Trainer:
         """Train for num_epochs (continuing from model_last.pt if present); return the best validation Dice."""
         num_epochs = self.num_epochs
         start_epoch = self._resume()
+        tracking = open_tracking(self.config, self.files.tensorboard, self.files.mlflow_run_id, log=self.log,
+                                 main_process=self.run.is_main, first_epoch=start_epoch)
         self.log.info(
             f"fold {self.config['fold']}: {self.config['input_variant']} input, {len(self.plan)} channels, "
             f"{count_parameters(self.model) / 1e6:.1f}M parameters, {num_epochs} epochs on {self.device}, "
@@ -182,12 +193,14 @@ class Trainer:
                 self.best_dice, self.best_epoch = dice, epoch
                 self._save_best(epoch)
             self._record(epoch, loss, dice, lr, time.time() - started)
+            tracking.epoch_end(epoch + 1, loss, lr, dice, self.class_dice if dice is not None else None)
             self._save_resume_state(epoch)
             self._publish(epoch, loss, dice)
         if self.run.distributed:
             self.log.info(f"weights agree across {self.run.world_size} processes "
                           f"(checksum {check_replicas_agree(self.model, self.run):.6e})")
         self._save_finished()
+        tracking.close(self.best_dice)
         self.log.info(f"done: best validation Dice {self.best_dice:.4f} at epoch {self.best_epoch + 1}")
         return self.best_dice
 
@@ -212,9 +225,16 @@ class Trainer:
         return total / max(count, 1)
 
     def validate(self) -> float:
-        """Mean Dice over the validation volumes; each rank predicts every world_size-th one."""
+        """Mean Dice over the validation volumes; each rank predicts every world_size-th one. Each class's Dice
+        over the volumes that hold it is kept in class_dice, for the trackers."""
         mine = self.val_volumes[self.run.rank::self.run.world_size]
-        scores = [volume_dice(self.predictor.predict_slices_last(v), v.label) for v in mine]
+        scores, by_class = [], []
+        for volume in mine:
+            probabilities = self.predictor.predict_slices_last(volume)
+            scores.append(volume_dice(probabilities, volume.label))
+            by_class.append(class_dice(probabilities, volume.label))
+        names = metric_names(self.config["class_names"], self.config["output_classes"] - 1)
+        self.class_dice = mean_by_class(gather_lists(by_class, self.run), names)
         return float(np.mean(gather_lists(scores, self.run)))
 
     def _validation_due(self, epoch: int) -> bool:
