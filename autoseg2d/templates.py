@@ -23,6 +23,8 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
+import yaml
+
 ALGO_NAME = "segresnet2d"
 ENV_VARIABLE = "SEGRESNET2D_TEMPLATES"
 CHECKOUT_TEMPLATES = Path(__file__).resolve().parents[1] / "algorithm_templates"
@@ -50,6 +52,16 @@ def template_dir() -> Path:
 
 def template_config() -> Path:
     return template_dir() / BUNDLE_CONFIG
+
+
+def default_modality() -> str:
+    """The template's own modality (its hyper_parameters.yaml): what a bundle assumes when the data source
+    names none, so the driver's default cannot disagree with the bundle's."""
+    config = yaml.safe_load(template_config().read_text())
+    if "modality" not in config:
+        raise ValueError(f"{template_config()} has no 'modality' key; the driver takes its default modality from"
+                         " there: add modality: ct")
+    return str(config["modality"])
 
 
 def scripts_digest(scripts: Path) -> str:

@@ -33,11 +33,10 @@ from autoseg2d.pipeline.greedy_members import (curve_markdown, curve_rows, ensur
 from autoseg2d.pipeline.inference import check_scan, load_inferer
 from autoseg2d.pipeline.work_queue import run_queue
 from autoseg2d.atomic_files import write_mask, write_text_atomic
-from autoseg2d.pipeline.profiles import default_modality
 from autoseg2d.pipeline.workdir import WorkDir
 from autoseg2d.reporting.case_report import REPORT_CSV, REPORT_JSON, CaseReport, Rescue, lesion_class_names
 from autoseg2d.reporting.geometry import SpacingRange
-from autoseg2d.templates import bundle_config
+from autoseg2d.templates import bundle_config, default_modality
 
 logger = logging.getLogger(__name__)
 

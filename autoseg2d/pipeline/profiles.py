@@ -146,16 +146,6 @@ def _template_settings() -> dict:
     return yaml.safe_load(template_config().read_text())
 
 
-def default_modality() -> str:
-    """The template's own modality (its hyper_parameters.yaml): what a bundle assumes when the data source
-    names none, so the driver's default cannot disagree with the bundle's."""
-    config = _template_settings()
-    if "modality" not in config:
-        raise ProfileError(f"{template_config()} has no 'modality' key; the driver takes its default modality from"
-                           " there: add modality: ct")
-    return str(config["modality"])
-
-
 def first_trial_params(profile: dict) -> dict:
     """{key: value} for the FIRST_TRIAL_KEYS the profile searches: the value the bundle trains with, from the
     profile's train_overrides, else from the template's hyper_parameters.yaml."""
