@@ -12,7 +12,7 @@ import torch
 
 from bench_common import (SCAN_SLICES, SLICE_PX, TEMPLATE, default_ensemble, kept_slices, paper_inputs, screened_work,
                           template_config)
-from autoseg2d.synthetic import make_head_ct, write_case  # noqa: E402  (after bench_common's sys.path)
+from autoseg2d.synthetic.head_ct import make_head_ct, write_case  # noqa: E402  (after bench_common's sys.path)
 from autoseg2d.datalist import case_name  # noqa: E402
 from autoseg2d.pipeline.fold_probabilities import mean_foreground, store_foreground  # noqa: E402
 from autoseg2d.templates import bundle_files  # noqa: E402

@@ -12,7 +12,7 @@ import pytest
 from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.postprocess import apply_postprocessing, choose_postprocessing
 from autoseg2d.pipeline.ensemble import EnsemblePredictor, out_of_fold_cases, predict_images
-from autoseg2d.synthetic import make_head_ct, write_case
+from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 from tests.conftest import bundle_folder, trained_further
 from tests.ensemble_fakes import ClassInferer, FixedInferer, RefusingInferer, fake_ensemble
 

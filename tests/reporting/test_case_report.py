@@ -19,7 +19,7 @@ from autoseg2d.reporting.case_report import (
     CaseReport,
     lesion_class_names,
 )
-from autoseg2d.synthetic import make_head_ct, write_case
+from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 from tests.ensemble_fakes import fake_ensemble
 
 SIZE, SLICES = 32, 6
