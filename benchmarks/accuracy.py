@@ -30,8 +30,8 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 from bench_common import print_machine, write_result  # noqa: E402
 from autoseg2d.datalist import read_datalist  # noqa: E402
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
-from autoseg2d.evaluation.report import json_safe  # noqa: E402
-from autoseg2d.pipeline.ensemble import EnsemblePredictor  # noqa: E402
+from autoseg2d.evaluation.tables import json_safe  # noqa: E402
+from autoseg2d.pipeline.predict import EnsemblePredictor  # noqa: E402
 from autoseg2d.pipeline.inference import read_mask  # noqa: E402
 from autoseg2d.pipeline.runner import run_pipeline  # noqa: E402
 from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402

@@ -88,7 +88,7 @@ def ensemble_paths(bundles: list[Path], precision: str, wanted=ENSEMBLE_PATHS) -
     PyTorch (whole batches as before, and calls of at most one 512 x 512 slice now) and, where installed,
     OpenVINO. Only the `wanted` paths are loaded (an 18-member path alone fits in memory where all of them
     would not)."""
-    from autoseg2d.pipeline.ensemble import EnsemblePredictor
+    from autoseg2d.pipeline.predict import EnsemblePredictor
     from autoseg2d.pipeline.inference import load_inferer
 
     def members(runtime: str, skip_air_slices: bool = True, whole_torch_batches: bool = False) -> list:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from autoseg2d.pipeline.ensemble import predict_images
+from autoseg2d.pipeline.predict import predict_images
 from autoseg2d.reporting.case_report import (
     FLAG_EDGE,
     FLAG_EMPTY,

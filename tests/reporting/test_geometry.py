@@ -8,7 +8,7 @@ import nibabel as nib
 import numpy as np
 import yaml
 
-from autoseg2d.pipeline.ensemble import predict_images
+from autoseg2d.pipeline.predict import predict_images
 from autoseg2d.reporting.case_report import FLAG_SPACING
 from autoseg2d.reporting.geometry import SPACING_TOLERANCE, SpacingRange
 from autoseg2d.synthetic.head_ct import make_head_ct, write_case
