@@ -3,7 +3,7 @@
     python benchmarks/accuracy.py                        # 24 cases at 128 px, 6 held out, --profile cpu
     python benchmarks/accuracy.py --num_normal_test 2 --out benchmarks/results/accuracy_cpu.json
 
-Generates the cases with autoseg2d.synthetic_hard (small bleeds, four kinds, hyperdense
+Generates the cases with autoseg2d.synthetic.hard (small bleeds, four kinds, hyperdense
 mimics, partial volume, varying noise), runs the whole pipeline (`run_autoseg.py` stages,
 timed), then predicts the held-out cases with the pipeline's ensemble (its members and
 post-processing, as `predict` runs them). Prints JSON and Markdown. Accuracy comes from the
@@ -30,12 +30,12 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 from bench_common import print_machine, write_result  # noqa: E402
 from autoseg2d.datalist import read_datalist  # noqa: E402
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
-from autoseg2d.evaluation.report import json_safe  # noqa: E402
-from autoseg2d.pipeline.ensemble import EnsemblePredictor  # noqa: E402
+from autoseg2d.evaluation.tables import json_safe  # noqa: E402
+from autoseg2d.pipeline.predict import EnsemblePredictor  # noqa: E402
 from autoseg2d.pipeline.inference import read_mask  # noqa: E402
 from autoseg2d.pipeline.runner import run_pipeline  # noqa: E402
 from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402
-from autoseg2d.synthetic_hard import write_hard_dataset  # noqa: E402
+from autoseg2d.synthetic.hard import write_hard_dataset  # noqa: E402
 
 METRICS = (("Dice", "dice_mean"), ("RVD", "rvd_mean"), ("NSD", "nsd_mean"), ("HD mm", "hd_mm_mean"),
            ("HD mm (finite)", "hd_mm_mean_finite"), ("HD inf", "num_hd_inf"))

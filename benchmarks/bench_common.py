@@ -91,7 +91,7 @@ def difference_cell(change: dict) -> str:
 
 def publish(results: dict, table: str, out: str | None) -> None:
     """Print a benchmark's JSON and Markdown; with `out`, also write the JSON there (write_result)."""
-    from autoseg2d.evaluation.report import json_safe
+    from autoseg2d.evaluation.tables import json_safe
 
     print(json.dumps(json_safe(results), indent=1))
     print(table)
@@ -201,7 +201,7 @@ def write_result(path: str | Path, figures: dict, argv: list[str] | None = None)
     """A benchmark's result file: its figures with a `provenance` block (provenance(argv)), written under a
     temporary name and renamed into place. inf / NaN become strings (strict JSON)."""
     from autoseg2d.atomic_files import write_text_atomic
-    from autoseg2d.evaluation.report import json_safe
+    from autoseg2d.evaluation.tables import json_safe
 
     record = {"provenance": provenance(argv), **{k: v for k, v in figures.items() if k != "provenance"}}
     text = json.dumps(json_safe(record), indent=1, allow_nan=False) + "\n"

@@ -41,7 +41,7 @@ from bench_common import print_machine, write_result
 from compute_floor import bench_floor  # noqa: E402
 from ensemble_speed import ENSEMBLE_PATHS, bench_ensemble  # noqa: E402
 from autoseg2d.datalist import read_datalist  # noqa: E402
-from autoseg2d.synthetic import write_dataset  # noqa: E402
+from autoseg2d.synthetic.head_ct import write_dataset  # noqa: E402
 from cache import cached_volume  # noqa: E402
 from network import NetworkSettings, build_loss, build_network, shape_divisor  # noqa: E402
 from predictor import SlicePredictor, cpu_bf16_units, cpu_has_native_bf16, onednn_cap  # noqa: E402

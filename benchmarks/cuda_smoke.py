@@ -12,7 +12,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from autoseg2d.synthetic import write_dataset  # noqa: E402
+from autoseg2d.synthetic.head_ct import write_dataset  # noqa: E402
 from autoseg2d.templates import bundle_files  # noqa: E402
 
 

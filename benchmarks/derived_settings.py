@@ -20,7 +20,7 @@ sys.path[:0] = [str(REPO), str(TEMPLATE / "scripts")]
 
 from monai.apps.auto3dseg import DataAnalyzer  # noqa: E402
 
-from autoseg2d.synthetic import write_dataset  # noqa: E402
+from autoseg2d.synthetic.head_ct import write_dataset  # noqa: E402
 from planning import PlanningDefaults, derive_settings  # noqa: E402
 
 SETS = ((512, 30), (64, 8))

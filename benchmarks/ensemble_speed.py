@@ -12,7 +12,7 @@ import torch
 
 from bench_common import (SCAN_SLICES, SLICE_PX, TEMPLATE, default_ensemble, kept_slices, paper_inputs, screened_work,
                           template_config)
-from autoseg2d.synthetic import make_head_ct, write_case  # noqa: E402  (after bench_common's sys.path)
+from autoseg2d.synthetic.head_ct import make_head_ct, write_case  # noqa: E402  (after bench_common's sys.path)
 from autoseg2d.datalist import case_name  # noqa: E402
 from autoseg2d.pipeline.fold_probabilities import mean_foreground, store_foreground  # noqa: E402
 from autoseg2d.templates import bundle_files  # noqa: E402
@@ -88,7 +88,7 @@ def ensemble_paths(bundles: list[Path], precision: str, wanted=ENSEMBLE_PATHS) -
     PyTorch (whole batches as before, and calls of at most one 512 x 512 slice now) and, where installed,
     OpenVINO. Only the `wanted` paths are loaded (an 18-member path alone fits in memory where all of them
     would not)."""
-    from autoseg2d.pipeline.ensemble import EnsemblePredictor
+    from autoseg2d.pipeline.predict import EnsemblePredictor
     from autoseg2d.pipeline.inference import load_inferer
 
     def members(runtime: str, skip_air_slices: bool = True, whole_torch_batches: bool = False) -> list:

@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 import bench_common  # noqa: F401  (the repository on sys.path)
-from autoseg2d.synthetic_hard import write_hard_dataset  # noqa: E402
+from autoseg2d.synthetic.hard import write_hard_dataset  # noqa: E402
 
 
 def main() -> None:

@@ -26,8 +26,9 @@ sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 from accuracy import METRICS, held_out_scores  # noqa: E402
 from bench_common import print_machine, write_result  # noqa: E402
 from autoseg2d.evaluation.metrics import summarize_metrics  # noqa: E402
-from autoseg2d.evaluation.report import json_safe  # noqa: E402
-from autoseg2d.pipeline.ensemble import EnsemblePredictor, make_ensemble  # noqa: E402
+from autoseg2d.evaluation.tables import json_safe  # noqa: E402
+from autoseg2d.pipeline.ensemble import make_ensemble  # noqa: E402
+from autoseg2d.pipeline.predict import EnsemblePredictor  # noqa: E402
 from autoseg2d.pipeline.greedy_members import curve_markdown  # noqa: E402
 from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402
 

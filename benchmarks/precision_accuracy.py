@@ -32,7 +32,7 @@ import yaml
 from bench_common import (HELD_OUT_METRICS, TEMPLATE, add_held_out_arguments, difference_cell, held_out_inputs,
                           metric_cells, paired_difference, publish)
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
-from autoseg2d.pipeline.ensemble import EnsemblePredictor  # noqa: E402
+from autoseg2d.pipeline.predict import EnsemblePredictor  # noqa: E402
 from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
 from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402
 from autoseg2d.templates import BUNDLE_CONFIG  # noqa: E402

@@ -29,7 +29,8 @@ import yaml
 from bench_common import (HELD_OUT_METRICS, add_held_out_arguments, default_ensemble, held_out_inputs, metric_cells,
                           publish, screened_work)
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
-from autoseg2d.pipeline.ensemble import EnsemblePredictor, screening_members  # noqa: E402
+from autoseg2d.pipeline.ensemble import screening_members  # noqa: E402
+from autoseg2d.pipeline.predict import EnsemblePredictor  # noqa: E402
 from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
 from autoseg2d.pipeline.profiles import default_profile_name, load_profile  # noqa: E402
 from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402

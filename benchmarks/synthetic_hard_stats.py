@@ -2,7 +2,7 @@
 
     python benchmarks/synthetic_hard_stats.py            # 40 cases at 128 px, about a minute on 2 cores
 
-A threshold at 60 HU finds every bleed of `synthetic.py` and nothing else; on real head CT most voxels
+A threshold at 60 HU finds every bleed of `autoseg2d/synthetic/head_ct.py` and nothing else; on real head CT most voxels
 above it are bone edges, calcifications and the falx. This prints, inside the skull, which share of
 the voxels of 60-100 HU (the range of acute blood) is bleed, mimic or neither (noise, partial volume),
 how much of the bleed lies below 60 HU (small or thin bleeds averaged with brain), and the bleed sizes.
@@ -17,8 +17,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from autoseg2d.synthetic import make_head_ct  # noqa: E402
-from autoseg2d.synthetic_hard import make_hard_head_ct  # noqa: E402
+from autoseg2d.synthetic.head_ct import make_head_ct  # noqa: E402
+from autoseg2d.synthetic.hard import make_hard_head_ct  # noqa: E402
 
 NUM_CASES = 40
 SIZE_PX = 128

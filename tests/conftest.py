@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from autoseg2d.pipeline.profiles import load_profile
-from autoseg2d.synthetic import write_dataset
+from autoseg2d.synthetic.head_ct import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "algorithm_templates"

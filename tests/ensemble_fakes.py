@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from autoseg2d.datalist import case_name
-from autoseg2d.pipeline.ensemble import EnsemblePredictor
+from autoseg2d.pipeline.predict import EnsemblePredictor
 
 
 class FixedInferer:

@@ -14,7 +14,7 @@ from monai.apps.auto3dseg import AlgoEnsembleBestN, AlgoEnsembleBuilder, BundleG
 from monai.utils.enums import AlgoKeys
 
 from autoseg2d.evaluation.metrics import dice_score
-from autoseg2d.synthetic import write_dataset
+from autoseg2d.synthetic.head_ct import write_dataset
 from tests.conftest import FAST_TRAINING, TEMPLATES
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from autoseg2d import check
 from autoseg2d.check import InputCheckError, check_inputs
-from autoseg2d.synthetic import make_head_ct, write_case
+from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 from tests.conftest import SCRIPTS
 
 NUM_TRAIN = 4
@@ -316,7 +316,7 @@ def test_a_data_root_without_any_listed_file_is_one_problem(data, tmp_path_facto
 
 
 def multiclass_dataset(root: Path, class_names: list[str] | None = None) -> Path:
-    from autoseg2d.synthetic import write_dataset as write_generated
+    from autoseg2d.synthetic.head_ct import write_dataset as write_generated
 
     datalist = write_generated(root, num_train=4, num_test=0, num_folds=2, size=32, num_slices=6, num_classes=3)
     if class_names is not None:

@@ -18,7 +18,7 @@ from autoseg2d.datalist import (
     read_datalist,
     validate_folds,
 )
-from autoseg2d.synthetic import make_head_ct, write_case
+from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 
 
 def _write(root: Path, image: str, label: str | None, seed: int = 0, num_lesions: int | None = None) -> None:
@@ -72,7 +72,7 @@ def test_nnunet_extra_channel_is_an_error(tmp_path):
 
 
 def test_decathlon_style_names_without_channel_suffix(tmp_path):
-    from autoseg2d.synthetic import write_dataset
+    from autoseg2d.synthetic.head_ct import write_dataset
 
     write_dataset(tmp_path, num_train=4, num_test=1, num_folds=2, size=16, num_slices=4)
     datalist = build(tmp_path, num_folds=2)

@@ -18,7 +18,7 @@ import yaml
 from monai.apps.auto3dseg import AutoRunner, BundleGen, DataAnalyzer, OptunaGen
 from monai.utils.enums import AlgoKeys
 
-from autoseg2d.synthetic import write_dataset
+from autoseg2d.synthetic.head_ct import write_dataset
 from tests.conftest import TEMPLATES, TINY_NETWORK
 
 # The keys of MONAI's tutorials; the tiny network keeps each fold to seconds.

@@ -17,8 +17,8 @@ import numpy as np
 
 from autoseg2d.dicom.seg import write_dicom_seg
 from autoseg2d.dicom.series import read_series, series_folders
-from autoseg2d.evaluation.postprocess import PROBABILITY_THRESHOLD
-from autoseg2d.pipeline.ensemble import EnsemblePredictor, predict_images
+from autoseg2d.pipeline.postprocess import PROBABILITY_THRESHOLD
+from autoseg2d.pipeline.predict import EnsemblePredictor, predict_images
 from autoseg2d.reporting.case_report import REPORT_JSON, rescue_of
 from autoseg2d.reporting.geometry import SpacingRange
 

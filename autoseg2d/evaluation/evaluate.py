@@ -22,7 +22,7 @@ from autoseg2d.evaluation.metrics import (
     summarize_classes,
     summarize_metrics,
 )
-from autoseg2d.evaluation.report import (
+from autoseg2d.evaluation.tables import (
     cross_validation_table,
     per_case_csv,
     summary_json,

@@ -1,4 +1,4 @@
-"""Stage 4: full cross-validation of the best configurations, scored per case with the challenge metrics."""
+"""Stage 4/6: full cross-validation of the best configurations, scored per case with the challenge metrics."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.metrics import case_metrics, class_case_metrics
-from autoseg2d.evaluation.report import cross_validation_table, json_safe
+from autoseg2d.evaluation.tables import cross_validation_table, json_safe
 from autoseg2d.pipeline.eta import NO_CLOCK, RunClock
 from autoseg2d.pipeline.bundles import bundle_path, configuration_name, describe, generate_bundles, train_bundle
 from autoseg2d.pipeline.fold_probabilities import is_current, store_foreground

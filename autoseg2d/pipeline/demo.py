@@ -9,7 +9,7 @@ from pathlib import Path
 from autoseg2d.datalist import read_datalist
 from autoseg2d.evaluation.evaluate import evaluate_folders
 from autoseg2d.pipeline.runner import run_pipeline
-from autoseg2d.synthetic import write_dataset
+from autoseg2d.synthetic.head_ct import write_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -25,10 +25,12 @@ from autoseg2d.reporting.case_report import lesion_class_names
 from autoseg2d.templates import BUNDLE_CONFIG, CONTRACT, bundle_config, bundle_contract, bundle_files, template_dir
 
 BUNDLE_FILES = Path(__file__).resolve().parent / "bundle_files"
-EVALUATION = Path(__file__).resolve().parents[1] / "evaluation"
-# Repository modules the bundle needs, copied into scripts/ with their package imports made sibling imports.
-COPIED_MODULES = {"postprocess.py": ("from autoseg2d.evaluation.metrics import", "from metrics import"),
-                  "metrics.py": None}
+PACKAGE = Path(__file__).resolve().parents[1]
+# Repository modules the bundle needs, copied into scripts/ under their file names with their package imports made
+# sibling imports.
+COPIED_MODULES = {PACKAGE / "pipeline" / "postprocess.py": ("from autoseg2d.evaluation.metrics import",
+                                                            "from metrics import"),
+                  PACKAGE / "evaluation" / "metrics.py": None}
 MEMBER_CONFIG = BUNDLE_CONFIG.name
 # BundleFiles names of kept conversions (runtime.py): an OpenVINO .xml has its .bin beside it
 CONVERTED_FILES = ("openvino_model",)
@@ -143,14 +145,14 @@ def copy_scripts(members: list[dict], scripts: Path) -> None:
     contract = scripts / f"{CONTRACT}.py"
     if not contract.is_file():  # members made before the template had it write the same files; the runner needs it
         shutil.copy2(template_dir() / "scripts" / contract.name, contract)
-    for name, rewrite in COPIED_MODULES.items():
-        text = (EVALUATION / name).read_text()
+    for module, rewrite in COPIED_MODULES.items():
+        text = module.read_text()
         if rewrite is not None:
             if rewrite[0] not in text:
-                raise ExportError(f"{EVALUATION / name} no longer contains '{rewrite[0]}'; update COPIED_MODULES in"
+                raise ExportError(f"{module} no longer contains '{rewrite[0]}'; update COPIED_MODULES in"
                                   f" {__file__} so the bundle's copy imports its siblings")
             text = text.replace(rewrite[0], rewrite[1])
-        (scripts / name).write_text(text)
+        (scripts / module.name).write_text(text)
     shutil.copy2(BUNDLE_FILES / "ensemble_inference.py", scripts / "ensemble_inference.py")
 
 

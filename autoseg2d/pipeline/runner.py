@@ -26,7 +26,8 @@ from autoseg2d.pipeline.bundles import (TrainingStopped, bundle_path, describe, 
 from autoseg2d.pipeline.context import RunContext, resolve_context
 from autoseg2d.pipeline.crossval import run_crossval
 from autoseg2d.pipeline.eta import NO_CLOCK, RunClock, planned_trainings
-from autoseg2d.pipeline.ensemble import EnsemblePredictor, build_ensemble, predict_images
+from autoseg2d.pipeline.ensemble import build_ensemble
+from autoseg2d.pipeline.predict import EnsemblePredictor, predict_images
 from autoseg2d.pipeline.profiles import first_trial_params
 from autoseg2d.pipeline.sweep import best_per_variant, run_sweep
 from autoseg2d.pipeline.workdir import DEFAULT_WORK_DIR, WorkDir, WorkDirError

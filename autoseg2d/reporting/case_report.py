@@ -24,7 +24,7 @@ from nibabel import orientations
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.evaluation.overlays import render_contact_sheet, render_prediction_overlay
 from autoseg2d.evaluation.qa import read_ras
-from autoseg2d.evaluation.report import json_safe
+from autoseg2d.evaluation.tables import json_safe
 from autoseg2d.reporting.agreement import LOW_AGREEMENT_DICE, low_agreement, member_agreement
 from autoseg2d.reporting.geometry import SPACING_TOLERANCE, SpacingRange
 from autoseg2d.reporting.measures import BONE_HU, bleed_measures, touches_scan_edge, touches_skull

@@ -11,8 +11,8 @@ import pydicom
 import pytest
 
 from autoseg2d.dicom.predict import predict_dicom
-from autoseg2d.pipeline.ensemble import EnsemblePredictor, predict_images
-from autoseg2d.synthetic import HOUNSFIELD_BLOOD, make_head_ct, write_case
+from autoseg2d.pipeline.predict import EnsemblePredictor, predict_images
+from autoseg2d.synthetic.head_ct import HOUNSFIELD_BLOOD, make_head_ct, write_case
 from tests.dicom.series_writer import write_series
 
 

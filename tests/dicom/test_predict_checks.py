@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from autoseg2d.dicom.predict import predict_dicom
-from autoseg2d.synthetic import make_head_ct, write_case
+from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 from tests.dicom.series_writer import write_series
 from tests.ensemble_fakes import RefusingInferer, fake_ensemble
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from autoseg2d.dicom.series import DicomError, read_series, series_folders
-from autoseg2d.synthetic import make_head_ct, write_case
+from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 from tests.dicom.series_writer import write_series
 
 

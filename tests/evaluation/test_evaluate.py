@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from autoseg2d.evaluation.evaluate import cross_validation_table, evaluate_folders
-from autoseg2d.synthetic import make_head_ct, write_case
+from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 
 SPACING_MM = (0.5, 0.45, 5.0)
 

@@ -14,7 +14,7 @@ import yaml
 from autoseg2d.pipeline import profiles, runner
 from autoseg2d.pipeline.context import resolve_context
 from autoseg2d.pipeline.runner import run_pipeline
-from autoseg2d.synthetic import write_dataset
+from autoseg2d.synthetic.head_ct import write_dataset
 from tests.conftest import TEMPLATES
 
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from autoseg2d.datalist import case_name
-from autoseg2d.evaluation.postprocess import choose_postprocessing
-from autoseg2d.pipeline.ensemble import EnsemblePredictor, out_of_fold_cases, predict_images, select_members
+from autoseg2d.pipeline.postprocess import choose_postprocessing
+from autoseg2d.pipeline.ensemble import out_of_fold_cases, select_members
+from autoseg2d.pipeline.predict import EnsemblePredictor, predict_images
 from autoseg2d.pipeline.inference import read_mask
-from autoseg2d.synthetic import make_head_ct, write_case
+from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 from tests.conftest import native_bf16_only
 from tests.ensemble_fakes import ClassInferer, RefusingInferer, fake_ensemble
 

@@ -126,7 +126,7 @@ def run_isolated(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 def test_monai_bundle_run_gives_the_masks_of_predict_for_nifti_nrrd_and_dicom(
         exported, predicted, finished_work, ct_dataset, tmp_path):
-    from autoseg2d.pipeline.ensemble import EnsemblePredictor
+    from autoseg2d.pipeline.predict import EnsemblePredictor
     from autoseg2d.pipeline.workdir import WorkDir
     from tests.dicom.series_writer import write_series
 
@@ -237,9 +237,9 @@ def test_bundle_post_processing_replays_the_ensembles_binary_and_multiclass(fini
     """The bundle's copy of the combining code gives EnsemblePredictor's masks for both kinds of choice."""
     import importlib
 
-    from autoseg2d.evaluation.postprocess import choose_multiclass_postprocessing
+    from autoseg2d.pipeline.postprocess import choose_multiclass_postprocessing
     from autoseg2d.pipeline.bundle_metadata import replayed_postprocessing
-    from autoseg2d.pipeline.ensemble import EnsemblePredictor
+    from autoseg2d.pipeline.predict import EnsemblePredictor
 
     export_bundle(str(finished_work), str(tmp_path / "b"))
     sys.path.insert(0, str(tmp_path / "b" / "scripts"))

@@ -11,7 +11,7 @@ import pytest
 
 from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.metrics import case_metrics
-from autoseg2d.pipeline import crossval, ensemble, greedy_members
+from autoseg2d.pipeline import crossval, greedy_members, predict
 from autoseg2d.pipeline.ensemble import build_ensemble, select_greedy
 from autoseg2d.pipeline.fold_probabilities import LEVELS, load_foreground, quantize, store_foreground
 from autoseg2d.pipeline.greedy_members import load_fold, members_per_fold
@@ -212,7 +212,7 @@ class StoredInferer:
 
 def test_the_ensemble_stage_with_greedy_selection_writes_and_prints_its_table(tmp_path, monkeypatch, capsys):
     work, data, records = write_fold_data(tmp_path)
-    monkeypatch.setattr(ensemble, "load_inferer", StoredInferer)
+    monkeypatch.setattr(predict, "load_inferer", StoredInferer)
     built = build_ensemble(work, records, size=6, mode="mean", selection="greedy", tolerance=0.0, **data)
     assert built["selection"] == "greedy" and len(built["members"]) == 4
     stored = json.loads(work.ensemble_file.read_text())

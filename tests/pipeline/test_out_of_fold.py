@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from autoseg2d.datalist import case_name
-from autoseg2d.evaluation.postprocess import apply_postprocessing, choose_postprocessing
-from autoseg2d.pipeline.ensemble import EnsemblePredictor, out_of_fold_cases, predict_images
-from autoseg2d.synthetic import make_head_ct, write_case
+from autoseg2d.pipeline.postprocess import apply_postprocessing, choose_postprocessing
+from autoseg2d.pipeline.ensemble import out_of_fold_cases
+from autoseg2d.pipeline.predict import EnsemblePredictor, predict_images
+from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 from tests.conftest import bundle_folder, trained_further
 from tests.ensemble_fakes import ClassInferer, FixedInferer, RefusingInferer, fake_ensemble
 
@@ -177,7 +178,7 @@ def ensemble_records(ensemble: dict) -> list[dict]:
 
 def test_the_ensemble_stage_loads_no_member_when_every_map_is_stored_and_each_member_once_to_predict(
         tmp_path, monkeypatch):
-    from autoseg2d.pipeline import ensemble as ensemble_module
+    from autoseg2d.pipeline import predict as predict_module
     from autoseg2d.pipeline.ensemble import make_ensemble
     from autoseg2d.pipeline.workdir import WorkDir
 
@@ -187,7 +188,7 @@ def test_the_ensemble_stage_loads_no_member_when_every_map_is_stored_and_each_me
     def refuse(bundle):
         raise AssertionError(f"{bundle}'s InferClass was built, though every out-of-fold map was stored")
 
-    monkeypatch.setattr(ensemble_module, "load_inferer", refuse)
+    monkeypatch.setattr(predict_module, "load_inferer", refuse)
     built = make_ensemble(work, ensemble_records(stored), 3, "mean", **data)
     assert [m["bundle"] for m in built["members"]] == ["m0", "m1", "m2"] and built["postprocessing"]
     loads = Counter()
@@ -196,7 +197,7 @@ def test_the_ensemble_stage_loads_no_member_when_every_map_is_stored_and_each_me
         loads[bundle.name] += 1
         return FixedInferer(member_lesion(int(bundle.name[1:])))
 
-    monkeypatch.setattr(ensemble_module, "load_inferer", load)
+    monkeypatch.setattr(predict_module, "load_inferer", load)
     predictor = EnsemblePredictor(work, built)
     assert predictor.class_names() == ["hemorrhage"] and not loads  # from the bundle's config
     results = predict_images(predictor, [tmp_path / "c0.nii.gz", tmp_path / "c1.nii.gz"], tmp_path / "out")

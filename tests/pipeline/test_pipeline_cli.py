@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from autoseg2d.evaluation.metrics import dice_score
-from autoseg2d.synthetic import write_dataset
+from autoseg2d.synthetic.head_ct import write_dataset
 from tests.conftest import DEMO_TRAINING, REPO, TINY_NETWORK
 
 TINY_PROFILE = {

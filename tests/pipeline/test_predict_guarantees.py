@@ -9,8 +9,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from autoseg2d.pipeline.ensemble import predict_images
-from autoseg2d.synthetic import make_head_ct, write_case
+from autoseg2d.pipeline.predict import predict_images
+from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 from tests.conftest import bundle_folder
 from tests.ensemble_fakes import RefusingInferer, fake_ensemble
 from tests.test_console import run_cli

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from autoseg2d.pipeline.ensemble import predict_images
+from autoseg2d.pipeline.predict import predict_images
 from autoseg2d.reporting.case_report import (
     FLAG_EDGE,
     FLAG_EMPTY,
@@ -19,7 +19,7 @@ from autoseg2d.reporting.case_report import (
     CaseReport,
     lesion_class_names,
 )
-from autoseg2d.synthetic import make_head_ct, write_case
+from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 from tests.ensemble_fakes import fake_ensemble
 
 SIZE, SLICES = 32, 6

@@ -8,10 +8,10 @@ import nibabel as nib
 import numpy as np
 import yaml
 
-from autoseg2d.pipeline.ensemble import predict_images
+from autoseg2d.pipeline.predict import predict_images
 from autoseg2d.reporting.case_report import FLAG_SPACING
 from autoseg2d.reporting.geometry import SPACING_TOLERANCE, SpacingRange
-from autoseg2d.synthetic import make_head_ct, write_case
+from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 from tests.ensemble_fakes import fake_ensemble
 
 TRAINED = SpacingRange(low=(0.42, 0.42, 4.5), high=(0.49, 0.49, 5.0))

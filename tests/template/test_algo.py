@@ -8,7 +8,7 @@ import pytest
 import yaml
 from monai.apps.auto3dseg import DataAnalyzer
 
-from autoseg2d.synthetic import write_dataset
+from autoseg2d.synthetic.head_ct import write_dataset
 from tests.conftest import TEMPLATES
 
 sys.path.insert(0, str(TEMPLATES))

@@ -11,7 +11,7 @@ from bundle_config import load_config
 from infer import InferClass
 from trainer import Trainer
 
-from autoseg2d.synthetic import write_dataset
+from autoseg2d.synthetic.head_ct import write_dataset
 from tests.conftest import FAST_TRAINING, TEMPLATE
 
 

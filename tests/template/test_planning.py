@@ -190,7 +190,7 @@ def test_device_errors_list_the_options():
 def test_real_data_analyzer_output(tmp_path):
     from monai.apps.auto3dseg import DataAnalyzer
 
-    from autoseg2d.synthetic import write_dataset
+    from autoseg2d.synthetic.head_ct import write_dataset
 
     datalist = write_dataset(tmp_path, num_train=2, num_test=0, num_folds=2, size=32, num_slices=4)
     output = tmp_path / "datastats.yaml"

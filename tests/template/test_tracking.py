@@ -11,7 +11,7 @@ import pytest
 import yaml
 from tracking import Tracking, epoch_metrics, mean_by_class, metric_names, open_tracking
 
-from autoseg2d.synthetic import write_dataset
+from autoseg2d.synthetic.head_ct import write_dataset
 from autoseg2d.templates import bundle_files
 from tests.conftest import TEMPLATES, TINY_NETWORK
 

@@ -15,7 +15,7 @@ from gpu_memory import MemorySettings, out_of_memory_advice
 from trainer import Trainer
 from volumes import VolumeError
 
-from autoseg2d.synthetic import make_head_ct, write_case
+from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 from tests.conftest import FAST_TRAINING
 
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from volumes import VolumeError, check_label_classes, from_ras, load_volume
 
-from autoseg2d.synthetic import make_head_ct
+from autoseg2d.synthetic.head_ct import make_head_ct
 
 
 def non_canonical_affine() -> np.ndarray:

@@ -6,7 +6,7 @@ configs/inference.json wires it the way the MONAI model zoo's bundles are wired 
 dataset -> dataloader -> inferer -> evaluator), so tools that drive such bundles run it too.
 Scans are read by MONAI's LoadImage (NIfTI, NRRD, a DICOM series folder); each mask keeps its
 scan's grid and affine. The members are combined exactly as
-autoseg2d.pipeline.ensemble.EnsemblePredictor combines them, and post-processing is the
+autoseg2d.pipeline.predict.EnsemblePredictor combines them, and post-processing is the
 product's own code, copied beside this file as postprocess.py at export
 (tests/pipeline/test_export.py checks that the masks are identical).
 """

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from autoseg2d.evaluation.postprocess import (
+from autoseg2d.pipeline.postprocess import (
     FLOOR_CANDIDATES,
     apply_multiclass_postprocessing,
     apply_postprocessing,

@@ -1,6 +1,6 @@
 """Harder synthetic non-contrast head CT: the cases where hemorrhage models fail, with a known truth.
 
-`synthetic.py` draws bright round blobs on a clean head; a model learns them in a minute. Real
+`head_ct.py` draws bright round blobs on a clean head; a model learns them in a minute. Real
 head CT is hard for other reasons, and each is modelled here so that a benchmark exercises it:
 
 - size: most bleeds are small (volumes drawn from a log-normal law, median about 1 mL, clipped to
@@ -31,8 +31,9 @@ from pathlib import Path
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from autoseg2d.synthetic import HOUNSFIELD_AIR, SyntheticCase, case_files, head_ct_affine, write_cases_and_datalist
-from autoseg2d.synthetic_anatomy import Head, HeadFields, draw_head, head_fields, section_scale, soft_inside
+from autoseg2d.synthetic.head_ct import (HOUNSFIELD_AIR, SyntheticCase, case_files, head_ct_affine,
+                                         write_cases_and_datalist)
+from autoseg2d.synthetic.anatomy import Head, HeadFields, draw_head, head_fields, section_scale, soft_inside
 
 KINDS = ("IPH", "IVH", "SAH", "SDH")  # with num_classes > 1 the label of a kind is its position + 1
 KIND_WEIGHTS = {"IPH": 0.35, "IVH": 0.15, "SAH": 0.25, "SDH": 0.25}

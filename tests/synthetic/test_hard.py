@@ -12,7 +12,7 @@ import pytest
 from scipy.ndimage import binary_fill_holes
 
 from autoseg2d.check import check_inputs
-from autoseg2d.synthetic_hard import KINDS, METADATA_NAME, draw_lesion_volumes_ml, make_hard_head_ct, write_hard_dataset
+from autoseg2d.synthetic.hard import KINDS, METADATA_NAME, draw_lesion_volumes_ml, make_hard_head_ct, write_hard_dataset
 
 NUM_CASES = 40
 

@@ -3,7 +3,7 @@
 Every structure is a function of head coordinates (X left-right, Y anterior, z up, mm from the centre
 of the widest section), so the same head can be sampled at any pixel size, on the whole volume or in
 the box around one bleed. Boundaries are soft over one pixel (`soft_inside`), which is the in-plane
-partial volume; `synthetic_hard` adds the partial volume along z by averaging sub-slices.
+partial volume; `hard` adds the partial volume along z by averaging sub-slices.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from autoseg2d.synthetic import HOUNSFIELD_AIR, HOUNSFIELD_CSF, HOUNSFIELD_SCALP
+from autoseg2d.synthetic.head_ct import HOUNSFIELD_AIR, HOUNSFIELD_CSF, HOUNSFIELD_SCALP
 
 SKULL_BASE_Z_MM = -28.0  # below this, the floor of the anterior fossa, petrous ridges and clivus appear
 LOWER_HEAD_MM = 130.0  # the head narrows slowly below its widest section, fast above it
