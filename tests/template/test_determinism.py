@@ -12,6 +12,9 @@ from trainer import Trainer
 
 from tests.conftest import FAST_TRAINING
 
+# oneDNN picks other kernels per instruction set: runs must repeat bit for bit on each (.ci/run caps it to AVX2)
+pytestmark = pytest.mark.cpu_isa
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
