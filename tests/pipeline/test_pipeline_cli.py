@@ -109,7 +109,7 @@ def test_second_run_redoes_nothing(tiny_run):
     assert "trials already finished" in second
     assert second.count("already trained") == 2
     assert "reusing ensemble/ensemble.json" in second
-    assert second.count("done before, kept") == 2
+    assert second.count("done before by this ensemble from this scan, kept") == 2
 
 
 def test_predict_command_writes_volumes(tiny_run, tmp_path):
