@@ -144,7 +144,8 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
         _announce(name)
         STAGES[name](context, outputs)
     if until == STAGE_NAMES[-1]:
-        print(f"\n{outputs.cross_validation_table}\npipeline finished in {(time.time() - started) / 60:.1f} min; "
+        # the cross-validation table was printed by its stage; the end names where it is
+        print(f"\npipeline finished in {(time.time() - started) / 60:.1f} min; "
               f"outputs in {context.work.root}:\n"
               + "".join(f"  {key}: {value}\n" for key, value in outputs.summary.items() if key in OUTPUT_KEYS),
               flush=True)
