@@ -87,14 +87,20 @@ def load_volume(image_path: str | Path, label_path: str | Path | None = None, mo
     """Read, check and reorient one case; the image becomes int16 HU for CT, z-scored float32 otherwise."""
     case = case_name(image_path)
     data, affine, _ = read_image(image_path, case)
-    if not np.all(np.isfinite(data)):
-        raise VolumeError(f"case {case}: {image_path} contains NaN or inf voxels; fix or exclude the scan")
-    image = normalise_modality(data, modality)
     label = None
     if label_path is not None:
         label = to_ras(_load_label(label_path, case, data.shape, affine), affine)
-    image = np.ascontiguousarray(to_ras(image, affine))
-    return Volume(case, image, label, affine, describe_files(image_path, label_path))
+    return volume_from_array(case, data, affine, modality, label, describe_files(image_path, label_path))
+
+
+def volume_from_array(case: str, data: np.ndarray, affine: np.ndarray, modality: str, label: np.ndarray | None,
+                      source: str) -> Volume:
+    """Check, normalise and reorient a 3D image however it was read (a NIfTI file here, LoadImage in the
+    exported bundle); `label` is already in RAS order."""
+    if not np.all(np.isfinite(data)):
+        raise VolumeError(f"case {case}: {source} contains NaN or inf voxels; fix or exclude the scan")
+    image = np.ascontiguousarray(to_ras(normalise_modality(data, modality), affine))
+    return Volume(case, image, label, affine, source)
 
 
 def normalise_modality(data: np.ndarray, modality: str) -> np.ndarray:

@@ -27,7 +27,7 @@ from monai.data import decollate_batch  # noqa: E402
 from bundle_contract import write_mask  # noqa: E402
 from infer import InferClass  # noqa: E402
 from postprocess import apply_multiclass_postprocessing, apply_postprocessing, reads_low_probabilities  # noqa: E402
-from volumes import Volume, VolumeError, normalise_modality, to_ras  # noqa: E402
+from volumes import Volume, VolumeError, volume_from_array  # noqa: E402
 
 BUNDLE_ROOT = str(Path(__file__).resolve().parents[1])
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
@@ -66,11 +66,8 @@ def scan_volume(image, modality: str) -> Volume:
         data = data[..., 0]
     if data.ndim != 3:
         raise VolumeError(f"{source} has shape {data.shape}; a single-channel 3D scan (X, Y, Z) is expected")
-    if not np.all(np.isfinite(data)):
-        raise VolumeError(f"{source} contains NaN or inf voxels; fix or exclude the scan")
-    affine = np.asarray(image.affine, dtype=np.float64)
-    return Volume(Path(source).name, np.ascontiguousarray(to_ras(normalise_modality(data, modality), affine)), None,
-                  affine, source)
+    return volume_from_array(Path(source).name, data, np.asarray(image.affine, dtype=np.float64), modality, None,
+                             source)
 
 
 def spacing_mm(image) -> tuple[float, float, float]:
