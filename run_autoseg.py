@@ -27,7 +27,7 @@ from autoseg2d.pipeline.runner import STAGE_NAMES, predict, run_pipeline
 
 
 def run(demo: bool = False, **options):
-    """Run every stage (check, analyze, sweep, crossval, ensemble, predict); --demo uses generated CT.
+    """Run every stage (check, analyze, sweep, crossval, ensemble, distill, predict); --demo: generated CT.
 
     Options: --datalist, --dataroot, --work_dir (default work), --profile (gpu | cpu | demo | your YAML),
     --modality, --num_folds, --storage (an Optuna RDB URL shared by several machines),

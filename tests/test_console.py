@@ -103,7 +103,7 @@ def test_other_libraries_lines_go_to_the_log_file_and_debug_shows_them(tmp_path)
     result = run_cli(*args, str(tmp_path / "work"), cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     console = result.stdout + result.stderr
-    assert "=== stage 2/6: analyze ===" in console and f"log: {tmp_path / 'work' / 'autoseg.log'}" in console
+    assert "=== stage 2/7: analyze ===" in console and f"log: {tmp_path / 'work' / 'autoseg.log'}" in console
     log = (tmp_path / "work" / "autoseg.log").read_text()
     bar = f"{NUM_TRAIN}/{NUM_TRAIN} ["
     for line in ("INFO monai.apps.auto3dseg.data_analyzer: Using CPU for data analyzing!", bar):

@@ -44,17 +44,17 @@ def test_a_monai_info_line_reaches_the_log_file_but_not_the_console(console, tmp
     run_log.route_library_loggers()
     log_file = run_log.attach_file(tmp_path / "autoseg.log")
     monai_logger.info("Using CPU for data analyzing!")
-    logging.getLogger("autoseg2d.pipeline.test").info("=== stage 2/6: analyze ===")
+    logging.getLogger("autoseg2d.pipeline.test").info("=== stage 2/7: analyze ===")
     logging.getLogger("autoseg2d.pipeline.test").debug("planning notes")
     logging.getLogger("optuna.test").error("the storage is gone")
     library_warning("Orientationd labels default changed")
     warnings.warn_explicit("our own warning", UserWarning, "/work/autoseg2d/pipeline/ensemble.py", 3)
 
     shown, written = stream.getvalue(), log_file.read_text()
-    assert "=== stage 2/6: analyze ===" in shown and "the storage is gone" in shown and "our own warning" in shown
+    assert "=== stage 2/7: analyze ===" in shown and "the storage is gone" in shown and "our own warning" in shown
     assert "Using CPU" not in shown and "Orientationd" not in shown and "planning notes" not in shown
     assert "Using CPU" not in capsys.readouterr().out  # MONAI's own stdout handler is gone
-    for line in ("INFO monai.apps.test_run_log: Using CPU for data analyzing!", "=== stage 2/6: analyze ===",
+    for line in ("INFO monai.apps.test_run_log: Using CPU for data analyzing!", "=== stage 2/7: analyze ===",
                  "DEBUG autoseg2d.pipeline.test: planning notes", "FutureWarning: Orientationd labels default changed",
                  "ERROR optuna.test: the storage is gone"):
         assert line in written

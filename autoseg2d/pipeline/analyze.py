@@ -1,4 +1,4 @@
-"""Stage 2/6: MONAI's DataAnalyzer, run once per work dir."""
+"""Stage 2/7: MONAI's DataAnalyzer, run once per work dir."""
 
 from __future__ import annotations
 

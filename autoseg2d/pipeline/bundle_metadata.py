@@ -75,6 +75,15 @@ def replayed_postprocessing(choice: dict | None) -> dict | None:
     return {"threshold": choice["threshold"], "steps": choice["steps"]}
 
 
+def is_student(ensemble: dict) -> bool:
+    """A student (distill.py: one network, validation score = its fold students' mean) rather than an ensemble."""
+    return ensemble.get("model") == "student"
+
+
+def kind(ensemble: dict) -> str:
+    return "student (one network distilled from an ensemble)" if is_student(ensemble) else "ensemble"
+
+
 def metadata(ensemble: dict, classes: list[str], work_name: str) -> dict:
     channels = {str(index): name for index, name in enumerate(classes)}
     scores = [float(m["score"]) for m in ensemble["members"]]
@@ -86,11 +95,13 @@ def metadata(ensemble: dict, classes: list[str], work_name: str) -> dict:
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
         "required_packages_version": {name: importlib.metadata.version(name) for name in REQUIRED_PACKAGES},
-        "name": "ICH segmentation, segresnet2d ensemble",
+        "name": f"ICH segmentation, segresnet2d {kind(ensemble)}",
         "task": "Intracranial hemorrhage segmentation on non-contrast head CT",
-        "description": (f"An ensemble of {len(scores)} 2D SegResNetDS models (Auto3DSeg template segresnet2d) run "
-                        "slice by slice on axial slices at native resolution; probabilities are averaged "
-                        f"({ensemble['mode']}) and post-processed as chosen by cross-validation."),
+        "description": (("One 2D SegResNetDS network distilled from an ensemble of them (the student)"
+                         if is_student(ensemble) else f"An ensemble of {len(scores)} 2D SegResNetDS models")
+                        + " (Auto3DSeg template segresnet2d) run slice by slice on axial slices at native resolution;"
+                        f" probabilities are averaged ({ensemble['mode']}) and post-processed as chosen by"
+                        " cross-validation."),
         "authors": "segresnet2d-autoseg contributors",
         "copyright": "Copyright (c) segresnet2d-autoseg contributors",
         "license": LICENSE,
@@ -117,7 +128,7 @@ def bundle_readme(ensemble: dict, classes: list[str]) -> str:
     members = "\n".join(f"| {index} | {m['variant']} | {m['fold']} | {m['seed']} | {float(m['score']):.4f} |"
                         for index, m in enumerate(ensemble["members"]))
     post = replayed_postprocessing(ensemble.get("postprocessing"))
-    return f"""# ICH segmentation: a segresnet2d ensemble
+    return f"""# ICH segmentation: a segresnet2d {kind(ensemble)}
 
 Segments intracranial hemorrhage on non-contrast head CT (in Hounsfield units); classes:
 {", ".join(f"{index} {name}" for index, name in enumerate(classes))}. Research only: not a medical device.

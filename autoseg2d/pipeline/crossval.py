@@ -1,4 +1,4 @@
-"""Stage 4/6: full cross-validation of the best configurations, scored per case with the challenge metrics."""
+"""Stage 4/7: full cross-validation of the best configurations, scored per case with the challenge metrics."""
 
 from __future__ import annotations
 
@@ -64,12 +64,14 @@ def crossval_jobs(configurations: list[dict], seeds: int, num_folds: int) -> lis
             for settings in configurations for seed in range(seeds) for fold in range(num_folds)]
 
 
-def run_crossval(context: RunContext, configurations: list[dict], *, seeds: int,
-                 selection_folds: tuple = (), clock: RunClock = NO_CLOCK) -> tuple[list[dict], str]:
+def run_crossval(context: RunContext, configurations: list[dict], *, seeds: int, selection_folds: tuple = (),
+                 clock: RunClock = NO_CLOCK, stage: str = "crossval",
+                 report: str | None = "cross_validation") -> tuple[list[dict], str]:
     """Train every fold of every configuration for `seeds` seeds; return one record per trained bundle and
-    the cross-validation table (reports/cross_validation.md, also written with the records as .json).
+    the cross-validation table (reports/<report>.md, also written with the records as .json; None: not written).
 
-    selection_folds: the folds the sweep chose the configurations on, marked in the table.
+    selection_folds: the folds the sweep chose the configurations on, marked in the table. `stage` names the
+    trainings for the run's clock and the shared queue (the distill stage cross-validates its students too).
     With a shared storage (--storage) the bundles form one queue that every machine running this
     stage takes from, so N machines train about N times faster; each then gathers every record.
     """
@@ -86,7 +88,7 @@ def run_crossval(context: RunContext, configurations: list[dict], *, seeds: int,
         job = jobs[index]
         label = f"cv {index + 1}/{len(jobs)} {describe(job['settings'])} run {job['seed']} fold {job['fold']}"
         bundle = bundle_path(configuration(job), job["fold"])
-        with clock.training("crossval", bundle):
+        with clock.training(stage, bundle):
             score = train_bundle(bundle, label, datalist=context.datalist, dataroot=context.dataroot)
         validation = validation_cases(job["fold"], training=context.training, dataroot=context.dataroot)
         cases = [_restore_floats(c) for c in evaluate_bundle(bundle, job["fold"], validation)]
@@ -94,16 +96,17 @@ def run_crossval(context: RunContext, configurations: list[dict], *, seeds: int,
                 "seed": job["seed"], "settings": job["settings"], "bundle": work.relative(bundle),
                 "score": score, "cases": cases}
 
-    clock.plan_bundles("crossval", [job_bundle(job) for job in jobs])
+    clock.plan_bundles(stage, [job_bundle(job) for job in jobs])
     if context.storage:
         names = [str(work.relative(job_bundle(job))) for job in jobs]
         # one machine generates every bundle before any is queued: BundleGen must not run twice on one folder
-        run_queue(context.storage, "crossval", names, lambda index: train_and_evaluate(index)["score"],
+        run_queue(context.storage, stage, names, lambda index: train_and_evaluate(index)["score"],
                   prepare=lambda: [configuration(job) for job in jobs])
     records = [train_and_evaluate(index) for index in range(len(jobs))]  # trained already: reads the results
     table = "# Cross-validation\n\n" + cross_validation_table(records, selection_folds)
-    write_text_atomic(work.reports / "cross_validation.md", table)
-    write_text_atomic(work.reports / "cross_validation.json", json.dumps(json_safe(records), indent=1))
+    if report:
+        write_text_atomic(work.reports / f"{report}.md", table)
+        write_text_atomic(work.reports / f"{report}.json", json.dumps(json_safe(records), indent=1))
     return records, table
 
 

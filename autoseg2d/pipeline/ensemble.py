@@ -1,5 +1,6 @@
-"""Stage 5/6: the ensemble's members, chosen from the cross-validated bundles, and the post-processing
-chosen for them on out-of-fold predictions; both stored in ensemble/ensemble.json for stage 6 (predict.py).
+"""Stage 5/7: the ensemble's members, chosen from the cross-validated bundles, and the post-processing
+chosen for them on out-of-fold predictions; both stored in ensemble/ensemble.json for the stages after it
+(distill.py, predict.py).
 """
 
 from __future__ import annotations

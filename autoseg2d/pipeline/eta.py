@@ -21,15 +21,18 @@ from autoseg2d.pipeline.bundles import TrainingStopped
 
 logger = logging.getLogger(__name__)
 
-STAGE_WORDS = {"sweep": "sweep", "crossval": "cross-validation"}
+STAGE_WORDS = {"sweep": "sweep", "crossval": "cross-validation", "distill": "student"}
 
 
 def planned_trainings(profile: dict, num_folds: int) -> dict[str, int]:
     """Trainings per stage as the profile plans them, before any stage has run."""
     sweep_folds = len(profile["sweep_folds"])
     crossval = profile["cv_top_variants"] * profile["cv_runs"] * num_folds
-    return {"sweep": profile["sweep_trials"] * sweep_folds,
-            "crossval": max(crossval - profile["cv_top_variants"] * sweep_folds, 0)}
+    planned = {"sweep": profile["sweep_trials"] * sweep_folds,
+               "crossval": max(crossval - profile["cv_top_variants"] * sweep_folds, 0)}
+    if profile["distill"]:  # one student per fold, then one on every case
+        planned["distill"] = num_folds + 1
+    return planned
 
 
 def format_duration(seconds: float) -> str:

@@ -19,6 +19,7 @@ import socket
 from pathlib import Path
 
 from autoseg2d.pipeline.bundle_metadata import bundle_readme, inference_config, metadata
+from autoseg2d.pipeline.distill import ENSEMBLE, STUDENT, load_model
 from autoseg2d.pipeline.label_codes import labels_csv
 from autoseg2d.pipeline.workdir import DEFAULT_WORK_DIR, WorkDir, WorkDirError
 from autoseg2d.reporting.case_report import lesion_class_names
@@ -42,14 +43,16 @@ class ExportError(WorkDirError):
     pass
 
 
-def export_bundle(work_dir: str = DEFAULT_WORK_DIR, output: str = "ich_bundle") -> str:
-    """Write the work dir's finished ensemble to OUTPUT as a MONAI bundle; returns OUTPUT.
+def export_bundle(work_dir: str = DEFAULT_WORK_DIR, output: str = "ich_bundle", model: str | None = None) -> str:
+    """Write the work dir's finished model to OUTPUT as a MONAI bundle; returns OUTPUT. --model student |
+    ensemble: the student distilled from the ensemble (the default where the work dir has one; then
+    models/model.pt is the student) or the ensemble.
 
     Run it with: python -m monai.bundle run --config_file OUTPUT/configs/inference.json
     --dataset_dir scans/ --output_dir masks/ (OUTPUT/docs/README.md says more).
     """
     work, target = WorkDir(Path(str(work_dir)).resolve()), Path(str(output)).resolve()
-    ensemble = finished_ensemble(work)
+    ensemble = finished_model(work, model)
     members = [member_files(work, member) for member in ensemble["members"]]
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise ExportError(f"{target} already exists and is not empty; choose another --output or delete it")
@@ -67,12 +70,14 @@ def export_bundle(work_dir: str = DEFAULT_WORK_DIR, output: str = "ich_bundle") 
     return str(target)
 
 
-def finished_ensemble(work: WorkDir) -> dict:
+def finished_model(work: WorkDir, model: str | None) -> dict:
+    if model == STUDENT or (model is None and work.student_file.exists()):
+        return load_model(work, model)
     if not work.ensemble_file.exists():
         raise ExportError(
             f"{work.root} has no finished ensemble ({work.relative(work.ensemble_file)} is missing), so there is"
             f" nothing to export. Finish the pipeline first: python run_autoseg.py ensemble --work_dir {work.root}")
-    return json.loads(work.ensemble_file.read_text())
+    return load_model(work, ENSEMBLE)
 
 
 def member_files(work: WorkDir, member: dict) -> dict:

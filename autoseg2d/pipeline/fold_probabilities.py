@@ -58,10 +58,14 @@ def quantize(probability: np.ndarray) -> np.ndarray:
 def store_foreground(bundle: Path, case_id: str, probabilities: np.ndarray) -> Path:
     """Store 1 - P(background) of class probabilities (C, X, Y, Z): P(lesion) for binary output,
     "any hemorrhage" for several classes."""
-    target = foreground_file(bundle, case_id)
+    return save_levels(foreground_file(bundle, case_id), quantize(1.0 - np.asarray(probabilities)[0]))
+
+
+def save_levels(target: Path, levels: np.ndarray) -> Path:
+    """A uint8 map (quantize) as `target` (.npz, array "foreground"), written then renamed."""
     with atomic_path(target) as temporary:
         with open(temporary, "wb") as stream:  # an open file: numpy would add .npz to the temporary name
-            np.savez_compressed(stream, foreground=quantize(1.0 - np.asarray(probabilities)[0]))
+            np.savez_compressed(stream, foreground=np.asarray(levels, dtype=np.uint8))
     return target
 
 

@@ -1,4 +1,4 @@
-"""Stage 6/6: the ensemble predicts case by case, and its per-case report.
+"""Stage 7/7: the ensemble (or the student distilled from it) predicts case by case, and its per-case report.
 
 Members are loaded once, when a case is first predicted; each case's probabilities are summed
 member by member, so memory holds one case at a time whatever the number of cases. A finished
@@ -45,6 +45,7 @@ def ensemble_identity(ensemble: dict) -> str:
 class EnsemblePredictor:
     identity: str | None = None  # ensemble_identity of its ensemble.json, recorded with each mask it writes
     never_empty: bool = True  # False: the never-empty rescue is skipped (screening data), but still reported
+    model: str = "ensemble"  # or "student": one network distilled from the ensemble (distill.py)
 
     def __init__(self, work: WorkDir, ensemble: dict, never_empty: bool = True):
         self.bundles = [work.absolute(m["bundle"]) for m in ensemble["members"]]
@@ -52,6 +53,7 @@ class EnsemblePredictor:
         self.postprocessing = ensemble.get("postprocessing")
         self.screen = ensemble.get("screen")  # absent in ensembles built before screening: every member everywhere
         self.identity, self.never_empty = ensemble_identity(ensemble), never_empty
+        self.model = ensemble.get("model", self.model)
 
     @cached_property
     def members(self) -> list:
@@ -78,7 +80,8 @@ class EnsemblePredictor:
     def record(self, input_identity: str) -> dict:
         """What a mask's report rows keep to say who wrote it: this ensemble, from this input, with this rescue
         setting; a later run keeps the mask only where its own record is equal."""
-        return {"ensemble": self.identity, "input": input_identity, "never_empty": self.never_empty}
+        record = {"ensemble": self.identity, "input": input_identity, "never_empty": self.never_empty}
+        return record if self.model == "ensemble" else {**record, "model": self.model}
 
     def probabilities(self, image: Path, members: list | None = None,
                       return_members: bool = False) -> np.ndarray | tuple[np.ndarray, list[np.ndarray]]:
@@ -205,12 +208,12 @@ def predict_images(predictor: EnsemblePredictor, images: list[Path], output_dir:
     for index, image in enumerate(bar, 1):
         target, case, record = output_dir / image.name, case_name(image), predictor.record(inputs[image])
         if target.exists() and report.written_by(case) == record:
-            say(index, image, "done before by this ensemble from this scan, kept")
+            say(index, image, f"done before by this {predictor.model} from this scan, kept")
             warn_of_spacing(index, image, report.keep_case(case, image, target, sources.get(case)))
             continue
         if target.exists():
-            say(index, image, "the mask there was not written by this ensemble from this scan (with this rescue "
-                "setting), or has no record of it: predicted again")
+            say(index, image, f"the mask there was not written by this {predictor.model} from this scan (with this "
+                "rescue setting), or has no record of it: predicted again")
         report.forget(case)  # its old record must not vouch for the new mask should the run stop before its row
         _ = predictor.members  # loaded for the first case to predict, before its clock starts
         started = time.time()

@@ -25,7 +25,7 @@ logger = logging.getLogger(__name__)
 
 PROFILES_FILE = Path(__file__).with_name("profiles.yaml")
 PROFILE_KEYS = ("sweep_trials", "sweep_folds", "cv_top_variants", "cv_runs", "ensemble_size", "ensemble_mode",
-                "ensemble_selection", "ensemble_tolerance", "ensemble_screen_below", "train_overrides",
+                "ensemble_selection", "ensemble_tolerance", "ensemble_screen_below", "distill", "train_overrides",
                 "search_space")
 ENSEMBLE_MODES = ("mean", "vote")
 DEFAULTS_SECTION = "defaults"  # in profiles.yaml; not a profile
@@ -110,16 +110,16 @@ def _profile_file(path: Path) -> dict:
     return {**profiles[base], **own}
 
 
-# Keys that change only how a finished ensemble predicts (ensemble.json records their effect), not the sweep,
-# the models or the members: left out of the profile's identity, so editing them (or a release adding one)
-# does not make a work dir "another run".
-PREDICTION_ONLY_KEYS = ("ensemble_screen_below",)
+# Keys that change only what is built on a finished ensemble (how it predicts: ensemble.json records its effect;
+# whether a student is distilled from it), not the sweep, the models or the members: left out of the profile's
+# identity, so editing them (or a release adding one) does not make a work dir "another run".
+AFTER_ENSEMBLE_KEYS = ("ensemble_screen_below", "distill")
 
 
 def profile_sha256(settings: dict) -> str:
     """The loaded profile's content hash: run.json records it, so an edited profile file is another profile
-    (PREDICTION_ONLY_KEYS aside)."""
-    identity = {key: value for key, value in settings.items() if key not in PREDICTION_ONLY_KEYS}
+    (AFTER_ENSEMBLE_KEYS aside)."""
+    identity = {key: value for key, value in settings.items() if key not in AFTER_ENSEMBLE_KEYS}
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
@@ -170,10 +170,13 @@ def check_first_trial(profile: dict, where: str) -> None:
 
 def check_ensemble_selection(profile: dict, where: str) -> None:
     """ensemble_selection names a strategy; ensemble_tolerance is null or a Dice difference >= 0 (greedy only);
-    ensemble_screen_below is null or a probability in [0, 0.5)."""
+    ensemble_screen_below is null or a probability in [0, 0.5); distill is true or false."""
     selection, tolerance = profile["ensemble_selection"], profile["ensemble_tolerance"]
     if selection not in SELECTION_NAMES:
         raise ProfileError(f"{where}: ensemble_selection '{selection}' is not one of {', '.join(SELECTION_NAMES)}")
+    if not isinstance(profile["distill"], bool):
+        raise ProfileError(f"{where}: distill is {profile['distill']!r}; give true (distil a student from the "
+                           "ensemble) or false")
     below = profile["ensemble_screen_below"]
     if below is not None and (isinstance(below, bool) or not isinstance(below, (int, float)) or not 0 <= below < 0.5):
         raise ProfileError(f"{where}: ensemble_screen_below is {below!r}; give a probability from 0 up to (not "

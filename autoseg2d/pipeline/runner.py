@@ -1,6 +1,6 @@
 """The whole pipeline, stage by stage; every stage skips what a previous run finished.
 
-check -> analyze (DataAnalyzer) -> sweep (BundleGen + Optuna) -> crossval -> ensemble -> predict
+check -> analyze (DataAnalyzer) -> sweep (BundleGen + Optuna) -> crossval -> ensemble -> distill -> predict
 
 The check stage resolves the run context (context.py); every later stage is a function of that
 context and of what the earlier ones handed on (StageOutputs), registered in order in STAGES.
@@ -9,7 +9,6 @@ context and of what the earlier ones handed on (StageOutputs), registered in ord
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -26,16 +25,17 @@ from autoseg2d.pipeline.bundles import (TrainingStopped, bundle_path, describe, 
 from autoseg2d.pipeline.context import RunContext, resolve_context
 from autoseg2d.pipeline.crossval import run_crossval
 from autoseg2d.pipeline.eta import NO_CLOCK, RunClock, planned_trainings
+from autoseg2d.pipeline.distill import describe_model, distill, load_model
 from autoseg2d.pipeline.ensemble import build_ensemble
 from autoseg2d.pipeline.predict import EnsemblePredictor, predict_images
 from autoseg2d.pipeline.profiles import first_trial_params
 from autoseg2d.pipeline.sweep import best_per_variant, run_sweep
-from autoseg2d.pipeline.workdir import DEFAULT_WORK_DIR, WorkDir, WorkDirError
+from autoseg2d.pipeline.workdir import DEFAULT_WORK_DIR, WorkDir
 from autoseg2d.reporting.geometry import SpacingRange
 
 logger = logging.getLogger(__name__)
 
-OUTPUT_KEYS = ("cross_validation", "ensemble", "predictions", "log")
+OUTPUT_KEYS = ("cross_validation", "ensemble", "student", "predictions", "log")
 
 
 @dataclass
@@ -102,10 +102,20 @@ def ensemble_stage(context: RunContext, outputs: StageOutputs) -> None:
     outputs.summary["ensemble"] = str(context.work.ensemble_file)
 
 
+def distill_stage(context: RunContext, outputs: StageOutputs) -> None:
+    if not context.profile["distill"]:
+        logger.info("distill: off (the profile's distill is false)")
+        return
+    distill(context, outputs.ensemble, outputs.records, clock=outputs.clock)
+    outputs.summary["student"] = str(context.work.student_file)
+
+
 def predict_stage(context: RunContext, outputs: StageOutputs) -> None:
     testing = [context.dataroot / e["image"] for e in context.testing]
     if testing:
-        predict_images(EnsemblePredictor(context.work, outputs.ensemble), testing, context.work.predictions,
+        model = load_model(context.work)
+        logger.info(f"predict: with {describe_model(model)}")
+        predict_images(EnsemblePredictor(context.work, model), testing, context.work.predictions,
                        training_spacing=SpacingRange.from_datastats(context.work.datastats))
         outputs.summary["predictions"] = str(context.work.predictions)
     else:
@@ -115,7 +125,7 @@ def predict_stage(context: RunContext, outputs: StageOutputs) -> None:
 # Every stage after check, in order; check itself is resolve_context (the stages need what it settles).
 STAGES: dict[str, Callable[[RunContext, StageOutputs], None]] = {
     "analyze": analyze_stage, "sweep": sweep_stage, "crossval": crossval_stage, "ensemble": ensemble_stage,
-    "predict": predict_stage,
+    "distill": distill_stage, "predict": predict_stage,
 }
 STAGE_NAMES = ("check", *STAGES)
 
@@ -153,16 +163,17 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
 
 
 def predict(input: str, output: str, work_dir: str = DEFAULT_WORK_DIR, dicom_seg: bool = False,
-            allow_empty: bool = False) -> list[dict]:
-    """Apply a finished ensemble to every NIfTI file in `input`, or to the DICOM CT series there (one series'
+            allow_empty: bool = False, model: str | None = None) -> list[dict]:
+    """Apply a finished model to every NIfTI file in `input`, or to the DICOM CT series there (one series'
     slices, or one folder per series); masks go to `output` under the same names (<series folder>.nii.gz for
     DICOM) beside report.csv, report.json and qa/ pictures. --dicom_seg also writes <series folder>.seg.dcm.
-    --allow_empty switches the never-empty rescue off (screening data with normal scans): a case the ensemble
-    finds nothing in stays empty, flagged "would be rescued" in the report."""
+    --allow_empty switches the never-empty rescue off (screening data with normal scans): a case the model
+    finds nothing in stays empty, flagged "would be rescued" in the report. --model student | ensemble: the
+    student distilled from the ensemble (the default where the work dir has one) or the ensemble."""
     work = WorkDir.create(work_dir)
-    if not work.ensemble_file.exists():
-        raise WorkDirError(f"no ensemble in {work.root}: run the pipeline there first (it ends with ensemble.json)")
+    chosen = load_model(work, model)
     run_log.attach_file(work.root / run_log.LOG_FILE_NAME)
+    logger.info(f"predict: with {describe_model(chosen)}")
     input_dir = Path(str(input))
     if not input_dir.is_dir():
         raise FileNotFoundError(f"--input {input} is not a folder; give the folder of NIfTI scans or DICOM series")
@@ -170,7 +181,7 @@ def predict(input: str, output: str, work_dir: str = DEFAULT_WORK_DIR, dicom_seg
     if images and dicom_seg:
         raise ValueError(f"--dicom_seg needs DICOM input, but {input} holds NIfTI files; a SEG must reference the"
                          " DICOM slices it was drawn on")
-    predictor = EnsemblePredictor(work, json.loads(work.ensemble_file.read_text()), never_empty=not allow_empty)
+    predictor = EnsemblePredictor(work, chosen, never_empty=not allow_empty)
     spacing = SpacingRange.from_datastats(work.datastats)  # what the members were trained on, where known
     if images:
         return predict_images(predictor, images, Path(output), training_spacing=spacing)

@@ -1,4 +1,4 @@
-"""Stage 3/6: an Optuna sweep over input variants and training settings, resumable from its storage.
+"""Stage 3/7: an Optuna sweep over input variants and training settings, resumable from its storage.
 
 Each trial trains the profile's sweep folds in bundles named by its settings; the study
 lives in SQLite in the work dir by default, or in any Optuna RDB URL (--storage) shared by

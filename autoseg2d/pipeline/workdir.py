@@ -61,6 +61,11 @@ class WorkDir:
         return self.root / "ensemble" / "ensemble.json"
 
     @property
+    def student_file(self) -> Path:
+        """The student distilled from the ensemble (distill.py), in ensemble.json's form."""
+        return self.root / "student" / "student.json"
+
+    @property
     def predictions(self) -> Path:
         return self.root / "predictions"
 

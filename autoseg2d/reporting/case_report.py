@@ -40,11 +40,13 @@ ANY_CLASS = "any"
 COLUMNS = ("case", "class", "volume_ml", "num_bleeds", "largest_bleed_ml", "largest_bleed_first_slice",
            "largest_bleed_last_slice", "abc2_ml", "abc_a_mm", "abc_b_mm", "abc_c_mm", "member_volume_spread_ml",
            "member_dice_mean", "members_compared", "flags", "rescue_peak_probability", "spacing_mm", "num_slices",
-           "seconds", "input", "mask", "qa_picture")
+           "seconds", "model", "input", "mask", "qa_picture")
 FLAG_EMPTY, FLAG_LOW_AGREEMENT, FLAG_EDGE, FLAG_SKULL = "empty", "low agreement", "touches scan edge", "touches skull"
 FLAG_SPACING = "spacing unlike training"
 FLAG_RESCUED, FLAG_WOULD_RESCUE = "rescued", "would be rescued"
 RECORD_KEY = "written_by"  # in report.json rows: the ensemble, input and rescue setting that wrote the mask
+# The model column: "ensemble", or "student" (one network: its agreement columns stay empty, members_compared 1).
+DEFAULT_MODEL = "ensemble"
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,7 @@ class CaseReport:
             row["flags"] += [rescue.flag] if rescue else []
             row["rescue_peak_probability"] = rescue.peak if rescue else None
             row.update({RECORD_KEY: written_by} if written_by else {})
+            row["model"] = written_by.get("model", DEFAULT_MODEL) if written_by else None  # None: not known
         picture = self.output_dir / QA_DIR / f"{case}.png"
         self._draw(case, image_ras, mask_ras, rows, picture)
         for row in rows:

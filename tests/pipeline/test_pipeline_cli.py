@@ -55,7 +55,7 @@ def tiny_run(tmp_path_factory):
 def test_outputs_exist_and_are_right(tiny_run):
     root, first, _ = tiny_run
     work = root / "work"
-    assert "=== stage 6/6: predict ===" in first
+    assert "=== stage 7/7: predict ===" in first
     assert "fold 0: best Dice" in first and "15 epochs in" in first  # one line per trained fold
     assert "epoch 15/15 loss" not in first  # the trainer's per-epoch lines stay in each bundle's training.log
     assert "planned " not in first  # the planning notes go to the log file, once per configuration (trial)
@@ -148,3 +148,67 @@ def test_a_moved_work_dir_still_predicts(tiny_run, tmp_path):
     output = run_cli("predict", "--input", str(root / "data" / "imagesTs"), "--output", str(tmp_path / "masks"),
                      "--work_dir", str(moved), cwd=tmp_path)
     assert output.count("hemorrhage") == 2
+
+
+@pytest.fixture(scope="module")
+def distilled_run(tiny_run, tmp_path_factory):
+    """The tiny run's work dir, copied, continued with distill on: 2 fold students and 1 on every case."""
+    root, _, _ = tiny_run
+    copy = tmp_path_factory.mktemp("distilled")
+    shutil.copytree(root / "work", copy / "work")
+    profile = copy / "tiny_distill.yaml"
+    profile.write_text(yaml.safe_dump({**TINY_PROFILE, "distill": True}))
+    args = ("--datalist", str(root / "data" / "datalist.json"), "--dataroot", str(root / "data"), "--work_dir",
+            str(copy / "work"), "--profile", str(profile))
+    first = run_cli(*args, cwd=copy)
+    second = run_cli(*args, cwd=copy)
+    return root, copy / "work", first, second
+
+
+def test_distill_trains_a_student_from_out_of_fold_teacher_maps(distilled_run):
+    from autoseg2d.pipeline.fold_probabilities import mean_foreground, quantize
+
+    root, work, first, second = distilled_run
+    assert "=== stage 6/7: distill ===" in first and first.count(" epochs in ") == 3  # 2 fold students + 1
+    student = json.loads((work / "student" / "student.json").read_text())
+    ensemble = json.loads((work / "ensemble" / "ensemble.json").read_text())
+    assert student["model"] == "student" and len(student["members"]) == 1 and student["postprocessing"]
+    assert sorted(m["fold"] for m in student["fold_students"]) == [0, 1]
+    config = yaml.safe_load((work / student["members"][0]["bundle"] / "configs" / "hyper_parameters.yaml").read_text())
+    assert config["fold"] == -1 and config["distill_targets"] == str(work / "student" / "teacher")
+    training = json.loads((root / "data" / "datalist.json").read_text())["training"]
+    for entry in training:  # each case's target: the mean of its own fold's members, none of which trained on it
+        case = entry["image"].split("/")[-1].replace(".nii.gz", "")
+        members = [work / m["bundle"] for m in ensemble["members"] if m["fold"] == entry["fold"]]
+        with np.load(work / "student" / "teacher" / f"{case}.npz") as stored:
+            np.testing.assert_array_equal(stored["foreground"], quantize(mean_foreground(members, case)))
+    table = (work / "reports" / "student_cross_validation.md").read_text()
+    assert "| student | all |" in table and "(run 0)" in table  # the student beside the members
+    assert "distill: reusing student/student.json" in second and " epochs in " not in second
+
+
+def test_predict_uses_the_student_unless_asked_for_the_ensemble(distilled_run, tmp_path):
+    root, work, first, _ = distilled_run
+    rows = list(csv.DictReader((work / "predictions" / "report.csv").open()))
+    assert [row["model"] for row in rows] == ["student", "student"]  # the pipeline's own predict stage
+    assert all(row["members_compared"] == "1" and not row["member_dice_mean"] for row in rows)  # nothing to compare
+    for model, expected in ((None, "student"), ("ensemble", "ensemble"), ("student", "student")):
+        out = tmp_path / str(model)
+        run_cli("predict", "--input", str(root / "data" / "imagesTs"), "--output", str(out), "--work_dir", str(work),
+                *(("--model", model) if model else ()), cwd=tmp_path)
+        rows = list(csv.DictReader((out / "report.csv").open()))
+        assert [row["model"] for row in rows] == [expected, expected]
+        assert all(bool(row["member_dice_mean"]) == (expected == "ensemble") for row in rows)
+
+
+def test_export_writes_the_student_as_the_one_model(distilled_run, tmp_path):
+    _, work, _, _ = distilled_run
+    run_cli("export", "--work_dir", str(work), "--output", str(tmp_path / "bundle"), cwd=tmp_path)
+    student = json.loads((work / "student" / "student.json").read_text())
+    trained = (work / student["members"][0]["bundle"] / "model" / "model.pt").read_bytes()
+    assert (tmp_path / "bundle" / "models" / "model.pt").read_bytes() == trained
+    assert sorted(p.name for p in (tmp_path / "bundle" / "models").iterdir()) == ["labels.csv", "member_0", "model.pt"]
+    assert "student" in json.loads((tmp_path / "bundle" / "configs" / "metadata.json").read_text())["name"]
+    run_cli("export", "--work_dir", str(work), "--output", str(tmp_path / "ensemble"), "--model", "ensemble",
+            cwd=tmp_path)
+    assert len(list((tmp_path / "ensemble" / "models").glob("member_*"))) == 2
