@@ -172,13 +172,14 @@ class Trainer:
         return volumes
 
     def fit(self) -> float:
-        """Train for num_epochs (continuing from model_last.pt if present); return the best validation Dice."""
+        """Train for num_epochs (continuing from model_last.pt if present); return the best validation Dice, NaN
+        when there is no validation (fold -1: model.pt then holds the last epoch's weights)."""
         num_epochs = self.num_epochs
         start_epoch = self._resume()
         tracking = open_tracking(self.config, self.files.tensorboard, self.files.mlflow_run_id, log=self.log,
                                  main_process=self.run.is_main, first_epoch=start_epoch)
         self.log.info(
-            f"fold {self.config['fold']}: {self.config['input_variant']} input, {len(self.plan)} channels, "
+            f"{self._describe_fold()}: {self.config['input_variant']} input, {len(self.plan)} channels, "
             f"{count_parameters(self.model) / 1e6:.1f}M parameters, {num_epochs} epochs on {self.device}, "
             f"{len(self.sampler)} samples per epoch, {self.loader.num_workers} loader workers"
             f"{f' x {self.run.world_size} processes' if self.run.distributed else ''}; {self.budget.describe()}"
@@ -199,10 +200,18 @@ class Trainer:
         if self.run.distributed:
             self.log.info(f"weights agree across {self.run.world_size} processes "
                           f"(checksum {check_replicas_agree(self.model, self.run):.6e})")
+        if not self.val_volumes:
+            self._save_model(num_epochs - 1, score=None)
         self._save_finished()
-        tracking.close(self.best_dice)
-        self.log.info(f"done: best validation Dice {self.best_dice:.4f} at epoch {self.best_epoch + 1}")
-        return self.best_dice
+        score = self.best_dice if self.val_volumes else float("nan")
+        tracking.close(score)
+        self.log.info(f"done: best validation Dice {self.best_dice:.4f} at epoch {self.best_epoch + 1}"
+                      if self.val_volumes else f"done: model.pt holds the weights after epoch {num_epochs}")
+        return score
+
+    def _describe_fold(self) -> str:
+        fold = self.config["fold"]
+        return f"fold {fold}" if self.val_volumes else f"fold {fold}: every training case, no validation"
 
     def train_epoch(self, epoch: int) -> float:
         # Samples and their augmentation follow from (seed, epoch): a resumed run repeats them.
@@ -238,6 +247,8 @@ class Trainer:
         return float(np.mean(gather_lists(scores, self.run)))
 
     def _validation_due(self, epoch: int) -> bool:
+        if not self.val_volumes:  # fold -1: every case trains
+            return False
         return (epoch + 1) % self.config["num_epochs_per_validation"] == 0 or epoch + 1 == self.num_epochs
 
     def _record(self, epoch: int, loss: float, dice: float | None, lr: float, seconds: float) -> None:
@@ -263,15 +274,20 @@ class Trainer:
             append_event(self.files.events, epoch + 1, self.num_epochs, loss, dice)
 
     def _save_best(self, epoch: int) -> None:
+        self._save_model(epoch, self.best_dice)
+
+    def _save_model(self, epoch: int, score: float | None) -> None:
+        """model.pt and its progress.yaml entry; score None: nothing was validated (fold -1), so the one entry
+        describes the final weights."""
         if not self.run.is_main:
             return
         # "config" and "best_metric" as MONAI's own Auto3DSeg templates store them (tools rebuild config["network"])
         network = network_config(NetworkSettings.from_config(self.config), len(self.plan))
         atomic_save({"state_dict": self.model.state_dict(), "config": {"network": network}, "epoch": epoch + 1,
-                     SCORE_KEY: self.best_dice, "best_metric": self.best_dice,
+                     SCORE_KEY: score, "best_metric": score,
                      "inputs": {k: self.config[k] for k in INPUT_KEYS}}, self.files.model)
-        progress = read_progress(self.files.progress)
-        progress.append({SCORE_KEY: self.best_dice, "best_epoch": epoch + 1,
+        progress = read_progress(self.files.progress) if score is not None else []
+        progress.append({SCORE_KEY: score, "best_epoch": epoch + 1,
                          "input_variant": self.config["input_variant"], "fold": self.config["fold"]})
         write_progress(self.files.progress, progress)
 
