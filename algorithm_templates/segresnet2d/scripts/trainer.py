@@ -203,7 +203,7 @@ class Trainer:
         tracking = open_tracking(self.config, self.files.tensorboard, self.files.mlflow_run_id, log=self.log,
                                  main_process=self.run.is_main, first_epoch=start_epoch)
         self.log.info(
-            f"{self._describe_fold()}: {self.config['input_variant']} input, {len(self.plan)} channels, "
+            f"{self._describe_fold()} {self.config['input_variant']} input, {len(self.plan)} channels, "
             f"{count_parameters(self.model) / 1e6:.1f}M parameters, {num_epochs} epochs on {self.device}, "
             f"{len(self.sampler)} samples per epoch, {self.loader.num_workers} loader workers"
             f"{f' x {self.run.world_size} processes' if self.run.distributed else ''}; {self.budget.describe()}"
@@ -235,7 +235,7 @@ class Trainer:
 
     def _describe_fold(self) -> str:
         fold = self.config["fold"]
-        return f"fold {fold}" if self.val_volumes else f"fold {fold}: every training case, no validation"
+        return f"fold {fold}:" if self.val_volumes else f"fold {fold}: every training case, no validation;"
 
     def train_epoch(self, epoch: int) -> float:
         # Samples and their augmentation follow from (seed, epoch): a resumed run repeats them.
@@ -349,7 +349,8 @@ class Trainer:
             restore_rng_states(state["rng"])
         self._truncate_log(state["epoch"])
         self._truncate_progress(state["epoch"])
-        self.log.info(f"resumed from {path} after epoch {state['epoch']} (best Dice {self.best_dice:.4f})")
+        best = f" (best Dice {self.best_dice:.4f})" if self.val_volumes else ""
+        self.log.info(f"resumed from {path} after epoch {state['epoch']}{best}")
         return state["epoch"]
 
     def _truncate_log(self, epochs_done: int) -> None:
