@@ -57,6 +57,7 @@ def test_progress_is_finished_only_when_marked(tmp_path):
     assert is_finished(read_progress(path)) and read_progress(path)[-1]["num_steps"] == 40
     with pytest.raises(ValueError, match="has no 'best_avg_dice_score'.*train it first"):
         best_score([], path)
+    assert np.isnan(best_score([{"best_avg_dice_score": None, "finished": True}], path))  # fold -1: no validation
 
 
 def test_events_are_read_from_an_offset_and_half_lines_wait(tmp_path):

@@ -83,3 +83,44 @@ def test_the_best_checkpoint_rebuilds_with_configparser_alone_and_older_ones_sti
     torch.save({k: v for k, v in checkpoint.items() if k not in ("config", "best_metric")}, checkpoint_file)
     older = InferClass(str(trained_bundle), device="cpu", ckpt_path=str(checkpoint_file.parent))
     np.testing.assert_array_equal(older.infer(str(image)).numpy(), expected)
+
+
+def test_fold_minus_one_trains_on_every_case_and_the_driver_finds_it_trained(tmp_path, ct_dataset):
+    """fold -1 validates nothing, yet leaves what the driver's train_bundle needs: model.pt (the last weights,
+    no score) and one finished progress.yaml entry; a second call finds the bundle trained."""
+    import math
+
+    import torch
+
+    from autoseg2d.pipeline.bundles import is_trained, train_bundle
+    from tests.conftest import configured_bundle
+
+    bundle = configured_bundle(tmp_path / "student", ct_dataset, fold=-1, num_epochs=2).parents[1]
+    score = train_bundle(bundle, "student", datalist=ct_dataset, dataroot=ct_dataset.parent)
+    assert math.isnan(score) and is_trained(bundle)
+    model_dir = bundle / "model"
+    progress = yaml.safe_load((model_dir / "progress.yaml").read_text())
+    assert progress == [{"best_avg_dice_score": None, "best_epoch": 2, "input_variant": "both", "fold": -1,
+                         "finished": True, "num_epochs": 2, "num_steps": progress[0]["num_steps"]}]
+    checkpoint = torch.load(model_dir / "model.pt", weights_only=False)
+    assert checkpoint["epoch"] == 2 and checkpoint["best_metric"] is None and checkpoint["config"]["network"]
+    last = torch.load(model_dir / "model_last.pt", weights_only=False)
+    torch.testing.assert_close(checkpoint["state_dict"], last["model"], rtol=0, atol=0)
+    rows = list(csv.DictReader((model_dir / "training_log.csv").open()))
+    assert [r["val_dice"] for r in rows] == ["", ""]
+    log = (model_dir / "training.log").read_text()
+    assert "fold -1: every training case, no validation" in log and "loaded 8 training volumes" in log
+    assert "loaded 0 validation volumes" in log
+    assert math.isnan(train_bundle(bundle, "student", datalist=ct_dataset, dataroot=ct_dataset.parent))
+
+
+def test_fold_minus_one_resumes_and_keeps_one_entry(bundle):
+    import math
+
+    train(bundle, fold=-1, num_epochs=1)
+    assert math.isnan(train(bundle, fold=-1, num_epochs=2))
+    progress = yaml.safe_load((bundle / "model" / "progress.yaml").read_text())
+    assert [(p["best_epoch"], p["finished"]) for p in progress] == [(2, True)]
+    rows = list(csv.DictReader((bundle / "model" / "training_log.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    assert "resumed from" in (bundle / "model" / "training.log").read_text()

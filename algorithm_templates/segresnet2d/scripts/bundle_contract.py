@@ -9,7 +9,8 @@ yaml are imported: the driver can load this file without the rest of the templat
 Formats:
 - training_log.csv: one row per epoch, columns LOG_COLUMNS; val_dice is empty on epochs without validation.
 - progress.yaml: a list with one entry per new best model; MONAI reads SCORE_KEY of the last entry.
-  The trainer adds FINISHED_KEYS to the last entry when the whole budget ran.
+  The trainer adds FINISHED_KEYS to the last entry when the whole budget ran. A training without
+  validation (fold -1) writes one entry at the end, its SCORE_KEY null.
 - events.jsonl: one JSON object per finished epoch with EVENT_KEYS (val_dice null when the epoch did
   not validate), appended while the trainer runs: the live signal for progress bars and pruning.
 """
@@ -185,11 +186,13 @@ def is_finished(progress: list[dict]) -> bool:
 
 
 def best_score(progress: list[dict], source: str | Path) -> float:
-    """The best validation Dice: SCORE_KEY of the last entry, as MONAI's get_score reads it."""
+    """The best validation Dice: SCORE_KEY of the last entry, as MONAI's get_score reads it; NaN for a bundle
+    trained without validation (fold -1), whose entry holds null."""
     if not progress or SCORE_KEY not in progress[-1]:
         raise ValueError(f"{source} has no '{SCORE_KEY}' in its last entry: the bundle has not validated yet; "
                          "train it first (scripts/train.py)")
-    return float(progress[-1][SCORE_KEY])
+    score = progress[-1][SCORE_KEY]
+    return float("nan") if score is None else float(score)
 
 
 def append_event(path: str | Path, epoch: int, num_epochs: int, loss: float, val_dice: float | None) -> None:

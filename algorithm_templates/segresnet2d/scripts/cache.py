@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from bundle_contract import atomic_path
-from volumes import Volume, case_name, describe_files, load_volume
+from volumes import Volume, case_name, describe_files, distill_target_path, load_volume, read_distill_target
 
 
 def slice_major(array: np.ndarray) -> np.ndarray:
@@ -35,9 +35,17 @@ def cache_key(image_path: str | Path, label_path: str | Path | None, modality: s
     parts = [modality.lower()]
     for path in (image_path, label_path):
         if path is not None:
-            stat = os.stat(path)
-            parts += [str(Path(path).resolve()), str(stat.st_size), str(stat.st_mtime_ns)]
-    return f"{case_name(image_path)}-{hashlib.sha1('|'.join(parts).encode()).hexdigest()[:12]}"
+            parts += file_parts(path)
+    return f"{case_name(image_path)}-{digest(parts)}"
+
+
+def file_parts(path: str | Path) -> list[str]:
+    stat = os.stat(path)
+    return [str(Path(path).resolve()), str(stat.st_size), str(stat.st_mtime_ns)]
+
+
+def digest(parts: list[str]) -> str:
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
 
 
 def cached_volume(image_path: str | Path, label_path: str | Path | None, modality: str,
@@ -71,3 +79,19 @@ def _write_entry(volume: Volume, names: dict[str, Path]) -> None:
         data = arrays[part] if part == "affine" else np.moveaxis(arrays[part], -1, 0)
         with atomic_path(path) as temporary, open(temporary, "wb") as f:
             np.save(f, np.ascontiguousarray(data))
+
+
+def cached_distill_target(folder: str | Path, volume: Volume, cache_dir: str | Path | None = None) -> np.ndarray:
+    """read_distill_target in the volume's slice-major layout, kept in memory (cache_dir None) or memory-mapped
+    from cache_dir, keyed by the target file and the volume's grid."""
+    path = distill_target_path(folder, volume.name)
+    if cache_dir is None or not path.is_file():  # a missing file: read_distill_target says what to do
+        return slice_major(read_distill_target(folder, volume))
+    key = digest([*file_parts(path), volume.source, str(volume.label.shape), str(np.asarray(volume.affine).tolist())])
+    entry = Path(cache_dir) / f"{volume.name}-{key}.distill.npy"
+    if not entry.is_file():
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        levels = np.moveaxis(read_distill_target(folder, volume), -1, 0)
+        with atomic_path(entry) as temporary, open(temporary, "wb") as f:
+            np.save(f, np.ascontiguousarray(levels))
+    return np.moveaxis(np.load(entry, mmap_mode="r"), 0, -1)

@@ -30,7 +30,11 @@ def _resolve(entry: dict, key: str, base_dir: str) -> str:
 
 
 def split_by_fold(datalist: dict, base_dir: str, fold: int, source: str = "datalist") -> tuple[list, list]:
-    """(training, validation) lists of {'image', 'label'} absolute paths for one cross-validation fold."""
+    """(training, validation) lists of {'image', 'label'} absolute paths for one cross-validation fold.
+
+    A negative fold, one no case can have, trains on every case with no validation (MONAI's datafold_read
+    convention): a final model, or a student distilled from the cross-validated ensemble.
+    """
     training, validation = [], []
     for i, entry in enumerate(datalist["training"]):
         missing = [k for k in ("image", "label", "fold") if k not in entry]
@@ -40,10 +44,15 @@ def split_by_fold(datalist: dict, base_dir: str, fold: int, source: str = "datal
                 " add folds with `python run_autoseg.py datalist` or give every entry image, label and fold"
             )
         case = {"image": _resolve(entry, "image", base_dir), "label": _resolve(entry, "label", base_dir)}
-        (validation if int(entry["fold"]) == fold else training).append(case)
+        (validation if fold >= 0 and int(entry["fold"]) == fold else training).append(case)
+    if fold < 0:
+        if not training:
+            raise DatalistError(f"{source}: the 'training' list is empty; fold {fold} trains on every training case")
+        return training, validation
     folds = sorted({int(e["fold"]) for e in datalist["training"]})
     if not validation:
-        raise DatalistError(f"{source}: no training case has fold {fold}; the folds present are {folds}")
+        raise DatalistError(f"{source}: no training case has fold {fold}; the folds present are {folds}"
+                            " (fold -1 trains on every case without validation)")
     if not training:
         raise DatalistError(f"{source}: every training case is in fold {fold}; nothing is left to train on")
     return training, validation

@@ -77,12 +77,52 @@ def deep_supervision_weights(levels: int) -> list[float]:
     return [0.5**level for level in range(levels)]
 
 
-def build_loss(dsdepth: int) -> DeepSupervisionLoss:
-    """Dice + cross-entropy per level; DeepSupervisionLoss downsizes targets by nearest neighbour."""
+def build_loss(dsdepth: int, distill_weight: float | None = None) -> torch.nn.Module:
+    """Dice + cross-entropy per level; DeepSupervisionLoss downsizes targets by nearest neighbour. With a
+    distill_weight, the target holds a second channel, the teacher's foreground probability (DistillationLoss)."""
     levels = max(int(dsdepth), 1)
     # batch=True: Dice over the whole batch, so crops without hemorrhage do not give unstable 0/0 terms
     dice_ce = DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    return DeepSupervisionLoss(dice_ce, weights=deep_supervision_weights(levels))
+    label_loss = DeepSupervisionLoss(dice_ce, weights=deep_supervision_weights(levels))
+    return label_loss if distill_weight is None else DistillationLoss(label_loss, distill_weight)
+
+
+SOFT_DICE_SMOOTH = 1e-5  # DiceCELoss's smooth_nr and smooth_dr: an empty target predicted empty costs 0
+
+
+def soft_target_loss(logits: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Binary cross-entropy + soft Dice between the student's P(any foreground class) and the teacher's.
+
+    f = 1 - softmax(z)[background], in logs without cancellation: log(1 - f) = log_softmax(z)[background] and
+    log f = logsumexp(z[foreground]) - logsumexp(z), so saturated logits give finite values and gradients.
+    The Dice sums over the batch (batch=True, as the label's Dice). logits (B, C, H, W), C >= 2; teacher
+    (B, 1, H, W) or (B, H, W) in [0, 1].
+    """
+    z = logits.float()  # under autocast too: logs of probabilities near 0 and 1
+    teacher = teacher.reshape(z.shape[0], *z.shape[2:]).float()
+    normaliser = torch.logsumexp(z, dim=1)
+    log_background = z[:, 0] - normaliser
+    log_foreground = torch.logsumexp(z[:, 1:], dim=1) - normaliser
+    cross_entropy = -(teacher * log_foreground + (1 - teacher) * log_background).mean()
+    foreground = log_foreground.exp()
+    overlap = 2 * (foreground * teacher).sum() + SOFT_DICE_SMOOTH
+    dice = 1 - overlap / (foreground.sum() + teacher.sum() + SOFT_DICE_SMOOTH)
+    return cross_entropy + dice
+
+
+class DistillationLoss(torch.nn.Module):
+    """label_loss on the hard label + weight x soft_target_loss of the full-resolution output against the
+    teacher (Noothout et al. 2022: a student trained on an ensemble's probabilities matched the ensemble).
+    The target is (B, 2, H, W): channel 0 the class indices, channel 1 the teacher's foreground probability."""
+
+    def __init__(self, label_loss: torch.nn.Module, weight: float):
+        super().__init__()
+        self.label_loss, self.weight = label_loss, float(weight)
+
+    def forward(self, outputs: torch.Tensor | list[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        top = outputs[0] if isinstance(outputs, (list, tuple)) else outputs  # deep supervision: full resolution first
+        hard, teacher = target[:, :1], target[:, 1:]
+        return self.label_loss(outputs, hard) + self.weight * soft_target_loss(top, teacher)
 
 
 def count_parameters(model: torch.nn.Module) -> int:

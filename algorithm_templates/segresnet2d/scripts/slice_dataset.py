@@ -21,7 +21,7 @@ from monai import transforms as mt
 from torch.utils.data import Dataset, Sampler
 
 from inputs import WindowHU, source_offsets, source_slices, stack_channels
-from volumes import Volume
+from volumes import DISTILL_TARGET_LEVELS, Volume
 
 AIR_HU = -1024.0  # what CT padding (outside the scan) should look like
 
@@ -133,18 +133,24 @@ def affine_margin(roi: int, rotate_deg: float, scale_range: float) -> int:
 
 
 def crop_slices(stack: np.ndarray, label: np.ndarray, z_indices: list[int], z: int, start: tuple[int, int],
-                size: tuple[int, int], fill: float) -> tuple[np.ndarray, np.ndarray]:
+                size: tuple[int, int], fill: float,
+                soft_target: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(S, h, w) float32 source slices and (1, h, w) label of the window at `start` (may reach outside
-    the slice: that part is `fill`, label 0). Reads only the window's rows of the needed slices."""
+    the slice: that part is `fill`, label 0). Reads only the window's rows of the needed slices.
+
+    With a (D, H, W) soft_target (uint8 levels), the label gets a second channel, its probabilities
+    (level / 255, 0 outside the slice): the augmentation then moves it with the label."""
     (y0, x0), (h, w) = start, size
     iy0, ix0 = max(y0, 0), max(x0, 0)
     iy1, ix1 = min(y0 + h, stack.shape[1]), min(x0 + w, stack.shape[2])
     image = np.full((len(z_indices), h, w), fill, np.float32)
-    mask = np.zeros((1, h, w), np.float32)
+    mask = np.zeros((1 if soft_target is None else 2, h, w), np.float32)
     if iy1 > iy0 and ix1 > ix0:
         inside = (slice(iy0 - y0, iy1 - y0), slice(ix0 - x0, ix1 - x0))
         image[(slice(None), *inside)] = stack[:, iy0:iy1, ix0:ix1][z_indices]
         mask[(0, *inside)] = label[z, iy0:iy1, ix0:ix1]
+        if soft_target is not None:
+            mask[(1, *inside)] = soft_target[z, iy0:iy1, ix0:ix1] / np.float32(DISTILL_TARGET_LEVELS)
     return image, mask
 
 
@@ -219,6 +225,8 @@ def affine_transform(roi_size: tuple[int, int], rotate_deg: float, scale_range: 
         spatial_size=list(roi_size),
         rotate_range=math.radians(rotate_deg),
         scale_range=(scale_range,) * 2,  # drawn per axis: zoom and a mild aspect change
+        # nearest for the label's channels: exact for class indices, and acceptable for a distillation target
+        # (each pixel keeps one of the teacher's probabilities; the teacher's map is smooth already)
         mode=("bilinear", "nearest"),
         padding_mode="zeros",  # zero = the background after the shift (air for CT); rarely reached
     )
@@ -268,6 +276,8 @@ def random_states(transform: mt.Transform) -> list[np.random.RandomState]:
 class SliceDataset(Dataset):
     """Indexed by the (volume, slice, seed) items SliceSampler yields; returns {"image", "label"} tensors.
 
+    "label" is (1, h, w) class indices, or (2, h, w) with the volume's distillation target (crop_slices).
+
     (It has no integer indices: use it with SliceSampler.)
     """
 
@@ -314,9 +324,11 @@ class SliceDataset(Dataset):
         margin = self.margin if rotate else (0, 0)
         z_indices = source_slices(z, self.offsets, stack.shape[0])
         background = self.backgrounds[v]
+        soft_target = None if volume.soft_target is None else np.moveaxis(volume.soft_target, -1, 0)
         image, mask = crop_slices(stack, np.moveaxis(volume.label, -1, 0), z_indices, z,
                                   (box[0] - margin[0], box[1] - margin[1]),
-                                  (self.roi[0] + 2 * margin[0], self.roi[1] + 2 * margin[1]), fill=background)
+                                  (self.roi[0] + 2 * margin[0], self.roi[1] + 2 * margin[1]), fill=background,
+                                  soft_target=soft_target)
         image -= background
         states = [state for transform in self.randomized() for state in random_states(transform)]
         for state, state_seed in zip(states, rng.integers(2**32, size=len(states))):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import logging
 import random
 import sys
@@ -17,7 +18,7 @@ from monai.networks.utils import one_hot
 
 from bundle_contract import (FINISHED_KEYS, LOG_COLUMNS, SCORE_KEY, BundleFiles, append_event, atomic_path,
                              mark_finished, read_progress, write_progress, write_text_atomic)
-from cache import cached_volume
+from cache import cached_distill_target, cached_volume
 from datalist_split import read_datalist, split_by_fold
 from distributed import (Session, check_replicas_agree, gather_lists, rank_logger, rank_seed,
                          sum_over_ranks, wrap_for_training)
@@ -75,6 +76,22 @@ def make_logger(log_file: Path) -> logging.Logger:
     return logger
 
 
+def distill_folder(config: dict) -> Path | None:
+    """The distill_targets folder (relative to data_file_base_dir, as datalist paths are); None trains on the
+    labels alone."""
+    if not config["distill_targets"]:
+        return None
+    folder = Path(config["data_file_base_dir"]) / config["distill_targets"]  # an absolute path stays itself
+    if not folder.is_dir():
+        raise VolumeError(f"distill_targets: {folder} is not a folder; give the folder of the training cases'"
+                          " <case>.npz soft targets, or null to train on the labels alone")
+    weight = config["distill_weight"]
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+        raise ValueError(f"distill_weight is {weight!r}; give a number >= 0 (the soft-target term's weight beside "
+                         "the label loss)")
+    return folder
+
+
 def volume_dice(probabilities: np.ndarray, label: np.ndarray) -> float:
     """Mean Dice over the foreground classes present in the truth or the prediction of one volume; a volume with
     none in either (empty truth predicted empty) counts as 1.
@@ -112,7 +129,9 @@ class Trainer:
         self.windows = windows_for(config["modality"], config["ct_windows_hu"])
         self.plan = channel_plan(config["input_variant"], len(self.windows), config["num_adjacent_slices"])
         self.model = build_network(NetworkSettings.from_config(config), len(self.plan)).to(self.device)
-        self.loss_fn = build_loss(config["network"]["dsdepth"])
+        self.distill_targets = distill_folder(config)
+        self.loss_fn = build_loss(config["network"]["dsdepth"],
+                                  None if self.distill_targets is None else config["distill_weight"])
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=config["learning_rate"], weight_decay=config["weight_decay"]
         )
@@ -124,7 +143,7 @@ class Trainer:
             read_datalist(config["data_list_file_path"]), config["data_file_base_dir"], config["fold"],
             source=config["data_list_file_path"],
         )
-        self.train_volumes = self._load(train_files, "training")
+        self.train_volumes = self._load(train_files, "training", self.distill_targets)
         self.val_volumes = self._load(val_files, "validation")
         self.sampler, self.loader = self._training_loader()
         self.budget = training_budget(config["num_epochs"], config["num_steps"], len(self.loader),
@@ -150,14 +169,18 @@ class Trainer:
                             generator=torch.Generator().manual_seed(self.config["seed"]))  # not torch's global one
         return sampler, loader
 
-    def _load(self, files: list[dict], role: str) -> list[Volume]:
-        """Load and check every case, then stop with all problems at once: one run lists every fix."""
+    def _load(self, files: list[dict], role: str, soft_targets: Path | None = None) -> list[Volume]:
+        """Load and check every case (with its soft target from that folder, if given), then stop with all
+        problems at once: one run lists every fix."""
         start = time.time()
         volumes, problems = [], []
         for f in files:
             try:
                 volume = cached_volume(f["image"], f["label"], self.config["modality"], self.cache_dir)
                 notes = check_training_case(volume, self.config["output_classes"], self.config["modality"])
+                if soft_targets is not None:
+                    volume = dataclasses.replace(
+                        volume, soft_target=cached_distill_target(soft_targets, volume, self.cache_dir))
             except VolumeError as err:
                 problems.append(str(err))
                 continue
@@ -168,17 +191,19 @@ class Trainer:
             raise VolumeError(f"{len(problems)} of {len(files)} {role} cases cannot be used; fix them or remove them "
                               f"from {self.config['data_list_file_path']}:\n  " + "\n  ".join(problems))
         slices = sum(v.num_slices for v in volumes)
-        self.log.info(f"loaded {len(volumes)} {role} volumes ({slices} slices) in {time.time() - start:.1f}s")
+        targets = f", soft targets from {soft_targets}" if soft_targets is not None else ""
+        self.log.info(f"loaded {len(volumes)} {role} volumes ({slices} slices{targets}) in {time.time() - start:.1f}s")
         return volumes
 
     def fit(self) -> float:
-        """Train for num_epochs (continuing from model_last.pt if present); return the best validation Dice."""
+        """Train for num_epochs (continuing from model_last.pt if present); return the best validation Dice, NaN
+        when there is no validation (fold -1: model.pt then holds the last epoch's weights)."""
         num_epochs = self.num_epochs
         start_epoch = self._resume()
         tracking = open_tracking(self.config, self.files.tensorboard, self.files.mlflow_run_id, log=self.log,
                                  main_process=self.run.is_main, first_epoch=start_epoch)
         self.log.info(
-            f"fold {self.config['fold']}: {self.config['input_variant']} input, {len(self.plan)} channels, "
+            f"{self._describe_fold()} {self.config['input_variant']} input, {len(self.plan)} channels, "
             f"{count_parameters(self.model) / 1e6:.1f}M parameters, {num_epochs} epochs on {self.device}, "
             f"{len(self.sampler)} samples per epoch, {self.loader.num_workers} loader workers"
             f"{f' x {self.run.world_size} processes' if self.run.distributed else ''}; {self.budget.describe()}"
@@ -199,10 +224,18 @@ class Trainer:
         if self.run.distributed:
             self.log.info(f"weights agree across {self.run.world_size} processes "
                           f"(checksum {check_replicas_agree(self.model, self.run):.6e})")
+        if not self.val_volumes:
+            self._save_model(num_epochs - 1, score=None)
         self._save_finished()
-        tracking.close(self.best_dice)
-        self.log.info(f"done: best validation Dice {self.best_dice:.4f} at epoch {self.best_epoch + 1}")
-        return self.best_dice
+        score = self.best_dice if self.val_volumes else float("nan")
+        tracking.close(score)
+        self.log.info(f"done: best validation Dice {self.best_dice:.4f} at epoch {self.best_epoch + 1}"
+                      if self.val_volumes else f"done: model.pt holds the weights after epoch {num_epochs}")
+        return score
+
+    def _describe_fold(self) -> str:
+        fold = self.config["fold"]
+        return f"fold {fold}:" if self.val_volumes else f"fold {fold}: every training case, no validation;"
 
     def train_epoch(self, epoch: int) -> float:
         # Samples and their augmentation follow from (seed, epoch): a resumed run repeats them.
@@ -238,6 +271,8 @@ class Trainer:
         return float(np.mean(gather_lists(scores, self.run)))
 
     def _validation_due(self, epoch: int) -> bool:
+        if not self.val_volumes:  # fold -1: every case trains
+            return False
         return (epoch + 1) % self.config["num_epochs_per_validation"] == 0 or epoch + 1 == self.num_epochs
 
     def _record(self, epoch: int, loss: float, dice: float | None, lr: float, seconds: float) -> None:
@@ -263,15 +298,20 @@ class Trainer:
             append_event(self.files.events, epoch + 1, self.num_epochs, loss, dice)
 
     def _save_best(self, epoch: int) -> None:
+        self._save_model(epoch, self.best_dice)
+
+    def _save_model(self, epoch: int, score: float | None) -> None:
+        """model.pt and its progress.yaml entry; score None: nothing was validated (fold -1), so the one entry
+        describes the final weights."""
         if not self.run.is_main:
             return
         # "config" and "best_metric" as MONAI's own Auto3DSeg templates store them (tools rebuild config["network"])
         network = network_config(NetworkSettings.from_config(self.config), len(self.plan))
         atomic_save({"state_dict": self.model.state_dict(), "config": {"network": network}, "epoch": epoch + 1,
-                     SCORE_KEY: self.best_dice, "best_metric": self.best_dice,
+                     SCORE_KEY: score, "best_metric": score,
                      "inputs": {k: self.config[k] for k in INPUT_KEYS}}, self.files.model)
-        progress = read_progress(self.files.progress)
-        progress.append({SCORE_KEY: self.best_dice, "best_epoch": epoch + 1,
+        progress = read_progress(self.files.progress) if score is not None else []
+        progress.append({SCORE_KEY: score, "best_epoch": epoch + 1,
                          "input_variant": self.config["input_variant"], "fold": self.config["fold"]})
         write_progress(self.files.progress, progress)
 
@@ -309,7 +349,8 @@ class Trainer:
             restore_rng_states(state["rng"])
         self._truncate_log(state["epoch"])
         self._truncate_progress(state["epoch"])
-        self.log.info(f"resumed from {path} after epoch {state['epoch']} (best Dice {self.best_dice:.4f})")
+        best = f" (best Dice {self.best_dice:.4f})" if self.val_volumes else ""
+        self.log.info(f"resumed from {path} after epoch {state['epoch']}{best}")
         return state["epoch"]
 
     def _truncate_log(self, epochs_done: int) -> None:

@@ -19,6 +19,8 @@ AFFINE_TOLERANCE_MM = 1e-3
 MIN_TRAINING_SLICES = 2  # one slice has no neighbours: its adjacent-slice channels would all be copies of it
 HU_EXPORT_MAX = 255  # CT whose values all lie in 0..255 has no air (-1000 HU): a 0-1 or 0-255 export, not HU
 HU_AIR_MAX = -500  # a head CT in HU holds air (about -1000 HU) around the head: its lowest value lies below this
+DISTILL_TARGET_KEY = "foreground"  # the array of a distillation target file: the teacher's P(any lesion) as levels
+DISTILL_TARGET_LEVELS = 255  # probability = level / 255 (uint8)
 
 
 class VolumeError(ValueError):
@@ -37,6 +39,7 @@ class Volume:
     label: np.ndarray | None  # (R, A, S) uint8 class indices
     affine: np.ndarray  # the image file's affine (file array order)
     source: str = ""  # the file(s) it was read from, for messages
+    soft_target: np.ndarray | None = None  # (R, A, S) uint8 teacher levels (distillation, training cases only)
 
     @property
     def num_slices(self) -> int:
@@ -54,6 +57,11 @@ def from_ras(channels: np.ndarray, affine: np.ndarray) -> np.ndarray:
     back = orientations.ornt_transform(ras, orientations.io_orientation(affine))
     moved = orientations.apply_orientation(np.moveaxis(channels, 0, -1), back)
     return np.ascontiguousarray(np.moveaxis(moved, -1, 0))
+
+
+def file_shape(ras_shape: tuple[int, ...], affine: np.ndarray) -> tuple[int, ...]:
+    """The shape in file array order of an array that to_ras turned into `ras_shape`."""
+    return tuple(int(ras_shape[int(axis)]) for axis in orientations.io_orientation(affine)[:, 0])
 
 
 def case_name(path: str | Path) -> str:
@@ -185,3 +193,34 @@ def check_training_case(volume: Volume, num_classes: int, modality: str) -> list
         return [f"case {volume.name} ({volume.source}): the label is empty (no foreground voxel); "
                 "it is used as a background-only case"]
     return []
+
+
+def distill_target_path(folder: str | Path, case: str) -> Path:
+    return Path(folder) / f"{case}.npz"
+
+
+def read_distill_target(folder: str | Path, volume: Volume) -> np.ndarray:
+    """The teacher's foreground levels of one training case, in RAS order like its image and label.
+
+    The file holds them in the image file's own array order and shape (what a prediction written
+    in the image's grid has), so the image's affine turns them exactly as it turns the label.
+    """
+    path = distill_target_path(folder, volume.name)
+    expected = file_shape(volume.label.shape, volume.affine)
+    fix = (f"write it with np.savez_compressed(..., {DISTILL_TARGET_KEY}=levels), levels a uint8 array of the image"
+           f" file's shape {expected} (0..{DISTILL_TARGET_LEVELS}), or set distill_targets to null")
+    if not path.is_file():
+        raise VolumeError(f"case {volume.name}: no distillation target {path}; {fix}")
+    try:
+        with np.load(path) as stored:
+            if DISTILL_TARGET_KEY not in stored.files:
+                raise VolumeError(f"case {volume.name}: {path} holds {stored.files}, not '{DISTILL_TARGET_KEY}'; {fix}")
+            levels = stored[DISTILL_TARGET_KEY]
+    except VolumeError:
+        raise
+    except Exception as err:  # numpy raises several types for files that are not npz archives
+        raise VolumeError(f"case {volume.name}: cannot read {path} ({type(err).__name__}: {err}); {fix}") from err
+    if levels.shape != expected or levels.dtype != np.uint8:
+        raise VolumeError(f"case {volume.name}: {path} holds a {levels.dtype} array of shape {levels.shape}, not uint8"
+                          f" of the label's shape {expected} ({volume.source}); {fix}")
+    return np.ascontiguousarray(to_ras(levels, volume.affine))
