@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import re
 import signal
 import subprocess
@@ -172,6 +173,11 @@ def bundle_score(bundle: Path) -> float:
     return contract.best_score(contract.read_progress(files.progress), files.progress)
 
 
+def scored(score: float) -> str:
+    """'best Dice 0.8123', or what a bundle of fold -1 (every case trained, none validated: NaN) has instead."""
+    return "no validation (trained on every case)" if math.isnan(score) else f"best Dice {score:.4f}"
+
+
 def train_command(bundle: Path, overrides: dict) -> list[str]:
     """The bundle's train.py started as its algo starts it (bundle_contract.launch_command), on every visible GPU.
 
@@ -215,7 +221,7 @@ def train_bundle(bundle: Path, label: str, *, datalist: Path, dataroot: Path,
     """
     if is_trained(bundle):
         score = bundle_score(bundle)
-        logger.info(f"{label}: already trained (best Dice {score:.4f})")
+        logger.info(f"{label}: already trained ({scored(score)})")
         return score
     files, contract = bundle_files(bundle), bundle_contract(bundle)
     overrides = {"data_list_file_path": datalist, "data_file_base_dir": dataroot}
@@ -249,7 +255,7 @@ def train_bundle(bundle: Path, label: str, *, datalist: Path, dataroot: Path,
     plot_training_curves(files.training_log)
     score = bundle_score(bundle)
     done = f"{epochs_done} epochs" if epochs_done else "trained"  # a trainer from before the event file: no count
-    logger.info(f"{label}: best Dice {score:.4f}, {done} in {minutes:.1f} min (log: {files.text_log})")
+    logger.info(f"{label}: {scored(score)}, {done} in {minutes:.1f} min (log: {files.text_log})")
     return score
 
 

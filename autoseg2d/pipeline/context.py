@@ -111,7 +111,15 @@ def resolve_context(work_dir: str, datalist: str | None, dataroot: str | None, p
     identity = {"modality": chosen_modality, "profile": profile_name, "profile_sha256": profile_sha256(settings),
                 "datalist_sha256": hashlib.sha256(source_bytes).hexdigest(), **({"num_folds": folds} if folds else {}),
                 **({} if report["errors"] else {"used_datalist_sha256": used.sha256(source_bytes)})}
-    work.check_same_run(identity)
+    if recorded.get("profile") not in (None, profile_name) and recorded.get("profile_sha256") == profile_sha256(
+            {**settings, "name": recorded["profile"]}):
+        # the run's profile under another name, changed at most in keys applied after the ensemble (a file of
+        # `base: cpu` that adds `distill: true` to a finished cpu run): the same run, continued under that name
+        logger.info(f"profile {profile_name}: the run's profile {recorded['profile']} with only keys applied after "
+                    "the ensemble changed, so its trainings and ensemble are kept")
+        work.check_same_run({k: v for k, v in identity.items() if k not in ("profile", "profile_sha256")})
+    else:
+        work.check_same_run(identity)
 
     if with_folds.text is not None:
         with_folds.write()

@@ -55,6 +55,18 @@ def test_an_edited_profile_file_is_another_profile(foldless, tmp_path):
         run_pipeline(work_dir=str(work), until="check")
 
 
+def test_a_profile_file_that_adds_distill_to_the_runs_profile_continues_the_run(foldless, tmp_path):
+    work = tmp_path / "work"
+    check_stage(foldless, work, num_folds=2)
+    distilling, other = tmp_path / "distill.yaml", tmp_path / "other.yaml"
+    distilling.write_text(yaml.safe_dump({"base": "demo", "distill": True}))
+    run_pipeline(work_dir=str(work), profile=str(distilling), until="check")
+    assert json.loads((work / "run.json").read_text())["profile"] == str(distilling)  # a rerun takes it from here
+    other.write_text(yaml.safe_dump({"base": "demo", "distill": True, "sweep_trials": 4}))
+    with pytest.raises(WorkDirError, match="profile_sha256"):
+        run_pipeline(work_dir=str(work), profile=str(other), until="check")
+
+
 def test_another_datalist_is_refused_before_its_folds_are_written(foldless, tmp_path):
     work = tmp_path / "work"
     check_stage(foldless, work, num_folds=3)

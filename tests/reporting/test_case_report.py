@@ -106,3 +106,18 @@ def test_prediction_writes_the_report_and_a_rerun_keeps_its_rows(tmp_path):
     assert again[0] == first[0]  # kept from the earlier run
     assert again[1]["volume_ml"] == first[1]["volume_ml"]
     assert np.asanyarray(nib.load(str(out / "c1.nii.gz")).dataobj).sum() > 0
+
+
+def test_a_kept_rows_unmeasured_agreement_stays_empty_in_the_csv(tmp_path):
+    """One network (a student) has no agreement: NaN, kept as "nan" in report.json, empty in the CSV also when a
+    rerun keeps the case."""
+    write_image(tmp_path / "in" / "c0.nii.gz", seed=0)
+    lesion = np.zeros((SIZE, SIZE, SLICES), np.float32)
+    lesion[10:16, 10:16, 2:4] = 0.9
+    predictor = fake_ensemble("mean", lesion)
+    out = tmp_path / "out"
+    for _ in range(2):  # the second run keeps the mask and its row
+        predict_images(predictor, [tmp_path / "in" / "c0.nii.gz"], out)
+        row = next(csv.DictReader((out / "report.csv").open()))
+        assert (row["member_dice_mean"], row["member_volume_spread_ml"], row["members_compared"]) == ("", "", "1")
+        assert row["model"] == "ensemble"
