@@ -40,6 +40,11 @@ TINY_NETWORK = {"network#init_filters": DEMO_TRAINING["network#init_filters"], "
                 "network#dsdepth": 2}
 
 
+# A bound for a hung child process, not a speed claim: a Python start that imports torch and MONAI takes seconds,
+# minutes on a machine that a second copy of the suite loads as well.
+SUBPROCESS_TIMEOUT_S = 600
+
+
 def configured_bundle(target: Path, datalist: Path, **settings) -> Path:
     """A copy of the template at `target` with FAST_TRAINING, the data paths and `settings` ('a#b' reaches nested
     keys) written into its config, as BundleGen would have; returns the config file."""

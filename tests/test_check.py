@@ -15,7 +15,7 @@ import pytest
 from autoseg2d import check
 from autoseg2d.check import InputCheckError, check_inputs
 from autoseg2d.synthetic.head_ct import make_head_ct, write_case
-from tests.conftest import SCRIPTS
+from tests.conftest import SCRIPTS, SUBPROCESS_TIMEOUT_S
 
 NUM_TRAIN = 4
 
@@ -353,7 +353,7 @@ def test_the_driver_loads_planning_without_the_template_on_sys_path():
             "assert not any(p.endswith('scripts') for p in sys.path); "
             "stats = {'stats_summary': {'image_stats': {'spacing': {'median': [1, 1, 5]}}}}; "
             "print(planning.derive_anisotropy(stats)[0])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "5.0"

@@ -9,14 +9,14 @@ import sys
 import nibabel as nib
 import numpy as np
 
-from tests.conftest import REPO
+from tests.conftest import REPO, SUBPROCESS_TIMEOUT_S
 from tests.test_check import NUM_TRAIN, write_dataset
 
 
 def run_cli(*args: str, cwd, **env) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(REPO), **env}
     return subprocess.run([sys.executable, str(REPO / "run_autoseg.py"), *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=300, env=environment)
+                          text=True, timeout=SUBPROCESS_TIMEOUT_S, env=environment)
 
 
 def nan_image(root) -> None:

@@ -49,6 +49,6 @@ def predict_dicom(predictor: EnsemblePredictor, input_dir: Path, output_dir: Pat
                 mask = np.asanyarray(nib.load(str(output_dir / f"{name}.nii.gz")).dataobj)
                 rescue = rescue_of([row for row in rows if row["case"] == name])
                 note = rescue.describe(PROBABILITY_THRESHOLD) if rescue and rescue.applied else None
-                write_dicom_seg(mask, files, classes, target, note)
+                write_dicom_seg(mask, files, classes, target, note, model=predictor.model)
                 logger.info(f"DICOM SEG {target} (on {len(files)} slices of {sources[name]})")
     return results

@@ -40,9 +40,10 @@ def segment_descriptions(class_names: Sequence[str], rescue_note: str | None = N
 
 
 def write_dicom_seg(mask: np.ndarray, source_files: Sequence[Path], class_names: Sequence[str], target: Path,
-                    rescue_note: str | None = None) -> Path:
+                    rescue_note: str | None = None, model: str = "ensemble") -> Path:
     """mask: uint8 class indices (columns, rows, slices) in the order of source_files (as read_series returns);
-    rescue_note: what the segments say where the never-empty rescue made the mask (segment_descriptions)."""
+    rescue_note: what the segments say where the never-empty rescue made the mask (segment_descriptions); model:
+    which made it (ensemble or student), in the Manufacturer's Model Name."""
     sources = [pydicom.dcmread(str(path)) for path in source_files]
     if mask.shape[-1] != len(sources):
         raise ValueError(f"the mask has {mask.shape[-1]} slices but the series {len(sources)} files; predict the"
@@ -52,7 +53,7 @@ def write_dicom_seg(mask: np.ndarray, source_files: Sequence[Path], class_names:
         source_images=sources, pixel_array=frames, segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=segment_descriptions(class_names, rescue_note), series_instance_uid=hd.UID(),
         series_number=SEG_SERIES_NUMBER, sop_instance_uid=hd.UID(), instance_number=1, manufacturer=SOFTWARE,
-        manufacturer_model_name="segresnet2d ensemble", software_versions=SOFTWARE_VERSION,
+        manufacturer_model_name=f"segresnet2d {model}", software_versions=SOFTWARE_VERSION,
         device_serial_number="none", series_description="ICH segmentation (research only)")
     with atomic_path(target) as temporary:
         seg.save_as(str(temporary))

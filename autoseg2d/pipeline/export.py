@@ -36,7 +36,7 @@ MEMBER_CONFIG = BUNDLE_CONFIG.name
 # BundleFiles names of kept conversions (runtime.py): an OpenVINO .xml has its .bin beside it
 CONVERTED_FILES = ("openvino_model",)
 LABELS_CSV = "labels.csv"  # beside models/model.pt, where 3D Slicer's MONAIAuto3DSeg reads it
-PATH_KEYS = ("bundle_root", "data_file_base_dir", "data_list_file_path")  # meaningless outside the work dir
+PATH_KEYS = ("bundle_root", "data_file_base_dir", "data_list_file_path", "distill_targets")  # only in the work dir
 
 
 class ExportError(WorkDirError):

@@ -16,7 +16,7 @@ import pytest
 
 from autoseg2d.pipeline.export import ExportError, export_bundle
 from autoseg2d.pipeline.runner import predict
-from tests.conftest import TEMPLATE, configured_bundle
+from tests.conftest import SUBPROCESS_TIMEOUT_S, TEMPLATE, configured_bundle
 
 # Acts on the test scans (one voxel is about 0.001 mL: the members leave specks of a few voxels, and a scan with
 # nothing left is rescued), so a bundle that skipped or changed post-processing would give other masks.
@@ -225,7 +225,7 @@ def test_metadata_passes_verify_metadata_offline(finished_work, tmp_path):
     schema_file = tmp_path / "b" / "docs" / "metadata_schema.json"
     result = subprocess.run([sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file",
                              str(metadata_file), "--filepath", str(schema_file)], capture_output=True, text=True,
-                            timeout=120)
+                            timeout=SUBPROCESS_TIMEOUT_S)
     assert result.returncode == 0 and "verified with no error" in result.stdout + result.stderr, result.stderr[-2000:]
     metadata = json.loads(metadata_file.read_text())
     del metadata["license"]

@@ -199,6 +199,14 @@ def test_predict_uses_the_student_unless_asked_for_the_ensemble(distilled_run, t
         rows = list(csv.DictReader((out / "report.csv").open()))
         assert [row["model"] for row in rows] == [expected, expected]
         assert all(bool(row["member_dice_mean"]) == (expected == "ensemble") for row in rows)
+    import pydicom
+
+    from tests.dicom.series_writer import write_series
+
+    write_series(root / "data" / "imagesTs" / "case_006.nii.gz", tmp_path / "dicom" / "case_006")
+    run_cli("predict", "--input", str(tmp_path / "dicom"), "--output", str(tmp_path / "seg"), "--work_dir", str(work),
+            "--dicom_seg", cwd=tmp_path)
+    assert pydicom.dcmread(str(tmp_path / "seg" / "case_006.seg.dcm")).ManufacturerModelName == "segresnet2d student"
 
 
 def test_export_writes_the_student_as_the_one_model(distilled_run, tmp_path):

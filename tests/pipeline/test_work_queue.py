@@ -14,6 +14,7 @@ import pytest
 
 from autoseg2d.pipeline import sweep, work_queue
 from autoseg2d.pipeline.work_queue import QueueError, run_queue
+from tests.conftest import SUBPROCESS_TIMEOUT_S
 
 JOBS = [f"bundles/cfg/segresnet2d_{fold}" for fold in range(6)]
 STEP_WAIT_S = 120  # how long a job waits for the other machine to start its next one
@@ -120,7 +121,7 @@ def test_a_machine_killed_before_its_first_heartbeat_has_its_job_taken_over_afte
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     repo = Path(__file__).resolve().parents[2]
     dying = subprocess.run([sys.executable, "-c", DIES_AT_ONCE.format(jobs=json.dumps(JOBS)), storage], cwd=repo,
-                           timeout=120)
+                           timeout=SUBPROCESS_TIMEOUT_S)
     assert dying.returncode == -signal.SIGKILL
     study = work_queue.open_queue(storage, "crossval", JOBS, lambda: None)
     running = study.get_trials(states=(work_queue.optuna.trial.TrialState.RUNNING,))
