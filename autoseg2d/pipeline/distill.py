@@ -148,7 +148,7 @@ def distill(context: RunContext, ensemble: dict, records: Sequence[dict], clock:
         logger.info(f"distill: {work.relative(work.student_file)} was distilled from another ensemble: done again")
     folder = write_teacher_maps(work, ensemble, training=context.training, dataroot=context.dataroot)
     settings = {**best_configuration(records), "distill_targets": str(folder)}
-    fold_records, _ = run_crossval(context, [settings], seeds=1, clock=clock, report=None)
+    fold_records, _ = run_crossval(context, [settings], seeds=1, clock=clock, stage="distill", report=None)
     for record in fold_records:
         record["variant"] = STUDENT_VARIANT
     table = "# Cross-validation: the student beside the ensemble's members\n\n" + cross_validation_table(
