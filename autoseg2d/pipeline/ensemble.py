@@ -22,13 +22,11 @@ from autoseg2d.pipeline.crossval import validation_cases
 from autoseg2d.pipeline.fold_probabilities import check_grid, has_foreground, mean_foreground
 from autoseg2d.pipeline.greedy_members import (curve_markdown, curve_rows, ensure_stored, greedy_order, load_fold,
                                                members_per_fold)
+from autoseg2d.pipeline.profiles import SELECTION_NAMES
 from autoseg2d.pipeline.postprocess import choose_multiclass_postprocessing, choose_postprocessing, describe_effects
 from autoseg2d.pipeline.predict import EnsemblePredictor
 from autoseg2d.pipeline.work_queue import run_queue
 from autoseg2d.pipeline.workdir import WorkDir
-
-logger = logging.getLogger(__name__)
-
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +76,7 @@ def select_fold_balanced(records: list[dict], size: int) -> list[dict]:
     return sorted(chosen, key=lambda m: (str(m["fold"]), m["rank_in_fold"]))
 
 
-SELECTION_STRATEGIES = {"fold_balanced": select_fold_balanced}
-SELECTION_NAMES = (*SELECTION_STRATEGIES, GREEDY)
+SELECTION_STRATEGIES = {"fold_balanced": select_fold_balanced}  # chosen on the records alone; GREEDY apart
 
 
 def select_greedy(work: WorkDir, records: list[dict], size: int, tolerance: float | None, mode: str = "mean", *,

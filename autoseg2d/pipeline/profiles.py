@@ -18,7 +18,6 @@ from pathlib import Path
 
 import yaml
 
-from autoseg2d.pipeline.ensemble import SELECTION_NAMES
 from autoseg2d.templates import template_config
 
 logger = logging.getLogger(__name__)
@@ -28,6 +27,8 @@ PROFILE_KEYS = ("sweep_trials", "sweep_folds", "cv_top_variants", "cv_runs", "en
                 "ensemble_selection", "ensemble_tolerance", "ensemble_screen_below", "distill", "train_overrides",
                 "search_space")
 ENSEMBLE_MODES = ("mean", "vote")
+# ensemble_selection's values; the ensemble stage implements each (ensemble.select_members, select_greedy)
+SELECTION_NAMES = ("fold_balanced", "greedy")
 DEFAULTS_SECTION = "defaults"  # in profiles.yaml; not a profile
 DEFAULT_KEYS = ("profile", "num_folds")  # the run defaults in that section; its other keys are shared profile keys
 BASE_KEY = "base"  # in a profile file: the built-in profile its missing keys come from (default: the default profile)

@@ -20,7 +20,8 @@ import warnings
 from collections.abc import Callable
 
 import optuna
-import sqlalchemy
+
+from autoseg2d.pipeline import work_queue
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +29,6 @@ STUDY_NAME = "segresnet2d"
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 EPOCHS_PER_FOLD_STEP = 100_000  # report steps: fold index * this + epoch
 PRUNE_WARMUP_FRACTION = 0.25  # no trial is pruned before this share of its epochs
-# Shared storage: each running trial records a heartbeat; one silent for GRACE_PERIOD_S (its machine died)
-# is failed by whichever process looks next, and queued again with the same parameters.
-HEARTBEAT_INTERVAL_S = 60
-GRACE_PERIOD_S = 300
 POLL_S = 5  # how often a process whose trials are done looks whether the others' have finished
 QUEUED = "first_trials_queued"  # study attribute: the creator has queued each variant's first trial
 SURPLUS = "surplus"  # trial attribute: it lost the race for the last place and did not run
@@ -50,23 +47,6 @@ def suggest(trial: optuna.Trial, search_space: dict) -> dict:
     return params
 
 
-def shared_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
-    """An RDB storage whose running trials keep heartbeats; a stale one is failed and queued again. Machines that
-    start together race to create its tables; the losers retry."""
-    for attempt in range(attempts - 1):
-        try:
-            return _heartbeat_storage(url)
-        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):  # tables half made by another
-            time.sleep(1 + attempt)
-    return _heartbeat_storage(url)
-
-
-def _heartbeat_storage(url: str) -> optuna.storages.RDBStorage:
-    return optuna.storages.RDBStorage(
-        url, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
-
-
 def open_study(storage: str, shared: bool = False) -> optuna.Study:
     """shared: several processes use the storage; then the sampler is unseeded (a fixed seed would make
     them all draw the same parameters and train the same bundles) and trials keep heartbeats."""
@@ -75,7 +55,7 @@ def open_study(storage: str, shared: bool = False) -> optuna.Study:
 
 def _create_or_load(storage: str, shared: bool) -> tuple[optuna.Study, bool]:
     """The study and whether this process created it (the storage refuses a second one: one creator)."""
-    options = dict(study_name=STUDY_NAME, storage=shared_storage(storage) if shared else storage,
+    options = dict(study_name=STUDY_NAME, storage=work_queue.shared_storage(storage) if shared else storage,
                    sampler=optuna.samplers.TPESampler(seed=None if shared else 0),
                    pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0))
     try:
@@ -196,7 +176,7 @@ def _wait_for_first_trials(study: optuna.Study) -> None:
     """A process that did not create the study waits (at most the grace period) until the creator has queued
     the first trials, so that it does not draw a sampled trial in their place."""
     waited = 0.0
-    while QUEUED not in study.user_attrs and not study.trials and waited < GRACE_PERIOD_S:
+    while QUEUED not in study.user_attrs and not study.trials and waited < work_queue.GRACE_PERIOD_S:
         time.sleep(POLL_S)
         waited += POLL_S
 

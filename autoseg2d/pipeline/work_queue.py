@@ -25,13 +25,16 @@ import optuna
 import sqlalchemy
 from optuna.storages._rdb import models
 
-from autoseg2d.pipeline import sweep
 
 logger = logging.getLogger(__name__)
 
 QUEUE_PREFIX = "segresnet2d-queue"
 POLL_S = 5  # how often a machine with nothing left to take looks whether the others have finished
 JOB = "job"  # the trial parameter holding the job's index
+# Shared storage: each running trial records a heartbeat; one silent for GRACE_PERIOD_S (its machine died)
+# is failed by whichever process looks next, and queued again with the same parameters.
+HEARTBEAT_INTERVAL_S = 60
+GRACE_PERIOD_S = 300
 
 
 class QueueError(RuntimeError):
@@ -48,11 +51,28 @@ def connect(storage: str, attempts: int = 5) -> optuna.storages.RDBStorage:
     """The shared storage; machines that start together race to create its tables, and the losers retry."""
     for attempt in range(attempts):
         try:
-            return sweep.shared_storage(storage)
+            return shared_storage(storage)
         except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):  # tables half made by another
             if attempt == attempts - 1:
                 raise
             time.sleep(1 + attempt)
+
+
+def shared_storage(url: str, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """An RDB storage whose running trials keep heartbeats; a stale one is failed and queued again. Machines that
+    start together race to create its tables; the losers retry."""
+    for attempt in range(attempts - 1):
+        try:
+            return _heartbeat_storage(url)
+        except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.IntegrityError):  # tables half made by another
+            time.sleep(1 + attempt)
+    return _heartbeat_storage(url)
+
+
+def _heartbeat_storage(url: str) -> optuna.storages.RDBStorage:
+    return optuna.storages.RDBStorage(
+        url, heartbeat_interval=HEARTBEAT_INTERVAL_S, grace_period=GRACE_PERIOD_S,
+        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=3))
 
 
 def open_queue(storage: str, kind: str, jobs: list[str], prepare: Callable[[], None]) -> optuna.Study:
@@ -181,8 +201,8 @@ def run_queue(storage: str, kind: str, jobs: list[str], run_job: Callable[[int],
         with warnings.catch_warnings():  # experimental in Optuna 5, and what the sweep's own loop calls
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)  # a dead machine's job goes back into the queue
-        for number in fail_trials_without_heartbeat(study, sweep.GRACE_PERIOD_S):
-            logger.info(f"{kind}: trial {number} started {sweep.GRACE_PERIOD_S} s ago without a heartbeat "
+        for number in fail_trials_without_heartbeat(study, GRACE_PERIOD_S):
+            logger.info(f"{kind}: trial {number} started {GRACE_PERIOD_S} s ago without a heartbeat "
                         "(its machine died at once); queued again")
         states = job_states(study, jobs)
         if len(states["complete"]) == len(jobs):

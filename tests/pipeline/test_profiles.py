@@ -9,7 +9,6 @@ import pytest
 import yaml
 
 from autoseg2d.pipeline import profiles
-from autoseg2d.pipeline.ensemble import SELECTION_NAMES
 from autoseg2d.pipeline.profiles import ProfileError, first_trial_params, load_profile, profile_sha256
 from autoseg2d.templates import template_config
 
@@ -115,7 +114,8 @@ def test_a_range_without_the_bundles_learning_rate_is_refused(tmp_path):
 
 def test_ensemble_selection_and_tolerance_are_checked(tmp_path):
     assert load_profile(_profile_file(tmp_path, ensemble_selection="greedy", ensemble_tolerance=0.002))
-    with pytest.raises(ProfileError, match=f"ensemble_selection 'best' is not one of {', '.join(SELECTION_NAMES)}"):
+    known = ", ".join(profiles.SELECTION_NAMES)
+    with pytest.raises(ProfileError, match=f"ensemble_selection 'best' is not one of {known}"):
         load_profile(_profile_file(tmp_path, ensemble_selection="best"))
     with pytest.raises(ProfileError, match="ensemble_tolerance is -0.1; give a Dice difference >= 0"):
         load_profile(_profile_file(tmp_path, ensemble_selection="greedy", ensemble_tolerance=-0.1))
@@ -161,3 +161,9 @@ def test_the_planning_note_shows_what_the_bundle_trains_with_and_marks_the_profi
 
     gpu = load_profile("gpu")["train_overrides"]
     assert planning_note(notes, bundle_config.load_config(str(template_config()), **gpu), gpu, {"seed": 0}) == notes
+
+
+def test_the_ensemble_stage_implements_every_selection_a_profile_may_name():
+    from autoseg2d.pipeline import ensemble
+
+    assert {*ensemble.SELECTION_STRATEGIES, ensemble.GREEDY} == set(profiles.SELECTION_NAMES)

@@ -50,8 +50,8 @@ def test_a_trial_killed_mid_run_is_run_again_with_its_parameters(tmp_path):
 # stale, and a loaded CPU may start the heartbeat thread late), then hangs until it is killed.
 DYING_MACHINE = """
 import sqlite3, sys, time
-from autoseg2d.pipeline import sweep
-sweep.HEARTBEAT_INTERVAL_S, sweep.GRACE_PERIOD_S = 1, 2
+from autoseg2d.pipeline import sweep, work_queue
+work_queue.HEARTBEAT_INTERVAL_S, work_queue.GRACE_PERIOD_S = 1, 2
 def hang(params, fold, report):
     database = sqlite3.connect(sys.argv[1].removeprefix("sqlite:///"))
     while not database.execute("SELECT COUNT(*) FROM trial_heartbeats").fetchone()[0]:
@@ -68,7 +68,7 @@ def test_a_shared_sweep_retries_the_trial_of_a_machine_that_died(tmp_path, monke
     import sys
     import time
 
-    from autoseg2d.pipeline import sweep
+    from autoseg2d.pipeline import work_queue
 
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     machine = subprocess.Popen([sys.executable, "-c", DYING_MACHINE.format(space=SPACE), storage],
@@ -77,9 +77,9 @@ def test_a_shared_sweep_retries_the_trial_of_a_machine_that_died(tmp_path, monke
     assert died_in == "slices"
     machine.send_signal(signal.SIGKILL)
     machine.wait()
-    monkeypatch.setattr(sweep, "HEARTBEAT_INTERVAL_S", 1)
-    monkeypatch.setattr(sweep, "GRACE_PERIOD_S", 2)
-    time.sleep(sweep.GRACE_PERIOD_S + 1)  # past the grace period since its last heartbeat, however loaded the CPU
+    monkeypatch.setattr(work_queue, "HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr(work_queue, "GRACE_PERIOD_S", 2)
+    time.sleep(work_queue.GRACE_PERIOD_S + 1)  # past the grace period since its last heartbeat, however loaded the CPU
     calls: list = []
     study = run_sweep(storage, SPACE, 3, [0], fake_training(calls), single_owner=False)
     assert sorted(calls) == ["both", "slices", "windows"]  # the dead machine's trial ran again, here

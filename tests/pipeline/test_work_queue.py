@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from autoseg2d.pipeline import sweep, work_queue
+from autoseg2d.pipeline import work_queue
 from autoseg2d.pipeline.work_queue import QueueError, run_queue
 from tests.conftest import SUBPROCESS_TIMEOUT_S
 
@@ -26,8 +26,8 @@ STEP_WAIT_S = 120  # how long a job waits for the other machine to start its nex
 MACHINE = """
 import json, os, sys, time
 from pathlib import Path
-from autoseg2d.pipeline import sweep, work_queue
-sweep.HEARTBEAT_INTERVAL_S, sweep.GRACE_PERIOD_S, work_queue.POLL_S = 1, 120, 0.2
+from autoseg2d.pipeline import work_queue
+work_queue.HEARTBEAT_INTERVAL_S, work_queue.GRACE_PERIOD_S, work_queue.POLL_S = 1, 120, 0.2
 storage, jobs, out, hang = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "hang"
 def prepare():
     (out / f"prepared_{os.getpid()}").write_text("")
@@ -35,7 +35,7 @@ def started(mine):
     return len([p for p in out.glob("started_*") if p.name.endswith(f"_{os.getpid()}") == mine])
 def job(index):
     if hang:  # die only after the first heartbeat is stored: a trial killed before it has none to go stale
-        time.sleep(3 * sweep.HEARTBEAT_INTERVAL_S)
+        time.sleep(3 * work_queue.HEARTBEAT_INTERVAL_S)
     print(f"took {index}", flush=True)
     if hang:
         time.sleep(600)
@@ -85,8 +85,8 @@ def test_a_dead_machines_bundle_is_taken_over_after_the_grace_period(tmp_path, m
     assert dying.stdout.readline().strip() == "took 0"
     dying.send_signal(signal.SIGKILL)
     dying.wait()
-    monkeypatch.setattr(sweep, "HEARTBEAT_INTERVAL_S", 1)
-    monkeypatch.setattr(sweep, "GRACE_PERIOD_S", 2)
+    monkeypatch.setattr(work_queue, "HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr(work_queue, "GRACE_PERIOD_S", 2)
     monkeypatch.setattr(work_queue, "POLL_S", 0.2)
     taken = []
     values = run_queue(storage, "crossval", JOBS, lambda index: taken.append(index) or 1.0)
@@ -127,8 +127,8 @@ def test_a_machine_killed_before_its_first_heartbeat_has_its_job_taken_over_afte
     running = study.get_trials(states=(work_queue.optuna.trial.TrialState.RUNNING,))
     assert len(running) == 1 and not work_queue.has_heartbeat(study._storage, running[0]._trial_id)
     assert work_queue.fail_trials_without_heartbeat(study, grace_period_s=3600) == []  # not yet past the grace
-    monkeypatch.setattr(sweep, "HEARTBEAT_INTERVAL_S", 1)
-    monkeypatch.setattr(sweep, "GRACE_PERIOD_S", 1)
+    monkeypatch.setattr(work_queue, "HEARTBEAT_INTERVAL_S", 1)
+    monkeypatch.setattr(work_queue, "GRACE_PERIOD_S", 1)
     monkeypatch.setattr(work_queue, "POLL_S", 0.2)
     monkeypatch.setattr(work_queue, "time", PollLimit(seconds=120))  # a job left running fails, not hangs
     taken = []
@@ -276,9 +276,9 @@ def test_crossval_with_a_storage_trains_each_bundle_through_the_queue(tmp_path, 
 # A machine at the ensemble stage; building is replaced by a 2 s stand-in that marks who built.
 ENSEMBLE_MACHINE = """
 import json, os, sys, time
-from autoseg2d.pipeline import ensemble, sweep, work_queue
+from autoseg2d.pipeline import ensemble, work_queue
 from autoseg2d.pipeline.workdir import WorkDir
-sweep.HEARTBEAT_INTERVAL_S, sweep.GRACE_PERIOD_S, work_queue.POLL_S = 1, 120, 0.2  # nobody dies here
+work_queue.HEARTBEAT_INTERVAL_S, work_queue.GRACE_PERIOD_S, work_queue.POLL_S = 1, 120, 0.2  # nobody dies here
 def make(work, records, size, mode, selection, tolerance, screen_below, *, training, dataroot):
     (work.root / f"built_{os.getpid()}").write_text("")
     time.sleep(2)
