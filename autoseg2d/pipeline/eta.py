@@ -99,11 +99,11 @@ class RunClock:
             return None
         left = sum(self.left.values())
         if not left:
-            return "no trainings left; then the ensemble and predict stages"
+            return "no trainings left; then the stages that train nothing"
         each = sum(self.cycles) / len(self.cycles)
         parts = ", ".join(f"{n} {STAGE_WORDS.get(stage, stage)}" for stage, n in self.left.items() if n)
         return (f"~{format_duration(left * each)} left: {left} training{'s' if left > 1 else ''} x "
-                f"~{format_duration(each)} ({parts}; then the ensemble and predict stages)")
+                f"~{format_duration(each)} ({parts}; then the stages that train nothing)")
 
 
 NO_CLOCK = RunClock({}, lambda bundle: False, enabled=False)  # for callers that keep no estimate

@@ -50,8 +50,8 @@ def test_no_estimate_before_the_first_training_then_one_line_per_training(caplog
         train(clock, time, "sweep", 480)
         train(clock, time, "sweep", 240)
     assert [r.getMessage() for r in caplog.records] == [
-        "~1 h 36 min left: 12 trainings x ~8.0 min (3 sweep, 9 cross-validation; then the ensemble and predict stages)",
-        "~1 h 6 min left: 11 trainings x ~6.0 min (2 sweep, 9 cross-validation; then the ensemble and predict stages)",
+        "~1 h 36 min left: 12 trainings x ~8.0 min (3 sweep, 9 cross-validation; then the stages that train nothing)",
+        "~1 h 6 min left: 11 trainings x ~6.0 min (2 sweep, 9 cross-validation; then the stages that train nothing)",
     ]
 
 
