@@ -20,9 +20,9 @@ from pathlib import Path
 
 from autoseg2d.console import call_with_options, main
 from autoseg2d.evaluation.evaluate import evaluate_folders
-from autoseg2d.pipeline.context import check_only, make_datalist
+from autoseg2d.run.context import check_only, make_datalist
 from autoseg2d.pipeline.demo import run_demo
-from autoseg2d.pipeline.export import export_bundle
+from autoseg2d.export.bundle import export_bundle
 from autoseg2d.pipeline.runner import STAGE_NAMES, predict, run_pipeline
 
 
@@ -33,7 +33,7 @@ def run(demo: bool = False, **options):
     --modality, --num_folds, --storage (an Optuna RDB URL shared by several machines),
     --skip_bad (skip bad cases instead of stopping), --until (the last stage to run). A rerun takes what
     it is not given from the work dir's run.json; a first run, from the defaults in
-    autoseg2d/pipeline/profiles.yaml (profile, folds) and the template (modality).
+    autoseg2d/run/profiles.yaml (profile, folds) and the template (modality).
     """
     call_with_options(run_demo if demo else run_pipeline, options, "--demo" if demo else "run")
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import fire
 
 from autoseg2d import run_log
-from autoseg2d.pipeline.bundles import TrainingError
+from autoseg2d.run.bundles import TrainingError
 
 DEBUG_FLAG = "--debug"
 DEBUG_ENV = "AUTOSEG2D_DEBUG"

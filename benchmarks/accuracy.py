@@ -32,9 +32,9 @@ from autoseg2d.datalist import read_datalist  # noqa: E402
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.evaluation.tables import json_safe  # noqa: E402
 from autoseg2d.pipeline.predict import EnsemblePredictor  # noqa: E402
-from autoseg2d.pipeline.inference import read_mask  # noqa: E402
+from autoseg2d.run.inference import read_mask  # noqa: E402
 from autoseg2d.pipeline.runner import run_pipeline  # noqa: E402
-from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402
+from autoseg2d.run.workdir import WorkDir  # noqa: E402
 from autoseg2d.synthetic.hard import write_hard_dataset  # noqa: E402
 
 METRICS = (("Dice", "dice_mean"), ("RVD", "rvd_mean"), ("NSD", "nsd_mean"), ("HD mm", "hd_mm_mean"),

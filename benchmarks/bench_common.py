@@ -29,7 +29,7 @@ SCAN_SLICES = 32  # the issue's 512 x 512 x 32 scan, to which the speed benchmar
 def default_ensemble() -> tuple[int, int]:
     """(members, screening members) of the default profile's ensemble: its ensemble_size, and one screening
     member per fold (each fold's first) of the default num_folds."""
-    from autoseg2d.pipeline.profiles import default_profile_name, driver_defaults, load_profile
+    from autoseg2d.run.profiles import default_profile_name, driver_defaults, load_profile
 
     return int(load_profile(default_profile_name())["ensemble_size"]), int(driver_defaults()["num_folds"])
 
@@ -222,7 +222,7 @@ def held_out_inputs(args) -> tuple:
     import json
 
     from autoseg2d.datalist import read_datalist
-    from autoseg2d.pipeline.workdir import WorkDir
+    from autoseg2d.run.workdir import WorkDir
 
     work = WorkDir.create(Path(args.work_dir))
     dataroot = Path(args.dataroot or Path(args.datalist).parent)

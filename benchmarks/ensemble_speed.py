@@ -14,7 +14,7 @@ from bench_common import (SCAN_SLICES, SLICE_PX, TEMPLATE, default_ensemble, kep
                           template_config)
 from autoseg2d.synthetic.head_ct import make_head_ct, write_case  # noqa: E402  (after bench_common's sys.path)
 from autoseg2d.datalist import case_name  # noqa: E402
-from autoseg2d.pipeline.fold_probabilities import mean_foreground, store_foreground  # noqa: E402
+from autoseg2d.run.fold_probabilities import mean_foreground, store_foreground  # noqa: E402
 from autoseg2d.templates import bundle_files  # noqa: E402
 from bundle_contract import BundleFiles  # noqa: E402
 from network import NetworkSettings, build_network, trained_network  # noqa: E402
@@ -89,7 +89,7 @@ def ensemble_paths(bundles: list[Path], precision: str, wanted=ENSEMBLE_PATHS) -
     OpenVINO. Only the `wanted` paths are loaded (an 18-member path alone fits in memory where all of them
     would not)."""
     from autoseg2d.pipeline.predict import EnsemblePredictor
-    from autoseg2d.pipeline.inference import load_inferer
+    from autoseg2d.run.inference import load_inferer
 
     def members(runtime: str, skip_air_slices: bool = True, whole_torch_batches: bool = False) -> list:
         loaded = [load_inferer(bundle, infer_cpu_runtime="torch", infer_skip_air_slices=skip_air_slices)
@@ -137,7 +137,7 @@ def bundle_cache(member) -> Path:
 
 def convert_for_openvino(bundles: list[Path]) -> float:
     """Convert each member once (cached beside its checkpoint, as InferClass does); seconds per member."""
-    from autoseg2d.pipeline.inference import load_inferer
+    from autoseg2d.run.inference import load_inferer
 
     started = time.perf_counter()
     for bundle in bundles:

@@ -30,7 +30,7 @@ from autoseg2d.evaluation.tables import json_safe  # noqa: E402
 from autoseg2d.pipeline.ensemble import make_ensemble  # noqa: E402
 from autoseg2d.pipeline.predict import EnsemblePredictor  # noqa: E402
 from autoseg2d.pipeline.greedy_members import curve_markdown  # noqa: E402
-from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402
+from autoseg2d.run.workdir import WorkDir  # noqa: E402
 
 
 def selections(size: int, tolerance: float) -> dict[str, dict]:

@@ -33,8 +33,8 @@ from bench_common import (HELD_OUT_METRICS, TEMPLATE, add_held_out_arguments, di
                           metric_cells, paired_difference, publish)
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.pipeline.predict import EnsemblePredictor  # noqa: E402
-from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
-from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402
+from autoseg2d.run.inference import load_inferer, read_mask  # noqa: E402
+from autoseg2d.run.workdir import WorkDir  # noqa: E402
 from autoseg2d.templates import BUNDLE_CONFIG  # noqa: E402
 from predictor import cpu_bf16_units, cpu_has_native_bf16  # noqa: E402
 from runtime import openvino_installed  # noqa: E402

@@ -31,9 +31,9 @@ from bench_common import (HELD_OUT_METRICS, add_held_out_arguments, default_ense
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.pipeline.ensemble import screening_members  # noqa: E402
 from autoseg2d.pipeline.predict import EnsemblePredictor  # noqa: E402
-from autoseg2d.pipeline.inference import load_inferer, read_mask  # noqa: E402
-from autoseg2d.pipeline.profiles import default_profile_name, load_profile  # noqa: E402
-from autoseg2d.pipeline.workdir import WorkDir  # noqa: E402
+from autoseg2d.run.inference import load_inferer, read_mask  # noqa: E402
+from autoseg2d.run.profiles import default_profile_name, load_profile  # noqa: E402
+from autoseg2d.run.workdir import WorkDir  # noqa: E402
 from autoseg2d.templates import BUNDLE_CONFIG  # noqa: E402
 from precision_accuracy import upgraded_copy  # noqa: E402
 from predictor import cpu_bf16_units  # noqa: E402

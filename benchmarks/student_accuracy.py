@@ -28,7 +28,7 @@ from bench_common import (HELD_OUT_METRICS, add_held_out_arguments, difference_c
                           paired_difference, publish)
 from autoseg2d.evaluation.metrics import case_metrics, summarize_metrics  # noqa: E402
 from autoseg2d.pipeline.distill import load_model  # noqa: E402
-from autoseg2d.pipeline.inference import read_mask  # noqa: E402
+from autoseg2d.run.inference import read_mask  # noqa: E402
 from autoseg2d.pipeline.predict import EnsemblePredictor  # noqa: E402
 from autoseg2d.templates import BUNDLE_CONFIG, bundle_files  # noqa: E402
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from autoseg2d.pipeline.profiles import load_profile
+from autoseg2d.run.profiles import load_profile
 from autoseg2d.synthetic.head_ct import write_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ SCRIPTS = TEMPLATE / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 # Small but real: the demo profile's network (a 4-level network of 8 initial filters) and loader settings, owned
-# by autoseg2d/pipeline/profiles.yaml, train in seconds on 2 CPU cores. The tests choose their own epochs, crop
+# by autoseg2d/run/profiles.yaml, train in seconds on 2 CPU cores. The tests choose their own epochs, crop
 # the 64 px synthetic slices whole, validate every 5 epochs and train at one fixed learning rate inside the demo's
 # searched range, so their assertions do not depend on a draw.
 DEMO_TRAINING = load_profile("demo")["train_overrides"]

@@ -13,7 +13,7 @@ import yaml
 from monai.apps.auto3dseg import DataAnalyzer
 
 from autoseg2d import run_log
-from autoseg2d.pipeline.workdir import WorkDir
+from autoseg2d.run.workdir import WorkDir
 from autoseg2d.templates import template_config, template_module
 
 logger = logging.getLogger(__name__)

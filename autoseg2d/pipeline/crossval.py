@@ -13,17 +13,17 @@ from tqdm import tqdm
 from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.metrics import case_metrics, class_case_metrics
 from autoseg2d.evaluation.tables import cross_validation_table, json_safe
-from autoseg2d.pipeline.eta import NO_CLOCK, RunClock
-from autoseg2d.pipeline.bundles import bundle_path, configuration_name, describe, generate_bundles, train_bundle
-from autoseg2d.pipeline.fold_probabilities import is_current, store_foreground
-from autoseg2d.pipeline.inference import foreground, load_inferer, read_labels, read_mask
+from autoseg2d.run.eta import NO_CLOCK, RunClock
+from autoseg2d.run.bundles import bundle_path, configuration_name, describe, generate_bundles, train_bundle
+from autoseg2d.run.fold_probabilities import is_current, store_foreground
+from autoseg2d.run.inference import foreground, load_inferer, read_labels, read_mask
 from autoseg2d.reporting.case_report import lesion_class_names
 from autoseg2d.atomic_files import write_text_atomic
-from autoseg2d.pipeline.work_queue import run_queue
+from autoseg2d.run.work_queue import run_queue
 from autoseg2d.templates import bundle_files
 
 if TYPE_CHECKING:  # type only: context.py loads profiles.py, which imports the ensemble stage and so this one
-    from autoseg2d.pipeline.context import RunContext
+    from autoseg2d.run.context import RunContext
 
 logger = logging.getLogger(__name__)
 

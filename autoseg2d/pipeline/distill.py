@@ -34,18 +34,18 @@ import yaml
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.tables import cross_validation_table, json_safe
-from autoseg2d.pipeline.bundles import bundle_path, configuration_name, describe, generate_bundles, train_bundle
+from autoseg2d.run.bundles import bundle_path, configuration_name, describe, generate_bundles, train_bundle
 from autoseg2d.pipeline.crossval import run_crossval, validation_cases
 from autoseg2d.pipeline.ensemble import make_ensemble
-from autoseg2d.pipeline.eta import NO_CLOCK, RunClock
-from autoseg2d.pipeline.fold_probabilities import has_foreground, mean_foreground, quantize, save_levels
+from autoseg2d.run.eta import NO_CLOCK, RunClock
+from autoseg2d.run.fold_probabilities import has_foreground, mean_foreground, quantize, save_levels
 from autoseg2d.pipeline.predict import EnsemblePredictor, ensemble_identity
-from autoseg2d.pipeline.work_queue import run_queue
-from autoseg2d.pipeline.workdir import WorkDir, WorkDirError
+from autoseg2d.run.work_queue import run_queue
+from autoseg2d.run.workdir import WorkDir, WorkDirError
 from autoseg2d.templates import ALGO_NAME, BUNDLE_CONFIG
 
 if TYPE_CHECKING:  # type only: context.py loads profiles.py, which imports the ensemble stage and so this one
-    from autoseg2d.pipeline.context import RunContext
+    from autoseg2d.run.context import RunContext
 
 logger = logging.getLogger(__name__)
 

@@ -19,14 +19,14 @@ from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.tables import json_safe
 from autoseg2d.pipeline.crossval import validation_cases
-from autoseg2d.pipeline.fold_probabilities import check_grid, has_foreground, mean_foreground
+from autoseg2d.run.fold_probabilities import check_grid, has_foreground, mean_foreground
 from autoseg2d.pipeline.greedy_members import (curve_markdown, curve_rows, ensure_stored, greedy_order, load_fold,
                                                members_per_fold)
-from autoseg2d.pipeline.profiles import SELECTION_NAMES
+from autoseg2d.run.profiles import SELECTION_NAMES
 from autoseg2d.pipeline.postprocess import choose_multiclass_postprocessing, choose_postprocessing, describe_effects
 from autoseg2d.pipeline.predict import EnsemblePredictor
-from autoseg2d.pipeline.work_queue import run_queue
-from autoseg2d.pipeline.workdir import WorkDir
+from autoseg2d.run.work_queue import run_queue
+from autoseg2d.run.workdir import WorkDir
 
 logger = logging.getLogger(__name__)
 

@@ -25,9 +25,9 @@ import numpy as np
 
 from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.metrics import DICE_SMOOTHING, case_metrics, summarize_metrics
-from autoseg2d.pipeline.fold_probabilities import (LEVELS, above_half, check_grid, has_foreground, load_foreground,
-                                                   store_foreground)
-from autoseg2d.pipeline.inference import load_inferer, read_mask
+from autoseg2d.run.fold_probabilities import (LEVELS, above_half, check_grid, has_foreground, load_foreground,
+                                              store_foreground)
+from autoseg2d.run.inference import load_inferer, read_mask
 
 DICE_TIE = 1e-9  # Dice differences below this are ties: the smaller ensemble wins
 

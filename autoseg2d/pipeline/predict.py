@@ -23,10 +23,10 @@ from tqdm import tqdm
 from autoseg2d.atomic_files import write_mask
 from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.tables import json_safe
-from autoseg2d.pipeline.inference import check_scan, load_inferer
+from autoseg2d.run.inference import check_scan, load_inferer
 from autoseg2d.pipeline.postprocess import (PROBABILITY_THRESHOLD, postprocess, postprocess_multiclass,
                                             reads_low_probabilities)
-from autoseg2d.pipeline.workdir import WorkDir
+from autoseg2d.run.workdir import WorkDir
 from autoseg2d.reporting.case_report import REPORT_CSV, REPORT_JSON, CaseReport, Rescue, lesion_class_names
 from autoseg2d.reporting.geometry import SpacingRange
 from autoseg2d.templates import bundle_config, default_modality

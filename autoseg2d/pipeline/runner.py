@@ -20,17 +20,17 @@ import optuna
 from autoseg2d import run_log
 from autoseg2d.dicom.predict import predict_dicom
 from autoseg2d.pipeline.analyze import analyze, settings_for_slice_thickness
-from autoseg2d.pipeline.bundles import (TrainingStopped, bundle_path, describe, generate_bundles, is_trained,
-                                        train_bundle)
-from autoseg2d.pipeline.context import RunContext, resolve_context
+from autoseg2d.run.bundles import (TrainingStopped, bundle_path, describe, generate_bundles, is_trained,
+                                   train_bundle)
+from autoseg2d.run.context import RunContext, resolve_context
 from autoseg2d.pipeline.crossval import run_crossval
-from autoseg2d.pipeline.eta import NO_CLOCK, RunClock, planned_trainings
+from autoseg2d.run.eta import NO_CLOCK, RunClock, planned_trainings
 from autoseg2d.pipeline.distill import describe_model, distill, load_model
 from autoseg2d.pipeline.ensemble import build_ensemble
 from autoseg2d.pipeline.predict import EnsemblePredictor, predict_images
-from autoseg2d.pipeline.profiles import first_trial_params
+from autoseg2d.run.profiles import first_trial_params
 from autoseg2d.pipeline.sweep import best_per_variant, run_sweep
-from autoseg2d.pipeline.workdir import DEFAULT_WORK_DIR, WorkDir
+from autoseg2d.run.workdir import DEFAULT_WORK_DIR, WorkDir
 from autoseg2d.reporting.geometry import SpacingRange
 
 logger = logging.getLogger(__name__)

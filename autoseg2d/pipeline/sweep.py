@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import optuna
 
-from autoseg2d.pipeline import work_queue
+from autoseg2d.run import work_queue
 
 logger = logging.getLogger(__name__)
 

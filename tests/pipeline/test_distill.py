@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from autoseg2d.pipeline.distill import all_cases_bundle, best_configuration, describe_model, load_model
-from autoseg2d.pipeline.eta import planned_trainings
+from autoseg2d.run.eta import planned_trainings
 from autoseg2d.pipeline.predict import EnsemblePredictor
-from autoseg2d.pipeline.profiles import ProfileError, load_profile, profile_sha256
-from autoseg2d.pipeline.workdir import WorkDir, WorkDirError
+from autoseg2d.run.profiles import ProfileError, load_profile, profile_sha256
+from autoseg2d.run.workdir import WorkDir, WorkDirError
 
 ENSEMBLE = {"mode": "mean",
             "members": [{"bundle": "b/segresnet2d_0", "fold": 0}, {"bundle": "b/segresnet2d_1", "fold": 1}]}

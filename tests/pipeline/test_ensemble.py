@@ -14,7 +14,7 @@ from autoseg2d.datalist import case_name
 from autoseg2d.pipeline.postprocess import choose_postprocessing
 from autoseg2d.pipeline.ensemble import out_of_fold_cases, select_members
 from autoseg2d.pipeline.predict import EnsemblePredictor, predict_images
-from autoseg2d.pipeline.inference import read_mask
+from autoseg2d.run.inference import read_mask
 from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 from tests.conftest import native_bf16_only
 from tests.ensemble_fakes import ClassInferer, RefusingInferer, fake_ensemble
@@ -134,7 +134,7 @@ def trained_members(tmp_path_factory, ct_dataset):
 
 
 def ensemble_of(bundles, precision=None) -> EnsemblePredictor:
-    from autoseg2d.pipeline.inference import load_inferer
+    from autoseg2d.run.inference import load_inferer
 
     members = [load_inferer(bundle, infer_cpu_runtime="torch") for bundle in bundles]  # not OpenVINO, where installed
     for member in members:  # in the given precision
@@ -145,7 +145,7 @@ def ensemble_of(bundles, precision=None) -> EnsemblePredictor:
 
 
 def test_a_member_loads_with_overrides_of_its_config(trained_members):
-    from autoseg2d.pipeline.inference import load_inferer
+    from autoseg2d.run.inference import load_inferer
 
     bundles, _ = trained_members
     member = load_inferer(bundles[0], infer_tta=True, infer_cpu_runtime="torch")
@@ -156,7 +156,7 @@ def test_shared_inputs_keep_the_ensemble_answers(trained_members):
     """The ensemble as it was (each member reads the image itself, fp32) against the shared path: members grouped
     by their inputs give the same probabilities and masks (bf16: test_bf16_keeps_the_ensemble_dice)."""
     from autoseg2d.evaluation.metrics import dice_score
-    from autoseg2d.pipeline.inference import read_mask
+    from autoseg2d.run.inference import read_mask
 
     bundles, cases = trained_members
     old, shared = ensemble_of(bundles), ensemble_of(bundles)
@@ -263,7 +263,7 @@ def test_openvino_members_keep_the_ensemble_dice(trained_members):
     from runtime import OpenVINONetwork
 
     from autoseg2d.evaluation.metrics import dice_score
-    from autoseg2d.pipeline.inference import read_mask
+    from autoseg2d.run.inference import read_mask
 
     bundles, cases = trained_members
     old = ensemble_of(bundles)
@@ -293,9 +293,9 @@ def test_out_of_fold_cases_from_stored_maps_match_running_the_trained_members(tr
     members run again: each probability within 1/255 (plus float16), votes equal, the same post-processing."""
     import shutil
 
-    from autoseg2d.pipeline.fold_probabilities import probabilities_folder, store_foreground
-    from autoseg2d.pipeline.inference import load_inferer
-    from autoseg2d.pipeline.workdir import WorkDir
+    from autoseg2d.run.fold_probabilities import probabilities_folder, store_foreground
+    from autoseg2d.run.inference import load_inferer
+    from autoseg2d.run.workdir import WorkDir
 
     bundles, cases = trained_members
     bundles = bundles[1:]  # A and B: two input groups, and fewer scans to predict than [A, A, B]

@@ -13,9 +13,9 @@ from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.metrics import case_metrics
 from autoseg2d.pipeline import crossval, greedy_members, predict
 from autoseg2d.pipeline.ensemble import build_ensemble, select_greedy
-from autoseg2d.pipeline.fold_probabilities import LEVELS, load_foreground, quantize, store_foreground
+from autoseg2d.run.fold_probabilities import LEVELS, load_foreground, quantize, store_foreground
 from autoseg2d.pipeline.greedy_members import load_fold, members_per_fold
-from autoseg2d.pipeline.workdir import WorkDir
+from autoseg2d.run.workdir import WorkDir
 from tests.conftest import bundle_folder, trained_further
 from tests.ensemble_fakes import FixedInferer
 
@@ -151,7 +151,7 @@ def test_cross_validation_evaluates_again_when_the_bundle_trained_further_and_re
         tmp_path, monkeypatch, caplog):
     import logging
 
-    from autoseg2d.pipeline.fold_probabilities import foreground_file
+    from autoseg2d.run.fold_probabilities import foreground_file
     from autoseg2d.templates import bundle_files
 
     work, data, _ = write_fold_data(tmp_path)
@@ -168,7 +168,7 @@ def test_cross_validation_evaluates_again_when_the_bundle_trained_further_and_re
     first = crossval.evaluate_bundle(bundle, 0, validation)
     cv_metrics = bundle_files(bundle).cv_metrics
     model = trained_further(bundle, cv_metrics, foreground_file(bundle, "f0c0"), foreground_file(bundle, "f0c1"))
-    with caplog.at_level(logging.INFO, logger="autoseg2d.pipeline.fold_probabilities"):
+    with caplog.at_level(logging.INFO, logger="autoseg2d.run.fold_probabilities"):
         again = crossval.evaluate_bundle(bundle, 0, validation)
     assert len(loads) == 2 and first[0]["dice"] < 0.9 and again[0]["dice"] == pytest.approx(1.0, abs=1e-4)
     assert json.loads(cv_metrics.read_text()) == json.loads(json.dumps(again))  # rewritten with the new model's
@@ -181,7 +181,7 @@ def test_cross_validation_evaluates_again_when_the_bundle_trained_further_and_re
 def test_greedy_selection_predicts_again_a_map_older_than_its_bundles_model(tmp_path, monkeypatch):
     import os
 
-    from autoseg2d.pipeline.fold_probabilities import foreground_file
+    from autoseg2d.run.fold_probabilities import foreground_file
 
     work, data, _ = write_fold_data(tmp_path)
     bundle = work.bundles / "half_a" / "segresnet2d_0"

@@ -67,7 +67,7 @@ def stored_ensemble(root: Path, mode: str, member_folds=(0, 0, 1), store: bool =
     """Six 16 x 16 x 4 cases in two folds and one bundle folder per member (its fold from member_folds) that,
     with store, holds its maps of its own fold's cases as cross-validation stores them. Returns the predictor
     (FixedInferer members), the ensemble and the training cases ({training, dataroot})."""
-    from autoseg2d.pipeline.fold_probabilities import store_foreground
+    from autoseg2d.run.fold_probabilities import store_foreground
 
     entries = []
     for i in range(6):
@@ -86,7 +86,7 @@ def stored_ensemble(root: Path, mode: str, member_folds=(0, 0, 1), store: bool =
 
 
 def test_out_of_fold_cases_read_the_stored_maps_and_run_no_member(tmp_path):
-    from autoseg2d.pipeline.fold_probabilities import LEVELS, load_foreground
+    from autoseg2d.run.fold_probabilities import LEVELS, load_foreground
 
     ens, ensemble, data = stored_ensemble(tmp_path, "mean")
     ens.members = [RefusingInferer() for _ in ens.members]
@@ -116,7 +116,7 @@ def test_a_member_without_a_stored_map_runs_its_fold_for_that_case_only(tmp_path
     import logging
     import shutil
 
-    from autoseg2d.pipeline.fold_probabilities import foreground_file, probabilities_folder
+    from autoseg2d.run.fold_probabilities import foreground_file, probabilities_folder
 
     ens, ensemble, data = stored_ensemble(tmp_path, "mean")
     shutil.rmtree(probabilities_folder(ens.bundles[1]))  # fold 0's second member: cross-validated before maps
@@ -153,7 +153,7 @@ def test_a_map_older_than_its_members_model_is_predicted_again_and_current_ones_
     import logging
     import os
 
-    from autoseg2d.pipeline.fold_probabilities import foreground_file
+    from autoseg2d.run.fold_probabilities import foreground_file
 
     ens, ensemble, data = stored_ensemble(tmp_path, "mean")
     stale = foreground_file(ens.bundles[2], "c3")  # fold 1's member, trained further after c3 was stored
@@ -161,7 +161,7 @@ def test_a_map_older_than_its_members_model_is_predicted_again_and_current_ones_
     model_ns = model.stat().st_mtime_ns
     for case, ns in (("c1", model_ns), ("c5", model_ns + 10 ** 9)):  # as new as the model, and newer: current
         os.utime(foreground_file(ens.bundles[2], case), ns=(ns, ns))
-    with caplog.at_level(logging.INFO, logger="autoseg2d.pipeline.fold_probabilities"):
+    with caplog.at_level(logging.INFO, logger="autoseg2d.run.fold_probabilities"):
         cases = out_of_fold_cases(ens, ensemble, **data)
     assert ens.members[2].seen == ["c3"] and ens.members[0].seen == ens.members[1].seen == []
     c3 = next(c for c in cases if c["case_id"] == "c3")
@@ -180,7 +180,7 @@ def test_the_ensemble_stage_loads_no_member_when_every_map_is_stored_and_each_me
         tmp_path, monkeypatch):
     from autoseg2d.pipeline import predict as predict_module
     from autoseg2d.pipeline.ensemble import make_ensemble
-    from autoseg2d.pipeline.workdir import WorkDir
+    from autoseg2d.run.workdir import WorkDir
 
     _, stored, data = stored_ensemble(tmp_path, "mean")
     work = WorkDir(tmp_path.resolve())

@@ -166,7 +166,7 @@ def distilled_run(tiny_run, tmp_path_factory):
 
 
 def test_distill_trains_a_student_from_out_of_fold_teacher_maps(distilled_run):
-    from autoseg2d.pipeline.fold_probabilities import mean_foreground, quantize
+    from autoseg2d.run.fold_probabilities import mean_foreground, quantize
 
     root, work, first, second = distilled_run
     assert "=== stage 6/7: distill ===" in first and first.count(" epochs in ") == 3  # 2 fold students + 1

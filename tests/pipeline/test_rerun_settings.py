@@ -7,9 +7,9 @@ import json
 import pytest
 import yaml
 
-from autoseg2d.pipeline.profiles import load_profile
+from autoseg2d.run.profiles import load_profile
 from autoseg2d.pipeline.runner import run_pipeline
-from autoseg2d.pipeline.workdir import WorkDirError
+from autoseg2d.run.workdir import WorkDirError
 
 
 def check_stage(datalist, work, **options):

@@ -7,7 +7,7 @@ import yaml
 
 from autoseg2d.pipeline.analyze import analyze, settings_for_slice_thickness
 from autoseg2d.pipeline.runner import run_pipeline
-from autoseg2d.pipeline.workdir import WorkDir
+from autoseg2d.run.workdir import WorkDir
 from autoseg2d.synthetic.head_ct import write_dataset
 from tests.conftest import TINY_NETWORK
 

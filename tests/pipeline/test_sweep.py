@@ -50,7 +50,8 @@ def test_a_trial_killed_mid_run_is_run_again_with_its_parameters(tmp_path):
 # stale, and a loaded CPU may start the heartbeat thread late), then hangs until it is killed.
 DYING_MACHINE = """
 import sqlite3, sys, time
-from autoseg2d.pipeline import sweep, work_queue
+from autoseg2d.pipeline import sweep
+from autoseg2d.run import work_queue
 work_queue.HEARTBEAT_INTERVAL_S, work_queue.GRACE_PERIOD_S = 1, 2
 def hang(params, fold, report):
     database = sqlite3.connect(sys.argv[1].removeprefix("sqlite:///"))
@@ -68,7 +69,7 @@ def test_a_shared_sweep_retries_the_trial_of_a_machine_that_died(tmp_path, monke
     import sys
     import time
 
-    from autoseg2d.pipeline import work_queue
+    from autoseg2d.run import work_queue
 
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
     machine = subprocess.Popen([sys.executable, "-c", DYING_MACHINE.format(space=SPACE), storage],

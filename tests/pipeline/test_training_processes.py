@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from autoseg2d.pipeline.bundles import TrainingError, exclusive
+from autoseg2d.run.bundles import TrainingError, exclusive
 
 # A driver stand-in: starts a long "trainer" the way train_bundle does and prints its pid.
 DRIVER = """
 import subprocess, sys, time
-from autoseg2d.pipeline.bundles import _die_with_parent
+from autoseg2d.run.bundles import _die_with_parent
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"], preexec_fn=_die_with_parent)
 print(child.pid, flush=True)
 time.sleep(3600)

@@ -92,7 +92,7 @@ def test_fold_minus_one_trains_on_every_case_and_the_driver_finds_it_trained(tmp
 
     import torch
 
-    from autoseg2d.pipeline.bundles import is_trained, train_bundle
+    from autoseg2d.run.bundles import is_trained, train_bundle
     from tests.conftest import configured_bundle
 
     bundle = configured_bundle(tmp_path / "student", ct_dataset, fold=-1, num_epochs=2).parents[1]

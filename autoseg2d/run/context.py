@@ -19,9 +19,9 @@ from pathlib import Path
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.check import CLEANED_DATALIST_NAME, check_inputs, finish_check, inspect_inputs, kept_cases
 from autoseg2d.datalist import DatalistError, build_datalist, ensure_folds, parse_datalist, resolve_datalist
-from autoseg2d.pipeline.profiles import (default_num_folds, default_profile_name, load_profile,
-                                         profile_sha256)
-from autoseg2d.pipeline.workdir import WorkDir, WorkDirError
+from autoseg2d.run.profiles import (default_num_folds, default_profile_name, load_profile,
+                                    profile_sha256)
+from autoseg2d.run.workdir import WorkDir, WorkDirError
 from autoseg2d.templates import default_modality
 
 logger = logging.getLogger(__name__)

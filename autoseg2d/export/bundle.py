@@ -18,10 +18,10 @@ import shutil
 import socket
 from pathlib import Path
 
-from autoseg2d.pipeline.bundle_metadata import bundle_readme, inference_config, metadata
+from autoseg2d.export.metadata import bundle_readme, inference_config, metadata
 from autoseg2d.pipeline.distill import ENSEMBLE, STUDENT, load_model
-from autoseg2d.pipeline.label_codes import labels_csv
-from autoseg2d.pipeline.workdir import DEFAULT_WORK_DIR, WorkDir, WorkDirError
+from autoseg2d.export.label_codes import labels_csv
+from autoseg2d.run.workdir import DEFAULT_WORK_DIR, WorkDir, WorkDirError
 from autoseg2d.reporting.case_report import lesion_class_names
 from autoseg2d.templates import BUNDLE_CONFIG, CONTRACT, bundle_config, bundle_contract, bundle_files, template_dir
 

@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from autoseg2d.pipeline.export import ExportError, export_bundle
+from autoseg2d.export.bundle import ExportError, export_bundle
 from autoseg2d.pipeline.runner import predict
 from tests.conftest import SUBPROCESS_TIMEOUT_S, TEMPLATE, configured_bundle
 
@@ -127,7 +127,7 @@ def run_isolated(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def test_monai_bundle_run_gives_the_masks_of_predict_for_nifti_nrrd_and_dicom(
         exported, predicted, finished_work, ct_dataset, tmp_path):
     from autoseg2d.pipeline.predict import EnsemblePredictor
-    from autoseg2d.pipeline.workdir import WorkDir
+    from autoseg2d.run.workdir import WorkDir
     from tests.dicom.series_writer import write_series
 
     for name in ("configs/metadata.json", "configs/inference.json", "models/model.pt", "models/labels.csv",
@@ -238,7 +238,7 @@ def test_bundle_post_processing_replays_the_ensembles_binary_and_multiclass(fini
     import importlib
 
     from autoseg2d.pipeline.postprocess import choose_multiclass_postprocessing
-    from autoseg2d.pipeline.bundle_metadata import replayed_postprocessing
+    from autoseg2d.export.metadata import replayed_postprocessing
     from autoseg2d.pipeline.predict import EnsemblePredictor
 
     export_bundle(str(finished_work), str(tmp_path / "b"))
@@ -299,7 +299,7 @@ def test_bundle_members_of_one_input_variant_read_each_scan_once(finished_work, 
 
 def test_members_made_before_the_bundle_contract_get_the_templates_copy(tmp_path):
     """The exported ensemble runner imports bundle_contract; older members' scripts lack it."""
-    from autoseg2d.pipeline.export import copy_scripts
+    from autoseg2d.export.bundle import copy_scripts
 
     member = tmp_path / "old_member"
     shutil.copytree(TEMPLATE / "scripts", member / "scripts")
@@ -313,7 +313,7 @@ def test_a_kept_conversion_travels_and_a_missing_one_is_skipped(tmp_path):
     """An exported member starts without converting again; a member never converted exports without one."""
     from bundle_contract import BundleFiles
 
-    from autoseg2d.pipeline.export import copy_converted
+    from autoseg2d.export.bundle import copy_converted
 
     source, target = BundleFiles(tmp_path / "source"), BundleFiles(tmp_path / "target")
     Path(source.ckpt_path).mkdir()
@@ -335,7 +335,7 @@ def test_subtypes_carry_hemorrhage_and_their_region_codes_as_dicom_lists_them():
     DICOM's lists (PS3.16) are checked against pydicom's copy of them; unknown names carry no code."""
     from pydicom.sr.codedict import codes
 
-    from autoseg2d.pipeline.label_codes import CATEGORY, HEMORRHAGE, LABELS_COLUMNS, labels_csv
+    from autoseg2d.export.label_codes import CATEGORY, HEMORRHAGE, LABELS_COLUMNS, labels_csv
 
     names = ["IPH", "intraventricular hemorrhage", "SAH", "Subdural", "EDH", "hemorrhage", "edema"]
     rows = list(csv.DictReader(labels_csv(names).splitlines()))

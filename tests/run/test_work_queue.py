@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from autoseg2d.pipeline import work_queue
-from autoseg2d.pipeline.work_queue import QueueError, run_queue
+from autoseg2d.run import work_queue
+from autoseg2d.run.work_queue import QueueError, run_queue
 from tests.conftest import SUBPROCESS_TIMEOUT_S
 
 JOBS = [f"bundles/cfg/segresnet2d_{fold}" for fold in range(6)]
@@ -26,7 +26,7 @@ STEP_WAIT_S = 120  # how long a job waits for the other machine to start its nex
 MACHINE = """
 import json, os, sys, time
 from pathlib import Path
-from autoseg2d.pipeline import work_queue
+from autoseg2d.run import work_queue
 work_queue.HEARTBEAT_INTERVAL_S, work_queue.GRACE_PERIOD_S, work_queue.POLL_S = 1, 120, 0.2
 storage, jobs, out, hang = sys.argv[1], json.loads(sys.argv[2]), Path(sys.argv[3]), sys.argv[4] == "hang"
 def prepare():
@@ -109,7 +109,7 @@ class PollLimit:
 # A machine that takes a job and is killed before Optuna's heartbeat thread stores anything (ask() starts none).
 DIES_AT_ONCE = """
 import os, signal, sys
-from autoseg2d.pipeline import work_queue
+from autoseg2d.run import work_queue
 study = work_queue.open_queue(sys.argv[1], "crossval", {jobs}, lambda: None)
 study.ask()
 os.kill(os.getpid(), signal.SIGKILL)
@@ -248,8 +248,8 @@ def test_a_queue_whose_preparation_failed_is_made_again_by_the_next_run(tmp_path
 
 def test_crossval_with_a_storage_trains_each_bundle_through_the_queue(tmp_path, monkeypatch):
     from autoseg2d.pipeline import crossval
-    from autoseg2d.pipeline.context import RunContext
-    from autoseg2d.pipeline.workdir import WorkDir
+    from autoseg2d.run.context import RunContext
+    from autoseg2d.run.workdir import WorkDir
 
     work = WorkDir.create(str(tmp_path / "work"))
     storage = f"sqlite:///{tmp_path / 'shared.db'}"
@@ -276,8 +276,9 @@ def test_crossval_with_a_storage_trains_each_bundle_through_the_queue(tmp_path, 
 # A machine at the ensemble stage; building is replaced by a 2 s stand-in that marks who built.
 ENSEMBLE_MACHINE = """
 import json, os, sys, time
-from autoseg2d.pipeline import ensemble, work_queue
-from autoseg2d.pipeline.workdir import WorkDir
+from autoseg2d.pipeline import ensemble
+from autoseg2d.run import work_queue
+from autoseg2d.run.workdir import WorkDir
 work_queue.HEARTBEAT_INTERVAL_S, work_queue.GRACE_PERIOD_S, work_queue.POLL_S = 1, 120, 0.2  # nobody dies here
 def make(work, records, size, mode, selection, tolerance, screen_below, *, training, dataroot):
     (work.root / f"built_{os.getpid()}").write_text("")

@@ -6,9 +6,9 @@ import logging
 
 import pytest
 
-from autoseg2d.pipeline.bundles import TrainingError, TrainingStopped
-from autoseg2d.pipeline.eta import RunClock, format_duration, planned_trainings
-from autoseg2d.pipeline.profiles import load_profile
+from autoseg2d.run.bundles import TrainingError, TrainingStopped
+from autoseg2d.run.eta import RunClock, format_duration, planned_trainings
+from autoseg2d.run.profiles import load_profile
 from autoseg2d.pipeline.sweep import run_sweep
 from tests.pipeline.test_sweep import SPACE, fake_training
 
@@ -46,7 +46,7 @@ def test_durations_read_as_a_person_would_say_them(seconds, text):
 def test_no_estimate_before_the_first_training_then_one_line_per_training(caplog):
     clock, time = clock_with({"sweep": 4, "crossval": 9})
     assert clock.describe() is None
-    with caplog.at_level(logging.INFO, logger="autoseg2d.pipeline.eta"):
+    with caplog.at_level(logging.INFO, logger="autoseg2d.run.eta"):
         train(clock, time, "sweep", 480)
         train(clock, time, "sweep", 240)
     assert [r.getMessage() for r in caplog.records] == [
@@ -58,7 +58,7 @@ def test_no_estimate_before_the_first_training_then_one_line_per_training(caplog
 def test_a_bundle_trained_before_is_neither_counted_nor_timed(caplog):
     """Cross-validation's plan leaves out the bundles the sweep trained; it meets them among its jobs."""
     clock, time = clock_with({"crossval": 2}, trained={"done"})
-    with caplog.at_level(logging.INFO, logger="autoseg2d.pipeline.eta"):
+    with caplog.at_level(logging.INFO, logger="autoseg2d.run.eta"):
         train(clock, time, "crossval", 300)
         train(clock, time, "crossval", 1, bundle="done")
         assert clock.left == {"crossval": 1}

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import yaml
 
-from autoseg2d.pipeline import profiles, runner
-from autoseg2d.pipeline.context import resolve_context
+from autoseg2d.run import profiles
+
+from autoseg2d.pipeline import runner
+from autoseg2d.run.context import resolve_context
 from autoseg2d.pipeline.runner import run_pipeline
 from autoseg2d.synthetic.head_ct import write_dataset
 from tests.conftest import TEMPLATES
@@ -98,12 +100,12 @@ def test_the_stages_run_in_order_on_one_context_and_stop_at_until(foldless, tmp_
                  until="crossval")
     assert [name for name, _ in seen] == ["analyze", "sweep", "crossval"]
     assert len({id(context) for _, context in seen}) == 1
-    assert runner.STAGE_NAMES == ("check", "analyze", "sweep", "crossval", "ensemble", "predict")
+    assert runner.STAGE_NAMES == ("check", "analyze", "sweep", "crossval", "ensemble", "distill", "predict")
 
 
 def test_an_unknown_stage_lists_the_stages(tmp_path):
     with pytest.raises(ValueError, match="until='train' is not a stage; choose one of check, analyze, sweep, "
-                                         "crossval, ensemble, predict"):
+                                         "crossval, ensemble, distill, predict"):
         run_pipeline(work_dir=str(tmp_path / "work"), until="train")
     assert not (tmp_path / "work").exists()
 
@@ -115,7 +117,7 @@ def test_the_check_stage_reads_the_datalist_once_and_checks_the_runs_identity_on
     is compared once, with everything the run depends on; a rerun is the same run."""
     from pathlib import Path
 
-    from autoseg2d.pipeline.workdir import WorkDir
+    from autoseg2d.run.workdir import WorkDir
 
     reads, checks = [], []
     for method in ("read_bytes", "read_text"):

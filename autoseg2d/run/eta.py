@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from autoseg2d.pipeline.bundles import TrainingStopped
+from autoseg2d.run.bundles import TrainingStopped
 
 logger = logging.getLogger(__name__)
 

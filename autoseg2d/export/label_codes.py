@@ -6,7 +6,7 @@ in (3D Slicer's own intracranial hemorrhage model names its segments "Hemorrhage
 Sources of the codes (SNOMED CT, scheme SCT):
 - 49755003 Morphologically Altered Structure, 50960005 Hemorrhage, 1101003 Intracranial, 12738006 Brain,
   35764002 Brain ventricle, 35951006 Subarachnoid space: DICOM PS3.16 (CID 7150, 7151, 4), as shipped
-  in pydicom.sr.codedict (tests/pipeline/test_export.py checks them there).
+  in pydicom.sr.codedict (tests/export/test_bundle.py checks them there).
 - 54214006 Subdural space: not in DICOM's lists; the code SlicerMONAIAuto3DSeg's anatomic context
   (Resources/AnatomicRegionAndModifier-MONAIAuto3DSeg.term.json) gives it for its hemorrhage model.
 - Epidural hemorrhage: no epidural-space code in either source, so EDH keeps the Intracranial region;

@@ -36,7 +36,7 @@ from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.templates import ALGO_NAME, BUNDLE_CONFIG, bundle_config, bundle_contract, bundle_files, templates_root
 
 if TYPE_CHECKING:  # type only: context.py loads profiles.py, which imports the ensemble stage and so this one
-    from autoseg2d.pipeline.context import RunContext
+    from autoseg2d.run.context import RunContext
 
 logger = logging.getLogger(__name__)
 

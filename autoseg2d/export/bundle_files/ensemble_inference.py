@@ -8,7 +8,7 @@ Scans are read by MONAI's LoadImage (NIfTI, NRRD, a DICOM series folder); each m
 scan's grid and affine. The members are combined exactly as
 autoseg2d.pipeline.predict.EnsemblePredictor combines them, and post-processing is the
 product's own code, copied beside this file as postprocess.py at export
-(tests/pipeline/test_export.py checks that the masks are identical).
+(tests/export/test_bundle.py checks that the masks are identical).
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import monai
 import numpy as np
 import torch
 
-from autoseg2d.pipeline.label_codes import metadata_codes
+from autoseg2d.export.label_codes import metadata_codes
 from autoseg2d.reporting.agreement import LOW_AGREEMENT_DICE
 
 # The model zoo's current schema; `monai.bundle verify_metadata` downloads it unless --filepath names a local copy.

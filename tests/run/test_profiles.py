@@ -8,8 +8,8 @@ import logging
 import pytest
 import yaml
 
-from autoseg2d.pipeline import profiles
-from autoseg2d.pipeline.profiles import ProfileError, first_trial_params, load_profile, profile_sha256
+from autoseg2d.run import profiles
+from autoseg2d.run.profiles import ProfileError, first_trial_params, load_profile, profile_sha256
 from autoseg2d.templates import template_config
 
 NEW_IN_THIS_RELEASE = ("ensemble_selection", "ensemble_tolerance", "ensemble_screen_below")
@@ -140,7 +140,7 @@ def test_the_screen_setting_is_not_part_of_the_runs_identity():
 def test_the_planning_note_shows_what_the_bundle_trains_with_and_marks_the_profiles_values():
     """With the cpu profile, planning derives 5 levels and epochs, but the bundle trains [1, 2, 2, 4] for the
     profile's 1,200 optimizer steps: the note says so, and that those values are the profile's."""
-    from autoseg2d.pipeline.bundles import planning_note
+    from autoseg2d.run.bundles import planning_note
     from autoseg2d.templates import template_module
 
     planning, bundle_config = template_module("planning"), template_module("bundle_config")

@@ -11,9 +11,9 @@ import yaml
 
 from bundle_config import set_nested
 
-from autoseg2d.pipeline import bundles
-from autoseg2d.pipeline.bundles import (TrainingError, TrainingStopped, bundle_score, describe, is_trained,
-                                        train_bundle, train_command)
+from autoseg2d.run import bundles
+from autoseg2d.run.bundles import (TrainingError, TrainingStopped, bundle_score, describe, is_trained,
+                                   train_bundle, train_command)
 from autoseg2d.templates import bundle_files
 from tests.conftest import FAST_TRAINING, TEMPLATES
 

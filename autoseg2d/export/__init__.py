@@ -1,0 +1,1 @@
+"""A finished model as a self-contained MONAI bundle."""
