@@ -157,6 +157,8 @@ def distill(context: RunContext, ensemble: dict, records: Sequence[dict], clock:
     write_text_atomic(work.reports / f"{STUDENT_REPORT}.json", json.dumps(json_safe(fold_records), indent=1))
     print(table, flush=True)
     folds = len({r["fold"] for r in fold_records})
+    logger.info(f"distill: the student's post-processing, chosen on its {folds} fold students' out-of-fold "
+                "predictions as the ensemble stage chooses (its 'ensemble:' lines follow)")
     chosen = make_ensemble(work, fold_records, folds, "mean", training=context.training, dataroot=context.dataroot)
     bundle = all_cases_bundle(generate_bundles(context, {**settings, "seed": 0}))
 
