@@ -19,7 +19,7 @@ import socket
 from pathlib import Path
 
 from autoseg2d.export.metadata import bundle_readme, inference_config, metadata
-from autoseg2d.pipeline.distill import ENSEMBLE, STUDENT, load_model
+from autoseg2d.pipeline.distill import ENSEMBLE, load_model
 from autoseg2d.export.label_codes import labels_csv
 from autoseg2d.run.workdir import DEFAULT_WORK_DIR, WorkDir, WorkDirError
 from autoseg2d.reporting.case_report import lesion_class_names
@@ -71,13 +71,13 @@ def export_bundle(work_dir: str = DEFAULT_WORK_DIR, output: str = "ich_bundle", 
 
 
 def finished_model(work: WorkDir, model: str | None) -> dict:
-    if model == STUDENT or (model is None and work.student_file.exists()):
-        return load_model(work, model)
-    if not work.ensemble_file.exists():
+    """distill.load_model's choice (it checks `model`), with the export's words where there is no ensemble."""
+    wants_ensemble = model == ENSEMBLE or (model is None and not work.student_file.exists())
+    if wants_ensemble and not work.ensemble_file.exists():
         raise ExportError(
             f"{work.root} has no finished ensemble ({work.relative(work.ensemble_file)} is missing), so there is"
             f" nothing to export. Finish the pipeline first: python run_autoseg.py ensemble --work_dir {work.root}")
-    return load_model(work, ENSEMBLE)
+    return load_model(work, model)
 
 
 def member_files(work: WorkDir, member: dict) -> dict:

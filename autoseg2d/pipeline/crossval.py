@@ -6,8 +6,6 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from tqdm import tqdm
 
 from autoseg2d.datalist import case_name
@@ -21,9 +19,7 @@ from autoseg2d.reporting.case_report import lesion_class_names
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.run.work_queue import run_queue
 from autoseg2d.templates import bundle_files
-
-if TYPE_CHECKING:  # type only: context.py loads profiles.py, which imports the ensemble stage and so this one
-    from autoseg2d.run.context import RunContext
+from autoseg2d.run.context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -65,13 +61,14 @@ def crossval_jobs(configurations: list[dict], seeds: int, num_folds: int) -> lis
 
 
 def run_crossval(context: RunContext, configurations: list[dict], *, seeds: int, selection_folds: tuple = (),
-                 clock: RunClock = NO_CLOCK, stage: str = "crossval",
-                 report: str | None = "cross_validation") -> tuple[list[dict], str]:
+                 clock: RunClock = NO_CLOCK, stage: str = "crossval", report: str | None = "cross_validation",
+                 then: Sequence[Path] = ()) -> tuple[list[dict], str]:
     """Train every fold of every configuration for `seeds` seeds; return one record per trained bundle and
     the cross-validation table (reports/<report>.md, also written with the records as .json; None: not written).
 
     selection_folds: the folds the sweep chose the configurations on, marked in the table. `stage` names the
-    trainings for the run's clock and the shared queue (the distill stage cross-validates its students too).
+    trainings for the run's clock and the shared queue (the distill stage cross-validates its students too);
+    `then`: bundles the stage trains after these, counted by the clock from the start.
     With a shared storage (--storage) the bundles form one queue that every machine running this
     stage takes from, so N machines train about N times faster; each then gathers every record.
     """
@@ -96,7 +93,7 @@ def run_crossval(context: RunContext, configurations: list[dict], *, seeds: int,
                 "seed": job["seed"], "settings": job["settings"], "bundle": work.relative(bundle),
                 "score": score, "cases": cases}
 
-    clock.plan_bundles(stage, [job_bundle(job) for job in jobs])
+    clock.plan_bundles(stage, [*(job_bundle(job) for job in jobs), *then])
     if context.storage:
         names = [str(work.relative(job_bundle(job))) for job in jobs]
         # one machine generates every bundle before any is queued: BundleGen must not run twice on one folder

@@ -22,11 +22,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import socket
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import nibabel as nib
 import numpy as np
 import yaml
@@ -38,14 +38,12 @@ from autoseg2d.run.bundles import bundle_path, configuration_name, describe, gen
 from autoseg2d.pipeline.crossval import run_crossval, validation_cases
 from autoseg2d.pipeline.ensemble import make_ensemble
 from autoseg2d.run.eta import NO_CLOCK, RunClock
-from autoseg2d.run.fold_probabilities import has_foreground, mean_foreground, quantize, save_levels
+from autoseg2d.run.fold_probabilities import check_grid, has_foreground, mean_foreground, quantize, save_levels
 from autoseg2d.pipeline.predict import EnsemblePredictor, ensemble_identity
 from autoseg2d.run.work_queue import run_queue
 from autoseg2d.run.workdir import WorkDir, WorkDirError
 from autoseg2d.templates import ALGO_NAME, BUNDLE_CONFIG
-
-if TYPE_CHECKING:  # type only: context.py loads profiles.py, which imports the ensemble stage and so this one
-    from autoseg2d.run.context import RunContext
+from autoseg2d.run.context import RunContext
 
 logger = logging.getLogger(__name__)
 
@@ -56,29 +54,31 @@ STUDENT_REPORT = "student_cross_validation"  # reports/<this>.md and .json
 STUDENT_VARIANT = "student"  # its rows in that table
 
 
-def teacher_folder(work: WorkDir) -> Path:
-    return work.student_file.parent / "teacher"
+def teacher_folder(work: WorkDir, ensemble: dict) -> Path:
+    """The teacher maps of one ensemble: named by its identity, so that the students trained on them (their
+    configuration holds the folder) are trained again when the ensemble changes."""
+    return work.student_file.parent / f"teacher-{ensemble_identity(ensemble)[:10]}"
 
 
 def write_teacher_maps(work: WorkDir, ensemble: dict, *, training: Sequence[dict], dataroot: Path) -> Path:
     """Each training case's out-of-fold ensemble probability of any lesion, as <case>.npz (the template's
-    distill_targets format: uint8 levels of 1/255 in the image file's grid); maps newer than ensemble.json are
-    kept. Returns the folder."""
-    folder = teacher_folder(work)
+    distill_targets format: uint8 levels of 1/255 in the image file's grid); maps written before are kept.
+    Returns the folder."""
+    folder = teacher_folder(work, ensemble)
     predictor = EnsemblePredictor(work, {**ensemble, "mode": "mean", "screen": None})
     member_folds = [m["fold"] for m in ensemble["members"]]
     written = stored = 0
     for fold in sorted({int(e["fold"]) for e in training}):
         indices = [i for i, f in enumerate(member_folds) if f == fold]
         if not indices:
-            raise WorkDirError(f"distill: fold {fold} has no ensemble member, so its cases have no out-of-fold "
-                               "teacher map; the student needs one per training case: raise ensemble_size to at "
-                               "least the number of folds (fold_balanced selection gives every fold a member)")
+            raise WorkDirError(f"distill: fold {fold} has no member in {work.relative(work.ensemble_file)}, so its "
+                               "cases have no out-of-fold teacher map (the ensemble was built from other records "
+                               "or folds); delete that file and rerun from the ensemble stage")
         bundles = [predictor.bundles[i] for i in indices]
         for case in validation_cases(fold, training=training, dataroot=dataroot):
             case_id = case_name(case["image"])
             target = folder / f"{case_id}.npz"
-            if target.is_file() and target.stat().st_mtime_ns >= work.ensemble_file.stat().st_mtime_ns:
+            if target.is_file():
                 continue
             if all(has_foreground(bundle, case_id) for bundle in bundles):
                 foreground = mean_foreground(bundles, case_id)
@@ -86,11 +86,7 @@ def write_teacher_maps(work: WorkDir, ensemble: dict, *, training: Sequence[dict
             else:
                 probabilities = predictor.probabilities(case["image"], [predictor.members[i] for i in indices])
                 foreground = 1.0 - probabilities[0]
-            shape = nib.load(str(case["label"])).shape[:3]
-            if foreground.shape != tuple(shape):
-                raise WorkDirError(f"distill: the teacher map of case {case_id!r} has shape {foreground.shape}, its "
-                                   f"label {case['label']} {tuple(shape)}; delete the bundles' model/cv_probabilities "
-                                   "folders to predict the cases again")
+            check_grid(foreground.shape, case_id, case["label"], nib.load(str(case["label"])).shape[:3])
             save_levels(target, quantize(foreground))
             written += 1
     logger.info(f"distill: {written} teacher maps written ({stored} from the members' stored cross-validation maps, "
@@ -108,12 +104,17 @@ def best_configuration(records: Sequence[dict]) -> dict:
     return {k: v for k, v in settings.items() if k != "seed"}
 
 
+def all_cases_path(configuration: Path) -> Path:
+    return configuration / f"{ALGO_NAME}_all"
+
+
 def all_cases_bundle(configuration: Path) -> Path:
-    """The configuration's fold-0 bundle copied (without its training) as a fold -1 bundle, made once."""
-    bundle = configuration / f"{ALGO_NAME}_all"
+    """The configuration's fold-0 bundle copied (without its training) as a fold -1 bundle, made once (by one
+    of several machines sharing the work dir: each copies into its own folder, the first rename wins)."""
+    bundle = all_cases_path(configuration)
     if (bundle / BUNDLE_CONFIG).is_file():
         return bundle
-    staging = configuration / f".{bundle.name}.tmp"
+    staging = configuration / f".{bundle.name}.{socket.gethostname()}-{os.getpid()}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.copytree(bundle_path(configuration, 0), staging,
                     ignore=shutil.ignore_patterns("model", "cache", "__pycache__", ".training.lock"))
@@ -123,7 +124,12 @@ def all_cases_bundle(configuration: Path) -> Path:
     config = yaml.safe_load(text)
     config.update(fold=ALL_CASES_FOLD, bundle_root=str(bundle.resolve()))
     config_file.write_text(header + yaml.safe_dump(config, sort_keys=False, default_flow_style=None))
-    staging.rename(bundle)
+    try:
+        staging.rename(bundle)
+    except OSError:  # another machine's copy is in place
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (bundle / BUNDLE_CONFIG).is_file():
+            raise
     return bundle
 
 
@@ -148,7 +154,9 @@ def distill(context: RunContext, ensemble: dict, records: Sequence[dict], clock:
         logger.info(f"distill: {work.relative(work.student_file)} was distilled from another ensemble: done again")
     folder = write_teacher_maps(work, ensemble, training=context.training, dataroot=context.dataroot)
     settings = {**best_configuration(records), "distill_targets": str(folder)}
-    fold_records, _ = run_crossval(context, [settings], seeds=1, clock=clock, stage="distill", report=None)
+    configuration = work.bundles / configuration_name({**settings, "seed": 0})
+    fold_records, _ = run_crossval(context, [settings], seeds=1, clock=clock, stage="distill", report=None,
+                                   then=[all_cases_path(configuration)])
     for record in fold_records:
         record["variant"] = STUDENT_VARIANT
     table = "# Cross-validation: the student beside the ensemble's members\n\n" + cross_validation_table(
@@ -188,7 +196,13 @@ def load_model(work: WorkDir, model: str | None = None) -> dict:
         raise ValueError(f"--model {model!r}: choose {' or '.join(MODELS)} (default: the student where the work dir"
                          " has one)")
     if model != ENSEMBLE and work.student_file.exists():
-        return json.loads(work.student_file.read_text())
+        student = json.loads(work.student_file.read_text())
+        if work.ensemble_file.exists() and student.get("teacher") != ensemble_identity(
+                json.loads(work.ensemble_file.read_text())):
+            raise WorkDirError(f"{work.relative(work.student_file)} was distilled from another ensemble than "
+                               f"{work.relative(work.ensemble_file)} (rebuilt since): run the distill stage again "
+                               "(a profile with distill: true), or predict with --model ensemble")
+        return student
     if model == STUDENT:
         raise WorkDirError(f"{work.root} has no student ({work.relative(work.student_file)} is missing): run the"
                            " pipeline there with a profile whose distill is true, or predict with --model ensemble")

@@ -25,7 +25,7 @@ from autoseg2d.run.bundles import (TrainingStopped, bundle_path, describe, gener
 from autoseg2d.run.context import RunContext, resolve_context
 from autoseg2d.pipeline.crossval import run_crossval
 from autoseg2d.run.eta import NO_CLOCK, RunClock, planned_trainings
-from autoseg2d.pipeline.distill import describe_model, distill, load_model
+from autoseg2d.pipeline.distill import ENSEMBLE, STUDENT, describe_model, distill, load_model
 from autoseg2d.pipeline.ensemble import build_ensemble
 from autoseg2d.pipeline.predict import EnsemblePredictor, predict_images
 from autoseg2d.run.profiles import first_trial_params
@@ -113,7 +113,7 @@ def distill_stage(context: RunContext, outputs: StageOutputs) -> None:
 def predict_stage(context: RunContext, outputs: StageOutputs) -> None:
     testing = [context.dataroot / e["image"] for e in context.testing]
     if testing:
-        model = load_model(context.work)
+        model = load_model(context.work, STUDENT if context.profile["distill"] else ENSEMBLE)
         logger.info(f"predict: with {describe_model(model)}")
         predict_images(EnsemblePredictor(context.work, model), testing, context.work.predictions,
                        training_spacing=SpacingRange.from_datastats(context.work.datastats))

@@ -45,6 +45,7 @@ FLAG_EMPTY, FLAG_LOW_AGREEMENT, FLAG_EDGE, FLAG_SKULL = "empty", "low agreement"
 FLAG_SPACING = "spacing unlike training"
 FLAG_RESCUED, FLAG_WOULD_RESCUE = "rescued", "would be rescued"
 NON_FINITE = ("nan", "inf", "-inf")  # how report.json (strict JSON, json_safe) keeps such floats
+TEXT_COLUMNS = ("case", "class", "model", "input", "mask", "qa_picture")  # never read back as floats
 RECORD_KEY = "written_by"  # in report.json rows: the ensemble, input and rescue setting that wrote the mask
 # The model column: "ensemble", or "student" (one network: its agreement columns stay empty, members_compared 1).
 DEFAULT_MODEL = "ensemble"
@@ -129,7 +130,8 @@ class CaseReport:
         if previous.exists():
             for row in json.loads(previous.read_text())["rows"]:
                 self.rows.setdefault(row["case"], []).append(
-                    {key: float(value) if value in NON_FINITE else value for key, value in row.items()})
+                    {key: float(value) if key not in TEXT_COLUMNS and value in NON_FINITE else value
+                     for key, value in row.items()})
 
     def add_case(self, case: str, image: Path, mask_file: Path, mask: np.ndarray,
                  member_masks: Sequence[np.ndarray] = (), seconds: float = math.nan,

@@ -24,8 +24,6 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING
-
 import torch
 import yaml
 from monai.apps.auto3dseg import BundleGen
@@ -34,9 +32,7 @@ from tqdm import tqdm
 from autoseg2d.evaluation.curves import plot_training_curves
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.templates import ALGO_NAME, BUNDLE_CONFIG, bundle_config, bundle_contract, bundle_files, templates_root
-
-if TYPE_CHECKING:  # type only: context.py loads profiles.py, which imports the ensemble stage and so this one
-    from autoseg2d.run.context import RunContext
+from autoseg2d.run.context import RunContext
 
 logger = logging.getLogger(__name__)
 

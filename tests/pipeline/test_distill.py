@@ -9,18 +9,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
 from autoseg2d.pipeline.distill import all_cases_bundle, best_configuration, describe_model, load_model
 from autoseg2d.run.eta import planned_trainings
-from autoseg2d.pipeline.predict import EnsemblePredictor
+from autoseg2d.pipeline.predict import EnsemblePredictor, ensemble_identity
 from autoseg2d.run.profiles import ProfileError, load_profile, profile_sha256
 from autoseg2d.run.workdir import WorkDir, WorkDirError
 
 ENSEMBLE = {"mode": "mean",
             "members": [{"bundle": "b/segresnet2d_0", "fold": 0}, {"bundle": "b/segresnet2d_1", "fold": 1}]}
-STUDENT = {"model": "student", "mode": "mean", "members": [{"bundle": "b/segresnet2d_all", "fold": -1}]}
+STUDENT = {"model": "student", "mode": "mean", "members": [{"bundle": "b/segresnet2d_all", "fold": -1}],
+           "teacher": ensemble_identity(ENSEMBLE)}
 
 
 def work_with(tmp_path, *, ensemble: bool, student: bool) -> WorkDir:
@@ -96,3 +98,85 @@ def test_the_student_on_every_case_is_a_fold_minus_one_copy_of_fold_0s_bundle(tm
     assert yaml.safe_load(config_text) == {"fold": -1, "bundle_root": str(bundle.resolve()), "learning_rate": 0.003}
     assert (bundle / "scripts" / "train.py").is_file() and not (bundle / "model").exists()
     assert all_cases_bundle(tmp_path / "config") == bundle  # made once
+
+
+def teacher_setup(tmp_path, monkeypatch, store: bool):
+    """stored_ensemble's six cases in two folds and three members (folds 0, 0, 1) in a work dir with its
+    ensemble.json; members load as FixedInferers that refuse a case they trained on."""
+    from autoseg2d.pipeline import predict as predict_module
+    from tests.ensemble_fakes import FixedInferer
+    from tests.pipeline.test_out_of_fold import member_lesion, stored_ensemble
+
+    _, ensemble, data = stored_ensemble(tmp_path, "mean", store=store)
+    work = WorkDir(tmp_path.resolve())
+    work.ensemble_file.parent.mkdir(parents=True)
+    work.ensemble_file.write_text(json.dumps(ensemble))
+    folds = {e["image"]: e["fold"] for e in data["training"]}
+    loaded = []
+
+    class OutOfFold(FixedInferer):
+        def __init__(self, index: int, fold: int):
+            super().__init__(member_lesion(index))
+            self.fold = fold
+
+        def infer(self, image):
+            assert folds[Path(image).name] == self.fold, f"a member of fold {self.fold} predicted {image}"
+            return super().infer(image)
+
+    def load(bundle):
+        index = int(bundle.name[1:])
+        loaded.append(index)
+        return OutOfFold(index, ensemble["members"][index]["fold"])
+
+    monkeypatch.setattr(predict_module, "load_inferer", load)
+    return work, ensemble, data, loaded
+
+
+def test_teacher_maps_are_the_mean_of_the_members_that_did_not_train_on_each_case(tmp_path, monkeypatch):
+    from autoseg2d.pipeline.distill import write_teacher_maps
+    from autoseg2d.run.fold_probabilities import quantize
+    from tests.pipeline.test_out_of_fold import member_lesion
+
+    for store in (True, False):  # read from the stored cross-validation maps, or the members run
+        root = tmp_path / str(store)
+        root.mkdir()
+        work, ensemble, data, loaded = teacher_setup(root, monkeypatch, store)
+        folder = write_teacher_maps(work, ensemble, **data)
+        assert bool(loaded) != store  # stored maps: no member loads
+        for entry in data["training"]:
+            members = [i for i, m in enumerate(ensemble["members"]) if m["fold"] == entry["fold"]]
+            expected = np.mean([member_lesion(i) for i in members], axis=0)
+            with np.load(folder / entry["image"].replace(".nii.gz", ".npz")) as stored:
+                assert stored["foreground"].dtype == np.uint8
+                np.testing.assert_allclose(stored["foreground"], quantize(expected), atol=1)  # stored maps: 1/255
+
+
+def test_a_changed_ensemble_gets_new_teacher_maps_and_a_fold_without_members_is_refused(tmp_path, monkeypatch):
+    from autoseg2d.pipeline.distill import write_teacher_maps
+
+    work, ensemble, data, _ = teacher_setup(tmp_path, monkeypatch, store=True)
+    first = write_teacher_maps(work, ensemble, **data)
+    changed = {**ensemble, "members": ensemble["members"][1:]}  # m1 (fold 0) and m2 (fold 1)
+    second = write_teacher_maps(work, changed, **data)
+    assert first != second and first.parent == second.parent  # the students' configuration names the folder
+    with pytest.raises(WorkDirError, match="fold 0 has no member in ensemble/ensemble.json.*delete that file"):
+        write_teacher_maps(work, {**ensemble, "members": ensemble["members"][2:]}, **data)
+
+
+def test_a_student_of_another_ensemble_is_refused_with_the_fix(tmp_path):
+    work = work_with(tmp_path, ensemble=True, student=True)
+    assert load_model(work)["model"] == "student"
+    work.ensemble_file.write_text(json.dumps({**ENSEMBLE, "mode": "vote"}))  # rebuilt since
+    with pytest.raises(WorkDirError, match="distilled from another ensemble.*run the distill stage again"):
+        load_model(work)
+    assert load_model(work, "ensemble")["mode"] == "vote"
+
+
+def test_export_checks_the_model_it_is_asked_for(tmp_path):
+    from autoseg2d.export.bundle import export_bundle
+
+    work = work_with(tmp_path, ensemble=True, student=False)
+    with pytest.raises(ValueError, match="--model 'studnet': choose student or ensemble"):
+        export_bundle(str(work.root), str(tmp_path / "out"), model="studnet")
+    with pytest.raises(WorkDirError, match="has no student"):
+        export_bundle(str(work.root), str(tmp_path / "out"), model="student")

@@ -166,6 +166,7 @@ def distilled_run(tiny_run, tmp_path_factory):
 
 
 def test_distill_trains_a_student_from_out_of_fold_teacher_maps(distilled_run):
+    from autoseg2d.pipeline.predict import ensemble_identity
     from autoseg2d.run.fold_probabilities import mean_foreground, quantize
 
     root, work, first, second = distilled_run
@@ -175,12 +176,13 @@ def test_distill_trains_a_student_from_out_of_fold_teacher_maps(distilled_run):
     assert student["model"] == "student" and len(student["members"]) == 1 and student["postprocessing"]
     assert sorted(m["fold"] for m in student["fold_students"]) == [0, 1]
     config = yaml.safe_load((work / student["members"][0]["bundle"] / "configs" / "hyper_parameters.yaml").read_text())
-    assert config["fold"] == -1 and config["distill_targets"] == str(work / "student" / "teacher")
+    teacher = work / "student" / f"teacher-{ensemble_identity(ensemble)[:10]}"
+    assert config["fold"] == -1 and config["distill_targets"] == str(teacher)
     training = json.loads((root / "data" / "datalist.json").read_text())["training"]
     for entry in training:  # each case's target: the mean of its own fold's members, none of which trained on it
         case = entry["image"].split("/")[-1].replace(".nii.gz", "")
         members = [work / m["bundle"] for m in ensemble["members"] if m["fold"] == entry["fold"]]
-        with np.load(work / "student" / "teacher" / f"{case}.npz") as stored:
+        with np.load(teacher / f"{case}.npz") as stored:
             np.testing.assert_array_equal(stored["foreground"], quantize(mean_foreground(members, case)))
     table = (work / "reports" / "student_cross_validation.md").read_text()
     assert "| student | all |" in table and "(run 0)" in table  # the student beside the members
