@@ -23,6 +23,8 @@ from autoseg2d.run.context import RunContext
 
 logger = logging.getLogger(__name__)
 
+LABELS = {"crossval": "cv", "distill": "student"}  # a training's console line starts with its stage's word
+
 
 def validation_cases(fold: int, *, training: Sequence[dict], dataroot: Path) -> list[dict]:
     """The training entries of `fold` (those its bundle validated on), with absolute image and label paths."""
@@ -83,7 +85,8 @@ def run_crossval(context: RunContext, configurations: list[dict], *, seeds: int,
 
     def train_and_evaluate(index: int) -> dict:
         job = jobs[index]
-        label = f"cv {index + 1}/{len(jobs)} {describe(job['settings'])} run {job['seed']} fold {job['fold']}"
+        label = (f"{LABELS.get(stage, stage)} {index + 1}/{len(jobs)} {describe(job['settings'])} run {job['seed']} "
+                 f"fold {job['fold']}")
         bundle = bundle_path(configuration(job), job["fold"])
         with clock.training(stage, bundle):
             score = train_bundle(bundle, label, datalist=context.datalist, dataroot=context.dataroot)
