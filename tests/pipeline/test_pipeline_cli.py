@@ -178,6 +178,8 @@ def test_distill_trains_a_student_from_out_of_fold_teacher_maps(distilled_run):
     config = yaml.safe_load((work / student["members"][0]["bundle"] / "configs" / "hyper_parameters.yaml").read_text())
     teacher = work / "student" / f"teacher-{ensemble_identity(ensemble)[:10]}"
     assert config["fold"] == -1 and config["distill_targets"] == str(teacher)
+    member = yaml.safe_load((work / ensemble["members"][0]["bundle"] / "configs" / "hyper_parameters.yaml").read_text())
+    assert config["num_epochs"] == 2 * member["num_epochs"] == 30  # twice the members' budget
     training = json.loads((root / "data" / "datalist.json").read_text())["training"]
     for entry in training:  # each case's target: the mean of its own fold's members, none of which trained on it
         case = entry["image"].split("/")[-1].replace(".nii.gz", "")
