@@ -45,6 +45,17 @@ TINY_NETWORK = {"network#init_filters": DEMO_TRAINING["network#init_filters"], "
 SUBPROCESS_TIMEOUT_S = 600
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Results are bit-identical for a fixed thread count; one thread also keeps a shared 2-core machine fast."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def configured_bundle(target: Path, datalist: Path, **settings) -> Path:
     """A copy of the template at `target` with FAST_TRAINING, the data paths and `settings` ('a#b' reaches nested
     keys) written into its config, as BundleGen would have; returns the config file."""

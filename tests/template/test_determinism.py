@@ -13,16 +13,7 @@ from trainer import Trainer
 from tests.conftest import FAST_TRAINING
 
 # oneDNN picks other kernels per instruction set: runs must repeat bit for bit on each (.ci/run caps it to AVX2)
-pytestmark = pytest.mark.cpu_isa
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Results are bit-identical for a fixed thread count; one thread also keeps a shared 2-core machine fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = [pytest.mark.cpu_isa, pytest.mark.usefixtures("one_torch_thread")]
 
 
 def train(bundle: Path, run: str, **changes) -> Path:

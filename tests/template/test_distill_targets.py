@@ -22,13 +22,7 @@ from volumes import DISTILL_TARGET_LEVELS, Volume, VolumeError, case_name
 from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 from tests.conftest import FAST_TRAINING, TEMPLATE
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def reference_loss(logits: torch.Tensor, teacher: torch.Tensor, smooth: float = 1e-5) -> float:

@@ -18,13 +18,7 @@ from volumes import VolumeError
 from autoseg2d.synthetic.head_ct import make_head_ct, write_case
 from tests.conftest import FAST_TRAINING
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(bundle: Path, **changes) -> dict:
