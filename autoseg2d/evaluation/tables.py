@@ -34,6 +34,21 @@ def json_safe(value):
     return value
 
 
+NON_FINITE = ("nan", "inf", "-inf")
+
+
+def from_json_safe(value, text_keys: Sequence[str] = ()):
+    """json_safe's inverse, read back from a file: the strings "inf", "-inf", "nan" become floats again, at any
+    depth, except under `text_keys` (names, paths: a case may be called "nan")."""
+    if isinstance(value, str) and value in NON_FINITE:
+        return float(value)
+    if isinstance(value, dict):
+        return {key: item if key in text_keys else from_json_safe(item, text_keys) for key, item in value.items()}
+    if isinstance(value, list):
+        return [from_json_safe(item, text_keys) for item in value]
+    return value
+
+
 def summary_json(summary: dict) -> str:
     return json.dumps(json_safe(summary), indent=2, allow_nan=False) + "\n"
 

@@ -10,7 +10,7 @@ from tqdm import tqdm
 
 from autoseg2d.datalist import case_name
 from autoseg2d.evaluation.metrics import case_metrics, class_case_metrics
-from autoseg2d.evaluation.tables import cross_validation_table, json_safe
+from autoseg2d.evaluation.tables import cross_validation_table, from_json_safe, json_safe
 from autoseg2d.run.eta import NO_CLOCK, RunClock
 from autoseg2d.run.bundles import bundle_path, configuration_name, describe, generate_bundles, train_bundle
 from autoseg2d.run.fold_probabilities import is_current, store_foreground
@@ -24,6 +24,7 @@ from autoseg2d.run.context import RunContext
 logger = logging.getLogger(__name__)
 
 LABELS = {"crossval": "cv", "distill": "student"}  # a training's console line starts with its stage's word
+CASE_TEXT = ("case_id", "note")  # the text of a case's metrics (cv_metrics.json), never read back as floats
 
 
 def validation_cases(fold: int, *, training: Sequence[dict], dataroot: Path) -> list[dict]:
@@ -91,7 +92,7 @@ def run_crossval(context: RunContext, configurations: list[dict], *, seeds: int,
         with clock.training(stage, bundle):
             score = train_bundle(bundle, label, datalist=context.datalist, dataroot=context.dataroot)
         validation = validation_cases(job["fold"], training=context.training, dataroot=context.dataroot)
-        cases = [_restore_floats(c) for c in evaluate_bundle(bundle, job["fold"], validation)]
+        cases = [from_json_safe(c, CASE_TEXT) for c in evaluate_bundle(bundle, job["fold"], validation)]
         return {"variant": f"{job['settings'].get('input_variant')} (run {job['seed']})", "fold": job["fold"],
                 "seed": job["seed"], "settings": job["settings"], "bundle": work.relative(bundle),
                 "score": score, "cases": cases}
@@ -108,11 +109,3 @@ def run_crossval(context: RunContext, configurations: list[dict], *, seeds: int,
         write_text_atomic(work.reports / f"{report}.md", table)
         write_text_atomic(work.reports / f"{report}.json", json.dumps(json_safe(records), indent=1))
     return records, table
-
-
-def _restore_floats(case: dict) -> dict:
-    """json_safe stores inf/nan as strings; turn them back into floats (in per-class metrics too)."""
-    restored = {k: float(v) if v in ("inf", "-inf", "nan") else v for k, v in case.items()}
-    if isinstance(case.get("classes"), dict):
-        restored["classes"] = {name: _restore_floats(m) if m else m for name, m in case["classes"].items()}
-    return restored

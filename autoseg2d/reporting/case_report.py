@@ -24,7 +24,7 @@ from nibabel import orientations
 from autoseg2d.atomic_files import write_text_atomic
 from autoseg2d.evaluation.overlays import render_contact_sheet, render_prediction_overlay
 from autoseg2d.evaluation.qa import read_ras
-from autoseg2d.evaluation.tables import json_safe
+from autoseg2d.evaluation.tables import from_json_safe, json_safe
 from autoseg2d.reporting.agreement import LOW_AGREEMENT_DICE, low_agreement, member_agreement
 from autoseg2d.reporting.geometry import SPACING_TOLERANCE, SpacingRange
 from autoseg2d.reporting.measures import BONE_HU, bleed_measures, touches_scan_edge, touches_skull
@@ -44,7 +44,6 @@ COLUMNS = ("case", "class", "volume_ml", "num_bleeds", "largest_bleed_ml", "larg
 FLAG_EMPTY, FLAG_LOW_AGREEMENT, FLAG_EDGE, FLAG_SKULL = "empty", "low agreement", "touches scan edge", "touches skull"
 FLAG_SPACING = "spacing unlike training"
 FLAG_RESCUED, FLAG_WOULD_RESCUE = "rescued", "would be rescued"
-NON_FINITE = ("nan", "inf", "-inf")  # how report.json (strict JSON, json_safe) keeps such floats
 TEXT_COLUMNS = ("case", "class", "model", "input", "mask", "qa_picture")  # never read back as floats
 RECORD_KEY = "written_by"  # in report.json rows: the ensemble, input and rescue setting that wrote the mask
 # The model column: "ensemble", or "student" (one network: its agreement columns stay empty, members_compared 1).
@@ -129,9 +128,7 @@ class CaseReport:
         previous = self.output_dir / REPORT_JSON
         if previous.exists():
             for row in json.loads(previous.read_text())["rows"]:
-                self.rows.setdefault(row["case"], []).append(
-                    {key: float(value) if key not in TEXT_COLUMNS and value in NON_FINITE else value
-                     for key, value in row.items()})
+                self.rows.setdefault(row["case"], []).append(from_json_safe(row, TEXT_COLUMNS))
 
     def add_case(self, case: str, image: Path, mask_file: Path, mask: np.ndarray,
                  member_masks: Sequence[np.ndarray] = (), seconds: float = math.nan,
