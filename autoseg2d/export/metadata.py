@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from autoseg2d.export.label_codes import metadata_codes
+from autoseg2d.pipeline.distill import STUDENT
 from autoseg2d.reporting.agreement import LOW_AGREEMENT_DICE
 
 # The model zoo's current schema; `monai.bundle verify_metadata` downloads it unless --filepath names a local copy.
@@ -77,7 +78,7 @@ def replayed_postprocessing(choice: dict | None) -> dict | None:
 
 def is_student(ensemble: dict) -> bool:
     """A student (distill.py: one network, validation score = its fold students' mean) rather than an ensemble."""
-    return ensemble.get("model") == "student"
+    return ensemble.get("model") == STUDENT
 
 
 def kind(ensemble: dict) -> str:
