@@ -25,7 +25,7 @@ from autoseg2d.run.bundles import (TrainingStopped, bundle_path, describe, gener
 from autoseg2d.run.context import RunContext, resolve_context
 from autoseg2d.pipeline.crossval import run_crossval
 from autoseg2d.run.eta import NO_CLOCK, RunClock, planned_trainings
-from autoseg2d.pipeline.distill import ENSEMBLE, STUDENT, describe_model, distill, load_model
+from autoseg2d.pipeline.distill import BUDGET_FACTOR, ENSEMBLE, STUDENT, describe_model, distill, load_model
 from autoseg2d.pipeline.ensemble import build_ensemble
 from autoseg2d.pipeline.predict import EnsemblePredictor, predict_images
 from autoseg2d.run.profiles import first_trial_params
@@ -149,7 +149,8 @@ def run_pipeline(datalist: str | None = None, dataroot: str | None = None, work_
     outputs = StageOutputs(summary={"work_dir": str(context.work.root), "num_folds": context.num_folds,
                                     "profile": context.profile_name, "log": str(log_file)},
                            clock=RunClock(planned_trainings(context.profile, context.num_folds), is_trained,
-                                          enabled=context.storage is None))  # other machines' trainings: unseen
+                                          enabled=context.storage is None,  # other machines' trainings: unseen
+                                          cost={"distill": BUDGET_FACTOR}))
     for name in STAGE_NAMES[1:STAGE_NAMES.index(until) + 1]:
         _announce(name)
         STAGES[name](context, outputs)

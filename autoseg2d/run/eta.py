@@ -5,8 +5,9 @@ less the sweep's folds that cross-validation reuses: seed 0 of a chosen configur
 own bundle) and is made exact as each stage learns its own (the sweep its unfinished trials,
 cross-validation its untrained bundles). The time per training is the mean wall time from one
 training's end to the next one's, so bundle generation and each fold's evaluation are in it; a
-pruned trial counts as one (shorter) training, as later ones may be. The ensemble and predict
-stages train nothing and are not in the estimate.
+pruned trial counts as one (shorter) training, as later ones may be. A stage whose trainings run a
+larger budget (the students: `cost` 2) counts each as that many member trainings, in what is left
+and in the time measured. The ensemble and predict stages train nothing and are not in the estimate.
 """
 
 from __future__ import annotations
@@ -49,9 +50,10 @@ class RunClock:
     """Counts the trainings left per stage and times the ones that run; logs the estimate after each."""
 
     def __init__(self, left: dict[str, int], is_trained: Callable[[Path], bool], *, enabled: bool = True,
-                 now: Callable[[], float] = time.monotonic):
+                 now: Callable[[], float] = time.monotonic, cost: dict[str, float] | None = None):
         self.left, self.is_trained, self.enabled, self.now = dict(left), is_trained, enabled, now
-        self.cycles: list[float] = []
+        self.cost = dict(cost or {})  # stage -> one of its trainings in member trainings (absent: 1)
+        self.cycles: list[float] = []  # seconds per member training, each measured one divided by its cost
         self.mark: float | None = None
 
     def start(self) -> None:
@@ -87,7 +89,7 @@ class RunClock:
         if ran:
             self.left[stage] = max(self.left.get(stage, 0) - 1, 0)
             if self.mark is not None:
-                self.cycles.append(now - self.mark)
+                self.cycles.append((now - self.mark) / self.cost.get(stage, 1))
         self.mark = now
         line = self.describe()
         if ran and line:
@@ -101,8 +103,11 @@ class RunClock:
         if not left:
             return "no trainings left; then the stages that train nothing"
         each = sum(self.cycles) / len(self.cycles)
-        parts = ", ".join(f"{n} {STAGE_WORDS.get(stage, stage)}" for stage, n in self.left.items() if n)
-        return (f"~{format_duration(left * each)} left: {left} training{'s' if left > 1 else ''} x "
+        units = sum(n * self.cost.get(stage, 1) for stage, n in self.left.items())
+        parts = ", ".join(f"{n} {STAGE_WORDS.get(stage, stage)}"
+                          + (f" at {self.cost[stage]:g}x" if self.cost.get(stage, 1) != 1 else "")
+                          for stage, n in self.left.items() if n)
+        return (f"~{format_duration(units * each)} left: {left} training{'s' if left > 1 else ''} x "
                 f"~{format_duration(each)} ({parts}; then the stages that train nothing)")
 
 

@@ -100,3 +100,18 @@ def test_a_clock_that_is_off_says_nothing(caplog):
     with caplog.at_level(logging.INFO):
         train(clock, time, "sweep", 100)
     assert not caplog.records and clock.left == {"sweep": 2}
+
+
+def test_a_stage_at_twice_the_budget_counts_each_training_twice(caplog):
+    """The students train BUDGET_FACTOR times a member's steps: what is left and the time measured say so."""
+    time = FakeTime()
+    clock = RunClock({"crossval": 1, "distill": 3}, lambda bundle: False, now=time, cost={"distill": 2})
+    clock.start()
+    with caplog.at_level(logging.INFO, logger="autoseg2d.run.eta"):
+        train(clock, time, "crossval", 300)
+        train(clock, time, "distill", 660)
+    assert clock.cycles == [300, 330]
+    assert [r.getMessage() for r in caplog.records] == [
+        "~30 min left: 3 trainings x ~5.0 min (3 student at 2x; then the stages that train nothing)",
+        "~21 min left: 2 trainings x ~5.2 min (2 student at 2x; then the stages that train nothing)",
+    ]
