@@ -139,7 +139,8 @@ def run_sweep(storage: str, search_space: dict, num_trials: int, folds: list[int
 
             scores.append(train_fold(params, fold, on_validation))
         value = sum(scores) / len(scores)
-        logger.info(f"sweep: trial {trial.number} mean best Dice {value:.4f}")
+        if len(folds) > 1:  # one fold's best Dice was said by its own line
+            logger.info(f"sweep: trial {trial.number} mean best Dice {value:.4f} over folds {folds}")
         return value
 
     if _finished(study) >= num_trials:

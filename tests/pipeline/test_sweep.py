@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import optuna
 
 from autoseg2d.pipeline.sweep import best_per_variant, open_study, run_sweep, suggest
@@ -171,3 +173,13 @@ def test_a_trials_place_counts_the_running_and_waiting_trials_before_it_not_the_
         study.add_trial(optuna.trial.create_trial(state=state, value=0.5 if state == states.COMPLETE else None,
                                                   user_attrs=attrs))
     assert [place_in_sweep(study, number) for number in range(7)] == [0, 1, 1, 1, 2, 3, 4]
+
+
+def test_a_trials_mean_is_logged_only_over_several_folds(tmp_path, caplog):
+    """With one sweep fold the fold's own line already says the trial's best Dice."""
+    with caplog.at_level(logging.INFO, logger="autoseg2d.pipeline.sweep"):
+        run_sweep(f"sqlite:///{tmp_path / 'one.db'}", SPACE, 1, [0], fake_training([]))
+        assert not [r for r in caplog.records if "mean best Dice" in r.getMessage()]
+        run_sweep(f"sqlite:///{tmp_path / 'two.db'}", SPACE, 1, [0, 1], fake_training([]))
+    assert [r.getMessage() for r in caplog.records if "mean best Dice" in r.getMessage()] == [
+        "sweep: trial 0 mean best Dice 0.6000 over folds [0, 1]"]
