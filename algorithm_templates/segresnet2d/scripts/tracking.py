@@ -65,7 +65,7 @@ class TensorBoardSink:
             self.writer.add_scalar(name, value, epoch)
         self.writer.flush()  # a pruned run is stopped between epochs: what it logged is on disk
 
-    def close(self, best_dice: float) -> None:
+    def close(self, best_dice: float, status: str) -> None:
         self.writer.close()
 
 
@@ -91,13 +91,14 @@ class MlflowSink:
     def log(self, metrics: dict, epoch: int) -> None:
         self.mlflow.log_metrics(metrics, step=epoch, synchronous=False)  # a remote server never holds training up
 
-    def close(self, best_dice: float) -> None:
+    def close(self, best_dice: float, status: str) -> None:
         self.mlflow.log_metric("best_avg_dice_score", best_dice)
-        self.mlflow.end_run()
+        self.mlflow.end_run(status=status)  # ended here, before MLflow's exit hook would call any end FINISHED
 
 
 class Tracking:
-    """The trainer's one interface to its trackers: epoch_end after each epoch, close at the end."""
+    """The trainer's one interface to its trackers: epoch_end after each epoch, close at the end (also of a
+    training that stops early, with its status)."""
 
     def __init__(self, sinks: list, log: logging.Logger):
         self.sinks, self.log = sinks, log
@@ -108,8 +109,9 @@ class Tracking:
         metrics = epoch_metrics(loss, lr, dice, class_dice)
         self._each(lambda sink: sink.log(metrics, epoch))
 
-    def close(self, best_dice: float) -> None:
-        self._each(lambda sink: sink.close(best_dice))
+    def close(self, best_dice: float, status: str = "FINISHED") -> None:
+        """status (MLflow's names): FINISHED, KILLED (stopped: pruned, interrupted, SIGTERM) or FAILED (an error)."""
+        self._each(lambda sink: sink.close(best_dice, status))
         self.sinks = []
 
     def _each(self, call) -> None:

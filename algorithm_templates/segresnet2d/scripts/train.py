@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # sibling modules; MONAI runs this as a plain file
@@ -27,6 +28,13 @@ def run(config_file: str | list[str] | None = None, **override) -> float:
         return Trainer(load_config(config_file, **override), processes).fit()
 
 
+def stop_on_terminate(signum: int, frame) -> None:
+    """SIGTERM (the driver pruning a trial, a job scheduler, torchrun stopping its workers) unwinds the training
+    as Ctrl-C does, so its trackers record the run as stopped instead of leaving it running."""
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, stop_on_terminate)
     fire.Fire({"run": run})
     leave_finished_process()  # reached only when training finished: an error has raised out of fire already

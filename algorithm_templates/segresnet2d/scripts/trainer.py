@@ -208,19 +208,29 @@ class Trainer:
             f"{len(self.sampler)} samples per epoch, {self.loader.num_workers} loader workers"
             f"{f' x {self.run.world_size} processes' if self.run.distributed else ''}; {self.budget.describe()}"
         )
-        for epoch in range(start_epoch, num_epochs):
-            started, lr = time.time(), self.scheduler.get_last_lr()[0]  # the rate the epoch starts at
-            with explain_out_of_memory("training", MemorySettings.from_config(self.config)):
-                loss = self.train_epoch(epoch)
-            with explain_out_of_memory("validation", MemorySettings.from_config(self.config)):
-                dice = self.validate() if self._validation_due(epoch) else None
-            if dice is not None and dice > self.best_dice:
-                self.best_dice, self.best_epoch = dice, epoch
-                self._save_best(epoch)
-            self._record(epoch, loss, dice, lr, time.time() - started)
-            tracking.epoch_end(epoch + 1, loss, lr, dice, self.class_dice if dice is not None else None)
-            self._save_resume_state(epoch)
-            self._publish(epoch, loss, dice)
+        done = start_epoch
+        try:
+            for epoch in range(start_epoch, num_epochs):
+                started, lr = time.time(), self.scheduler.get_last_lr()[0]  # the rate the epoch starts at
+                with explain_out_of_memory("training", MemorySettings.from_config(self.config)):
+                    loss = self.train_epoch(epoch)
+                with explain_out_of_memory("validation", MemorySettings.from_config(self.config)):
+                    dice = self.validate() if self._validation_due(epoch) else None
+                if dice is not None and dice > self.best_dice:
+                    self.best_dice, self.best_epoch = dice, epoch
+                    self._save_best(epoch)
+                self._record(epoch, loss, dice, lr, time.time() - started)
+                tracking.epoch_end(epoch + 1, loss, lr, dice, self.class_dice if dice is not None else None)
+                self._save_resume_state(epoch)
+                done = epoch + 1
+                self._publish(epoch, loss, dice)
+        except BaseException as err:
+            stopped = isinstance(err, (KeyboardInterrupt, SystemExit))  # SystemExit: SIGTERM (train.py)
+            tracking.close(self.best_dice, status="KILLED" if stopped else "FAILED")
+            if stopped:
+                self.log.info(f"stopped after epoch {done}/{num_epochs}; training this bundle again continues "
+                              "from there")
+            raise
         if self.run.distributed:
             self.log.info(f"weights agree across {self.run.world_size} processes "
                           f"(checksum {check_replicas_agree(self.model, self.run):.6e})")
