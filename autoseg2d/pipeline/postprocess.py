@@ -318,10 +318,11 @@ def foreground_probability(probs: np.ndarray) -> np.ndarray:
     the model put foreground probability.
     """
     probs = np.asarray(probs, dtype=np.float32)
-    foreground = 1.0 - probs[0]
+    foreground = (1.0 - probs[0]).astype(np.float16)  # rounded first: float16 rounds 1 - P a hair above 0.5 to 0.5
     argmax_foreground = probs.argmax(0) > 0
-    return np.where(argmax_foreground, np.maximum(foreground, np.nextafter(np.float32(0.5), 1)),
-                    np.minimum(foreground, 0.5)).astype(np.float16)
+    half = np.float16(0.5)
+    return np.where(argmax_foreground, np.maximum(foreground, np.nextafter(half, np.float16(1))),
+                    np.minimum(foreground, half))
 
 
 def choose_multiclass_postprocessing(cases: Sequence[dict], **grids) -> dict:

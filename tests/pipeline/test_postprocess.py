@@ -11,9 +11,11 @@ from autoseg2d.pipeline.postprocess import (
     FLOOR_CANDIDATES,
     apply_multiclass_postprocessing,
     apply_postprocessing,
+    binarize,
     choose_multiclass_postprocessing,
     choose_postprocessing,
     describe_effects,
+    foreground_probability,
     keep_nonempty,
     postprocess,
     postprocess_multiclass,
@@ -203,3 +205,14 @@ def test_probabilities_below_one_half_are_read_by_the_rescue_of_an_empty_mask_or
     assert not reads_low_probabilities(three, SPACING_MM, multiclass)
     without_rescue = {**multiclass, "foreground": {"threshold": 0.5, "steps": []}}
     assert not reads_low_probabilities(np.stack([1 - faint, faint / 2, faint / 2]), SPACING_MM, without_rescue)
+
+
+def test_the_foreground_probability_thresholded_at_one_half_is_the_argmax_mask_also_within_float16_rounding():
+    probs = np.zeros((3, *SHAPE), np.float32)
+    probs[0], probs[1] = 0.9, 0.1
+    probs[:, _blob(2, 5)] = np.array([0.4999, 0.5001, 0.0], np.float32)[:, None]  # foreground by a hair
+    probs[:, _blob(12, 15)] = np.array([0.5001, 0.2, 0.2999], np.float32)[:, None]  # background by a hair
+    foreground = foreground_probability(probs)
+    assert np.array_equal(binarize(foreground), probs.argmax(0) > 0)
+    assert np.array_equal(binarize(foreground), _blob(2, 5))
+    assert np.all(foreground[_blob(12, 15)] == np.float16(0.4999))  # below one half: as it was
