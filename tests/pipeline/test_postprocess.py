@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
 
 from autoseg2d.pipeline.postprocess import (
     FLOOR_CANDIDATES,
+    _mean_ranks,
     apply_multiclass_postprocessing,
     apply_postprocessing,
     binarize,
@@ -17,6 +19,7 @@ from autoseg2d.pipeline.postprocess import (
     describe_effects,
     foreground_probability,
     keep_nonempty,
+    peak_component,
     postprocess,
     postprocess_multiclass,
     remove_small_components,
@@ -205,6 +208,51 @@ def test_probabilities_below_one_half_are_read_by_the_rescue_of_an_empty_mask_or
     assert not reads_low_probabilities(three, SPACING_MM, multiclass)
     without_rescue = {**multiclass, "foreground": {"threshold": 0.5, "steps": []}}
     assert not reads_low_probabilities(np.stack([1 - faint, faint / 2, faint / 2]), SPACING_MM, without_rescue)
+
+
+def test_a_probability_at_the_threshold_or_the_floor_is_not_above_it():
+    """binarize is the argmax over (background, lesion), which gives a tie (0.5, 0.5) to background; the rescue's
+    floor is passed only above it, as the threshold is."""
+    prob = np.zeros(SHAPE, np.float32)
+    prob[_blob(2, 5)] = 0.5
+    prob[_blob(12, 15)] = 0.75
+    assert np.array_equal(binarize(prob), _blob(12, 15))
+    assert np.array_equal(binarize(prob), binary(prob).argmax(0) == 1)
+    faint = np.zeros(SHAPE, np.float32)
+    faint[_blob(10, 15)] = 0.25  # the floor exactly, touching ...
+    faint[_blob(12, 15)] = 0.375  # ... the most probable spot
+    assert np.array_equal(keep_nonempty(np.zeros(SHAPE, bool), faint, floor=0.25), _blob(12, 15))
+
+
+def test_the_peak_region_is_half_the_peaks_height_over_the_median():
+    """Around a peak of 0.05 on a median of 0.01, half the height is 0.03: the ring at 0.031 is kept, the one at
+    0.029 is not, and a haze on another slice raises the mean (not the median) above half of it."""
+    prob = np.full(SHAPE, 0.01, np.float32)
+    prob[7:14, 7:14, 3] = 0.029
+    prob[9:12, 9:12, 3] = 0.031
+    prob[10, 10, 3] = 0.05
+    prob[:, :, 0] = 0.04  # above half the height but not connected to the peak
+    assert np.median(prob) == np.float32(0.01) and np.mean(prob) > 0.014
+    expected = np.zeros(SHAPE, bool)
+    expected[9:12, 9:12, 3] = True
+    assert np.array_equal(peak_component(prob), expected)
+
+
+def _ranked(**metrics) -> dict:
+    return {"dice_mean": 0.8, "rvd_mean": 0.1, "nsd_mean": 0.7, "num_hd_inf": 0, "hd_mm_mean_finite": 10.0,
+            **metrics}
+
+
+def test_candidates_are_ranked_per_metric_with_ties_below_the_rounding_sharing_their_rank():
+    assert _mean_ranks([_ranked(), _ranked(dice_mean=0.80003)]) == [1.5, 1.5]  # equal at 4 decimals
+    assert _mean_ranks([_ranked(), _ranked(dice_mean=0.8003)]) == [1.625, 1.375]
+    assert _mean_ranks([_ranked(), _ranked(rvd_mean=0.05)]) == [1.625, 1.375]  # lower RVD is better
+    assert _mean_ranks([_ranked(), _ranked(nsd_mean=0.75)]) == [1.625, 1.375]
+    assert _mean_ranks([_ranked(), _ranked(nsd_mean=math.nan)]) == [1.375, 1.625]  # undefined: last
+    # HD: fewer inf cases first, whatever the mean over the finite ones; then the lower mean.
+    fewer_inf = [_ranked(num_hd_inf=1, hd_mm_mean_finite=5.0), _ranked(hd_mm_mean_finite=20.0)]
+    assert _mean_ranks(fewer_inf) == [1.625, 1.375]
+    assert _mean_ranks([_ranked(hd_mm_mean_finite=20.0), _ranked(hd_mm_mean_finite=5.0)]) == [1.625, 1.375]
 
 
 def test_the_foreground_probability_thresholded_at_one_half_is_the_argmax_mask_also_within_float16_rounding():
