@@ -107,6 +107,45 @@ def test_multiclass_prediction_writes_class_ids_and_prints_ml_per_class(tmp_path
     assert "hemorrhage 0.02 mL (IPH 0.02, IVH 0.00, SAH 0.00)" in capsys.readouterr().out
 
 
+def test_the_ensemble_applies_the_binary_choice_only_to_two_classes_and_the_rescue_setting_to_both_kinds():
+    faint = np.full((2, 2, 2), 0.2, np.float32)
+    ensemble = fake_ensemble("mean", faint)
+    ensemble.postprocessing = {"threshold": 0.5, "steps": [{"name": "keep_nonempty", "floor": 0.1}]}
+    three = np.stack([1 - faint, faint / 4, faint * 3 / 4])  # class 2 wins nowhere: all background
+    three[:, 0, 0, 0] = [0.3, 0.1, 0.6]
+    mask, peak = ensemble.postprocess(three, (1, 1, 1))  # a binary choice on 3 classes: the argmax only
+    assert np.array_equal(mask, three.argmax(0)) and mask.sum() == 2 and peak is None
+    ensemble.postprocessing = {"kind": "multiclass", "per_class": {"1": {"threshold": 0.5, "steps": []},
+                                                                   "2": {"threshold": 0.5, "steps": []}},
+                               "foreground": {"threshold": 0.5, "steps": [{"name": "keep_nonempty", "floor": 0.1}]}}
+    empty = np.stack([1 - faint, faint / 4, faint * 3 / 4])
+    assert ensemble.postprocess(empty, (1, 1, 1))[0].all()  # rescued: the faint map is one component
+    ensemble.never_empty = False
+    mask, peak = ensemble.postprocess(empty, (1, 1, 1))
+    assert not mask.any() and peak == pytest.approx(0.2, abs=1e-3)
+
+
+class ScreeningInferer:
+    """A member of a screened ensemble whose screen left slices to it: summed lesion probabilities of 0.4 per
+    member, and no whole mask for the two later members."""
+
+    config = {"output_classes": 2}
+    shared_inputs = "one pass"
+
+    def infer_screened(self, image, members, screen, vote, member_masks, where, complete_if):
+        lesion = np.full((2, 2, 2), 0.4 * len(members), np.float32)
+        masks = [np.zeros((2, 2, 2), np.uint8), None, None]
+        return np.stack([len(members) - lesion, lesion]), masks, 3
+
+
+def test_a_screened_ensemble_means_over_every_member_not_only_those_with_whole_masks():
+    ensemble = fake_ensemble("mean", ScreeningInferer(), ScreeningInferer(), ScreeningInferer())
+    ensemble.screen = {"members": [0], "below": 0.25}
+    ensemble.postprocessing = {"threshold": 0.5, "steps": []}
+    mask, whole, skipped, peak = ensemble.predict("x", (1, 1, 1))
+    assert not mask.any() and len(whole) == 1 and skipped == 3 and peak is None  # a mean of 0.4 < 0.5
+
+
 @pytest.fixture(scope="module")
 def trained_members(tmp_path_factory, ct_dataset):
     """Bundle A trained briefly (finds the lesions), and B: A's model with another inference batch size, so
