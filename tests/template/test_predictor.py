@@ -267,3 +267,16 @@ def test_precision_and_tta_have_no_second_default():
     """amp and tta come from the config (amp, infer_tta) through the caller."""
     with pytest.raises(TypeError, match="'amp' and 'tta'"):
         SlicePredictor(Ramp(), PLAN, WINDOWS, 8, 2, torch.device("cpu"))
+
+
+def test_a_slice_neither_square_nor_a_multiple_of_the_divisor_keeps_its_rows_and_columns_without_the_padding():
+    torch.manual_seed(0)
+    image = np.random.default_rng(1).integers(-50, 150, (20, 36, 3)).astype(np.int16)
+    wide = Volume("w", image, None, np.eye(4))
+    predictor = SlicePredictor(Ramp(), PLAN, WINDOWS, 8, 16, torch.device("cpu"), **FP32_NO_TTA)
+    (batch,) = predictor.batches(wide)
+    assert tuple(batch.x.shape) == (3, 3, 24, 40)  # padded to the divisor: 4 rows and 4 columns more
+    padded = predictor.batch_probabilities(batch)
+    result = predictor.predict_slices_last(wide)
+    assert result.shape == (2, 20, 36, 3)
+    np.testing.assert_allclose(result, np.moveaxis(padded[:, :, :20, :36], 0, -1), atol=1e-6)
