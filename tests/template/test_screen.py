@@ -146,3 +146,16 @@ def test_members_of_several_input_variants_share_one_pass():
     np.testing.assert_allclose(total, alone[0] + alone[1], atol=1e-5)
     for mask, probabilities in zip(masks, alone):
         np.testing.assert_array_equal(mask, probabilities.argmax(0))
+
+
+def test_a_slice_whose_peak_is_exactly_the_screens_probability_is_run_by_every_member():
+    """Skipped are the slices whose screening mean stays below `below`; one that reaches it is not."""
+    volume = head_with_bleed()
+    screen_sum, _ = predict_together(predictors(Brightness(0.9, gain=10.0)), volume)
+    peaks = (1.0 - screen_sum[0]).reshape(-1, screen_sum.shape[-1]).max(axis=0)
+    assert 0.05 < peaks[2] < 0.5 and (peaks[[1, 3, 4]] < peaks[2] / 2).all()  # a faint spot on slice 2 alone
+    members = [Brightness(0.9, gain=10.0), Brightness(0.3)]
+    result = screened_together(predictors(*members), volume, Screen((0,), float(peaks[2])))
+    assert result.skipped == [1, 3, 4] and members[1].slices_seen == 1
+    full, _ = predict_together(predictors(Brightness(0.9, gain=10.0), Brightness(0.3)), volume)
+    np.testing.assert_allclose(result.total[..., 2], full[..., 2], atol=1e-6)  # the later member's answer there
