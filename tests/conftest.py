@@ -9,6 +9,7 @@ of sys.modules, so the driver's copies and these never mix.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -16,6 +17,12 @@ import pytest
 
 from autoseg2d.run.profiles import load_profile
 from autoseg2d.synthetic.head_ct import write_dataset
+
+# Two torch processes on the same cores (two copies of the suite, or the suite beside other work): libgomp's
+# default spin-wait has each wait out the other's descheduled threads, so a training child took about 5x as long
+# as alone instead of 2x; 1000 spins (libgomp's own count for an oversubscribed team) keep that 2x and cost little
+# alone. It changes no result. Set before torch is imported, so this process and every child started inherit it.
+os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = REPO / "algorithm_templates"
