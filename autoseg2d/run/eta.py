@@ -6,7 +6,7 @@ own bundle) and is made exact as each stage learns its own (the sweep its unfini
 cross-validation its untrained bundles). The time per training is the mean wall time from one
 training's end to the next one's, so bundle generation and each fold's evaluation are in it; a
 pruned trial counts as one (shorter) training, as later ones may be. A stage whose trainings run a
-larger budget (the students: `cost` 2) counts each as that many member trainings, in what is left
+larger budget (the students: `cost` distill.BUDGET_FACTOR) counts each as that many member trainings, in what is left
 and in the time measured. The ensemble and predict stages train nothing and are not in the estimate.
 """
 
@@ -56,6 +56,9 @@ class RunClock:
         self.cycles: list[float] = []  # seconds per member training, each measured one divided by its cost
         self.mark: float | None = None
 
+    def cost_of(self, stage: str) -> float:
+        return self.cost.get(stage, 1)
+
     def start(self) -> None:
         """Trainings are timed from here on (not the analysis before them)."""
         self.mark = self.now()
@@ -89,7 +92,7 @@ class RunClock:
         if ran:
             self.left[stage] = max(self.left.get(stage, 0) - 1, 0)
             if self.mark is not None:
-                self.cycles.append((now - self.mark) / self.cost.get(stage, 1))
+                self.cycles.append((now - self.mark) / self.cost_of(stage))
         self.mark = now
         line = self.describe()
         if ran and line:
@@ -103,9 +106,9 @@ class RunClock:
         if not left:
             return "no trainings left; then the stages that train nothing"
         each = sum(self.cycles) / len(self.cycles)
-        units = sum(n * self.cost.get(stage, 1) for stage, n in self.left.items())
+        units = sum(n * self.cost_of(stage) for stage, n in self.left.items())
         parts = ", ".join(f"{n} {STAGE_WORDS.get(stage, stage)}"
-                          + (f" at {self.cost[stage]:g}x" if self.cost.get(stage, 1) != 1 else "")
+                          + (f" at {self.cost_of(stage):g}x" if self.cost_of(stage) != 1 else "")
                           for stage, n in self.left.items() if n)
         return (f"~{format_duration(units * each)} left: {left} training{'s' if left > 1 else ''} x "
                 f"~{format_duration(each)} ({parts}; then the stages that train nothing)")

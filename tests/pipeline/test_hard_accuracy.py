@@ -57,7 +57,7 @@ def hard_predictions(tmp_path_factory):
     images = [datalist.parent / entry["image"] for entry in testing]
     ensemble = {"mode": "mean", "members": [{"fold": -1, "bundle": str(root / "bundle")}]}
     predict_images(EnsemblePredictor(WorkDir(root), ensemble), images, root / "predictions")
-    return [(datalist.parent / entry["image"], datalist.parent / entry["label"], root / "predictions" / image.name)
+    return [(image, datalist.parent / entry["label"], root / "predictions" / image.name)
             for entry, image in zip(testing, images)]
 
 
