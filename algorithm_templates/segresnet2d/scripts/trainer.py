@@ -226,7 +226,7 @@ class Trainer:
                 self._publish(epoch, loss, dice)
         except BaseException as err:
             stopped = isinstance(err, (KeyboardInterrupt, SystemExit))  # SystemExit: SIGTERM (train.py)
-            tracking.close(self.best_dice, status="KILLED" if stopped else "FAILED")
+            tracking.close(self.score, status="KILLED" if stopped else "FAILED")
             if stopped:
                 self.log.info(f"stopped after epoch {done}/{num_epochs}; training this bundle again continues "
                               "from there")
@@ -237,11 +237,15 @@ class Trainer:
         if not self.val_volumes:
             self._save_model(num_epochs - 1, score=None)
         self._save_finished()
-        score = self.best_dice if self.val_volumes else float("nan")
-        tracking.close(score)
+        tracking.close(self.score)
         self.log.info(f"done: best validation Dice {self.best_dice:.4f} at epoch {self.best_epoch + 1}"
                       if self.val_volumes else f"done: model.pt holds the weights after epoch {num_epochs}")
-        return score
+        return self.score
+
+    @property
+    def score(self) -> float:
+        """The best validation Dice so far; NaN before any validation and without validation cases (fold -1)."""
+        return self.best_dice if self.val_volumes and self.best_epoch >= 0 else float("nan")
 
     def _describe_fold(self) -> str:
         fold = self.config["fold"]
